@@ -1,0 +1,1 @@
+"""Zoo blocks (attention); each block is one registered class."""

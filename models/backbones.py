@@ -1,0 +1,1 @@
+"""Zoo blocks (backbones); each block is one registered class."""

@@ -1,0 +1,182 @@
+"""Module registry: every block a YAML row may name, with how that row becomes constructor arguments.
+
+A YAML row is ``[from, n, Module, args]``. What differs between blocks is only *how* the row is bound:
+
+* whether the constructor takes the input channels first (``c1``),
+* which YAML arguments are channel counts that ``width_multiple`` scales (``width_args``),
+* whether the depth repeat ``n`` is handed to the constructor (``repeat="inner"``: C3, BottleneckCSP),
+  repeats the whole block (``"outer"``) or is meaningless (``"fixed"``),
+* how the output channel count follows (``out``),
+* how the block couples channels, for the pruning tools (``coupling``).
+
+Each block declares this once with :func:`register`; ``parse_model`` reads the declarations and never lists
+classes. Adding a block therefore means one class plus one decorator.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from torch import nn
+
+Repeat = Literal["inner", "outer", "fixed"]
+# How output channels relate to input channels, read by the pruning tools (roadmap item 7):
+#   "free"   output channels can shrink independently (Conv, C3's cv3, ...)
+#   "tied"   output channels equal input channels and must shrink with them (depthwise, attention, BN)
+#   "concat" output is the concatenation of the inputs
+#   "head"   a prediction head; its outputs are fixed by the task
+Coupling = Literal["free", "tied", "concat", "head"]
+
+
+def make_divisible(x: float, divisor: int = 8) -> int:
+    """Round channels up to a multiple of ``divisor`` (hardware-friendly widths, as YOLOv5 does)."""
+    return int(math.ceil(x / divisor) * divisor)
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """Model-wide values a row may refer to: multipliers and the names allowed in YAML arguments."""
+
+    depth_multiple: float = 1.0
+    width_multiple: float = 1.0
+    symbols: dict[str, Any] = field(default_factory=dict)  # nc, anchors, nc1..., heads
+
+
+def out_first_arg(c_in: Sequence[int], args: list) -> int:
+    """Output channels are the constructor's second argument (after c1): Conv, C3, SPPF, ..."""
+    return args[1]
+
+
+def out_same(c_in: Sequence[int], args: list) -> int:
+    """Output channels equal the (single) input's: Upsample, BatchNorm2d, attention blocks."""
+    return c_in[0]
+
+
+def out_sum(c_in: Sequence[int], args: list) -> int:
+    """Concatenation: output channels are the sum of all inputs."""
+    return sum(c_in)
+
+
+def out_none(c_in: Sequence[int], args: list) -> int:
+    """Heads end the graph; nothing consumes their channels."""
+    return 0
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """How one registered block consumes a YAML row."""
+
+    name: str
+    cls: type[nn.Module]
+    c1: bool = True
+    width_args: tuple[int, ...] = (0,)
+    repeat: Repeat = "outer"
+    out: Callable[[Sequence[int], list], int] = out_first_arg
+    coupling: Coupling = "free"
+    multi_input: bool = False
+    bind_fn: Callable[[ModuleSpec, list[int], list, BuildContext, int], tuple[list, int]] | None = None
+
+    def bind(self, c_in: list[int], args: list, ctx: BuildContext, n: int) -> tuple[list, int]:
+        """Turn YAML args into constructor args; returns ``(ctor_args, n_outer)``.
+
+        ``n_outer`` is how many times ``parse_model`` stacks the block (1 when the block repeats inside).
+        """
+        if self.bind_fn is not None:
+            return self.bind_fn(self, c_in, args, ctx, n)
+        args = list(args)
+        for i in self.width_args:
+            if i < len(args) and isinstance(args[i], int):
+                args[i] = make_divisible(args[i] * ctx.width_multiple, 8)
+        if self.c1:
+            args.insert(0, c_in if self.multi_input else c_in[0])
+        if self.repeat == "inner":
+            args.insert(2 if self.c1 else 1, n)
+            return args, 1
+        if self.repeat == "fixed":
+            return args, 1
+        return args, n
+
+    def out_channels(self, c_in: list[int], ctor_args: list) -> int:
+        return self.out(c_in, ctor_args)
+
+    def signature(self) -> str:
+        return f"{self.name}{inspect.signature(self.cls)}"
+
+
+class Registry:
+    """Name -> ModuleSpec. YAML module names resolve only through here (no ``eval``)."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, ModuleSpec] = {}
+
+    def add(self, spec: ModuleSpec, aliases: Sequence[str] = ()) -> None:
+        for key in (spec.name, *aliases):
+            if key in self._specs and self._specs[key].cls is not spec.cls:
+                raise KeyError(f"module name '{key}' is registered twice")
+            self._specs[key] = spec
+
+    def get(self, name: str) -> ModuleSpec:
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise KeyError(f"unknown module '{name}'; known: {', '.join(self.names())}") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._specs
+
+    def names(self) -> list[str]:
+        return sorted(self._specs)
+
+    def specs(self) -> list[ModuleSpec]:
+        """Unique specs (aliases collapsed), in registration order."""
+        seen: dict[type, ModuleSpec] = {}
+        for spec in self._specs.values():
+            seen.setdefault(spec.cls, spec)
+        return list(seen.values())
+
+    def classes(self) -> list[type[nn.Module]]:
+        return [spec.cls for spec in self.specs()]
+
+
+REGISTRY = Registry()
+
+
+def register(
+    *,
+    name: str | None = None,
+    aliases: Sequence[str] = (),
+    c1: bool = True,
+    width_args: tuple[int, ...] = (0,),
+    repeat: Repeat = "outer",
+    out: Callable[[Sequence[int], list], int] = out_first_arg,
+    coupling: Coupling = "free",
+    multi_input: bool = False,
+    bind_fn: Callable | None = None,
+) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator: declare how a block is built from a YAML row (see module docstring)."""
+
+    def wrap(cls: type[nn.Module]) -> type[nn.Module]:
+        spec = ModuleSpec(
+            name=name or cls.__name__,
+            cls=cls,
+            c1=c1,
+            width_args=width_args,
+            repeat=repeat,
+            out=out,
+            coupling=coupling,
+            multi_input=multi_input,
+            bind_fn=bind_fn,
+        )
+        REGISTRY.add(spec, aliases)
+        return cls
+
+    return wrap
+
+
+def register_external(cls: type[nn.Module], **kwargs: Any) -> None:
+    """Register a class we do not own (``torch.nn`` layers) under its YAML names."""
+    register(**kwargs)(cls)

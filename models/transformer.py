@@ -1,0 +1,1 @@
+"""Zoo blocks (transformer); each block is one registered class."""

@@ -1,0 +1,89 @@
+"""Reading model YAMLs: locating the file, safe argument resolution, and row validation.
+
+YOLOv5 ``eval``-ed every string in a YAML row. Here a string argument is resolved through a whitelist:
+the model's symbols (``nc``, ``anchors``, named head sizes), ``None``/``True``/``False``, literals that
+``ast.literal_eval`` accepts, and otherwise it stays a plain string (``'nearest'``).
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MODELS_DIR = Path(__file__).resolve().parent
+_CONSTANTS = {"None": None, "True": True, "False": False}
+
+
+class ModelConfigError(ValueError):
+    """A model YAML that cannot be built; the message names the file and layer."""
+
+
+def find_model_yaml(cfg: str | Path) -> Path:
+    """Accept a path, or a bare name looked up in ``models/`` and its sub-folders (``yolov5s.yaml``)."""
+    path = Path(cfg)
+    if path.suffix not in {".yaml", ".yml"}:
+        path = path.with_suffix(".yaml")
+    if path.is_file():
+        return path
+    for candidate in (MODELS_DIR / path.name, *MODELS_DIR.rglob(path.name)):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"model config '{cfg}' not found (looked in the current folder and {MODELS_DIR})")
+
+
+def load_model_yaml(cfg: str | Path | dict) -> dict:
+    """Return a deep copy of the YAML dict, remembering the file it came from in ``yaml_file``."""
+    if isinstance(cfg, dict):
+        return copy.deepcopy(cfg)
+    path = find_model_yaml(cfg)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ModelConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelConfigError(f"{path}: expected a mapping with 'backbone' and 'head'")
+    data["yaml_file"] = str(path)
+    return data
+
+
+def resolve_arg(value: Any, symbols: dict[str, Any]) -> Any:
+    """Resolve one YAML argument without ``eval``: symbol, constant, literal, or the string itself."""
+    if isinstance(value, list):
+        return [resolve_arg(v, symbols) for v in value]
+    if not isinstance(value, str):
+        return value
+    if value in symbols:
+        return copy.deepcopy(symbols[value])
+    if value in _CONSTANTS:
+        return _CONSTANTS[value]
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
+
+
+def model_symbols(cfg: dict) -> dict[str, Any]:
+    """Names a YAML row may use: ``nc``, ``anchors`` and any ``nc<k>`` / ``heads`` keys."""
+    symbols = {key: cfg[key] for key in cfg if key in {"nc", "anchors", "heads"} or key.startswith("nc")}
+    return symbols
+
+
+def layer_rows(cfg: dict) -> list[tuple[str, list]]:
+    """``[(section, row), ...]`` over backbone then head, each row checked to be ``[from, n, module, args]``."""
+    where = cfg.get("yaml_file", "<dict>")
+    rows = []
+    for section in ("backbone", "head"):
+        if section not in cfg:
+            raise ModelConfigError(f"{where}: missing '{section}' section")
+        for row in cfg[section] or []:
+            index = len(rows)
+            if not isinstance(row, list) or len(row) != 4:
+                raise ModelConfigError(f"{where}: layer {index}: expected [from, n, module, args], got {row!r}")
+            if not isinstance(row[3], list):
+                raise ModelConfigError(f"{where}: layer {index}: args must be a list, got {row[3]!r}")
+            rows.append((section, row))
+    return rows

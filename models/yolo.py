@@ -1,0 +1,217 @@
+"""Model builder: ``parse_model`` turns a YAML into an ``nn.Sequential`` of registered blocks.
+
+The models keep YOLOv5 v7.0's import paths and attribute names (``models.yolo.DetectionModel`` with
+``yaml, model, save, names, stride``; each layer with ``i, f, type, np``) so official checkpoints unpickle
+into these classes. Run ``python models/yolo.py --cfg yolov5s.yaml`` for the layer table and profile.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # executed as `python models/yolo.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import logging
+from copy import deepcopy
+
+import torch
+from torch import nn
+
+import models.attention  # noqa: F401  (registers blocks)
+import models.backbones  # noqa: F401
+import models.transformer  # noqa: F401
+from models.activations import activation_scope
+from models.common import Conv, DWConv
+from models.heads import Detect
+from models.registry import REGISTRY, BuildContext
+from models.yaml_config import ModelConfigError, layer_rows, load_model_yaml, model_symbols, resolve_arg
+from utils.torch_utils import fuse_conv_and_bn, initialize_weights, model_summary
+
+LOGGER = logging.getLogger(__name__)
+
+__all__ = ["parse_model", "BaseModel", "DetectionModel", "Model", "Detect", "build_model"]
+
+
+def _check_from(index: int, f: int | list[int], where: str) -> list[int]:
+    """Absolute indices of the layers a row reads; ``-1`` is the previous layer (the image for layer 0)."""
+    sources = [f] if isinstance(f, int) else list(f)
+    if not sources or not all(isinstance(j, int) for j in sources):
+        raise ModelConfigError(f"{where}: layer {index}: 'from' must be an int or a list of ints, got {f!r}")
+    absolute = [j if j >= 0 else index + j for j in sources]
+    lowest = -1 if index == 0 else 0
+    for j, a in zip(sources, absolute):
+        if not lowest <= a < index:
+            raise ModelConfigError(f"{where}: layer {index}: 'from' index {j} does not name an earlier layer")
+    return absolute
+
+
+def _build_layer(spec, ctor_args: list, n: int) -> nn.Module:
+    if n > 1:
+        return nn.Sequential(*(spec.cls(*ctor_args) for _ in range(n)))
+    return spec.cls(*ctor_args)
+
+
+def parse_model(cfg: dict, ch: list[int]) -> tuple[nn.Sequential, list[int]]:
+    """Build the layers of ``cfg`` for ``ch[0]`` input channels; returns (layers, indices whose output is kept).
+
+    Every block is bound through its registry spec: the builder knows no class by name.
+    """
+    where = cfg.get("yaml_file", "<dict>")
+    symbols = model_symbols(cfg)
+    ctx = BuildContext(cfg.get("depth_multiple", 1.0), cfg.get("width_multiple", 1.0), symbols)
+    LOGGER.info("%3s%18s%3s%10s  %-40s%-30s", "", "from", "n", "params", "module", "arguments")
+    layers, save, channels = [], [], []
+    with activation_scope(cfg.get("activation")):
+        for i, (_, (f, n, name, raw_args)) in enumerate(layer_rows(cfg)):
+            try:
+                spec = REGISTRY.get(name)
+            except KeyError as exc:
+                raise ModelConfigError(f"{where}: layer {i}: {exc.args[0]}") from None
+            sources = _check_from(i, f, where)
+            c_in = [channels[j] for j in sources] if i else [ch[0]]
+            args = _resolve_args(raw_args, symbols, where, i)
+            depth = max(round(n * ctx.depth_multiple), 1) if n > 1 else n
+            try:
+                ctor_args, n_outer = spec.bind(c_in, args, ctx, depth)
+                module = _build_layer(spec, ctor_args, n_outer)
+            except (TypeError, ValueError, IndexError) as exc:
+                raise ModelConfigError(
+                    f"{where}: layer {i} ({name} {raw_args}): {exc}; expected {spec.signature()}"
+                ) from exc
+            c_out = spec.out_channels(c_in, ctor_args)
+            _annotate(module, i, f, name, spec)
+            save.extend(a for j, a in zip([f] if isinstance(f, int) else f, sources) if j != -1)
+            LOGGER.info("%3s%18s%3s%10.0f  %-40s%-30s", i, f, depth, module.np, module.type, ctor_args)
+            layers.append(module)
+            channels.append(c_out)
+    return nn.Sequential(*layers), sorted(set(save))
+
+
+def _resolve_args(raw_args: list, symbols: dict, where: str, index: int) -> list:
+    missing = [a for a in raw_args if isinstance(a, str) and a in {"nc", "anchors"} and a not in symbols]
+    if missing:
+        raise ModelConfigError(f"{where}: layer {index}: uses '{missing[0]}' but the YAML defines no '{missing[0]}'")
+    return [resolve_arg(a, symbols) for a in raw_args]
+
+
+def _annotate(module: nn.Module, index: int, f, name: str, spec) -> None:
+    """The per-layer attributes v7.0 checkpoints carry and the forward pass reads."""
+    module.i, module.f = index, f
+    module.type = f"{spec.cls.__module__}.{spec.cls.__name__}".replace("torch.nn.modules.", "nn.")
+    module.np = sum(p.numel() for p in module.parameters())
+
+
+class BaseModel(nn.Module):
+    """Runs the layer graph: each layer reads ``f`` (previous layer or saved outputs)."""
+
+    def forward(self, x: torch.Tensor, profile: bool = False):
+        return self._forward_once(x)
+
+    def _forward_once(self, x: torch.Tensor):
+        outputs: list[torch.Tensor | None] = []
+        for layer in self.model:
+            if layer.f != -1:
+                x = outputs[layer.f] if isinstance(layer.f, int) else [x if j == -1 else outputs[j] for j in layer.f]
+            x = layer(x)
+            outputs.append(x if layer.i in self.save else None)
+        return x
+
+    def fuse(self) -> BaseModel:
+        """Fold BatchNorm into the preceding convolution of every Conv block (inference only)."""
+        for module in self.model.modules():
+            if isinstance(module, (Conv, DWConv)) and isinstance(getattr(module, "bn", None), nn.BatchNorm2d):
+                module.conv = fuse_conv_and_bn(module.conv, module.bn)
+                module.bn = nn.Identity()
+        return self
+
+    def info(self, imgsz: int | tuple[int, int] = 640, verbose: bool = False) -> dict:
+        return model_summary(self, imgsz, verbose)
+
+    def backbone_indices(self) -> list[int]:
+        """Indices of the YAML's backbone section (``--freeze backbone``)."""
+        return list(range(len(self.yaml.get("backbone", []))))
+
+
+class DetectionModel(BaseModel):
+    """A detector from a YAML: strides from a dry forward, anchors in grid units, bias priors."""
+
+    def __init__(self, cfg: str | Path | dict = "yolov5s.yaml", ch: int = 3, nc: int | None = None,
+                 anchors=None, depth_multiple: float | None = None, width_multiple: float | None = None):
+        super().__init__()
+        self.yaml = load_model_yaml(cfg)
+        self.yaml_file = self.yaml.get("yaml_file", "")
+        overrides = {"nc": nc, "anchors": anchors, "depth_multiple": depth_multiple, "width_multiple": width_multiple}
+        for key, value in overrides.items():
+            if value is not None:
+                self.yaml[key] = value
+        if "nc" not in self.yaml:
+            raise ModelConfigError(f"{self.yaml_file or '<dict>'}: no 'nc' (number of classes) given")
+        ch = self.yaml["ch"] = self.yaml.get("ch", ch)
+        self.model, self.save = parse_model(self.yaml, ch=[ch])
+        self.names = [str(i) for i in range(self.yaml["nc"])]
+        self.inplace = self.yaml.get("inplace", True)
+        self._init_head(ch)
+        initialize_weights(self)
+
+    def _init_head(self, ch: int) -> None:
+        head = self.model[-1]
+        if not isinstance(head, Detect):
+            raise ModelConfigError(f"{self.yaml_file}: last layer must be Detect for a DetectionModel")
+        side = 256
+        head.inplace = self.inplace
+        self.train()
+        with torch.no_grad():
+            maps = self.forward(torch.zeros(1, ch, side, side))
+        head.stride = torch.tensor([side / m.shape[-2] for m in maps])
+        head.anchors /= head.stride.view(-1, 1, 1)
+        _check_anchor_order(head)
+        self.stride = head.stride
+        head.initialize_biases()
+
+    @property
+    def nc(self) -> int:
+        return self.model[-1].nc
+
+    def _apply(self, fn):
+        """Keep Detect's plain-tensor ``stride`` on the model's device and dtype (as v7.0 does)."""
+        self = super()._apply(fn)
+        head = self.model[-1]
+        if isinstance(head, Detect) and head.stride is not None:
+            head.stride = fn(head.stride)
+            self.stride = head.stride
+        return self
+
+
+Model = DetectionModel  # v7.0 alias, kept for checkpoints and user code
+
+
+def _check_anchor_order(head: Detect) -> None:
+    """Anchors must grow with stride; flip them if the YAML lists them the other way round."""
+    area = head.anchors.prod(-1).mean(-1).view(-1)
+    delta_area = area[-1] - area[0]
+    delta_stride = head.stride[-1] - head.stride[0]
+    if delta_area and delta_area.sign() != delta_stride.sign():
+        LOGGER.info("reversing anchor order to match strides")
+        head.anchors[:] = head.anchors.flip(0)
+
+
+def build_model(cfg: str | Path | dict, nc: int | None = None, ch: int = 3) -> BaseModel:
+    """Detector or classifier, chosen by the YAML's last layer."""
+    from models.classify import ClassificationModel, is_classifier_config  # local: optional task
+
+    config = load_model_yaml(cfg)
+    if is_classifier_config(config):
+        return ClassificationModel(config, ch=ch, nc=nc)
+    return DetectionModel(config, ch=ch, nc=nc)
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    return deepcopy(model)
+
+
+if __name__ == "__main__":
+    from models.report import main
+
+    raise SystemExit(main())

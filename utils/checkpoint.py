@@ -1,0 +1,203 @@
+"""Checkpoints: safe loading of YOLOv5 v7.0 pickles, our own plain-data format, atomic writes, transfer.
+
+* v7.0 ``.pt`` files pickle whole modules (``models.yolo.DetectionModel``, ``models.common.C3`` ...). They are
+  loaded with ``torch.load(weights_only=True)`` inside :func:`torch.serialization.safe_globals` holding an
+  allow-list made from our registry and the ``torch.nn`` classes those models use: a pickle naming any
+  other class is refused with the class named, never loaded with a blanket ``weights_only=False``.
+* Our format holds only tensors and plain Python data: ``state_dict`` + the resolved model YAML + metadata +
+  training-state slots. It loads with the default safe loader and no allow-list.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+LOGGER = logging.getLogger(__name__)
+
+FORMAT = "yolo-kit-checkpoint/1"
+
+# torch.nn classes that appear inside YOLOv5-family pickles.
+_TORCH_NN_CLASSES = (
+    nn.Conv2d, nn.BatchNorm2d, nn.SiLU, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardswish, nn.Hardsigmoid,
+    nn.Sigmoid, nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Upsample, nn.Sequential,
+    nn.ModuleList, nn.Linear, nn.Dropout, nn.Flatten, nn.GELU, nn.LayerNorm, nn.MultiheadAttention,
+    nn.modules.linear.NonDynamicallyQuantizableLinear, nn.Softmax, nn.Mish,
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the model; the message names the file."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A model ready for use plus whatever else the file held (names, training state...)."""
+
+    model: nn.Module
+    path: Path
+    format: str  # "yolo-kit" or "yolov5-v7-pickle"
+    meta: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def legacy_allow_list() -> list:
+    """(class, pickled dotted name) pairs allowed when unpickling v7.0 checkpoints.
+
+    Blocks are allowed under the module path v7.0 pickled them with (``models.common`` / ``models.yolo``),
+    whatever file of ours defines them now.
+    """
+    import models.yolo  # noqa: F401  (imports every block module, filling the registry)
+    from models.registry import REGISTRY
+    from models.yolo import DetectionModel
+
+    allowed: list = list(_TORCH_NN_CLASSES)
+    for cls in REGISTRY.classes():
+        if cls.__module__.startswith("torch."):
+            continue
+        legacy_module = "models.yolo" if cls.__name__ in {"Detect", "Segment", "Classify"} else "models.common"
+        allowed.append((cls, f"{legacy_module}.{cls.__name__}"))
+        allowed.append((cls, f"{cls.__module__}.{cls.__name__}"))
+    allowed.append((DetectionModel, "models.yolo.DetectionModel"))
+    allowed.append((DetectionModel, "models.yolo.Model"))
+    try:
+        from models.classify import ClassificationModel
+
+        allowed.append((ClassificationModel, "models.yolo.ClassificationModel"))
+    except ImportError:
+        pass
+    return allowed
+
+
+def _torch_load_safely(path: Path) -> Any:
+    try:
+        with torch.serialization.safe_globals(legacy_allow_list()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        raise CheckpointError(
+            f"{path}: refused to unpickle: it references classes outside the allow-list ({exc}). "
+            f"Globals in file: {unsafe}. Only YOLOv5-family models and our own checkpoints can be loaded."
+        ) from None
+
+
+def load_checkpoint(path: str | Path, fuse: bool = False) -> LoadedCheckpoint:
+    """Load our format or a YOLOv5 v7.0 pickle into an eval-mode float model."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file '{path}' not found; put the .pt file there or pass --weights PATH")
+    data = _torch_load_safely(path)
+    if isinstance(data, dict) and data.get("format") == FORMAT:
+        loaded = _from_our_format(data, path)
+    elif isinstance(data, dict) and isinstance(data.get("ema") or data.get("model"), nn.Module):
+        loaded = _from_legacy_pickle(data, path)
+    else:
+        raise CheckpointError(f"{path}: neither a yolo-kit checkpoint nor a YOLOv5 checkpoint with a 'model' entry")
+    loaded.model.float().eval()
+    if fuse and hasattr(loaded.model, "fuse"):
+        loaded.model.fuse()
+    return loaded
+
+
+def _from_legacy_pickle(data: dict, path: Path) -> LoadedCheckpoint:
+    model = (data.get("ema") or data["model"]).float()
+    names = getattr(model, "names", None)
+    if isinstance(names, dict):
+        names = [names[k] for k in sorted(names)]
+    meta = {"names": list(names or []), "stride": model.stride.tolist(), "yaml": getattr(model, "yaml", {}),
+            "epoch": data.get("epoch"), "date": data.get("date"), "source": "yolov5 v7.0 pickle"}
+    model.names = meta["names"]
+    return LoadedCheckpoint(model, path, "yolov5-v7-pickle", meta, data)
+
+
+def _from_our_format(data: dict, path: Path) -> LoadedCheckpoint:
+    from models.yolo import build_model
+
+    model = build_model(data["yaml"])
+    load_state_strict(model, data["state_dict"], path)
+    model.names = list(data.get("names") or model.names)
+    meta = {k: v for k, v in data.items() if k not in {"state_dict", "train_state"}}
+    return LoadedCheckpoint(model, path, "yolo-kit", meta, data)
+
+
+def load_state_strict(model: nn.Module, state_dict: dict, path: str | Path) -> None:
+    """Load every tensor or fail naming the first missing/unexpected/mis-shaped keys and the file."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    misshaped = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                 for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
+    if missing or unexpected or misshaped:
+        raise CheckpointError(
+            f"{path}: checkpoint does not fit this architecture "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}, shape mismatch {misshaped[:3]})"
+        )
+    model.load_state_dict(state_dict)
+
+
+def transfer_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "",
+                     exclude: tuple[str, ...] = ()) -> tuple[int, int]:
+    """Copy tensors whose name and shape match (e.g. into a model with another ``nc``); logs Transferred X/Y."""
+    own = model.state_dict()
+    matched = {k: v for k, v in state_dict.items()
+               if k in own and v.shape == own[k].shape and not any(x in k for x in exclude)}
+    model.load_state_dict(matched, strict=False)
+    LOGGER.info("Transferred %d/%d items from %s", len(matched), len(own), source or "state_dict")
+    return len(matched), len(own)
+
+
+def library_versions() -> dict[str, str]:
+    import numpy
+    import torchvision
+
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": numpy.__version__}
+
+
+def checkpoint_dict(model: nn.Module, train_state: dict | None = None, **meta: Any) -> dict[str, Any]:
+    """Our format: only tensors and plain data (safe to load with ``weights_only=True``)."""
+    from utils.torch_utils import de_parallel
+
+    bare = de_parallel(model)
+    yaml_cfg = {k: v for k, v in bare.yaml.items() if k != "yaml_file"}
+    return {
+        "format": FORMAT,
+        "yaml": yaml_cfg,
+        "state_dict": {k: v.detach().clone() for k, v in bare.state_dict().items()},
+        "names": list(getattr(bare, "names", [])),
+        "stride": bare.stride.tolist() if getattr(bare, "stride", None) is not None else None,
+        "task": meta.pop("task", "detect" if hasattr(bare.model[-1], "anchors") else "classify"),
+        "versions": library_versions(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "train_state": train_state,
+        **meta,
+    }
+
+
+def save_atomic(obj: Any, path: str | Path) -> Path:
+    """Write to a temp file in the same folder, then ``os.replace``: a crash never leaves half a checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_checkpoint(model: nn.Module, path: str | Path, train_state: dict | None = None, **meta: Any) -> Path:
+    return save_atomic(checkpoint_dict(model, train_state, **meta), path)

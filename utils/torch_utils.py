@@ -1,0 +1,123 @@
+"""Small PyTorch helpers: device choice, seeding, Conv+BN fusion, weight init, parameter and GFLOPs counts."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from copy import deepcopy
+
+import numpy as np
+import torch
+from torch import nn
+
+LOGGER = logging.getLogger(__name__)
+
+
+def select_device(device: str | int | torch.device = "") -> torch.device:
+    """``''`` -> first CUDA device if any else CPU; ``'cpu'``, ``'0'``, ``'cuda:1'`` as given. Fails clearly."""
+    if isinstance(device, torch.device):
+        return device
+    name = str(device).strip().lower().replace("cuda:", "")
+    if name in {"", "none"}:
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "mps":
+        return torch.device("mps")
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device} requested but CUDA is not available; use --device cpu")
+    index = int(name.split(",")[0])
+    if index >= torch.cuda.device_count():
+        raise RuntimeError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return torch.device(f"cuda:{index}")
+
+
+def seed_everything(seed: int = 0, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch; with ``deterministic`` also force deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def time_sync() -> float:
+    """Wall time after the current device's queued work has finished."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def fuse_conv_and_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A Conv2d (with bias) equal to ``bn(conv(x))`` in eval mode."""
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      conv.dilation, conv.groups, bias=True).requires_grad_(False).to(conv.weight.device)
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+    conv_bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    fused.bias.copy_(bn.bias + (conv_bias - bn.running_mean) * scale)
+    return fused
+
+
+def initialize_weights(model: nn.Module) -> None:
+    """YOLOv5's BatchNorm settings (eps 1e-3, momentum 0.03) and in-place activations."""
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.eps = 1e-3
+            module.momentum = 0.03
+        elif isinstance(module, (nn.Hardswish, nn.LeakyReLU, nn.ReLU, nn.ReLU6, nn.SiLU)):
+            module.inplace = True
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def model_input_channels(model: nn.Module) -> int:
+    return int(model.yaml.get("ch", 3)) if hasattr(model, "yaml") else 3
+
+
+def model_gflops(model: nn.Module, imgsz: int | tuple[int, int] = 640) -> float | None:
+    """GFLOPs (2 x multiply-accumulates, thop's count) at ``imgsz``.
+
+    Counted once at the largest stride (min 32) and scaled by area: every layer's output size is
+    proportional to the input area for inputs that are multiples of the stride, so the scaling is exact
+    and much cheaper than profiling at 640.
+    """
+    try:
+        import thop
+    except ImportError:  # thop is in requirements; a trimmed install still gets params
+        return None
+    h, w = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
+    stride = max(int(model.stride.max()), 32) if getattr(model, "stride", None) is not None else 32
+    probe = deepcopy(model).float().cpu().eval()
+    image = torch.zeros(1, model_input_channels(model), stride, stride)
+    with torch.no_grad():
+        macs = thop.profile(probe, inputs=(image,), verbose=False)[0]
+    return macs * 2 / 1e9 * (h / stride) * (w / stride)
+
+
+def model_summary(model: nn.Module, imgsz: int | tuple[int, int] = 640, verbose: bool = False) -> dict:
+    """Layers, parameters, gradients and GFLOPs, logged the way YOLOv5 prints them and returned as a dict."""
+    n_params = count_parameters(model)
+    n_grads = count_parameters(model, trainable_only=True)
+    n_layers = len(list(model.modules()))
+    gflops = model_gflops(model, imgsz)
+    if verbose:
+        for name, p in model.named_parameters():
+            LOGGER.info("%-60s %10d %20s", name, p.numel(), list(p.shape))
+    size = imgsz if isinstance(imgsz, int) else "x".join(map(str, imgsz))
+    flops_text = f", {gflops:.1f} GFLOPs at {size}" if gflops is not None else ""
+    LOGGER.info("summary: %d layers, %d parameters, %d gradients%s", n_layers, n_params, n_grads, flops_text)
+    return {"layers": n_layers, "parameters": n_params, "gradients": n_grads, "gflops": gflops}
+
+
+def de_parallel(model: nn.Module) -> nn.Module:
+    """The bare model inside DataParallel / DistributedDataParallel."""
+    return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
