@@ -25,9 +25,23 @@ from models.registry import (
 )
 
 __all__ = [
-    "REGISTRY", "BuildContext", "ModuleSpec", "make_divisible", "register",
-    "autopad", "Conv", "DWConv", "Focus", "Bottleneck", "BottleneckCSP", "C3", "SPP", "SPPF", "Concat",
-    "Contract", "Expand",
+    "C3",
+    "REGISTRY",
+    "SPP",
+    "SPPF",
+    "Bottleneck",
+    "BottleneckCSP",
+    "BuildContext",
+    "Concat",
+    "Contract",
+    "Conv",
+    "DWConv",
+    "Expand",
+    "Focus",
+    "ModuleSpec",
+    "autopad",
+    "make_divisible",
+    "register",
 ]
 
 

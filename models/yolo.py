@@ -14,13 +14,12 @@ if __package__ in (None, ""):  # executed as `python models/yolo.py`: make the r
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import logging
-from copy import deepcopy
 
 import torch
 from torch import nn
 
-import models.attention  # noqa: F401  (registers blocks)
-import models.backbones  # noqa: F401
+import models.attention
+import models.backbones
 import models.transformer  # noqa: F401
 from models.activations import activation_scope
 from models.common import Conv, DWConv
@@ -31,7 +30,7 @@ from utils.torch_utils import fuse_conv_and_bn, initialize_weights, model_summar
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["parse_model", "BaseModel", "DetectionModel", "Model", "Detect", "build_model"]
+__all__ = ["BaseModel", "Detect", "DetectionModel", "Model", "build_model", "parse_model"]
 
 
 def _check_from(index: int, f: int | list[int], where: str) -> list[int]:
@@ -199,16 +198,17 @@ def _check_anchor_order(head: Detect) -> None:
 
 def build_model(cfg: str | Path | dict, nc: int | None = None, ch: int = 3) -> BaseModel:
     """Detector or classifier, chosen by the YAML's last layer."""
-    from models.classify import ClassificationModel, is_classifier_config  # local: optional task
-
     config = load_model_yaml(cfg)
-    if is_classifier_config(config):
-        return ClassificationModel(config, ch=ch, nc=nc)
-    return DetectionModel(config, ch=ch, nc=nc)
+    if _last_module_name(config) in {"Detect"}:
+        return DetectionModel(config, ch=ch, nc=nc)
+    from models.classify import ClassificationModel  # imported on demand: detection needs none of it
+
+    return ClassificationModel(config, ch=ch, nc=nc)
 
 
-def copy_model(model: nn.Module) -> nn.Module:
-    return deepcopy(model)
+def _last_module_name(cfg: dict) -> str:
+    rows = (cfg.get("backbone") or []) + (cfg.get("head") or [])
+    return rows[-1][2] if rows else ""
 
 
 if __name__ == "__main__":

@@ -159,7 +159,8 @@ def library_versions() -> dict[str, str]:
     import numpy
     import torchvision
 
-    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": numpy.__version__}
+    versions = {"torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": numpy.__version__}
+    return {name: str(version) for name, version in versions.items()}
 
 
 def checkpoint_dict(model: nn.Module, train_state: dict | None = None, **meta: Any) -> dict[str, Any]:

@@ -1,0 +1,113 @@
+"""v7.0 checkpoint compatibility (reference outputs), our checkpoint format, safe loading, weight transfer."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from models.yolo import DetectionModel
+from utils.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    save_atomic,
+    save_checkpoint,
+    transfer_weights,
+)
+
+
+@pytest.mark.parametrize("name", ["yolov5n-neu-det-v7", "legacy-v3-style"])
+def test_v7_checkpoint_reproduces_reference_outputs(fixtures_dir, name):
+    loaded = load_checkpoint(fixtures_dir / f"{name}.pt")
+    expected = torch.load(fixtures_dir / f"{name}.expected.pt")
+    with torch.no_grad():
+        pred, raw = loaded.model(expected["images"].float() / 255)
+    assert pred.shape == expected["pred"].shape
+    assert (pred[..., :4] - expected["pred"][..., :4]).abs().max() <= 1e-3
+    assert (pred[..., 4:] - expected["pred"][..., 4:]).abs().max() <= 1e-4
+    for ours, ref in zip(raw, expected["raw"]):
+        assert (ours - ref).abs().max() <= 1e-4
+
+
+def test_v7_checkpoint_metadata(fixtures_dir):
+    loaded = load_checkpoint(fixtures_dir / "yolov5n-neu-det-v7.pt")
+    assert loaded.format == "yolov5-v7-pickle"
+    assert loaded.meta["names"] == ["crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches"]
+    assert loaded.meta["stride"] == [8.0, 16.0, 32.0]
+    assert next(loaded.model.parameters()).dtype == torch.float32  # stored fp16, loaded as fp32
+
+
+def test_v7_reference_nms(fixtures_dir):
+    from utils.boxes import non_max_suppression
+
+    loaded = load_checkpoint(fixtures_dir / "yolov5n-neu-det-v7.pt")
+    expected = torch.load(fixtures_dir / "yolov5n-neu-det-v7.expected.pt")
+    with torch.no_grad():
+        pred = loaded.model(expected["images"].float() / 255)[0]
+    detections = non_max_suppression(pred, conf_thres=0.25, iou_thres=0.45, max_det=300)
+    for ours, ref in zip(detections, expected["nms_conf0.25_iou0.45"]):
+        assert ours.shape == ref.shape
+        assert torch.allclose(ours, ref, atol=1e-3)
+
+
+def test_safe_loader_refuses_unknown_class(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": argparse.Namespace(x=1)}, path)  # a class outside the allow-list
+    with pytest.raises(CheckpointError, match="refused to unpickle"):
+        load_checkpoint(path)
+
+
+def test_missing_weights_message(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"not found; put the \.pt file there"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_our_format_round_trip_loads_without_allow_list(tmp_path):
+    model = DetectionModel("yolov5n.yaml", nc=3).eval()
+    model.names = ["a", "b", "c"]
+    path = save_checkpoint(model, tmp_path / "best.pt", train_state={"epoch": 4}, epoch=4)
+    raw = torch.load(path, weights_only=True)  # plain data only: the default safe loader suffices
+    assert raw["format"].startswith("yolo-kit") and raw["train_state"] == {"epoch": 4}
+    loaded = load_checkpoint(path)
+    assert loaded.model.names == ["a", "b", "c"]
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x)[0], loaded.model(x)[0])
+
+
+def test_our_format_rejects_other_architecture(tmp_path):
+    model = DetectionModel("yolov5n.yaml", nc=3)
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(model, path)
+    data = torch.load(path, weights_only=True)
+    data["yaml"]["width_multiple"] = 0.5  # the YAML now describes a yolov5s-sized model
+    torch.save(data, path)
+    with pytest.raises(CheckpointError, match=r"ckpt\.pt: checkpoint does not fit this architecture"):
+        load_checkpoint(path)
+
+
+def test_transfer_to_other_nc_reports_counts(fixtures_dir, caplog):
+    source = load_checkpoint(fixtures_dir / "yolov5n-neu-det-v7.pt").model
+    target = DetectionModel("yolov5n.yaml", nc=2)
+    with caplog.at_level("INFO"):
+        transferred, total = transfer_weights(target, source.state_dict(), "yolov5n-neu-det-v7.pt")
+    # everything but the three Detect convs' weight and bias (255->21 outputs) transfers
+    assert total == len(target.state_dict())
+    assert transferred == total - 6
+    assert f"Transferred {transferred}/{total}" in caplog.text
+    assert torch.equal(target.model[0].conv.weight, source.model[0].conv.weight)
+
+
+def test_atomic_save_leaves_old_file_on_failure(tmp_path):
+    path = tmp_path / "last.pt"
+    save_atomic({"epoch": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        save_atomic({"epoch": 2, "bad": Unpicklable()}, path)
+    assert torch.load(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind

@@ -1,0 +1,143 @@
+"""Training configuration: one dataclass generates the yolov5-compatible argparse parser, and hyperparameter
+YAMLs are validated against a known key set (an unknown key is an error naming the key and the file)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT / "data" / "neu-det-sample.yaml"
+DEFAULT_HYP = ROOT / "data" / "hyps" / "hyp.scratch-low.yaml"
+
+# Every hyperparameter a hyp YAML may set, with its default (YOLOv5 v7.0 scratch-low values).
+HYP_DEFAULTS: dict[str, Any] = {
+    "lr0": 0.01, "lrf": 0.01, "momentum": 0.937, "weight_decay": 0.0005,
+    "warmup_epochs": 3.0, "warmup_momentum": 0.8, "warmup_bias_lr": 0.1,
+    "box": 0.05, "cls": 0.5, "cls_pw": 1.0, "obj": 1.0, "obj_pw": 1.0, "iou_t": 0.20, "anchor_t": 4.0,
+    "anchors": 3, "fl_gamma": 0.0, "iou_type": "ciou", "vfl": False, "label_smoothing": 0.0,
+    "hsv_h": 0.015, "hsv_s": 0.7, "hsv_v": 0.4, "degrees": 0.0, "translate": 0.1, "scale": 0.5, "shear": 0.0,
+    "perspective": 0.0, "flipud": 0.0, "fliplr": 0.5, "mosaic": 1.0, "mixup": 0.0, "copy_paste": 0.0,
+    "sam_rho": 0.05, "grad_clip": 10.0,
+    # classification
+    "crop_scale_min": 0.08, "randaugment": False, "dropout": 0.0,
+}
+
+
+class HypError(ValueError):
+    """A hyp YAML with an unknown key or a bad value."""
+
+
+def load_hyp(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Defaults <- hyp YAML <- ``key=value`` overrides; unknown keys raise :class:`HypError`."""
+    hyp = dict(HYP_DEFAULTS)
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"hyp file '{path}' not found (see data/hyps/ for the shipped ones)")
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        _update_hyp(hyp, loaded, str(path))
+    for item in overrides or []:
+        key, _, value = item.partition("=")
+        if not _:
+            raise HypError(f"--hyp-override '{item}': expected key=value")
+        _update_hyp(hyp, {key.strip(): yaml.safe_load(value)}, "--hyp-override")
+    return hyp
+
+
+def _update_hyp(hyp: dict, new: dict, source: str) -> None:
+    for key, value in new.items():
+        if key not in HYP_DEFAULTS:
+            raise HypError(f"{source}: unknown hyperparameter '{key}'; known: {', '.join(sorted(HYP_DEFAULTS))}")
+        default = HYP_DEFAULTS[key]
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and not isinstance(value, (int, float)):
+            raise HypError(f"{source}: hyperparameter '{key}' must be a number, got {value!r}")
+        hyp[key] = value
+
+
+def _flag(default: Any, help: str, **kwargs: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class TrainConfig:
+    """All train.py options. Field names are yolov5's flag names with '-' -> '_'."""
+
+    weights: str = _flag("", "initial weights: .pt checkpoint, or torchvision .pth for backbones ('' = scratch)")
+    cfg: str = _flag("", "model YAML (models/yolov5s.yaml or a bare name); '' = from --weights")
+    data: str = _flag(str(DEFAULT_DATA), "data-set YAML")
+    hyp: str = _flag(str(DEFAULT_HYP), "hyperparameter YAML")
+    hyp_override: list[str] = _flag(None, "override hyp values: --hyp-override lr0=0.005 mosaic=0", nargs="*")
+    epochs: int = _flag(100, "total training epochs")
+    batch_size: int = _flag(16, "total batch size for all devices")
+    imgsz: int = _flag(640, "train/val image size (pixels)", aliases=("--img", "--img-size"))
+    nc: int = _flag(None, "override the model YAML's number of classes (default: from the data YAML)")
+    rect: bool = _flag(False, "rectangular training batches")
+    resume: str = _flag(None, "resume the most recent run, or the run of this last.pt", nargs="?", const=True)
+    extend: int = _flag(0, "with --resume: continue a finished run for this many extra epochs")
+    nosave: bool = _flag(False, "only save the final checkpoint")
+    noval: bool = _flag(False, "only validate after the final epoch")
+    noautoanchor: bool = _flag(False, "disable the autoanchor check")
+    noplots: bool = _flag(False, "save no plot files")
+    evolve: int = _flag(None, "evolve hyperparameters for this many generations", nargs="?", const=300)
+    cache: str = _flag(None, "cache images: ram, ram-jpeg or disk", nargs="?", const="ram")
+    image_weights: bool = _flag(False, "sample training images weighted by their classes' mAP")
+    device: str = _flag("", "cuda device, i.e. 0 or 0,1,2,3 or cpu")
+    multi_scale: bool = _flag(False, "vary img-size +/- 50%")
+    single_cls: bool = _flag(False, "train multi-class data as single-class")
+    optimizer: str = _flag("SGD", "optimizer", choices=["SGD", "Adam", "AdamW", "SAM"])
+    sync_bn: bool = _flag(False, "SyncBatchNorm under DDP on CUDA")
+    workers: int = _flag(2, "max dataloader workers (per rank under DDP)")
+    project: str = _flag(str(ROOT / "runs" / "train"), "save to project/name")
+    name: str = _flag("exp", "save to project/name")
+    exist_ok: bool = _flag(False, "existing project/name ok, do not increment")
+    cos_lr: bool = _flag(False, "cosine learning-rate schedule")
+    label_smoothing: float = _flag(0.0, "label smoothing epsilon")
+    patience: int = _flag(100, "early stop after this many epochs without improvement")
+    freeze: list[str] = _flag(None, "freeze: N (first N layers), 'backbone', or layer indices", nargs="+")
+    freeze_schedule: str = _flag(None, "alternate:K: per K-epoch cycle, 1 epoch backbone-only then K-1 head-only")
+    save_period: int = _flag(-1, "save a checkpoint every N epochs (disabled if < 1)")
+    seed: int = _flag(0, "global training seed")
+    deterministic: bool = _flag(False, "force deterministic algorithms (for exact resume checks)")
+    heads_mode: str = _flag("joint", "multi-head classifiers: joint or sequential", choices=["joint", "sequential"])
+    head_weights: list[float] = _flag(None, "multi-head loss weights, one per head", nargs="+", type=float)
+    head_balance: str = _flag("none", "dynamic multi-head loss balancing", choices=["none", "uncertainty"])
+    finetune_epochs: int = _flag(0, "sequential mode: final joint fine-tune epochs at lr x 0.1")
+    max_batches: int = _flag(0, "debug: stop each epoch after this many batches (0 = all)")
+    local_rank: int = _flag(-1, "set by torchrun; do not modify")
+
+    @property
+    def save_dir(self) -> Path:
+        return Path(self.project) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def build_parser(config_cls: type = TrainConfig, description: str = "") -> argparse.ArgumentParser:
+    """An argparse parser with one flag per dataclass field (plus yolov5's aliases)."""
+    parser = argparse.ArgumentParser(description=description)
+    for f in dataclasses.fields(config_cls):
+        meta = dict(f.metadata)
+        aliases = meta.pop("aliases", ())
+        flags = [f"--{f.name.replace('_', '-')}", *aliases]
+        if f.name.replace("_", "-") != f.name:
+            flags.append(f"--{f.name}")
+        if f.type in ("bool", bool):
+            parser.add_argument(*flags, action="store_true", dest=f.name, **meta)
+            continue
+        kind = {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0])
+        if "type" not in meta and kind is not None and "nargs" not in meta:
+            meta["type"] = kind
+        parser.add_argument(*flags, default=f.default, dest=f.name, **meta)
+    return parser
+
+
+def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
+    args = build_parser(TrainConfig, "Train a YOLOv5-family detector or classifier").parse_args(argv)
+    return TrainConfig(**vars(args))
