@@ -88,7 +88,7 @@ class TrainConfig:
     cache: str = _flag(None, "cache images: ram, ram-jpeg or disk", nargs="?", const="ram")
     image_weights: bool = _flag(False, "sample training images weighted by their classes' mAP")
     device: str = _flag("", "cuda device, i.e. 0 or 0,1,2,3 or cpu")
-    multi_scale: bool = _flag(False, "vary img-size +/- 50%")
+    multi_scale: bool = _flag(False, "vary img-size +/- 50%%")
     single_cls: bool = _flag(False, "train multi-class data as single-class")
     optimizer: str = _flag("SGD", "optimizer", choices=["SGD", "Adam", "AdamW", "SAM"])
     sync_bn: bool = _flag(False, "SyncBatchNorm under DDP on CUDA")

@@ -1,0 +1,137 @@
+"""Pieces of the training loop that need no data: config/hyp validation, freezing, EMA, schedules, SAM."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from models.yolo import DetectionModel
+from utils.config import HYP_DEFAULTS, HypError, TrainConfig, build_parser, load_hyp, parse_train_args
+from utils.ema import ModelEMA
+from utils.freeze import (
+    alternate_plan,
+    apply_trainable,
+    freeze_batchnorm_stats,
+    frozen_layer_indices,
+    parse_freeze_schedule,
+    trainable_except,
+)
+from utils.optim import SAM, build_optimizer, lr_lambda, parameter_groups, warmup_step
+
+
+def test_hyp_unknown_key_names_key_and_file(tmp_path):
+    path = tmp_path / "hyp.bad.yaml"
+    path.write_text("lr0: 0.01\nlearning_rate: 0.1\n")
+    with pytest.raises(HypError, match=r"hyp\.bad\.yaml: unknown hyperparameter 'learning_rate'"):
+        load_hyp(path)
+
+
+def test_hyp_override_and_type_check(tmp_path):
+    hyp = load_hyp(None, ["lr0=0.005", "mosaic=0"])
+    assert hyp["lr0"] == 0.005 and hyp["mosaic"] == 0 and hyp["momentum"] == HYP_DEFAULTS["momentum"]
+    with pytest.raises(HypError, match="'lr0' must be a number"):
+        load_hyp(None, ["lr0=fast"])
+
+
+def test_parser_has_yolov5_flags():
+    cfg = parse_train_args(["--cfg", "yolov5n.yaml", "--img", "320", "--batch-size", "8", "--freeze", "backbone",
+                            "--resume", "--cos-lr", "--optimizer", "AdamW", "--cache", "--evolve"])
+    assert cfg.imgsz == 320 and cfg.batch_size == 8 and cfg.freeze == ["backbone"]
+    assert cfg.resume is True and cfg.cos_lr and cfg.optimizer == "AdamW"
+    assert cfg.cache == "ram" and cfg.evolve == 300
+    flags = build_parser(TrainConfig).format_help()
+    for flag in ("--weights", "--data", "--hyp", "--epochs", "--noautoanchor", "--image-weights", "--multi-scale",
+                 "--single-cls", "--sync-bn", "--workers", "--project", "--exist-ok", "--label-smoothing",
+                 "--patience", "--save-period", "--seed", "--deterministic", "--freeze-schedule", "--rect"):
+        assert flag in flags
+
+
+@pytest.fixture(scope="module")
+def model():
+    return DetectionModel("yolov5n.yaml", nc=3)
+
+
+def test_freeze_specs(model):
+    assert frozen_layer_indices(model, ["10"]) == set(range(10))
+    assert frozen_layer_indices(model, ["backbone"]) == set(range(10))
+    assert frozen_layer_indices(model, ["0", "3", "5"]) == {0, 3, 5}
+    with pytest.raises(ValueError, match="--freeze expects"):
+        frozen_layer_indices(model, ["neck"])
+
+
+def test_freeze_backbone_freezes_exactly_backbone(model):
+    apply_trainable(model, trainable_except(set(range(10))))
+    for name, p in model.named_parameters():
+        layer = int(name.split(".")[1])
+        assert p.requires_grad == (layer >= 10), name
+    model.train()
+    freeze_batchnorm_stats(model)
+    assert not model.model[0].bn.training and model.model[10].bn.training
+    apply_trainable(model, None)
+
+
+def test_alternate_schedule():
+    assert parse_freeze_schedule("alternate:3") == 3
+    with pytest.raises(ValueError):
+        parse_freeze_schedule("alternate:1")
+    backbone = {0, 1}
+    first, text = alternate_plan(0, 3, backbone)
+    assert first("model.0.conv.weight") and not first("model.5.conv.weight") and "backbone" in text
+    second, text = alternate_plan(1, 3, backbone)
+    assert not second("model.0.conv.weight") and second("model.5.conv.weight") and "head" in text
+    assert alternate_plan(3, 3, backbone)[1] == alternate_plan(0, 3, backbone)[1]
+
+
+def test_parameter_groups_cover_everything_once(model):
+    decayed, norms, biases = parameter_groups(model)
+    assert len(decayed) + len(norms) + len(biases) == len(list(model.parameters()))
+    assert all(p.dim() == 1 for p in norms) and all(p.dim() == 4 for p in decayed)
+    optimizer = build_optimizer(model, "SGD", 0.01, 0.937, 5e-4)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.0, 5e-4, 0.0]
+
+
+def test_lr_schedules():
+    linear, cosine = lr_lambda(100, 0.01, False), lr_lambda(100, 0.01, True)
+    assert linear(0) == 1 and math.isclose(linear(100), 0.01) and math.isclose(linear(50), 0.505)
+    assert cosine(0) == 1 and math.isclose(cosine(100), 0.01) and math.isclose(cosine(50), 0.505)
+
+
+def test_warmup_ramps(model):
+    optimizer = build_optimizer(model, "SGD", 0.01, 0.937, 5e-4)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = 0.01
+    hyp = {"warmup_bias_lr": 0.1, "warmup_momentum": 0.8, "momentum": 0.937}
+    accumulate = warmup_step(optimizer, 0, 100, 1.0, hyp, batch_size=16)
+    assert accumulate == 1
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1) and optimizer.param_groups[1]["lr"] == 0.0
+    assert optimizer.param_groups[0]["momentum"] == pytest.approx(0.8)
+    accumulate = warmup_step(optimizer, 100, 100, 1.0, hyp, batch_size=16)
+    assert accumulate == 4  # nominal batch 64 / 16
+    assert all(g["lr"] == pytest.approx(0.01) for g in optimizer.param_groups)
+
+
+def test_ema_follows_formula():
+    net = torch.nn.Linear(2, 1)
+    ema = ModelEMA(net, decay=0.9, tau=1.0)
+    start = ema.ema.weight.clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update(net)
+    d = 0.9 * (1 - math.exp(-1))
+    assert torch.allclose(ema.ema.weight, d * start + (1 - d) * net.weight)
+    assert not any(p.requires_grad for p in ema.ema.parameters())
+
+
+def test_sam_perturbs_along_gradient_and_restores():
+    net = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    net(torch.ones(1, 3)).sum().backward()
+    before = [p.clone() for p in net.parameters()]
+    sam = SAM(optimizer, rho=0.05)
+    sam.perturb()
+    moved = torch.cat([(p - b).flatten() for p, b in zip(net.parameters(), before)])
+    assert moved.norm().item() == pytest.approx(0.05, rel=1e-4)
+    sam.restore()
+    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))

@@ -1,0 +1,27 @@
+"""Train a YOLOv5-family detector or classifier.
+
+    python train.py --cfg yolov5n.yaml --data data/neu-det-sample.yaml --imgsz 256 --epochs 3 --device cpu
+    python train.py --resume                      # continue the most recent run from its last.pt
+    python train.py --cfg models/cls/yolov5n-mcls-s.yaml --data ../shared/datasets/fashion-color-type/...
+
+The task (detection or classification) is read from the model's last layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from utils.config import TrainConfig, parse_train_args
+from utils.training import run_training
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    cfg: TrainConfig = parse_train_args(argv)
+    run_training(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,124 @@
+"""Training callbacks: one signature ``hook(trainer)`` per event; loggers are ordinary callbacks.
+
+Events (YOLOv5's names): on_pretrain_routine_end, on_train_epoch_start, on_train_batch_end,
+on_fit_epoch_end, on_model_save, on_train_end.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+LOGGER = logging.getLogger(__name__)
+
+EVENTS = ("on_pretrain_routine_end", "on_train_epoch_start", "on_train_batch_end", "on_fit_epoch_end",
+          "on_model_save", "on_train_end")
+
+
+class Callbacks:
+    """A list of hooks per event, run in registration order."""
+
+    def __init__(self) -> None:
+        self._hooks: dict[str, list[Callable[[Any], None]]] = defaultdict(list)
+
+    def add(self, event: str, hook: Callable[[Any], None]) -> None:
+        if event not in EVENTS:
+            raise ValueError(f"unknown callback event '{event}'; known: {', '.join(EVENTS)}")
+        self._hooks[event].append(hook)
+
+    def add_logger(self, logger: object) -> None:
+        """Register every method of ``logger`` named like an event."""
+        for event in EVENTS:
+            if hasattr(logger, event):
+                self.add(event, getattr(logger, event))
+
+    def run(self, event: str, trainer: Any) -> None:
+        for hook in self._hooks.get(event, []):
+            hook(trainer)
+
+
+class CSVLogger:
+    """results.csv: one row per epoch (losses, metrics, learning rates); appends on resume."""
+
+    def on_fit_epoch_end(self, trainer) -> None:
+        path = Path(trainer.save_dir) / "results.csv"
+        row = trainer.epoch_row()
+        new_file = not path.exists()
+        with path.open("a", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            if new_file:
+                writer.writerow(row.keys())
+            writer.writerow(f"{v:.6g}" if isinstance(v, float) else v for v in row.values())
+
+
+class TensorBoardLogger:
+    """TensorBoard scalars (losses, metrics, lr) per epoch in ``save_dir``."""
+
+    def __init__(self) -> None:
+        self.writer = None
+
+    def on_pretrain_routine_end(self, trainer) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(trainer.save_dir))
+
+    def on_fit_epoch_end(self, trainer) -> None:
+        if self.writer is None:
+            return
+        for key, value in trainer.epoch_row().items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, trainer.epoch)
+        self.writer.flush()
+
+    def on_train_end(self, trainer) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class ResultsPlotter:
+    """results.png from results.csv at the end of training (one panel per column)."""
+
+    def on_train_end(self, trainer) -> None:
+        if trainer.cfg.noplots:
+            return
+        plot_results_csv(Path(trainer.save_dir) / "results.csv")
+
+
+def plot_results_csv(path: Path) -> Path | None:
+    if not path.exists():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with path.open(encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        return None
+    columns = [c for c in rows[0] if c != "epoch"]
+    epochs = [float(r["epoch"]) for r in rows]
+    n_cols = 5
+    n_rows = (len(columns) + n_cols - 1) // n_cols
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(3 * n_cols, 2.6 * n_rows), squeeze=False)
+    for ax, column in zip(axes.flat, columns):
+        ax.plot(epochs, [float(r[column]) for r in rows], marker=".")
+        ax.set_title(column, fontsize=9)
+    for ax in list(axes.flat)[len(columns):]:
+        ax.axis("off")
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def default_callbacks() -> Callbacks:
+    callbacks = Callbacks()
+    for logger in (CSVLogger(), TensorBoardLogger(), ResultsPlotter()):
+        callbacks.add_logger(logger)
+    return callbacks

@@ -1,0 +1,148 @@
+"""What detect.py does, callable from tests: sources -> letterbox -> model -> NMS -> drawings and files."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from utils.boxes import non_max_suppression, scale_boxes, xyxy2xywh
+from utils.paths import increment_path
+from utils.plots import draw_detections
+from utils.sources import Frame, expand_source, iterate_frames
+from utils.torch_utils import select_device, time_sync
+
+LOGGER = logging.getLogger(__name__)
+
+
+def prepare_image(image_bgr: np.ndarray, imgsz: int, stride: int, auto: bool) -> tuple[torch.Tensor, tuple]:
+    """Letterbox to ``imgsz`` (minimal stride padding when ``auto``), BGR->RGB, CHW, float in [0, 1]."""
+    from utils.data.augment import letterbox
+
+    padded, ratio, pad = letterbox(image_bgr, imgsz, auto=auto, stride=stride)
+    tensor = torch.from_numpy(np.ascontiguousarray(padded[..., ::-1].transpose(2, 0, 1))).float() / 255
+    return tensor[None], (ratio, pad)
+
+
+class VideoSink:
+    """Writes annotated frames of one video source to an .mp4 beside the other outputs."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self.writer = None
+
+    def write(self, frame: Frame, image: np.ndarray, out_path: Path) -> None:
+        if self.path != out_path:
+            self.close()
+            h, w = image.shape[:2]
+            self.writer = cv2.VideoWriter(str(out_path), cv2.VideoWriter_fourcc(*"mp4v"), frame.fps, (w, h))
+            self.path = out_path
+        self.writer.write(image)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.release()
+        self.writer, self.path = None, None
+
+
+def run_prediction(weights: str, source: str, imgsz: int = 640, conf_thres: float = 0.25, iou_thres: float = 0.45,
+                   max_det: int = 1000, classes: Sequence[int] | None = None, agnostic_nms: bool = False,
+                   multi_label: bool = False, augment: bool = False, device: str = "", half: bool = False,
+                   save_txt: bool = False, save_conf: bool = False, save_crop: bool = False, save_csv: bool = False,
+                   nosave: bool = False, line_thickness: int = 2, hide_labels: bool = False,
+                   hide_conf: bool = False, project: str = "runs/detect", name: str = "exp",
+                   exist_ok: bool = False) -> list[dict[str, Any]]:
+    """Predict every frame of ``source``; returns one dict per frame (path, frame, detections n x 6)."""
+    from utils.val_runner import load_predictor
+
+    torch_device = select_device(device)
+    predictor, info = load_predictor(weights, torch_device, half)
+    save_dir = Path(project) / name if exist_ok else increment_path(Path(project) / name)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    files = expand_source(source)
+    if info["task"] == "classify":
+        from utils.tasks.classify import predict_images, write_predictions_csv
+
+        rows = predict_images(predictor, files, imgsz, info.get("heads"))
+        if save_csv:
+            write_predictions_csv(rows, save_dir / "predictions.csv")
+        return rows
+    if augment and not isinstance(predictor, torch.nn.Module):
+        raise ValueError("--augment needs PyTorch weights (.pt); exported models run one pass")
+    names = info["names"]
+    stride = max(info["stride"], 32)
+    is_torch = isinstance(predictor, torch.nn.Module)
+    sink = VideoSink()
+    results = []
+    for frame in iterate_frames(files):
+        t0 = time_sync()
+        images, (ratio, pad) = prepare_image(frame.image, imgsz, stride, auto=is_torch)
+        images = images.to(torch_device)
+        t1 = time_sync()
+        preds = _infer(predictor, images, augment, stride, half)
+        t2 = time_sync()
+        det = non_max_suppression(preds, conf_thres, iou_thres, classes, agnostic_nms, multi_label, max_det)[0]
+        scale_boxes(images.shape[2:], det[:, :4], frame.image.shape[:2], (ratio, pad))
+        t3 = time_sync()
+        det = det.cpu()
+        results.append({"path": str(frame.path), "frame": frame.frame, "detections": det})
+        LOGGER.info("%s%s: %d detections (%.1f ms pre-process, %.1f ms inference, %.1f ms NMS)", frame.path.name,
+                    f" frame {frame.frame}" if frame.is_video else "", len(det), (t1 - t0) * 1e3, (t2 - t1) * 1e3,
+                    (t3 - t2) * 1e3)
+        _save_outputs(frame, det, names, save_dir, sink, save_txt, save_conf, save_crop, nosave, line_thickness,
+                      hide_labels, hide_conf)
+    sink.close()
+    LOGGER.info("results saved to %s", save_dir)
+    return results
+
+
+@torch.no_grad()
+def _infer(predictor, images: torch.Tensor, augment: bool, stride: int, half: bool) -> torch.Tensor:
+    if augment:
+        from utils.tta import augmented_inference
+
+        return augmented_inference(predictor, images.half() if half else images, stride).float()
+    if isinstance(predictor, torch.nn.Module):
+        out = predictor(images.half() if half else images)
+        return (out[0] if isinstance(out, (tuple, list)) else out).float()
+    return predictor(images)
+
+
+def _save_outputs(frame: Frame, det: torch.Tensor, names, save_dir: Path, sink: VideoSink, save_txt: bool,
+                  save_conf: bool, save_crop: bool, nosave: bool, thickness: int, hide_labels: bool,
+                  hide_conf: bool) -> None:
+    stem = frame.path.stem + (f"_{frame.frame}" if frame.is_video else "")
+    if save_txt:
+        _write_txt(det, frame.image.shape[:2], save_dir / "labels" / f"{stem}.txt", save_conf)
+    if save_crop:
+        for k, (*xyxy, _, cls) in enumerate(det.tolist()):
+            x1, y1, x2, y2 = (round(v) for v in xyxy)
+            crop = frame.image[max(y1, 0):y2, max(x1, 0):x2]
+            if crop.size:
+                name = names[int(cls)] if int(cls) < len(names) else str(int(cls))
+                out = save_dir / "crops" / name / f"{stem}_{k}.jpg"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(out), crop)
+    if nosave:
+        return
+    annotated = draw_detections(frame.image.copy(), det.numpy(), names, thickness, hide_labels, hide_conf)
+    if frame.is_video:
+        sink.write(frame, annotated, save_dir / f"{frame.path.stem}.mp4")
+    else:
+        cv2.imwrite(str(save_dir / frame.path.name), annotated)
+
+
+def _write_txt(det: torch.Tensor, shape: tuple[int, int], path: Path, save_conf: bool) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w = shape
+    gain = torch.tensor([w, h, w, h], dtype=torch.float32)
+    with path.open("w") as fh:
+        for *xyxy, conf, cls in det.tolist():
+            xywh = (xyxy2xywh(torch.tensor(xyxy).view(1, 4)) / gain).view(-1).tolist()
+            row = (int(cls), *xywh, conf) if save_conf else (int(cls), *xywh)
+            fh.write(("%g " * len(row)).rstrip() % row + "\n")

@@ -1,0 +1,85 @@
+"""Inference sources: an image, a folder, a glob, a video file, or a .txt list of any of these."""
+
+from __future__ import annotations
+
+import glob
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+LOGGER = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"}
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".m4v", ".wmv", ".mpeg", ".mpg", ".webm"}
+
+
+@dataclass
+class Frame:
+    """One decoded BGR image and where it came from (``frame`` is the index within a video, else 0)."""
+
+    path: Path
+    image: np.ndarray
+    frame: int = 0
+    is_video: bool = False
+    fps: float = 0.0
+
+
+def expand_source(source: str | Path) -> list[Path]:
+    """Files named by ``source``, sorted; a clear error when nothing matches."""
+    text = str(source)
+    path = Path(text)
+    if path.suffix == ".txt" and path.is_file():
+        files = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                files.extend(expand_source((path.parent / line.strip()) if not Path(line.strip()).is_absolute()
+                                           else line.strip()))
+        return files
+    if any(ch in text for ch in "*?["):
+        files = [Path(p) for p in sorted(glob.glob(text, recursive=True))]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES)
+    elif path.is_file():
+        files = [path]
+    else:
+        raise FileNotFoundError(f"--source {source}: no such file, folder or glob")
+    files = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES]
+    if not files:
+        raise FileNotFoundError(f"--source {source}: no images or videos found "
+                                f"(images: {sorted(IMAGE_SUFFIXES)}, videos: {sorted(VIDEO_SUFFIXES)})")
+    return files
+
+
+def iterate_frames(files: list[Path]) -> Iterator[Frame]:
+    """Decode images and video frames one at a time; unreadable files are reported and skipped."""
+    for path in files:
+        if path.suffix.lower() in VIDEO_SUFFIXES:
+            yield from _video_frames(path)
+            continue
+        image = cv2.imread(str(path))
+        if image is None:
+            LOGGER.warning("skipping %s: not a readable image", path)
+            continue
+        yield Frame(path, image)
+
+
+def _video_frames(path: Path) -> Iterator[Frame]:
+    capture = cv2.VideoCapture(str(path))
+    if not capture.isOpened():
+        LOGGER.warning("skipping %s: cannot open video", path)
+        return
+    fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
+    index = 0
+    try:
+        while True:
+            ok, image = capture.read()
+            if not ok:
+                break
+            yield Frame(path, image, index, True, fps)
+            index += 1
+    finally:
+        capture.release()

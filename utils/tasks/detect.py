@@ -1,0 +1,161 @@
+"""Detection task for the shared training loop: YOLO data, YOLOv5 loss, mAP validation."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from utils.config import TrainConfig
+from utils.freeze import alternate_plan, parse_freeze_schedule
+from utils.loss import ComputeLoss, scale_loss_gains
+from utils.metrics import fitness as detection_fitness
+from utils.tasks.base import EpochPlan
+from utils.validate import ValidationOptions, format_results, validate_detector
+
+LOGGER = logging.getLogger(__name__)
+
+
+class DetectTask:
+    """Everything detection-specific that the trainer delegates."""
+
+    name = "detect"
+    loss_names = ("box", "obj", "cls")
+
+    def __init__(self, cfg: TrainConfig):
+        from utils.data import load_data_config
+
+        self.cfg = cfg
+        self.data = load_data_config(cfg.data)
+        self.nc = 1 if cfg.single_cls else int(self.data["nc"])
+        self.names = ["item"] if cfg.single_cls else list(self.data["names"])
+        self.hyp: dict[str, Any] = {}
+        self.save_dir = Path(cfg.project) / cfg.name
+        self.cycle = parse_freeze_schedule(cfg.freeze_schedule)
+        self.backbone: set[int] = set()
+        self.device = torch.device("cpu")
+        self.batches_to_plot = 3  # first training batches saved as train_batch{0,1,2}.jpg
+
+    # ---------------------------------------------------------------- model
+    def build_model(self) -> nn.Module:
+        from models.yolo import DetectionModel
+        from utils.checkpoint import load_checkpoint, transfer_weights
+
+        cfg = self.cfg
+        if not cfg.cfg and not cfg.weights:
+            raise ValueError("give --cfg (a model YAML) and/or --weights (a checkpoint)")
+        if cfg.weights and Path(cfg.weights).suffix == ".pth":
+            model = DetectionModel(cfg.cfg, nc=cfg.nc or self.nc)
+            from utils.pretrained import load_torchvision_backbone
+
+            load_torchvision_backbone(model, cfg.weights)
+        elif cfg.weights:
+            source = load_checkpoint(cfg.weights).model
+            model = DetectionModel(cfg.cfg or source.yaml, nc=cfg.nc or self.nc)
+            transfer_weights(model, source.state_dict(), cfg.weights, exclude=("anchor",) if cfg.cfg else ())
+        else:
+            model = DetectionModel(cfg.cfg, nc=cfg.nc or self.nc)
+        model.names = self.names
+        model.gr = 1.0
+        self.backbone = set(model.backbone_indices())
+        return model
+
+    # ---------------------------------------------------------------- data
+    def build_loaders(self, model: nn.Module):
+        from utils.data import create_dataloader
+
+        cfg, hyp = self.cfg, self.hyp
+        stride = max(int(model.stride.max()), 32)
+        self.imgsz = math.ceil(cfg.imgsz / stride) * stride
+        self.stride = stride
+        train_loader, self.train_dataset = create_dataloader(
+            self.data["train"], self.imgsz, cfg.batch_size, stride, hyp=hyp, augment=True, cache=cfg.cache,
+            rect=cfg.rect, workers=cfg.workers, shuffle=not cfg.rect, seed=cfg.seed, single_cls=cfg.single_cls,
+            image_weights=cfg.image_weights, prefix="train: ")
+        val_loader = None
+        if self.data.get("val"):
+            val_loader, _ = create_dataloader(
+                self.data["val"], self.imgsz, cfg.batch_size * 2, stride, hyp=hyp, augment=False,
+                cache=cfg.cache, pad=0.5, rect=True, workers=cfg.workers, shuffle=False, seed=cfg.seed,
+                single_cls=cfg.single_cls, prefix="val: ")
+        self._check_anchors(model)
+        self._report_data()
+        return train_loader, val_loader
+
+    def _report_data(self) -> None:
+        """Data-set report in the log and labels.png in the run folder, before the first epoch."""
+        from utils.data.report import dataset_report, format_report
+        from utils.plots import plot_label_stats
+
+        LOGGER.info("\n%s", format_report(dataset_report(self.cfg.data, self.imgsz)))
+        if not self.cfg.noplots:
+            plot_label_stats(self.train_dataset.labels, self.names, self.save_dir / "labels.png")
+
+    def _check_anchors(self, model: nn.Module) -> None:
+        if self.cfg.noautoanchor:
+            return
+        from utils.autoanchor import check_anchors
+
+        check_anchors(self.train_dataset, model, thr=self.hyp["anchor_t"], imgsz=self.imgsz)
+
+    def preprocess(self, batch, device: torch.device) -> dict[str, Any]:
+        images, targets, paths, _ = batch
+        self.device = device
+        if self.batches_to_plot and not self.cfg.noplots:
+            from utils.plots import plot_batch
+
+            index = 3 - self.batches_to_plot
+            plot_batch(images.numpy(), targets.numpy(), self.names, self.save_dir / f"train_batch{index}.jpg")
+            self.batches_to_plot -= 1
+        images = images.to(device, non_blocking=True).float() / 255
+        if self.cfg.multi_scale:
+            images = self._random_rescale(images)
+        return {"images": images, "targets": targets.to(device), "paths": paths, "n": images.shape[0],
+                "n_instances": targets.shape[0]}
+
+    def _random_rescale(self, images: torch.Tensor) -> torch.Tensor:
+        """--multi-scale: a random size in [0.5, 1.5] x imgsz, rounded to the stride."""
+        size = random.randrange(int(self.imgsz * 0.5), int(self.imgsz * 1.5) + self.stride) // self.stride
+        size *= self.stride
+        factor = size / max(images.shape[2:])
+        if factor == 1:
+            return images
+        shape = [math.ceil(x * factor / self.stride) * self.stride for x in images.shape[2:]]
+        return nn.functional.interpolate(images, size=shape, mode="bilinear", align_corners=False)
+
+    # ---------------------------------------------------------------- loss / metrics
+    def criterion(self, model: nn.Module):
+        head = model.model[-1]
+        gains = scale_loss_gains(self.hyp, self.nc, head.nl, self.imgsz)
+        compute = ComputeLoss(model, gains)
+        return lambda preds, batch: compute(preds, batch["targets"])
+
+    def validate(self, model: nn.Module, loader, save_dir: Path, plots: bool) -> dict[str, float]:
+        options = ValidationOptions(single_cls=self.cfg.single_cls, plots=plots, save_dir=save_dir,
+                                    names=self.names)
+        metrics = validate_detector(model, loader, self.nc, options)
+        LOGGER.info("\n%s", format_results(metrics, self.names, verbose=plots))
+        return {k: metrics[k] for k in ("P", "R", "mAP50", "mAP50-95")}
+
+    def final_validation(self, weights: Path, loader, save_dir: Path, plots: bool) -> dict[str, float]:
+        from utils.checkpoint import load_checkpoint
+
+        model = load_checkpoint(weights).model.to(self.device)
+        return self.validate(model, loader, save_dir, plots)
+
+    def fitness(self, metrics: dict[str, float]) -> float:
+        return float(detection_fitness(metrics))
+
+    def epoch_plan(self, epoch: int, epochs: int) -> EpochPlan:
+        if self.cycle is None:
+            return EpochPlan()
+        trainable, text = alternate_plan(epoch, self.cycle, self.backbone)
+        return EpochPlan(trainable=trainable, description=text)
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"task": "detect", "imgsz": self.imgsz, "data": str(self.cfg.data)}

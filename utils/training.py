@@ -1,0 +1,76 @@
+"""What train.py does, callable from tests: pick the task, handle --resume/--extend and --evolve, fit."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from utils.config import TrainConfig
+from utils.paths import latest_run
+
+LOGGER = logging.getLogger(__name__)
+
+
+def make_task(cfg: TrainConfig):
+    """DetectTask or ClassifyTask, from the model YAML's (or checkpoint's) last layer."""
+    from utils.tasks import task_for_model
+
+    source: Any = cfg.cfg
+    if not source:
+        if not cfg.weights:
+            raise ValueError("give --cfg (a model YAML) and/or --weights (a checkpoint)")
+        from utils.checkpoint import load_checkpoint
+
+        source = load_checkpoint(cfg.weights).model
+    if task_for_model(source) == "detect":
+        from utils.tasks.detect import DetectTask
+
+        return DetectTask(cfg)
+    from utils.tasks.classify import ClassifyTask
+
+    return ClassifyTask(cfg)
+
+
+def resume_config(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
+    """The saved run's config and training state, from ``--resume [PATH]``.
+
+    A finished run is not silently restarted: it needs ``--extend N`` for N more epochs.
+    """
+    path = Path(cfg.resume) if isinstance(cfg.resume, str) else latest_run(cfg.project)
+    if path.is_dir():
+        path = path / "weights" / "last.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: {path} not found")
+    state = torch.load(path, map_location="cpu", weights_only=True).get("train_state")
+    if not state:
+        raise ValueError(f"--resume: {path} holds no training state (best.pt files do not; use last.pt)")
+    saved = TrainConfig(**{**state["cfg"], "resume": None})
+    saved = dataclasses.replace(saved, project=str(path.parents[2]), name=path.parents[1].name, exist_ok=True)
+    finished = state["epoch"] + 1 >= state["epochs"]
+    if finished and not cfg.extend:
+        raise SystemExit(f"{path}: training finished ({state['epochs']} epochs); nothing to resume. "
+                         f"Use --resume {path} --extend N to train N more epochs.")
+    if cfg.extend:
+        saved = dataclasses.replace(saved, epochs=state["epochs"] + cfg.extend)
+    if cfg.device:
+        saved = dataclasses.replace(saved, device=cfg.device)
+    LOGGER.info("resuming %s from epoch %d of %d", path, state["epoch"] + 1, saved.epochs)
+    return saved, state
+
+
+def run_training(cfg: TrainConfig) -> dict[str, float]:
+    from utils.engine import fit
+
+    if cfg.evolve:
+        from utils.evolve import evolve
+
+        return evolve(cfg)
+    state = None
+    if cfg.resume:
+        cfg, state = resume_config(cfg)
+    task = make_task(cfg)
+    return fit(task, cfg, resume_state=state)

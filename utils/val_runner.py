@@ -1,0 +1,73 @@
+"""What val.py does, callable from tests: load any backend, build the v7.0 val loader, score, report."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from utils.paths import increment_path
+from utils.torch_utils import select_device
+from utils.validate import ValidationOptions, format_results, validate_detector
+
+LOGGER = logging.getLogger(__name__)
+
+
+def load_predictor(weights: str, device: torch.device, half: bool) -> tuple[Any, dict[str, Any]]:
+    """(model or backend, info with names/stride/task) for a .pt checkpoint or any exported artifact."""
+    path = Path(weights)
+    if path.suffix == ".pt":
+        from utils.checkpoint import load_checkpoint
+
+        loaded = load_checkpoint(path, fuse=True)
+        model = loaded.model.to(device)
+        task = "detect" if hasattr(model.model[-1], "anchors") else "classify"
+        return model, {"names": loaded.meta.get("names") or model.names, "stride": int(model.stride.max()),
+                       "task": task, "heads": loaded.meta.get("heads")}
+    from utils.backends import load_backend
+
+    backend = load_backend(weights, device=str(device), fp16=half)
+    return backend, {"names": list(backend.names), "stride": int(backend.stride), "task": backend.task,
+                     "heads": getattr(backend, "heads", None)}
+
+
+def run_validation(weights: str, data: str, imgsz: int = 640, batch_size: int = 32, conf_thres: float = 0.001,
+                   iou_thres: float = 0.6, max_det: int = 300, task: str = "val", device: str = "",
+                   workers: int = 2, single_cls: bool = False, verbose: bool = False, save_txt: bool = False,
+                   save_conf: bool = False, save_json: bool = False, cocoeval: bool = False, half: bool = False,
+                   noplots: bool = False, project: str = "runs/val", name: str = "exp",
+                   exist_ok: bool = False) -> dict[str, Any]:
+    """Validate ``weights`` on the ``task`` split of ``data``; returns the metrics dict."""
+    from utils.data import create_dataloader, load_data_config
+
+    torch_device = select_device(device)
+    predictor, info = load_predictor(weights, torch_device, half)
+    save_dir = Path(project) / name if exist_ok else increment_path(Path(project) / name)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    if info["task"] == "classify":
+        from utils.tasks.classify import run_classifier_validation
+
+        return run_classifier_validation(predictor, info, data, imgsz, batch_size, workers, save_dir, not noplots)
+    data_cfg = load_data_config(data)
+    split = "test" if task == "test" and data_cfg.get("test") else "val"
+    stride = max(info["stride"], 32)
+    loader, _ = create_dataloader(data_cfg[split], imgsz, batch_size, stride, augment=False, pad=0.5, rect=True,
+                                  workers=workers, shuffle=False, single_cls=single_cls, prefix=f"{split}: ")
+    nc = 1 if single_cls else int(data_cfg["nc"])
+    names = info["names"] or list(data_cfg["names"])
+    options = ValidationOptions(conf_thres, iou_thres, max_det, single_cls, half, not noplots, save_dir, save_txt,
+                                save_conf, save_json or cocoeval, names)
+    metrics = validate_detector(predictor, loader, nc, options)
+    print(format_results(metrics, names, verbose))
+    print(f"device {torch_device}, batch {batch_size}, precision {'fp16' if half else 'fp32'}, image size {imgsz}; "
+          f"results saved to {save_dir}")
+    if cocoeval:
+        from utils.coco_eval import cocoeval_cross_check
+
+        metrics["cocoeval"] = cocoeval_cross_check(loader.dataset, metrics["predictions_json"], nc)
+        print(f"pycocotools: mAP50 {metrics['cocoeval']['mAP50']:.4f}, mAP50-95 {metrics['cocoeval']['mAP50-95']:.4f}"
+              f" (ours: {metrics['mAP50']:.4f}, {metrics['mAP50-95']:.4f}; COCO's AP omits v7.0's end-point "
+              "interpolation, so ours is slightly higher when recall < 1)")
+    return metrics

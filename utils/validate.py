@@ -1,0 +1,162 @@
+"""Detection validation with YOLOv5 v7.0 semantics (used by val.py, the trainer and the deploy benchmark).
+
+Predictions and labels are compared in the original image's pixel space (boxes scaled back through the
+letterbox and clipped), NMS is multi-label at conf 0.001 / IoU 0.6, and AP is the 101-point interpolated AP
+of :mod:`utils.metrics`, so the numbers equal v7.0's on the same model and data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from utils.boxes import non_max_suppression, scale_boxes, xywh2xyxy, xyxy2xywh
+from utils.metrics import ConfusionMatrix, DetectionMetricsAccumulator
+from utils.torch_utils import time_sync
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass
+class ValidationOptions:
+    conf_thres: float = 0.001
+    iou_thres: float = 0.6
+    max_det: int = 300
+    single_cls: bool = False
+    half: bool = False
+    plots: bool = False
+    save_dir: Path | None = None
+    save_txt: bool = False
+    save_conf: bool = False
+    save_json: bool = False
+    names: Sequence[str] = field(default_factory=list)
+
+
+def model_predictor(model: torch.nn.Module, half: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Callable images -> (bs, N, 5+nc) for an eval-mode PyTorch detector (drops the raw maps)."""
+    model.eval()
+    if half:
+        model.half()
+
+    @torch.no_grad()
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        out = model(images.half() if half else images)
+        return (out[0] if isinstance(out, (tuple, list)) else out).float()
+
+    return predict
+
+
+def _device_of(predictor: Any) -> torch.device:
+    if isinstance(predictor, torch.nn.Module):
+        return next(predictor.parameters()).device
+    return getattr(predictor, "device", torch.device("cpu"))
+
+
+def validate_detector(predictor: torch.nn.Module | Callable, loader, nc: int,
+                      options: ValidationOptions | None = None) -> dict[str, Any]:
+    """Run ``predictor`` over ``loader`` (rect val loader yielding v7.0-style batches) and score it.
+
+    ``predictor`` is a PyTorch detector or any callable images -> (bs, N, 5+nc) (export backends).
+    Returns P, R, mAP50, mAP50-95, per-class values and speed (ms per image for each stage).
+    """
+    opts = options or ValidationOptions()
+    device = _device_of(predictor)
+    predict = model_predictor(predictor, opts.half) if isinstance(predictor, torch.nn.Module) else predictor
+    accumulator = DetectionMetricsAccumulator(1 if opts.single_cls else nc)
+    confusion = ConfusionMatrix(nc=1 if opts.single_cls else nc)
+    times = [0.0, 0.0, 0.0]
+    json_rows: list[dict] = []
+    n_images = 0
+    for images, targets, paths, shapes in tqdm(loader, desc="val", bar_format="{l_bar}{bar:10}{r_bar}"):
+        t0 = time_sync()
+        images = images.to(device, non_blocking=True).float() / 255
+        targets = targets.to(device)
+        t1 = time_sync()
+        preds = predict(images)
+        t2 = time_sync()
+        height, width = images.shape[2:]
+        targets[:, 2:] *= torch.tensor((width, height, width, height), device=device)
+        detections = non_max_suppression(preds, opts.conf_thres, opts.iou_thres, multi_label=True,
+                                         agnostic=opts.single_cls, max_det=opts.max_det)
+        t3 = time_sync()
+        times = [times[0] + t1 - t0, times[1] + t2 - t1, times[2] + t3 - t2]
+        for index, det in enumerate(detections):
+            labels = targets[targets[:, 0] == index, 1:]
+            native = _score_image(det, labels, images.shape[2:], shapes[index], accumulator, confusion, opts)
+            n_images += 1
+            if opts.save_txt or opts.save_json:
+                _save_predictions(native, Path(paths[index]), shapes[index][0], opts, json_rows)
+    metrics = accumulator.compute(dict(enumerate(opts.names)), opts.save_dir if opts.plots else None)
+    metrics["speed_ms"] = {stage: 1e3 * t / max(n_images, 1)
+                           for stage, t in zip(("preprocess", "inference", "nms"), times)}
+    if opts.plots and opts.save_dir is not None:
+        confusion.plot(Path(opts.save_dir) / "confusion_matrix.png", names=list(opts.names))
+    if opts.save_json and opts.save_dir is not None:
+        path = Path(opts.save_dir) / "predictions.json"
+        path.write_text(json.dumps(json_rows))
+        metrics["predictions_json"] = str(path)
+    metrics["confusion_matrix"] = confusion.matrix
+    return metrics
+
+
+def _score_image(det: torch.Tensor, labels: torch.Tensor, letterboxed_shape, shape_info, accumulator,
+                 confusion, opts: ValidationOptions) -> torch.Tensor:
+    """Match one image's detections to its labels in original-image pixels; returns the scaled detections."""
+    original_shape, ratio_pad = shape_info
+    if opts.single_cls:
+        det[:, 5] = 0
+        labels = labels.clone()
+        labels[:, 0] = 0
+    native = det.clone()
+    scale_boxes(letterboxed_shape, native[:, :4], original_shape, ratio_pad)
+    boxes = xywh2xyxy(labels[:, 1:5])
+    scale_boxes(letterboxed_shape, boxes, original_shape, ratio_pad)
+    labels_native = torch.cat((labels[:, 0:1], boxes), 1)
+    accumulator.update(native, labels_native)
+    confusion.process_batch(native if len(native) else None, labels_native)
+    return native
+
+
+def _save_predictions(det: torch.Tensor, path: Path, original_shape, opts: ValidationOptions,
+                      json_rows: list[dict]) -> None:
+    h0, w0 = original_shape
+    if opts.save_txt and opts.save_dir is not None:
+        out = Path(opts.save_dir) / "labels" / f"{path.stem}.txt"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        gain = torch.tensor([w0, h0, w0, h0], dtype=det.dtype)
+        with out.open("w") as fh:
+            for *xyxy, conf, cls in det.cpu().tolist():
+                xywh = (xyxy2xywh(torch.tensor(xyxy).view(1, 4)) / gain).view(-1).tolist()
+                row = (int(cls), *xywh, conf) if opts.save_conf else (int(cls), *xywh)
+                fh.write(("%g " * len(row)).rstrip() % row + "\n")
+    if opts.save_json:
+        boxes = xyxy2xywh(det[:, :4].cpu().clone())
+        boxes[:, :2] -= boxes[:, 2:] / 2  # COCO: top-left corner + size
+        for (x, y, w, h), conf, cls in zip(boxes.tolist(), det[:, 4].tolist(), det[:, 5].tolist()):
+            json_rows.append({"image_id": path.stem, "category_id": int(cls), "bbox": [round(v, 3) for v in
+                                                                                     (x, y, w, h)],
+                              "score": round(conf, 5)})
+
+
+def format_results(metrics: dict[str, Any], names: Sequence[str], verbose: bool = False) -> str:
+    """The v7.0 results table (all classes, then per class with --verbose)."""
+    header = f"{'Class':>22}{'Images':>11}{'Instances':>11}{'P':>11}{'R':>11}{'mAP50':>11}{'mAP50-95':>11}"
+    lines = [header, f"{'all':>22}{metrics['n_images']:>11}{metrics['n_labels']:>11}{metrics['P']:>11.4g}"
+                     f"{metrics['R']:>11.4g}{metrics['mAP50']:>11.4g}{metrics['mAP50-95']:>11.4g}"]
+    if verbose:
+        for cls, row in metrics["per_class"].items():
+            name = names[cls] if cls < len(names) else str(cls)
+            lines.append(f"{name:>22}{'':>11}{row['n_labels']:>11}{row['P']:>11.4g}{row['R']:>11.4g}"
+                         f"{row['AP50']:>11.4g}{row['AP50-95']:>11.4g}")
+    speed = metrics.get("speed_ms")
+    if speed:
+        lines.append("Speed: {preprocess:.1f}ms pre-process, {inference:.1f}ms inference, {nms:.1f}ms NMS per image"
+                     .format(**speed))
+    return "\n".join(lines)
