@@ -152,6 +152,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Print a model's layer table, profile and roofline")
     parser.add_argument("--cfg", default="yolov5s.yaml", help="model YAML (path or name in models/)")
     parser.add_argument("--nc", type=int, default=None, help="override the number of classes")
+    parser.add_argument("--depth-multiple", type=float, default=None, help="override depth_multiple")
+    parser.add_argument("--width-multiple", type=float, default=None, help="override width_multiple")
     parser.add_argument("--imgsz", "--img", type=int, default=640, help="input size (pixels)")
     parser.add_argument("--profile", action="store_true", help="add per-layer forward time")
     parser.add_argument("--half-bytes", action="store_true", help="count 2 bytes per element (FP16) for traffic")
@@ -161,10 +163,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from models.yaml_config import load_model_yaml
     from models.yolo import build_model
 
     args = parse_args(argv)
-    model = build_model(args.cfg, nc=args.nc).eval()
+    cfg = load_model_yaml(args.cfg)
+    for key in ("depth_multiple", "width_multiple"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    model = build_model(cfg, nc=args.nc).eval()
     report = roofline(model, args.imgsz, 2 if args.half_bytes else 4, args.peak_gflops, args.bandwidth_gbs)
     print(format_report(model, args.imgsz, report))
     if args.profile:

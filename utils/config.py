@@ -77,6 +77,8 @@ class TrainConfig:
     batch_size: int = _flag(16, "total batch size for all devices")
     imgsz: int = _flag(640, "train/val image size (pixels)", aliases=("--img", "--img-size"))
     nc: int = _flag(None, "override the model YAML's number of classes (default: from the data YAML)")
+    depth_multiple: float = _flag(None, "override the model YAML's depth_multiple")
+    width_multiple: float = _flag(None, "override the model YAML's width_multiple")
     rect: bool = _flag(False, "rectangular training batches")
     resume: str = _flag(None, "resume the most recent run, or the run of this last.pt", nargs="?", const=True)
     extend: int = _flag(0, "with --resume: continue a finished run for this many extra epochs")

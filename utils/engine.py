@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import yaml
 from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from utils.callbacks import Callbacks, default_callbacks
@@ -96,6 +97,8 @@ class Trainer:
         self.task.save_dir = self.save_dir
         self.model = self.task.build_model().to(self.device)
         self.train_loader, self.val_loader = self.task.build_loaders(self.model)
+        if self.world_size > 1:
+            self.train_loader = distributed_loader(self.train_loader, self.world_size, self.rank, cfg.seed)
         self._init_optimization()
         if self.resume_state:
             self._restore(self.resume_state)
@@ -311,6 +314,14 @@ class Trainer:
         if self.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
         return self.metrics
+
+
+def distributed_loader(loader: DataLoader, world_size: int, rank: int, seed: int) -> DataLoader:
+    """The same data set and collation, sharded across ranks; each rank gets batch_size // world_size."""
+    sampler = DistributedSampler(loader.dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    return DataLoader(loader.dataset, batch_size=max(loader.batch_size // world_size, 1), sampler=sampler,
+                      num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                      worker_init_fn=loader.worker_init_fn, pin_memory=loader.pin_memory)
 
 
 # ---------------------------------------------------------------------- RNG helpers

@@ -42,6 +42,8 @@ def run_validation(weights: str, data: str, imgsz: int = 640, batch_size: int = 
     """Validate ``weights`` on the ``task`` split of ``data``; returns the metrics dict."""
     from utils.data import create_dataloader, load_data_config
 
+    if task == "speed":  # timing only, at detect.py's thresholds
+        conf_thres, iou_thres, noplots, save_json, cocoeval = 0.25, 0.45, True, False, False
     torch_device = select_device(device)
     predictor, info = load_predictor(weights, torch_device, half)
     save_dir = Path(project) / name if exist_ok else increment_path(Path(project) / name)

@@ -49,17 +49,18 @@ class DetectTask:
         cfg = self.cfg
         if not cfg.cfg and not cfg.weights:
             raise ValueError("give --cfg (a model YAML) and/or --weights (a checkpoint)")
+        sizes = {"nc": cfg.nc or self.nc, "depth_multiple": cfg.depth_multiple, "width_multiple": cfg.width_multiple}
         if cfg.weights and Path(cfg.weights).suffix == ".pth":
-            model = DetectionModel(cfg.cfg, nc=cfg.nc or self.nc)
+            model = DetectionModel(cfg.cfg, **sizes)
             from utils.pretrained import load_torchvision_backbone
 
             load_torchvision_backbone(model, cfg.weights)
         elif cfg.weights:
             source = load_checkpoint(cfg.weights).model
-            model = DetectionModel(cfg.cfg or source.yaml, nc=cfg.nc or self.nc)
+            model = DetectionModel(cfg.cfg or source.yaml, **sizes)
             transfer_weights(model, source.state_dict(), cfg.weights, exclude=("anchor",) if cfg.cfg else ())
         else:
-            model = DetectionModel(cfg.cfg, nc=cfg.nc or self.nc)
+            model = DetectionModel(cfg.cfg, **sizes)
         model.names = self.names
         model.gr = 1.0
         self.backbone = set(model.backbone_indices())

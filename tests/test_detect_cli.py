@@ -1,0 +1,67 @@
+"""detect.py end to end with the v7.0 reference checkpoint: same detections as the reference NMS output,
+annotated images and label files written, video and .txt-list sources."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from detect import main as detect_main
+from utils.predict import run_prediction
+
+
+@pytest.fixture(scope="module")
+def reference(fixtures_dir):
+    return torch.load(fixtures_dir / "yolov5n-neu-det-v7.expected.pt")
+
+
+def test_detections_equal_reference(fixtures_dir, neu_det_yaml, reference, tmp_path):
+    val_dir = neu_det_yaml.parent / "images" / "val"
+    list_file = tmp_path / "sources.txt"
+    list_file.write_text("\n".join(str(val_dir / name) for name in reference["files"]))
+    results = run_prediction(str(fixtures_dir / "yolov5n-neu-det-v7.pt"), str(list_file), imgsz=256,
+                             device="cpu", project=str(tmp_path), name="run", exist_ok=True, save_txt=True)
+    assert [r["path"].split("/")[-1] for r in results] == reference["files"]
+    for ours, ref in zip(results, reference["nms_conf0.25_iou0.45"]):
+        expected = ref.clone()
+        expected[:, :4] *= 200 / 256  # reference boxes are in the 256x256 letterboxed frame
+        assert ours["detections"].shape == expected.shape
+        assert torch.allclose(ours["detections"], expected, atol=1e-2)
+    run = tmp_path / "run"
+    assert (run / "crazing_100.jpg").exists()
+    label = (run / "labels" / "crazing_100.txt").read_text().split()
+    assert len(label) == 5 and int(label[0]) == int(reference["nms_conf0.25_iou0.45"][0][0, 5])
+
+
+def test_video_source_and_cli(fixtures_dir, neu_det_yaml, tmp_path):
+    frames = [cv2.imread(str(p)) for p in sorted((neu_det_yaml.parent / "images" / "val").glob("*.jpg"))[:3]]
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (200, 200))
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+    code = detect_main(["--weights", str(fixtures_dir / "yolov5n-neu-det-v7.pt"), "--source", str(video),
+                        "--imgsz", "256", "--device", "cpu", "--project", str(tmp_path), "--name", "vid",
+                        "--exist-ok"])
+    assert code == 0
+    capture = cv2.VideoCapture(str(tmp_path / "vid" / "clip.mp4"))
+    assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
+    capture.release()
+
+
+def test_tta_runs_and_keeps_confident_boxes(fixtures_dir, neu_det_yaml, tmp_path):
+    image = neu_det_yaml.parent / "images" / "val" / "crazing_100.jpg"
+    plain = run_prediction(str(fixtures_dir / "yolov5n-neu-det-v7.pt"), str(image), imgsz=256, device="cpu",
+                           project=str(tmp_path), name="a", nosave=True)[0]["detections"]
+    tta = run_prediction(str(fixtures_dir / "yolov5n-neu-det-v7.pt"), str(image), imgsz=256, device="cpu",
+                         project=str(tmp_path), name="b", nosave=True, augment=True)[0]["detections"]
+    assert len(tta) >= 1 and np.isfinite(tta.numpy()).all()
+    assert len(plain) == 1
+
+
+def test_missing_source_is_clear(fixtures_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file, folder or glob"):
+        run_prediction(str(fixtures_dir / "yolov5n-neu-det-v7.pt"), str(tmp_path / "nothing"), device="cpu",
+                       project=str(tmp_path))

@@ -1,0 +1,109 @@
+"""End-to-end training on the embedded NEU-DET sample: loss falls, best.pt validates, resume after SIGKILL is
+exact, DDP with two CPU processes runs."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from utils.config import TrainConfig
+from utils.training import run_training
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "neu-det-sample.yaml"
+
+
+def _config(tmp_path: Path, name: str, **overrides) -> TrainConfig:
+    base = dict(cfg="yolov5n.yaml", data=str(SAMPLE), imgsz=128, batch_size=8, epochs=8, workers=0, device="cpu",
+                project=str(tmp_path), name=name, exist_ok=True, seed=0, noautoanchor=True)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def _results(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "results.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_training_loss_falls_and_best_validates(tmp_path):
+    cfg = _config(tmp_path, "smoke", hyp_override=["warmup_epochs=1"])
+    run_training(cfg)
+    run = tmp_path / "smoke"
+    rows = _results(run)
+    assert len(rows) == 8
+    first = sum(float(rows[0][f"train/{k}"]) for k in ("box", "obj", "cls"))
+    last = sum(float(rows[-1][f"train/{k}"]) for k in ("box", "obj", "cls"))
+    assert last < 0.8 * first, (first, last)
+    for name in ("weights/best.pt", "weights/last.pt", "results.png", "labels.png", "train_batch0.jpg",
+                 "confusion_matrix.png", "PR_curve.png", "hyp.yaml", "opt.yaml"):
+        assert (run / name).exists(), name
+    assert list(run.glob("events.out.tfevents.*")), "no TensorBoard events"
+
+    from utils.val_runner import run_validation
+
+    metrics = run_validation(str(run / "weights" / "best.pt"), str(SAMPLE), imgsz=128, batch_size=8, workers=0,
+                             device="cpu", project=str(tmp_path), name="val", noplots=True)
+    assert metrics["n_images"] == 12 and 0.0 <= metrics["mAP50-95"] <= metrics["mAP50"] <= 1.0
+
+
+def _train_cmd(run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), "--cfg", "yolov5n.yaml", "--data", str(SAMPLE), "--imgsz", "96",
+            "--batch-size", "8", "--epochs", "4", "--workers", "0", "--device", "cpu", "--deterministic",
+            "--noautoanchor", "--noplots", "--project", str(run_dir.parent), "--name", run_dir.name, "--exist-ok",
+            *extra]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    full = tmp_path / "full"
+    subprocess.run(_train_cmd(full), check=True, env=_env(), cwd=ROOT, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(killed), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (killed / "results.csv").exists() and len(_results(killed)) >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 2 <= len(_results(killed)) < 4
+
+    subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", str(killed / "weights" / "last.pt")],
+                   check=True, env=_env(), cwd=ROOT, capture_output=True)
+    a = torch.load(full / "weights" / "last.pt", weights_only=True)
+    b = torch.load(killed / "weights" / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    assert a["metrics"] == b["metrics"]
+
+    finished = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", str(killed / "weights" / "last.pt")],
+                              env=_env(), cwd=ROOT, capture_output=True, text=True)
+    assert finished.returncode != 0 and "training finished" in finished.stderr + finished.stdout
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+                    reason="torchrun not installed")
+def test_ddp_two_cpu_processes(tmp_path):
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    run = tmp_path / "ddp"
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29517", *_train_cmd(run)[1:]]
+    cmd[cmd.index("--epochs") + 1] = "1"
+    result = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run / "weights" / "last.pt").exists() and len(_results(run)) == 1
