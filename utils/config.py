@@ -23,7 +23,7 @@ HYP_DEFAULTS: dict[str, Any] = {
     "anchors": 3, "fl_gamma": 0.0, "iou_type": "ciou", "vfl": False, "label_smoothing": 0.0,
     "hsv_h": 0.015, "hsv_s": 0.7, "hsv_v": 0.4, "degrees": 0.0, "translate": 0.1, "scale": 0.5, "shear": 0.0,
     "perspective": 0.0, "flipud": 0.0, "fliplr": 0.5, "mosaic": 1.0, "mixup": 0.0, "copy_paste": 0.0,
-    "sam_rho": 0.05, "grad_clip": 10.0,
+    "sam_rho": 0.05, "grad_clip": 10.0, "nbs": 64,
     # classification
     "crop_scale_min": 0.08, "randaugment": False, "dropout": 0.0,
 }

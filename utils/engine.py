@@ -34,7 +34,7 @@ from utils.checkpoint import load_state_strict, save_checkpoint
 from utils.config import TrainConfig, load_hyp
 from utils.ema import ModelEMA
 from utils.freeze import apply_trainable, freeze_batchnorm_stats, frozen_layer_indices
-from utils.optim import NOMINAL_BATCH, SAM, build_optimizer, lr_lambda, warmup_step
+from utils.optim import SAM, build_optimizer, lr_lambda, warmup_step
 from utils.paths import increment_path
 from utils.tasks.base import Task
 from utils.torch_utils import de_parallel, seed_everything, select_device
@@ -110,8 +110,8 @@ class Trainer:
     def _init_optimization(self) -> None:
         cfg, hyp = self.cfg, self.hyp
         batch = cfg.batch_size
-        self.accumulate = max(round(NOMINAL_BATCH / batch), 1)
-        weight_decay = hyp["weight_decay"] * batch * self.accumulate / NOMINAL_BATCH
+        self.accumulate = max(round(hyp["nbs"] / batch), 1)
+        weight_decay = hyp["weight_decay"] * batch * self.accumulate / hyp["nbs"]
         self.optimizer = build_optimizer(self.model, cfg.optimizer, hyp["lr0"], hyp["momentum"], weight_decay)
         self.sam = SAM(self.optimizer, hyp["sam_rho"]) if cfg.optimizer == "SAM" else None
         self.lf = lr_lambda(self.epochs, hyp["lrf"], cfg.cos_lr)
@@ -334,6 +334,9 @@ def reseed_for_epoch(seed: int, epoch: int, loader: Any) -> None:
     random.seed(epoch_seed)
     np.random.seed(epoch_seed)
     torch.manual_seed(epoch_seed)
+    dataset = getattr(loader, "dataset", None)
+    if hasattr(dataset, "reseed"):  # data sets with their own generator (main-process augmentation)
+        dataset.reseed(epoch_seed)
     for owner in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
         generator = getattr(owner, "generator", None)
         if isinstance(generator, torch.Generator):

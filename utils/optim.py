@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-NOMINAL_BATCH = 64  # gradients are accumulated to this batch size, as YOLOv5 does
+NOMINAL_BATCH = 64  # default hyp 'nbs': gradients are accumulated to this batch size, as YOLOv5 does
 
 
 def parameter_groups(model: nn.Module) -> tuple[list, list, list]:
@@ -52,9 +52,10 @@ def lr_lambda(epochs: int, lrf: float, cosine: bool) -> Callable[[int], float]:
 
 def warmup_step(optimizer, iteration: int, warmup_iters: int, epoch_factor: float, hyp: dict,
                 batch_size: int) -> int:
+    nominal = hyp.get("nbs", NOMINAL_BATCH)
     """Ramp lrs (biases down from ``warmup_bias_lr``, others up from 0) and momentum; returns accumulation."""
     xi = [0, warmup_iters]
-    accumulate = max(1, int(np.interp(iteration, xi, [1, NOMINAL_BATCH / batch_size]).round()))
+    accumulate = max(1, int(np.interp(iteration, xi, [1, nominal / batch_size]).round()))
     for j, group in enumerate(optimizer.param_groups):
         start = hyp["warmup_bias_lr"] if j == 0 else 0.0
         group["lr"] = float(np.interp(iteration, xi, [start, group["initial_lr"] * epoch_factor]))

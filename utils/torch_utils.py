@@ -83,24 +83,33 @@ def model_input_channels(model: nn.Module) -> int:
     return int(model.yaml.get("ch", 3)) if hasattr(model, "yaml") else 3
 
 
+def _thop_macs(model: nn.Module, h: int, w: int) -> float:
+    import thop
+
+    probe = deepcopy(model).float().cpu().eval()
+    image = torch.zeros(1, model_input_channels(model), h, w)
+    with torch.no_grad():
+        return float(thop.profile(probe, inputs=(image,), verbose=False)[0])
+
+
 def model_gflops(model: nn.Module, imgsz: int | tuple[int, int] = 640) -> float | None:
     """GFLOPs (2 x multiply-accumulates, thop's count) at ``imgsz``.
 
-    Counted once at the largest stride (min 32) and scaled by area: every layer's output size is
-    proportional to the input area for inputs that are multiples of the stride, so the scaling is exact
-    and much cheaper than profiling at 640.
+    Counted at the largest stride (min 32) and scaled by area when that is exact: for convolutional models
+    every layer's cost grows with the input area. Models with layers that do not (global-pool SE branches,
+    window attention) are detected by comparing the count at 1x and 2x the stride, and then profiled at
+    ``imgsz`` itself.
     """
     try:
-        import thop
+        import thop  # noqa: F401
     except ImportError:  # thop is in requirements; a trimmed install still gets params
         return None
     h, w = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
     stride = max(int(model.stride.max()), 32) if getattr(model, "stride", None) is not None else 32
-    probe = deepcopy(model).float().cpu().eval()
-    image = torch.zeros(1, model_input_channels(model), stride, stride)
-    with torch.no_grad():
-        macs = thop.profile(probe, inputs=(image,), verbose=False)[0]
-    return macs * 2 / 1e9 * (h / stride) * (w / stride)
+    small, double = _thop_macs(model, stride, stride), _thop_macs(model, 2 * stride, 2 * stride)
+    if abs(double - 4 * small) <= 1e-6 * double:
+        return small * 2 / 1e9 * (h / stride) * (w / stride)
+    return _thop_macs(model, h, w) * 2 / 1e9
 
 
 def model_summary(model: nn.Module, imgsz: int | tuple[int, int] = 640, verbose: bool = False) -> dict:

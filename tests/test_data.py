@@ -1,0 +1,385 @@
+"""Tests of the detection data pipeline (utils/data): scan, config, augmentations, loader, caches, converters."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from utils.data import CacheSizeError, create_dataloader, load_data_config, load_hyp, scan_dataset
+from utils.data.augment import (
+    copy_paste,
+    flip_lr,
+    flip_ud,
+    letterbox,
+    mosaic4,
+    random_perspective,
+    warp_scale_translate,
+)
+from utils.data.converters import coco_to_yolo, make_subset, split_dataset, voc_to_yolo
+from utils.data.report import dataset_report
+from utils.data.scan import list_image_files
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "neu-det-sample"
+SHARED_DATASETS = (Path(__file__).parents[1] / "../shared/datasets").resolve()
+
+
+def shared_yaml(name: str) -> Path:
+    path = SHARED_DATASETS / name / f"{name}.yaml"
+    if not path.exists():
+        pytest.skip(f"{path} not present (../shared/datasets/{name} is not checked out next to the repo)")
+    return path
+
+
+def unique_rows(label_dir: Path) -> int:
+    """Boxes a correct scan must keep: distinct rows per file, counted independently of the scanner."""
+    return sum(len({tuple(map(float, line.split())) for line in f.read_text().splitlines() if line.strip()})
+               for f in label_dir.glob("*.txt"))
+
+
+# --------------------------------------------------------------------------- scan counts
+def test_sample_scan_counts(tmp_path):
+    data = load_data_config(ROOT / "data" / "neu-det-sample.yaml")
+    assert data["nc"] == 6 and data["names"][0] == "crazing"
+    for split, n in (("train", 36), ("val", 12)):
+        result = scan_dataset(list_image_files(data[split]), nc=6, cache_dir=tmp_path)
+        assert result.report.images == result.report.found == n
+        assert result.report.corrupt == result.report.missing == 0
+        assert result.report.instances == unique_rows(SAMPLE / "labels" / split)
+        assert result.shapes.tolist() == [[200, 200]] * n
+
+
+def test_neu_det_scan_counts(tmp_path):
+    data = load_data_config(shared_yaml("neu-det"))
+    train = scan_dataset(list_image_files(data["train"]), nc=6, cache_dir=tmp_path).report
+    val = scan_dataset(list_image_files(data["val"]), nc=6, cache_dir=tmp_path).report
+    assert (train.images, val.images) == (1440, 360)
+    assert val.instances == 828  # 829 rows, one exact duplicate in patches_198
+    assert val.rows_dropped["duplicate"] == 1
+    assert [i.kind for i in val.issues_for("patches_198.txt")] == ["duplicate"]
+    cached = scan_dataset(list_image_files(data["val"]), nc=6, cache_dir=tmp_path)
+    assert cached.report.instances == 828 and cached.cache_file.exists()
+
+
+def test_coco128_scan_counts(tmp_path):
+    data = load_data_config(shared_yaml("coco128"))
+    report = scan_dataset(list_image_files(data["train"]), nc=80, cache_dir=tmp_path).report
+    assert (report.images, report.found, report.backgrounds, report.instances) == (128, 126, 2, 929)
+
+
+# --------------------------------------------------------------------------- corrupt data
+def make_corrupt_set(root: Path) -> Path:
+    images, labels = root / "images" / "train", root / "labels" / "train"
+    images.mkdir(parents=True)
+    labels.mkdir(parents=True)
+    sources = sorted((SAMPLE / "images" / "train").glob("*.jpg"))[:6]
+    for name, src in zip(("good", "trunc", "rows", "dups", "empty", "nolabel"), sources):
+        shutil.copyfile(src, images / f"{name}.jpg")
+    raw = (images / "trunc.jpg").read_bytes()
+    (images / "trunc.jpg").write_bytes(raw[: int(len(raw) * 0.7)])
+    (images / "text.jpg").write_text("this is not an image\n")
+    (labels / "good.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    (labels / "trunc.txt").write_text("1 0.5 0.5 0.2 0.2\n")
+    (labels / "text.txt").write_text("1 0.5 0.5 0.2 0.2\n")
+    (labels / "rows.txt").write_text("0 0.5 0.5 0.2\n1 nan 0.5 0.2 0.2\n99 0.5 0.5 0.2 0.2\n2 1.7 0.5 0.2 0.2\n"
+                                     "3 0.5 0.5 0.0 0.2\n4 0.5 0.5 0.2 0.2\n5 1.0004 0.5 0.2 0.2\nx 0.1 0.1 0.1 0.1\n")
+    (labels / "dups.txt").write_text("2 0.3 0.3 0.1 0.1\n2 0.3 0.3 0.1 0.1\n1 0.6 0.6 0.2 0.2\n")
+    (labels / "empty.txt").write_text("")
+    return images
+
+
+def test_corrupt_files_reported_and_skipped(tmp_path, caplog):
+    images = make_corrupt_set(tmp_path / "set")
+    with caplog.at_level(logging.WARNING, logger="utils.data.scan"):
+        result = scan_dataset(list_image_files(images), nc=6, cache_dir=tmp_path / "cache")
+    report = result.report
+    names = [Path(f).name for f in result.im_files]
+    assert "text.jpg" not in names and report.corrupt == 1
+    assert report.issues_for("text.jpg")[0].kind == "corrupt_image"
+    assert "trunc.jpg" in names and report.repaired == 1
+    assert "repaired" in report.issues_for("trunc.jpg")[0].detail
+    assert cv2.imread(str(images / "trunc.jpg")) is not None
+    assert (images / "trunc.jpg").read_bytes()[-2:] == b"\xff\xd9"
+    expected = {"columns": 1, "non_numeric": 2, "class_ge_nc": 1, "out_of_range": 1, "zero_size": 1,
+                "duplicate": 1, "class_id": 0}
+    assert {k: report.rows_dropped[k] for k in expected} == expected
+    assert {i.kind for i in report.issues_for("rows.txt")} == {"columns", "non_numeric", "out_of_range",
+                                                                "zero_size", "class_ge_nc"}
+    assert report.rows_clipped == 1  # x = 1.0004 is inside the 1e-3 tolerance: clipped to 1, kept
+    rows = result.labels[names.index("rows.jpg")]
+    assert rows[:, 0].tolist() == [4, 5] and rows[:, 1].max() == 1.0
+    assert len(result.labels[names.index("dups.jpg")]) == 2
+    assert (report.found, report.empty, report.missing) == (4, 1, 1)  # text.txt belongs to a skipped image
+    assert report.instances == 1 + 1 + 2 + 2
+    assert "rows.txt" in caplog.text and "text.jpg" in caplog.text
+
+
+def test_exif_orientation_sets_shape(tmp_path):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    Image.new("RGB", (40, 20), (200, 10, 10)).save(images / "rotated.jpg", exif=exif)
+    Image.new("RGB", (40, 20), (200, 10, 10)).save(images / "plain.png")
+    result = scan_dataset(list_image_files(images), cache_dir=tmp_path)
+    assert result.shapes.tolist() == [[40, 20], [20, 40]]  # (w, h) of plain.png, rotated.jpg
+    assert cv2.imread(str(images / "rotated.jpg")).shape[:2] == (40, 20)  # the loader sees it upright too
+
+
+def test_scan_cache_invalidated_by_change(tmp_path):
+    images = make_corrupt_set(tmp_path / "set")
+    first = scan_dataset(list_image_files(images), nc=6, cache_dir=tmp_path / "cache")
+    (images.parent.parent / "labels" / "train" / "good.txt").write_text("0 0.5 0.5 0.2 0.2\n1 0.4 0.4 0.1 0.1\n")
+    second = scan_dataset(list_image_files(images), nc=6, cache_dir=tmp_path / "cache")
+    assert second.report.instances == first.report.instances + 1
+
+
+# --------------------------------------------------------------------------- config
+def test_data_config_paths_and_names(tmp_path):
+    root = tmp_path / "ds"
+    shutil.copytree(SAMPLE, root)
+    (root / "train.txt").write_text("./images/train/crazing_1.jpg\nimages/train/crazing_10.jpg\n")
+    cfg = tmp_path / "cfg" / "d.yaml"
+    cfg.parent.mkdir()
+    cfg.write_text(yaml.safe_dump({"path": "../ds", "train": "train.txt", "val": ["images/val"],
+                                   "names": {0: "a", 1: "b", 2: "c", 3: "d", 4: "e", 5: "f"}, "heads": {"x": 1}}))
+    data = load_data_config(cfg)
+    assert data["path"] == str(root.resolve()) and data["names"] == list("abcdef") and data["nc"] == 6
+    assert data["heads"] == {"x": 1} and data["val"] == [str((root / "images" / "val").resolve())]
+    assert [Path(f).name for f in list_image_files(data["train"])] == ["crazing_1.jpg", "crazing_10.jpg"]
+    cfg.write_text(yaml.safe_dump({"path": str(root), "train": "images/nope", "nc": 1, "names": ["a"]}))
+    with pytest.raises(FileNotFoundError, match="images/nope"):
+        load_data_config(cfg)
+    cfg.write_text(yaml.safe_dump({"train": str(root / "images" / "train"), "nc": 3, "names": ["a"]}))
+    with pytest.raises(ValueError, match=r"d\.yaml.*nc is 3"):
+        load_data_config(cfg)
+
+
+# --------------------------------------------------------------------------- augmentations
+def boxes_image(shape=(120, 160)) -> tuple[np.ndarray, np.ndarray]:
+    img = np.zeros((*shape, 3), np.uint8)
+    img[20:50, 30:70] = 255  # box 0: x 30-70, y 20-50
+    labels = np.array([[0, 50 / 160, 35 / 120, 40 / 160, 30 / 120]], np.float32)
+    return img, labels
+
+
+def white_box(img: np.ndarray) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(img[..., 0])
+    return xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+
+
+def test_flips_map_boxes_exactly():
+    img, labels = boxes_image()
+    for flip in (flip_lr, flip_ud):
+        out, lab = flip(img, labels)
+        cx, cy, w, h = lab[0, 1:] * [160, 120, 160, 120]
+        assert np.allclose(white_box(out), (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2))
+        assert np.allclose(flip(out, lab)[1], labels)
+
+
+def test_identity_affine_keeps_image_and_boxes():
+    img, _ = boxes_image()
+    labels = np.array([[0, 30, 20, 70, 50], [1, 5, 5, 100, 90]], np.float32)
+    out, lab = random_perspective(img, labels.copy(), degrees=0, translate=0, scale=0, shear=0, perspective=0)
+    assert np.array_equal(out, img) and np.allclose(lab, labels)
+
+
+def test_fast_scale_translate_matches_warp_affine():
+    yy, xx = np.mgrid[0:256, 0:256]
+    img = cv2.GaussianBlur(np.stack([xx, yy, (xx + yy) // 2], -1).astype(np.uint8), (0, 0), 2)
+    for a, tx, ty in ((0.6, 40.3, -20.7), (1.4, -100.2, 10.0), (1.0, 0.5, 0.5)):
+        matrix = np.array([[a, 0, tx], [0, a, ty], [0, 0, 1.0]])
+        ref = cv2.warpAffine(img, matrix[:2], (200, 180), borderValue=(114, 114, 114))
+        fast = warp_scale_translate(img, matrix, 200, 180)
+        assert fast.shape == ref.shape and np.abs(fast.astype(int) - ref).mean() < 1.0
+
+
+def test_letterbox_v7_rounding():
+    img = np.zeros((100, 201, 3), np.uint8)
+    out, ratio, (dw, dh) = letterbox(img, (160, 160), auto=False)
+    assert out.shape == (160, 160, 3) and ratio[0] == pytest.approx(160 / 201)
+    assert (dw, dh) == (0.0, 40.0)
+    out, _, (dw, dh) = letterbox(np.zeros((99, 200, 3), np.uint8), 200, auto=False)
+    assert dh == 50.5 and (out[:50] == 114).all() and (out[:51] != 114).any() and (out[-51:] == 114).all()
+    assert letterbox(img, 640, auto=True)[0].shape == (320, 640, 3)  # 318 rows + 2 px to the next x32
+
+
+def test_mosaic_boxes_inside_and_nonzero():
+    rng = np.random.default_rng(0)
+    hyp = {**load_hyp(), "scale": 0.9, "degrees": 10, "shear": 5}
+    images = [np.full((64, 64 + 16 * i, 3), 40 * i, np.uint8) for i in range(4)]
+    labels = [np.array([[i, 0.5, 0.5, 0.6, 0.4], [i, 0.1, 0.9, 0.3, 0.3]], np.float32) for i in range(4)]
+    for _ in range(40):
+        img, lab = mosaic4(images, labels, 64, hyp, rng=rng)
+        assert img.shape == (64, 64, 3)
+        assert (lab[:, 1:] >= 0).all() and (lab[:, [1, 3]] <= 64).all() and (lab[:, [2, 4]] <= 64).all()
+        assert ((lab[:, 3] - lab[:, 1]) > 2).all() and ((lab[:, 4] - lab[:, 2]) > 2).all()
+
+
+def test_copy_paste_pastes_mirrored_box():
+    img = np.zeros((100, 200, 3), np.uint8)
+    img[10:40, 20:60] = 200
+    labels = np.array([[3, 20, 10, 60, 40]], np.float32)
+    out, lab = copy_paste(img.copy(), labels, p=1.0, rng=np.random.default_rng(0))
+    assert lab.tolist() == [[3, 20, 10, 60, 40], [3, 140, 10, 180, 40]]
+    assert (out[10:40, 140:180] == 200).all() and (out[10:40, 20:60] == 200).all()
+    centred = np.array([[1, 80, 10, 120, 40]], np.float32)  # its mirror is itself: ioa 1 -> not pasted
+    assert len(copy_paste(img.copy(), centred, p=1.0)[1]) == 1
+
+
+# --------------------------------------------------------------------------- loader
+def test_rect_val_batches_neu_det(tmp_path):
+    data = load_data_config(shared_yaml("neu-det"))
+    loader, dataset = create_dataloader(data["val"], 256, 32, 32, rect=True, pad=0.5, cache_dir=tmp_path)
+    assert dataset.batch_shapes.tolist() == [[288, 288]] * 12
+    imgs, labels, _, shapes = next(iter(loader))
+    assert imgs.shape == (32, 3, 288, 288) and imgs.dtype == torch.uint8
+    assert (imgs[:, :, :16] == 114).all() and (imgs[:, :, -16:] == 114).all()
+    assert (imgs[:, :, :, :16] == 114).all() and (imgs[:, :, :, -16:] == 114).all()
+    assert shapes[0][0] == (200, 200) and shapes[0][1][0] == (1.28, 1.28) and tuple(shapes[0][1][1]) == (16, 16)
+    assert labels[:, 0].max() == 31 and ((labels[:, 2:] > 0) & (labels[:, 2:] <= 1)).all()
+    assert sum(len(lb) for lb in dataset.labels) == 828
+
+
+def test_sample_val_labels_match_files(tmp_path):
+    """Val sample: boxes in the returned 288 image are the file boxes scaled by 256/288 and shifted by 16 px."""
+    _, dataset = create_dataloader(str(SAMPLE / "images" / "val"), 256, 4, 32, rect=True, pad=0.5)
+    labels = dataset[0][1]
+    expected = dataset.labels[0]
+    assert np.allclose(labels[:, 2:4].numpy(), (expected[:, 1:3] * 256 + 16) / 288, atol=1e-5)
+    assert np.allclose(labels[:, 4:].numpy(), expected[:, 3:] * 256 / 288, atol=1e-5)
+
+
+def train_batch(seed: int, workers: int = 0, cache=None, **kwargs):
+    loader, _ = create_dataloader(str(SAMPLE / "images" / "train"), 128, 8, 32, hyp=load_hyp(), augment=True,
+                                  shuffle=True, seed=seed, workers=workers, cache=cache, **kwargs)
+    return next(iter(loader))
+
+
+def test_determinism_same_seed_same_batch():
+    a, b, c = train_batch(3), train_batch(3), train_batch(4)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
+    assert not torch.equal(a[0], c[0])
+    a2, b2 = train_batch(3, workers=2), train_batch(3, workers=2)
+    assert torch.equal(a2[0], b2[0]) and torch.equal(a2[1], b2[1])
+
+
+def test_fast_ops_match_v7_operations():
+    """Speed-ups (resize instead of warpAffine, cv2 flips, split-based CHW): same labels, pixels within a
+    sub-pixel resampling difference (mean |diff| 2-5 grey levels on NEU's noisy textures, < 1 on smooth images)."""
+    samples = []
+    for fast in (True, False):
+        _, dataset = create_dataloader(str(SAMPLE / "images" / "train"), 128, 4, 32, hyp=load_hyp(), augment=True,
+                                       seed=5)
+        dataset.fast_ops = fast
+        samples.append([dataset[i] for i in range(6)])
+    for (img, lab, *_), (img0, lab0, *_) in zip(*samples):
+        assert torch.equal(lab, lab0) and (img.float() - img0.float()).abs().mean() < 6.0
+
+
+def test_mosaic_training_labels_valid():
+    imgs, labels, _, shapes = train_batch(0)
+    assert imgs.shape == (8, 3, 128, 128) and all(s is None for s in shapes)
+    xyxy = torch.cat((labels[:, 2:4] - labels[:, 4:] / 2, labels[:, 2:4] + labels[:, 4:] / 2), 1)
+    assert (xyxy >= -1e-6).all() and (xyxy <= 1 + 1e-6).all() and (labels[:, 4:] > 0).all()
+
+
+def val_samples(cache, tmp_path):
+    _, dataset = create_dataloader(str(SAMPLE / "images" / "val"), 256, 4, 32, rect=True, pad=0.5, cache=cache,
+                                   cache_dir=tmp_path)
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def test_caches_match_uncached(tmp_path):
+    plain = val_samples(None, tmp_path)
+    for cache, tolerance in (("ram", 0), ("disk", 0), ("ram-jpeg", 3.0)):
+        for (img, lab, path, shape), (img0, lab0, path0, shape0) in zip(val_samples(cache, tmp_path), plain):
+            assert path == path0 and torch.equal(lab, lab0) and shape == shape0
+            assert (img.float() - img0.float()).abs().mean() <= tolerance, cache
+    assert len(list(tmp_path.rglob("*.npy"))) == 12
+
+
+def test_cache_refused_when_ram_too_small(monkeypatch):
+    class Tiny:
+        available = 1000
+
+    monkeypatch.setattr("utils.data.detect.psutil.virtual_memory", lambda: Tiny())
+    with pytest.raises(CacheSizeError, match="ram-jpeg"):
+        create_dataloader(str(SAMPLE / "images" / "val"), 256, 4, 32, cache="ram")
+
+
+def test_single_cls_and_image_weights():
+    _, dataset = create_dataloader(str(SAMPLE / "images" / "train"), 128, 4, 32, single_cls=True,
+                                   image_weights=True)
+    assert all((lb[:, 0] == 0).all() for lb in dataset.labels)
+    assert len(dataset.indices) == dataset.n
+
+
+# --------------------------------------------------------------------------- converters and report
+def test_voc_round_trip(tmp_path):
+    xml = tmp_path / "xml"
+    xml.mkdir()
+    (xml / "a.xml").write_text(
+        "<annotation><size><width>200</width><height>100</height><depth>3</depth></size>"
+        "<object><name>dog</name><difficult>0</difficult><bndbox><xmin>11</xmin><ymin>21</ymin><xmax>51</xmax>"
+        "<ymax>81</ymax></bndbox></object>"
+        "<object><name>cat</name><difficult>1</difficult><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>9</xmax>"
+        "<ymax>9</ymax></bndbox></object>"
+        "<object><name>cat</name><bndbox><xmin>101</xmin><ymin>1</ymin><xmax>201</xmax><ymax>51</ymax></bndbox>"
+        "</object></annotation>")
+    names = voc_to_yolo(xml, tmp_path / "labels")
+    assert names == ["cat", "dog"]
+    rows = np.loadtxt(tmp_path / "labels" / "a.txt")
+    assert np.allclose(rows, [[1, 30 / 200, 50 / 100, 40 / 200, 60 / 100], [0, 150 / 200, 25 / 100, 0.5, 0.5]],
+                       atol=1e-6)
+
+
+def test_coco_round_trip(tmp_path):
+    coco = {"images": [{"id": 7, "file_name": "x/img7.jpg", "width": 100, "height": 50},
+                       {"id": 8, "file_name": "img8.jpg", "width": 10, "height": 10}],
+            "categories": [{"id": 90, "name": "toothbrush"}, {"id": 1, "name": "person"}],
+            "annotations": [{"image_id": 7, "category_id": 90, "bbox": [10, 5, 20, 10], "iscrowd": 0},
+                            {"image_id": 7, "category_id": 1, "bbox": [0, 0, 100, 50], "iscrowd": 1},
+                            {"image_id": 7, "category_id": 1, "bbox": [50, 25, 50, 25], "iscrowd": 0}]}
+    (tmp_path / "ann.json").write_text(json.dumps(coco))
+    assert coco_to_yolo(tmp_path / "ann.json", tmp_path / "labels") == ["person", "toothbrush"]
+    rows = np.loadtxt(tmp_path / "labels" / "img7.txt")
+    assert np.allclose(rows, [[1, 0.2, 0.2, 0.2, 0.2], [0, 0.75, 0.75, 0.5, 0.5]])
+    assert (tmp_path / "labels" / "img8.txt").read_text() == ""
+
+
+def test_split_and_subset(tmp_path):
+    images = SAMPLE / "images" / "train"
+    first = split_dataset(images, tmp_path / "s1", (0.5, 0.5, 0.0), seed=1)
+    again = split_dataset(images, tmp_path / "s2", (0.5, 0.5, 0.0), seed=1)
+    assert first == again and len(first["train"]) + len(first["val"]) == 36 and not first["test"]
+    assert (tmp_path / "s1" / "val.txt").read_text().count("\n") == len(first["val"])
+    written = make_subset(images, tmp_path / "sub", 4, class_id=2, seed=0)
+    assert len(written) == 4
+    for path in written:
+        rows = np.loadtxt(tmp_path / "sub" / "labels" / "train" / f"{path.stem}.txt", ndmin=2)
+        assert len(rows) and (rows[:, 0] == 0).all()
+
+
+def test_report_finds_duplicates(tmp_path):
+    root = tmp_path / "ds"
+    shutil.copytree(SAMPLE, root)
+    shutil.copyfile(root / "images" / "train" / "crazing_1.jpg", root / "images" / "val" / "copy.jpg")
+    (root / "d.yaml").write_text(yaml.safe_dump({"train": "images/train", "val": "images/val",
+                                                 "names": ["a", "b", "c", "d", "e", "f"]}))
+    report = dataset_report(root / "d.yaml", imgsz=256)
+    assert report["splits"]["train"]["images"] == 36 and report["splits"]["val"]["backgrounds"] == 1
+    leaks = report["duplicates"]["across"]["train/val"]
+    assert [[Path(p).name for p in group] for group in leaks] == [["crazing_1.jpg", "copy.jpg"]]
+    sizes = report["splits"]["train"]["box_sizes"]
+    assert sizes["small"] + sizes["medium"] + sizes["large"] == report["splits"]["train"]["instances"]
