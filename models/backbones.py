@@ -20,7 +20,7 @@ from torch import nn
 
 from models.activations import make_activation
 from models.attention import SqueezeExcite
-from models.common import Conv
+from models.common import C3, Conv
 from models.registry import register
 
 __all__ = [
@@ -207,19 +207,13 @@ class GhostBottleneck(nn.Module):
 
 
 @register(repeat="inner")
-class C3Ghost(nn.Module):
+class C3Ghost(C3):
     """C3 whose bottlenecks are GhostBottlenecks: the CSP split with ghost features inside (YOLOv5 hub)."""
 
     def __init__(self, c1: int, c2: int, n: int = 1, shortcut: bool = True, g: int = 1, e: float = 0.5):
-        super().__init__()
+        super().__init__(c1, c2, 0, shortcut, g, e)
         hidden = int(c2 * e)
-        self.cv1 = Conv(c1, hidden, 1, 1)
-        self.cv2 = Conv(c1, hidden, 1, 1)
-        self.cv3 = Conv(2 * hidden, c2, 1)
         self.m = nn.Sequential(*(GhostBottleneck(hidden, hidden) for _ in range(n)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), 1))
 
 
 # ---------------------------------------------------------------------------------------- EfficientNet-Lite

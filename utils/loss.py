@@ -53,19 +53,26 @@ def smooth_bce_targets(eps: float = 0.0) -> tuple[float, float]:
     return 1.0 - 0.5 * eps, 0.5 * eps
 
 
-class FocalLoss(nn.Module):
-    """Focal loss (Lin et al. 2017) wrapped around a ``BCEWithLogitsLoss`` so its ``pos_weight`` still applies.
+class _ModulatedBCE(nn.Module):
+    """A ``BCEWithLogitsLoss`` (its ``pos_weight`` kept) evaluated per element, re-weighted by a subclass."""
 
-    Down-weights easy examples by ``(1 - p_t)^gamma`` and balances classes with ``alpha``.
-    """
-
-    def __init__(self, bce: nn.BCEWithLogitsLoss, gamma: float = 1.5, alpha: float = 0.25):
+    def __init__(self, bce: nn.BCEWithLogitsLoss, gamma: float, alpha: float):
         super().__init__()
         self.bce = bce
         self.gamma = gamma
         self.alpha = alpha
         self.reduction = bce.reduction
         self.bce.reduction = "none"
+
+
+class FocalLoss(_ModulatedBCE):
+    """Focal loss (Lin et al. 2017) wrapped around a ``BCEWithLogitsLoss`` so its ``pos_weight`` still applies.
+
+    Down-weights easy examples by ``(1 - p_t)^gamma`` and balances classes with ``alpha``.
+    """
+
+    def __init__(self, bce: nn.BCEWithLogitsLoss, gamma: float = 1.5, alpha: float = 0.25):
+        super().__init__(bce, gamma, alpha)
 
     def forward(self, pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
         loss = self.bce(pred, true)
@@ -76,7 +83,7 @@ class FocalLoss(nn.Module):
         return _reduce(loss, self.reduction)
 
 
-class VarifocalLoss(nn.Module):
+class VarifocalLoss(_ModulatedBCE):
     """Varifocal loss (Zhang et al. 2021, VarifocalNet) for IoU-valued objectness targets ``q``.
 
     Positives (q > 0) are weighted by q, so well-localised boxes dominate; negatives by ``alpha * p^gamma``,
@@ -84,12 +91,7 @@ class VarifocalLoss(nn.Module):
     """
 
     def __init__(self, bce: nn.BCEWithLogitsLoss, gamma: float = 2.0, alpha: float = 0.75):
-        super().__init__()
-        self.bce = bce
-        self.gamma = gamma
-        self.alpha = alpha
-        self.reduction = bce.reduction
-        self.bce.reduction = "none"
+        super().__init__(bce, gamma, alpha)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         positive = (target > 0).to(pred.dtype)
