@@ -56,6 +56,7 @@ def legacy_allow_list() -> list:
     Blocks are allowed under the module path v7.0 pickled them with (``models.common`` / ``models.yolo``),
     whatever file of ours defines them now.
     """
+    import models.classify  # registers Classify / MultiHeadClassify
     import models.yolo  # noqa: F401  (imports every block module, filling the registry)
     from models.registry import REGISTRY
     from models.yolo import DetectionModel
@@ -69,12 +70,9 @@ def legacy_allow_list() -> list:
         allowed.append((cls, f"{cls.__module__}.{cls.__name__}"))
     allowed.append((DetectionModel, "models.yolo.DetectionModel"))
     allowed.append((DetectionModel, "models.yolo.Model"))
-    try:
-        from models.classify import ClassificationModel
+    from models.classify import ClassificationModel
 
-        allowed.append((ClassificationModel, "models.yolo.ClassificationModel"))
-    except ImportError:
-        pass
+    allowed.append((ClassificationModel, "models.yolo.ClassificationModel"))
     return allowed
 
 

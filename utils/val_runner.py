@@ -15,6 +15,17 @@ from utils.validate import ValidationOptions, format_results, validate_detector
 LOGGER = logging.getLogger(__name__)
 
 
+class BackendModule(torch.nn.Module):
+    """Lets an exported-model backend stand where code expects an ``nn.Module`` (eval/train are no-ops)."""
+
+    def __init__(self, backend: Any):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, images: torch.Tensor) -> Any:
+        return self.backend(images)
+
+
 def load_predictor(weights: str, device: torch.device, half: bool) -> tuple[Any, dict[str, Any]]:
     """(model or backend, info with names/stride/task) for a .pt checkpoint or any exported artifact."""
     path = Path(weights)
@@ -24,8 +35,13 @@ def load_predictor(weights: str, device: torch.device, half: bool) -> tuple[Any,
         loaded = load_checkpoint(path, fuse=True)
         model = loaded.model.to(device)
         task = "detect" if hasattr(model.model[-1], "anchors") else "classify"
+        heads = None
+        if task == "classify":
+            from models.classify import heads_of
+
+            heads = heads_of(model)
         return model, {"names": loaded.meta.get("names") or model.names, "stride": int(model.stride.max()),
-                       "task": task, "heads": loaded.meta.get("heads")}
+                       "task": task, "heads": heads}
     from utils.backends import load_backend
 
     backend = load_backend(weights, device=str(device), fp16=half)
@@ -49,9 +65,8 @@ def run_validation(weights: str, data: str, imgsz: int = 640, batch_size: int = 
     save_dir = Path(project) / name if exist_ok else increment_path(Path(project) / name)
     save_dir.mkdir(parents=True, exist_ok=True)
     if info["task"] == "classify":
-        from utils.tasks.classify import run_classifier_validation
-
-        return run_classifier_validation(predictor, info, data, imgsz, batch_size, workers, save_dir, not noplots)
+        return run_classifier_validation(predictor, info, data, imgsz, batch_size, workers, save_dir, not noplots,
+                                         torch_device, split="test" if task == "test" else "val")
     data_cfg = load_data_config(data)
     split = "test" if task == "test" and data_cfg.get("test") else "val"
     stride = max(info["stride"], 32)
@@ -72,4 +87,19 @@ def run_validation(weights: str, data: str, imgsz: int = 640, batch_size: int = 
         print(f"pycocotools: mAP50 {metrics['cocoeval']['mAP50']:.4f}, mAP50-95 {metrics['cocoeval']['mAP50-95']:.4f}"
               f" (ours: {metrics['mAP50']:.4f}, {metrics['mAP50-95']:.4f}; COCO's AP omits v7.0's end-point "
               "interpolation, so ours is slightly higher when recall < 1)")
+    return metrics
+
+
+def run_classifier_validation(predictor, info: dict[str, Any], data: str, imgsz: int, batch_size: int, workers: int,
+                              save_dir: Path, plots: bool, device: torch.device, split: str = "val") -> dict[str, Any]:
+    """Top-1/top-5 per head, per-class accuracy and confusion-matrix PNGs for a classifier (any backend)."""
+    from utils.data.classify import create_split_loader
+    from utils.tasks.classify import format_classifier_results, validate_classifier
+
+    loader, _ = create_split_loader(data, split, imgsz, batch_size, workers=workers)
+    if not isinstance(predictor, torch.nn.Module):
+        predictor = BackendModule(predictor)
+    metrics = validate_classifier(predictor, loader, info["heads"], device=device, save_dir=save_dir, plots=plots)
+    print(format_classifier_results(metrics, info["heads"]))
+    print(f"device {device}, batch {batch_size}, image size {imgsz}; results saved to {save_dir}")
     return metrics

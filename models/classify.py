@@ -1,0 +1,467 @@
+"""Classifiers on YOLOv5 backbones: single-head ``Classify`` (v7.0 layout) and ``MultiHeadClassify``.
+
+Both heads are ordinary registered blocks, so a classifier YAML is a detection backbone plus one head row and
+is built by the same :func:`models.yolo.parse_model`.
+
+Multi-head sizes (after the edge-device design this issue started from):
+
+* ``s``: one classifier per head on the shared backbone features (cheapest);
+* ``m``: the last backbone stage (strided conv + C3) duplicated per head, then the classifier, so each head
+  owns deeper features (the YAML's backbone stops one stage earlier);
+* ``l``: ``m`` plus an independent 3x3 input conv per head in front of its stage. The seed gave every data
+  source its own stem; with one image tensor per batch that would run the backbone once per head, so the
+  per-head input conv sits at the head's input instead.
+
+Conv variants (``conv: plain | dp | dw``) replace every 3x3 conv of the head (and, in the ``-dp``/``-dw`` YAMLs,
+of the backbone via :class:`DPConv`, :class:`DWSConv`, :class:`C3Light`): ``dp`` factorises 3x3 into
+3x1 + 1x3 + 1x1 over half the channels, ``dw`` is depthwise-separable. ``fc: false`` is the seed's no-FC
+classifier: two convs (1x1 to ``hidden``, 1x1 to ``nc``) and a spatial mean, so the exported graph holds only
+Conv/ReduceMean and no Gemm; mathematically a 1x1 conv followed by the mean equals pool then linear.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.common import C3, Conv, autopad
+from models.registry import BuildContext, ModuleSpec, make_divisible, out_none, register
+from models.yaml_config import ModelConfigError, load_model_yaml
+from models.yolo import BaseModel, parse_model
+from utils.torch_utils import initialize_weights
+
+LOGGER = logging.getLogger(__name__)
+
+__all__ = [
+    "C3Light",
+    "ClassificationModel",
+    "Classify",
+    "DPConv",
+    "DWSConv",
+    "HeadUncertaintyWeights",
+    "MultiHeadClassify",
+    "heads_of",
+    "is_classifier_config",
+    "normalize_heads",
+    "transfer_from_detector",
+]
+
+CONV_VARIANTS = ("plain", "dp", "dw")
+HEAD_SIZES = ("s", "m", "l")
+DEFAULT_HIDDEN = 1280  # v7.0 Classify width (EfficientNet-B0's last conv)
+
+
+# ---------------------------------------------------------------------------------------------- conv variants
+@register(repeat="outer")
+class DPConv(nn.Module):
+    """A 3x3 conv factorised as 3x1 -> 1x3 -> 1x1 (``e`` of the output channels inside).
+
+    For c1 = c2 = c this costs 2.75 c^2 weights instead of 9 c^2. The stride is split over the two
+    separable convs (vertical then horizontal), so the output grid equals the 3x3 conv's.
+    """
+
+    def __init__(self, c1: int, c2: int, k: int = 3, s: int = 1, e: float = 0.5):
+        super().__init__()
+        hidden = max(int(c2 * e), 8)
+        self.cv1 = Conv(c1, hidden, (k, 1), (s, 1), autopad((k, 1)))
+        self.cv2 = Conv(hidden, hidden, (1, k), (1, s), autopad((1, k)))
+        self.cv3 = Conv(hidden, c2, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cv3(self.cv2(self.cv1(x)))
+
+
+@register(repeat="outer")
+class DWSConv(nn.Module):
+    """Depthwise-separable conv: k x k depthwise (groups = c1) then 1x1 pointwise; ~(k^2 + c2)/(k^2 c2) of Conv."""
+
+    def __init__(self, c1: int, c2: int, k: int = 3, s: int = 1):
+        super().__init__()
+        self.dw = Conv(c1, c1, k, s, g=c1)
+        self.pw = Conv(c1, c2, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pw(self.dw(x))
+
+
+def make_conv(variant: str, c1: int, c2: int, k: int = 3, s: int = 1) -> nn.Module:
+    """A ``k x k`` conv in the requested variant; 1x1 convs and non-3x3 kernels stay plain."""
+    if variant not in CONV_VARIANTS:
+        raise ValueError(f"conv variant '{variant}' unknown; use one of {CONV_VARIANTS}")
+    if k == 3 and variant == "dp":
+        return DPConv(c1, c2, 3, s)
+    if k == 3 and variant == "dw":
+        return DWSConv(c1, c2, 3, s)
+    return Conv(c1, c2, k, s)
+
+
+class BottleneckLight(nn.Module):
+    """Bottleneck whose 3x3 conv is a variant (dp/dw); residual when shapes allow."""
+
+    def __init__(self, c1: int, c2: int, shortcut: bool = True, variant: str = "dp"):
+        super().__init__()
+        self.cv1 = Conv(c1, c2, 1, 1)
+        self.cv2 = make_conv(variant, c2, c2, 3, 1)
+        self.add = shortcut and c1 == c2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.cv2(self.cv1(x))
+        return x + y if self.add else y
+
+
+@register(repeat="inner")
+class C3Light(nn.Module):
+    """C3 whose bottlenecks use a conv variant: YAML ``[-1, n, C3Light, [c2, shortcut, 'dp' | 'dw']]``."""
+
+    def __init__(self, c1: int, c2: int, n: int = 1, shortcut: bool = True, variant: str = "dp", e: float = 0.5):
+        super().__init__()
+        hidden = int(c2 * e)
+        self.cv1 = Conv(c1, hidden, 1, 1)
+        self.cv2 = Conv(c1, hidden, 1, 1)
+        self.cv3 = Conv(2 * hidden, c2, 1)
+        self.m = nn.Sequential(*(BottleneckLight(hidden, hidden, shortcut, variant) for _ in range(n)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), 1))
+
+
+def make_c3(variant: str, c1: int, c2: int, n: int) -> nn.Module:
+    return C3(c1, c2, n) if variant == "plain" else C3Light(c1, c2, n, True, variant)
+
+
+# ---------------------------------------------------------------------------------------------- Classify
+def _bind_classify(spec: ModuleSpec, c_in: list[int], args: list, ctx: BuildContext, n: int):
+    """``[nc, k, s, p, g, dropout, hidden]`` (v7.0 order); several ``from`` layers pass a channel list."""
+    if not args:
+        raise TypeError("Classify expects [nc, ...]")
+    c1 = c_in[0] if len(c_in) == 1 else list(c_in)
+    return [c1, *args], 1
+
+
+@register(c1=False, width_args=(), out=out_none, coupling="head", multi_input=True, bind_fn=_bind_classify)
+class Classify(nn.Module):
+    """v7.0 classification head: Conv to 1280, global average pool, dropout, linear -> (b, nc) logits.
+
+    Attribute names (``conv, pool, drop, linear``) are v7.0's so ``-cls`` checkpoints unpickle and load. With
+    several input layers (``from: [5, 7, 9]``) each gets its own conv and pool and the pooled vectors are
+    concatenated before the linear layer (v7.0 concatenated the maps, which needs equal resolutions).
+    """
+
+    is_classifier_head = True
+
+    def __init__(self, c1: int | Sequence[int], c2: int, k: int = 1, s: int = 1, p=None, g: int = 1,
+                 dropout_p: float = 0.0, hidden: int = DEFAULT_HIDDEN):
+        super().__init__()
+        if isinstance(c1, int):
+            self.conv = Conv(c1, hidden, k, s, autopad(k, p), g)
+            n_inputs = 1
+        else:
+            self.conv = nn.ModuleList(Conv(c, hidden, k, s, autopad(k, p), g) for c in c1)
+            n_inputs = len(c1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.drop = nn.Dropout(p=dropout_p, inplace=True)
+        self.linear = nn.Linear(hidden * n_inputs, c2)
+
+    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        if isinstance(self.conv, nn.ModuleList):
+            pooled = [self.pool(conv(xi)) for conv, xi in zip(self.conv, x)]
+            features = torch.cat(pooled, 1)
+        else:
+            if isinstance(x, list):
+                x = torch.cat(x, 1)
+            features = self.pool(self.conv(x))
+        return self.linear(self.drop(features.flatten(1)))
+
+
+# ---------------------------------------------------------------------------------------------- multi-head
+def normalize_heads(spec: Any) -> list[dict[str, Any]]:
+    """``heads`` in any accepted spelling -> ``[{'name': str, 'names': [str, ...]}, ...]``.
+
+    Accepted: a list of ``{name, names}`` or ``{name, nc}`` dicts (data and model YAMLs) or a list of class
+    counts (the seed's ``[nc1, nc2, nc3]``, named ``head1..``). Class names default to their indices.
+    """
+    if not isinstance(spec, (list, tuple)) or not spec:
+        raise ModelConfigError(f"heads must be a non-empty list, got {spec!r}")
+    heads = []
+    for k, entry in enumerate(spec):
+        if isinstance(entry, int):
+            entry = {"nc": entry}
+        if not isinstance(entry, dict):
+            raise ModelConfigError(f"heads[{k}]: expected a dict with name/names or an int, got {entry!r}")
+        names = entry.get("names")
+        if names is None:
+            if not isinstance(entry.get("nc"), int) or entry["nc"] < 1:
+                raise ModelConfigError(f"heads[{k}]: give 'names' or a positive 'nc'")
+            names = [str(i) for i in range(entry["nc"])]
+        if isinstance(names, dict):
+            names = [names[i] for i in sorted(names)]
+        heads.append({"name": str(entry.get("name") or f"head{k + 1}"), "names": [str(n) for n in names]})
+    if len({h["name"] for h in heads}) != len(heads):
+        raise ModelConfigError(f"head names must be unique, got {[h['name'] for h in heads]}")
+    return heads
+
+
+def _bind_multihead(spec: ModuleSpec, c_in: list[int], args: list, ctx: BuildContext, n: int):
+    """``[heads, {size, stage: [c, n], hidden, conv, fc, dropout}]``; stage width/depth follow the multiples."""
+    if not args:
+        raise TypeError("MultiHeadClassify expects [heads, options]")
+    heads, options = args[0], args[1] if len(args) > 1 else {}
+    if isinstance(options, str):  # [heads, s]: size only
+        options = {"size": options}
+    if not isinstance(options, dict) or len(args) > 2:
+        raise TypeError("MultiHeadClassify expects [heads, {size, stage, hidden, conv, fc, dropout}]")
+    options = dict(options)
+    stage = options.pop("stage", None)
+    if stage is not None:
+        channels, depth = stage
+        stage = [make_divisible(channels * ctx.width_multiple, 8), max(round(depth * ctx.depth_multiple), 1)]
+    c1 = c_in[0] if len(c_in) == 1 else list(c_in)
+    return [c1, heads, options.pop("size", "s"), stage, *_ordered_options(options)], 1
+
+
+def _ordered_options(options: dict) -> list:
+    known = {"hidden": DEFAULT_HIDDEN, "conv": "plain", "fc": True, "dropout": 0.0}
+    unknown = set(options) - set(known)
+    if unknown:
+        raise TypeError(f"MultiHeadClassify: unknown option(s) {sorted(unknown)}; known: size, stage, {list(known)}")
+    return [options.get(key, default) for key, default in known.items()]
+
+
+class ClassifierTail(nn.Module):
+    """Features -> logits for one head: conv 1x1 to ``hidden``, then pool + linear (fc) or conv 1x1 + mean."""
+
+    def __init__(self, c1: int | Sequence[int], nc: int, hidden: int, fc: bool, dropout: float):
+        super().__init__()
+        inputs = [c1] if isinstance(c1, int) else list(c1)
+        self.conv = nn.ModuleList(Conv(c, hidden, 1, 1) for c in inputs)
+        self.fc = fc
+        self.drop = nn.Dropout(p=dropout)
+        if fc:
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.linear = nn.Linear(hidden * len(inputs), nc)
+        else:
+            if len(inputs) > 1:
+                raise ValueError("the no-FC classifier takes one input layer")
+            self.classifier = nn.Conv2d(hidden, nc, 1)
+
+    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        xs = x if isinstance(x, list) else [x]
+        if not self.fc:
+            return self.classifier(self.drop(self.conv[0](xs[0]))).mean((2, 3))
+        pooled = torch.cat([self.pool(conv(xi)) for conv, xi in zip(self.conv, xs)], 1)
+        return self.linear(self.drop(pooled.flatten(1)))
+
+
+class HeadBranch(nn.Module):
+    """One head's own layers: optional input conv (l), optional duplicated stage (m, l), classifier."""
+
+    def __init__(self, c1: int | Sequence[int], nc: int, size: str, stage: list[int] | None, hidden: int,
+                 conv: str, fc: bool, dropout: float):
+        super().__init__()
+        layers: list[nn.Module] = []
+        if size in {"m", "l"}:
+            if not isinstance(c1, int) or stage is None:
+                raise ValueError(f"head size '{size}' needs one input layer and 'stage: [channels, depth]'")
+            if size == "l":
+                layers.append(make_conv(conv, c1, c1, 3, 1))
+            layers += [make_conv(conv, c1, stage[0], 3, 2), make_c3(conv, stage[0], stage[0], stage[1])]
+            c1 = stage[0]
+        self.features = nn.Sequential(*layers)
+        self.tail = ClassifierTail(c1, nc, hidden, fc, dropout)
+
+    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        return self.tail(self.features(x) if len(self.features) else x)
+
+
+@register(c1=False, width_args=(), out=out_none, coupling="head", multi_input=True, bind_fn=_bind_multihead)
+class MultiHeadClassify(nn.Module):
+    """Several classifiers on shared features; returns ``{head_name: logits (b, nc_k)}`` in heads order.
+
+    Each head's parameters live under ``branches.<k>.`` so training schedules can select one head.
+    """
+
+    is_classifier_head = True
+
+    def __init__(self, c1: int | Sequence[int], heads: Any, size: str = "s", stage: list[int] | None = None,
+                 hidden: int = DEFAULT_HIDDEN, conv: str = "plain", fc: bool = True, dropout: float = 0.0):
+        super().__init__()
+        if size not in HEAD_SIZES:
+            raise ValueError(f"head size '{size}' unknown; use one of {HEAD_SIZES}")
+        spec = normalize_heads(heads)
+        self.head_names = [h["name"] for h in spec]
+        self.ncs = [len(h["names"]) for h in spec]
+        self.size, self.conv_variant = size, conv
+        self.branches = nn.ModuleList(
+            HeadBranch(c1, nc, size, stage, hidden, conv, fc, dropout) for nc in self.ncs
+        )
+
+    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: branch(x) for name, branch in zip(self.head_names, self.branches)}
+
+
+# ---------------------------------------------------------------------------------------------- loss weights
+class HeadUncertaintyWeights(nn.Module):
+    """Learnable per-head log-variances ``s_k`` for uncertainty weighting (Kendall, Gal & Cipolla, CVPR 2018).
+
+    The weighted loss is ``sum_k exp(-s_k) * L_k + s_k / 2`` (the paper's classification form,
+    ``L/sigma^2 + log sigma`` with ``s = log sigma^2``). A head with a high loss gets a larger variance and
+    hence a smaller weight; the ``s_k / 2`` term keeps the variances from growing without bound. The module is
+    attached to the model, so the training loop's optimiser updates ``log_vars`` with the other weights.
+    """
+
+    def __init__(self, n_heads: int):
+        super().__init__()
+        self.log_vars = nn.Parameter(torch.zeros(n_heads))
+
+    def forward(self, losses: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+        """Weighted sum of per-head ``losses``; heads where ``active`` is False (no labels) add nothing."""
+        terms = torch.exp(-self.log_vars) * losses + 0.5 * self.log_vars
+        if active is not None:
+            terms = terms * active.to(terms.dtype)
+        return terms.sum()
+
+
+# ---------------------------------------------------------------------------------------------- the model
+def _last_row_module(cfg: dict) -> str:
+    rows = (cfg.get("backbone") or []) + (cfg.get("head") or [])
+    return rows[-1][2] if rows and isinstance(rows[-1], list) and len(rows[-1]) == 4 else ""
+
+
+def is_classifier_config(cfg: dict) -> bool:
+    """True when the YAML's last layer is a classification head (``Classify``, ``MultiHeadClassify``)."""
+    from models.registry import REGISTRY
+
+    name = _last_row_module(cfg)
+    return name in REGISTRY and getattr(REGISTRY.get(name).cls, "is_classifier_head", False)
+
+
+class ClassificationModel(BaseModel):
+    """A classifier from a YAML (backbone + Classify / MultiHeadClassify), v7.0 attribute names.
+
+    ``heads`` is always a list of ``{name, names}`` (one entry for ``Classify``); ``names`` is the flat class
+    list (``'head/class'`` for multi-head models) so code that only knows ``names`` still sees every output.
+    The head spec is written back into ``yaml`` so a checkpoint rebuilt from its YAML has the same heads.
+    """
+
+    def __init__(self, cfg: str | Path | dict = "yolov5s-cls.yaml", ch: int = 3, nc: int | None = None,
+                 heads: list | None = None):
+        super().__init__()
+        self.yaml = load_model_yaml(cfg)
+        self.yaml_file = self.yaml.get("yaml_file", "")
+        if not is_classifier_config(self.yaml):
+            raise ModelConfigError(f"{self.yaml_file or '<dict>'}: last layer must be Classify or MultiHeadClassify")
+        self._apply_overrides(nc, heads)
+        ch = self.yaml["ch"] = self.yaml.get("ch", ch)
+        self.model, self.save = parse_model(self.yaml, ch=[ch])
+        self.heads = self._head_spec()
+        self.names = self._flat_names()
+        initialize_weights(self)
+        self.stride = self._measure_stride(ch)
+        if self.yaml.get("head_balance") == "uncertainty":
+            self.head_balance = HeadUncertaintyWeights(len(self.heads))
+
+    def _apply_overrides(self, nc: int | None, heads: list | None) -> None:
+        if heads is not None:
+            spec = normalize_heads(heads)
+            self.yaml["heads"] = spec
+            for k, head in enumerate(spec, 1):
+                if f"nc{k}" in self.yaml:
+                    self.yaml[f"nc{k}"] = len(head["names"])
+            if len(spec) == 1 and _last_row_module(self.yaml) == "Classify":
+                self.yaml["nc"], self.yaml["names"] = len(spec[0]["names"]), spec[0]["names"]
+                self.yaml["head_name"] = spec[0]["name"]
+        if nc is not None:
+            self.yaml["nc"] = nc
+            if len(self.yaml.get("names") or []) != nc:
+                self.yaml.pop("names", None)
+        if "nc" not in self.yaml and _last_row_module(self.yaml) == "Classify":
+            raise ModelConfigError(f"{self.yaml_file or '<dict>'}: no 'nc' (number of classes) given")
+
+    def _head_spec(self) -> list[dict[str, Any]]:
+        head = self.model[-1]
+        if isinstance(head, MultiHeadClassify):
+            given = normalize_heads(self.yaml["heads"]) if self.yaml.get("heads") else []
+            if given and [len(h["names"]) for h in given] != head.ncs:
+                raise ModelConfigError(f"{self.yaml_file}: the head row's class counts {head.ncs} do not match "
+                                       f"'heads' {[len(h['names']) for h in given]}")
+            spec = given or [{"name": n, "names": [str(i) for i in range(c)]}
+                             for n, c in zip(head.head_names, head.ncs)]
+            self.yaml["heads"] = spec
+            return spec
+        nc = head.linear.out_features
+        names = self.yaml.get("names") or [str(i) for i in range(nc)]
+        return [{"name": self.yaml.get("head_name", "class"), "names": list(names)}]
+
+    def _flat_names(self) -> list[str]:
+        if len(self.heads) == 1 and not isinstance(self.model[-1], MultiHeadClassify):
+            return list(self.heads[0]["names"])
+        return [f"{h['name']}/{n}" for h in self.heads for n in h["names"]]
+
+    def _measure_stride(self, ch: int, side: int = 64) -> torch.Tensor:
+        """Largest down-sampling of any conv in a dry forward (32 for YOLOv5 backbones), read by exporters."""
+        smallest: list[int] = []
+        hooks = [m.register_forward_hook(lambda _m, _i, out: smallest.append(min(out.shape[-2:])))
+                 for m in self.modules() if isinstance(m, nn.Conv2d)]
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                self.forward(torch.zeros(1, ch, side, side))
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self.train(was_training)
+        return torch.tensor([float(side // max(min(smallest), 1))])
+
+    @property
+    def nc(self) -> int:
+        """Total outputs over all heads (``len(names)``)."""
+        return len(self.names)
+
+    @property
+    def multi_head(self) -> bool:
+        return isinstance(self.model[-1], MultiHeadClassify)
+
+    def head_prefix(self, k: int) -> str:
+        """Parameter-name prefix of head ``k`` (the whole head layer for single-head models)."""
+        last = len(self.model) - 1
+        return f"model.{last}.branches.{k}." if self.multi_head else f"model.{last}."
+
+    def shared_prefixes(self) -> list[str]:
+        """Prefixes of the layers every head uses (all layers before the head)."""
+        return [f"model.{i}." for i in range(len(self.model) - 1)]
+
+
+def heads_of(model: nn.Module) -> list[dict[str, Any]]:
+    """``model.heads``, or one head ``class`` from ``model.names`` for classifiers unpickled from v7.0 files."""
+    heads = getattr(model, "heads", None)
+    if heads:
+        return list(heads)
+    names = getattr(model, "names", None) or [str(i) for i in range(model.model[-1].linear.out_features)]
+    names = [names[k] for k in sorted(names)] if isinstance(names, dict) else list(names)
+    return [{"name": "class", "names": [str(n) for n in names]}]
+
+
+def transfer_from_detector(cls_model: nn.Module, det_checkpoint_path: str | Path) -> tuple[int, int]:
+    """Copy a detector's backbone into a classifier (same layer indices, matching shapes).
+
+    The ``-cls`` YAMLs keep the detection backbone's rows, so ``model.0`` .. ``model.8`` line up with a v7.0
+    detector's. Logs (and returns) ``Transferred X/Y items`` like YOLOv5.
+    """
+    from utils.checkpoint import load_checkpoint, transfer_weights
+
+    source = load_checkpoint(det_checkpoint_path).model
+    n_backbone = len(getattr(source, "yaml", {}).get("backbone", [])) or len(source.model)
+    shared = {k: v for k, v in source.state_dict().items() if _layer_of(k) is not None and _layer_of(k) < n_backbone}
+    transferred, total = transfer_weights(cls_model, shared, str(det_checkpoint_path))
+    return transferred, total
+
+
+def _layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[1]) if len(parts) > 1 and parts[0] == "model" and parts[1].isdigit() else None
