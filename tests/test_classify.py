@@ -487,3 +487,28 @@ def test_sequential_training_freezes_backbone(tmp_path):
     assert any(not torch.equal(snapshots[0][k], before[k]) for k in backbone)  # phase 1 did train the backbone
     final = trainer.model.state_dict()
     assert any(not torch.equal(after[k], final[k]) for k in backbone)  # the fine-tune trains everything
+
+
+def test_val_and_detect_cli_on_a_classifier_checkpoint(tmp_path):
+    """val.py / detect.py route classifier checkpoints to per-head accuracy and per-head predictions."""
+    from models.classify import ClassificationModel
+    from utils.checkpoint import save_checkpoint
+    from utils.predict import run_prediction
+    from utils.val_runner import run_validation
+
+    data = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "fashion-color-type"
+    if not data.exists():
+        pytest.skip(f"{data} not present (../shared absent)")
+    heads = [{"name": "color", "names": ["black", "blue", "red"]},
+             {"name": "type", "names": ["dress", "jeans", "shirt", "shoes"]}]
+    model = ClassificationModel("yolov5n-mcls-s.yaml", heads=heads).eval()
+    weights = save_checkpoint(model, tmp_path / "cls.pt")
+    metrics = run_validation(str(weights), str(data / "fashion-color-type.yaml"), imgsz=32, batch_size=64,
+                             workers=0, device="cpu", project=str(tmp_path), name="val", noplots=True)
+    assert {"color/top1", "type/top1", "mean/top1"} <= set(metrics)
+    assert int(metrics["confusion"]["color"].sum()) == 487
+    images = sorted((data / "images" / "val").glob("*.jpg"))[:3]
+    rows = run_prediction(str(weights), str(images[0].parent / f"{images[0].stem[:4]}*.jpg"), imgsz=32, device="cpu",
+                          project=str(tmp_path), name="pred", exist_ok=True, save_csv=True)
+    assert rows and {"color", "type", "color_conf"} <= set(rows[0])
+    assert (tmp_path / "pred" / "predictions.csv").exists()

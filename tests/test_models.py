@@ -44,7 +44,10 @@ def test_official_sizes(name):
     model = DetectionModel(f"{name}.yaml")
     assert count_parameters(model) == params
     assert round(model_gflops(model, 640), 1) == gflops
-    model.eval().fuse()
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 128, 128))[0].shape == (1, 3 * (16**2 + 8**2 + 4**2), 85)
+    model.fuse()
     assert count_parameters(model) == fused_params
     assert round(model_gflops(model, 640), 1) == fused_gflops
 

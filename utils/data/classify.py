@@ -49,6 +49,8 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from utils.data.augment import augment_hsv
+
 LOGGER = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".dng", ".mpo", ".pfm"}
@@ -326,18 +328,6 @@ def center_crop(img: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(img[top:top + side, left:left + side], (size, size), interpolation=interp)
 
 
-def augment_hsv(img: np.ndarray, gains: Sequence[float], rng: np.random.Generator) -> None:
-    """Random hue/saturation/value gains, in place on a BGR uint8 image (YOLOv5's lookup-table method)."""
-    if not any(gains):
-        return
-    g = rng.uniform(-1, 1, 3) * np.asarray(gains) + 1
-    hue, sat, val = cv2.split(cv2.cvtColor(img, cv2.COLOR_BGR2HSV))
-    x = np.arange(256, dtype=np.float64)
-    lut = [((x * g[0]) % 180), np.clip(x * g[1], 0, 255), np.clip(x * g[2], 0, 255)]
-    merged = cv2.merge([cv2.LUT(c, t.astype(np.uint8)) for c, t in zip((hue, sat, val), lut)])
-    cv2.cvtColor(merged, cv2.COLOR_HSV2BGR, dst=img)
-
-
 class ClassifyAugment:
     """Training augmentation: random resized crop, flips, HSV, optional RandAugment (torchvision)."""
 
@@ -355,7 +345,7 @@ class ClassifyAugment:
         if rng.random() < self.flipud:
             img = img[::-1]
         img = np.ascontiguousarray(img)
-        augment_hsv(img, self.hsv, rng)
+        augment_hsv(img, *self.hsv, rng=rng)
         tensor = to_chw_tensor(img)
         return self.randaugment(tensor) if self.randaugment is not None else tensor
 
