@@ -70,7 +70,9 @@ def run_validation(weights: str, data: str, imgsz: int = 640, batch_size: int = 
     data_cfg = load_data_config(data)
     split = "test" if task == "test" and data_cfg.get("test") else "val"
     stride = max(info["stride"], 32)
-    loader, _ = create_dataloader(data_cfg[split], imgsz, batch_size, stride, augment=False, pad=0.5, rect=True,
+    rect = isinstance(predictor, torch.nn.Module)  # exported models take their fixed size: square, unpadded (as v7.0)
+    loader, _ = create_dataloader(data_cfg[split], imgsz, batch_size, stride, augment=False, pad=0.5 if rect else 0.0,
+                                  rect=rect,
                                   workers=workers, shuffle=False, single_cls=single_cls, prefix=f"{split}: ")
     nc = 1 if single_cls else int(data_cfg["nc"])
     names = info["names"] or list(data_cfg["names"])

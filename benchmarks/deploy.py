@@ -1,0 +1,163 @@
+"""Deployment benchmark: latency (pre-process / inference / NMS) and mAP of each CPU inference backend.
+
+    python benchmarks/deploy.py --weights ../shared/fixtures/yolov5n-neu-det-v7.pt \
+        --data ../shared/datasets/neu-det/neu-det.yaml --imgsz 256 640 --batch 1 8 --threads 2
+
+Backends: PyTorch eager (fused), ONNX Runtime FP32, ONNX Runtime INT8 (static QDQ, calibrated on train
+images), OpenVINO FP32, NCNN FP32. Every runtime gets the same thread count (``torch.set_num_threads`` for
+PyTorch). Pre-process is reading + letterboxing the batch's images, inference is one backend call, NMS is
+``utils.boxes.non_max_suppression`` at conf 0.25 / IoU 0.45 (detect.py settings). mAP uses
+``utils.validate.validate_detector`` on the val split with square (non-rect) batches, because exported
+graphs have a fixed input size; all backends see the same loader, so the numbers are comparable with each
+other (not bit-identical with v7.0's rect-batch val.py). Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from utils.backends import Backend, load_backend  # noqa: E402
+from utils.boxes import non_max_suppression  # noqa: E402
+from utils.export import ExportOptions, run_export  # noqa: E402
+from utils.export.common import image_files, letterbox_tensor  # noqa: E402
+from utils.export.quantize import quantize_onnx_int8  # noqa: E402
+
+LOGGER = logging.getLogger("benchmarks.deploy")
+BACKENDS = ("pytorch", "onnx", "onnx-int8", "openvino", "ncnn")
+PRECISION = {"pytorch": "fp32", "onnx": "fp32", "onnx-int8": "int8 (QDQ)", "openvino": "fp32", "ncnn": "fp32"}
+RUNTIME = {"pytorch": "PyTorch eager", "onnx": "ONNX Runtime", "onnx-int8": "ONNX Runtime", "openvino": "OpenVINO",
+           "ncnn": "NCNN"}
+
+
+def cpu_model() -> str:
+    """CPU model name from /proc/cpuinfo (platform.processor() is often empty on Linux)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def export_artifacts(weights: Path, data: Path, imgsz: int, work: Path, calib_images: int) -> dict[str, Path]:
+    """Dynamic-batch ONNX + its INT8 copy + OpenVINO from it, and NCNN (batch 1), all at ``imgsz``."""
+    folder = work / f"img{imgsz}"
+    options = ExportOptions(weights=weights, include=("onnx", "openvino", "ncnn"), imgsz=(imgsz, imgsz),
+                            dynamic=True, simplify=True, output_dir=folder)
+    artifacts = run_export(options)
+    calibration = image_files(data, "train")[:calib_images]
+    artifacts["onnx-int8"] = quantize_onnx_int8(artifacts["onnx"], folder / "model_int8.onnx", calibration)
+    artifacts["pytorch"] = weights
+    return artifacts
+
+
+def timed(fn: Callable, *args):
+    start = time.perf_counter()
+    result = fn(*args)
+    return result, (time.perf_counter() - start) * 1e3
+
+
+def measure_latency(backend: Backend, files: list[Path], imgsz: int, batch: int, runs: int) -> dict[str, float]:
+    """Median ms per batch of each stage over ``runs`` batches (after one warm-up batch)."""
+    stages: dict[str, list[float]] = {"pre": [], "infer": [], "nms": []}
+    for run in range(runs + 1):
+        chunk = [files[(run * batch + i) % len(files)] for i in range(batch)]
+        images, pre_ms = timed(lambda c: torch.stack([letterbox_tensor(f, (imgsz, imgsz)) for f in c]), chunk)
+        output, infer_ms = timed(backend, images)
+        _, nms_ms = timed(non_max_suppression, output, 0.25, 0.45)
+        if run:  # the first batch is a warm-up
+            for stage, value in zip(stages, (pre_ms, infer_ms, nms_ms)):
+                stages[stage].append(value)
+    return {stage: statistics.median(values) for stage, values in stages.items()}
+
+
+def measure_map(backend: Backend, data: Path, imgsz: int, batch: int) -> dict[str, float] | None:
+    """mAP@.5 and mAP@.5:.95 on the val split with utils.validate (None when that module is unavailable)."""
+    try:
+        from utils.validate import ValidationOptions, validate_detector
+    except ImportError as exc:
+        LOGGER.warning("no utils.validate.validate_detector (%s): latency only", exc)
+        return None
+    from utils.data import create_dataloader, load_data_config
+
+    config = load_data_config(data)
+    loader, _ = create_dataloader(config["val"], imgsz, batch, backend.stride, augment=False, pad=0.0, rect=False,
+                                  workers=0, shuffle=False, prefix="val: ")
+    metrics = validate_detector(backend, loader, int(config["nc"]), ValidationOptions(names=config["names"]))
+    return {"mAP50": float(metrics["mAP50"]), "mAP50-95": float(metrics["mAP50-95"])}
+
+
+def markdown_table(rows: list[dict], threads: int) -> str:
+    header = ("| backend | precision | imgsz | batch | threads | pre-process ms | inference ms | NMS ms "
+              "| inference ms/img | speed-up vs eager | mAP@.5 | mAP@.5:.95 |")
+    lines = [f"Device: {cpu_model()} ({threads} threads per runtime), torch {torch.__version__}", "",
+             header, "|" + "---|" * 12]
+    eager = {(r["imgsz"], r["batch"]): r["infer"] for r in rows if r["backend"] == "pytorch"}
+    for r in rows:
+        speedup = eager.get((r["imgsz"], r["batch"]), float("nan")) / r["infer"]
+        map50 = f"{r['mAP50']:.4f}" if r.get("mAP50") is not None else "-"
+        map5095 = f"{r['mAP50-95']:.4f}" if r.get("mAP50-95") is not None else "-"
+        lines.append(f"| {RUNTIME[r['backend']]} | {PRECISION[r['backend']]} | {r['imgsz']} | {r['batch']} | {threads} "
+                     f"| {r['pre']:.1f} | {r['infer']:.1f} | {r['nms']:.2f} | {r['infer'] / r['batch']:.1f} "
+                     f"| {speedup:.2f}x | {map50} | {map5095} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", type=Path, required=True)
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "neu-det" / "neu-det.yaml")
+    parser.add_argument("--imgsz", type=int, nargs="+", default=[256, 640])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=20, help="timed batches per configuration")
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    parser.add_argument("--calib-images", type=int, default=300)
+    parser.add_argument("--map-imgsz", type=int, default=256, help="image size of the mAP runs (0: no mAP)")
+    parser.add_argument("--map-batch", type=int, default=8)
+    parser.add_argument("--workdir", type=Path, help="keep exported artifacts here (default: a temp folder)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="deploy-bench-") as tmp:
+        work = args.workdir or Path(tmp)
+        rows = run_benchmark(args, work)
+    print(markdown_table(rows, args.threads))
+    return 0
+
+
+def run_benchmark(args: argparse.Namespace, work: Path) -> list[dict]:
+    files = image_files(args.data, "val")
+    rows = []
+    for imgsz in args.imgsz:
+        artifacts = export_artifacts(args.weights, args.data, imgsz, work, args.calib_images)
+        for name in args.backends:
+            backend = load_backend(artifacts[name], threads=args.threads)
+            scores = measure_map(backend, args.data, imgsz, args.map_batch) if imgsz == args.map_imgsz else None
+            for batch in args.batch:
+                latency = measure_latency(backend, files, imgsz, batch, args.runs)
+                rows.append({"backend": name, "imgsz": imgsz, "batch": batch, **latency, **(scores or {})})
+                LOGGER.warning("%s imgsz %d batch %d: %s %s", name, imgsz, batch, latency, scores or "")
+    return rows
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

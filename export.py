@@ -1,0 +1,91 @@
+"""Export a detector to TorchScript, ONNX, OpenVINO, NCNN or a TensorRT engine (YOLOv5 v7.0 flags).
+
+    python export.py --weights yolov5n.pt --include onnx openvino --imgsz 256 --dynamic --simplify
+    python export.py --weights yolov5n.pt --include onnx --nms          # NMS inside the ONNX graph
+    python export.py --weights yolov5n.pt --include onnx --int8 --data data/neu-det-sample.yaml
+
+Unlike YOLOv5, a failed export is an error (non-zero exit), not a log line. After exporting, the outputs of
+every artifact are compared with PyTorch on real images and the max absolute difference is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from utils.export import FORMATS, ExportOptions, NMSSettings, compare_with_pytorch, comparison_images, parse_shape  # noqa: E402
+
+SAMPLE_IMAGES = ROOT / "data" / "neu-det-sample" / "images" / "val"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", type=Path, required=True, help="checkpoint .pt")
+    parser.add_argument("--include", nargs="+", default=["torchscript"], help=f"formats: {', '.join(FORMATS)}")
+    parser.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640], help="h w (or one size)")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--dynamic", action="store_true", help="dynamic batch axis (ONNX/OpenVINO/TensorRT)")
+    parser.add_argument("--dynamic-hw", action="store_true", help="also dynamic height/width (ONNX/OpenVINO)")
+    parser.add_argument("--simplify", action="store_true", help="simplify the ONNX graph with onnxslim")
+    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--half", action="store_true", help="FP16 (TorchScript/ONNX need --device 0)")
+    parser.add_argument("--int8", action="store_true", help="INT8: ONNX Runtime static QDQ / TensorRT calibrator")
+    parser.add_argument("--data", type=Path, help="data YAML: train images calibrate INT8, val images check outputs")
+    parser.add_argument("--calib-images", type=int, default=300, help="number of INT8 calibration images")
+    parser.add_argument("--workspace", type=float, default=4.0, help="TensorRT workspace (GB)")
+    parser.add_argument("--nms", action="store_true", help="end-to-end ONNX: NMS inside the graph")
+    parser.add_argument("--conf-thres", type=float, default=0.25, help="--nms confidence threshold")
+    parser.add_argument("--iou-thres", type=float, default=0.45, help="--nms IoU threshold")
+    parser.add_argument("--max-det", type=int, default=300, help="--nms detections per image")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda index, e.g. 0")
+    parser.add_argument("--min-shape", type=parse_shape, help="TensorRT profile min, e.g. 1x3x640x640")
+    parser.add_argument("--opt-shape", type=parse_shape, help="TensorRT profile opt")
+    parser.add_argument("--max-shape", type=parse_shape, help="TensorRT profile max")
+    parser.add_argument("--output-dir", type=Path, help="where artifacts go (default: beside --weights)")
+    parser.add_argument("--no-compare", action="store_true", help="skip the comparison with PyTorch")
+    args = parser.parse_args(argv)
+    if len(args.imgsz) not in (1, 2):
+        parser.error("--imgsz takes one size or height and width")
+    return args
+
+
+def options_from_args(args: argparse.Namespace) -> ExportOptions:
+    imgsz = tuple(args.imgsz * 2 if len(args.imgsz) == 1 else args.imgsz)
+    include = tuple(f.lower() for name in args.include for f in name.split(","))
+    nms = NMSSettings(args.conf_thres, args.iou_thres, args.max_det)
+    return ExportOptions(weights=args.weights, include=include, imgsz=imgsz, batch_size=args.batch_size,
+                         dynamic=args.dynamic, dynamic_hw=args.dynamic_hw, simplify=args.simplify, opset=args.opset,
+                         half=args.half, int8=args.int8, data=args.data, calib_images=args.calib_images,
+                         workspace=args.workspace, nms=args.nms, nms_settings=nms, device=str(args.device),
+                         min_shape=args.min_shape, opt_shape=args.opt_shape, max_shape=args.max_shape,
+                         output_dir=args.output_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Export, then report max |artifact - PyTorch|; exceptions propagate (non-zero exit)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    options = options_from_args(args)
+    from utils.export import run_export
+
+    artifacts = run_export(options)
+    for name, path in artifacts.items():
+        print(f"{name:12s} {path}")
+    if not args.no_compare:
+        images, source = comparison_images(options, SAMPLE_IMAGES)
+        if images is None:
+            print(source)
+        else:
+            for name, diff in compare_with_pytorch(options, artifacts, images).items():
+                print(f"{name:12s} max |output - PyTorch| = {diff:.3g} on {len(images)} images from {source}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,376 @@
+"""Export and deployment: every artifact must reproduce PyTorch on real images.
+
+Tolerances (max absolute difference of the decoded (bs, N, 5+nc) output; xywh in pixels, scores in [0, 1]):
+ONNX Runtime, OpenVINO (FP32 inference precision) and NCNN <= 2e-3 against the fused PyTorch model
+(measured ~3e-4: reassociated float sums); TorchScript <= 1e-5; the fused model itself is checked against
+the v7.0 reference output at <= 2e-3. End-to-end NMS must give the same boxes (<= 1e-3 px), scores and
+classes as ``utils.boxes.non_max_suppression`` at conf 0.25 / IoU 0.45.
+Exports happen once per module into tmp folders (module-scoped fixtures) to keep the file fast.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from utils.backends import (
+    NCNNBackend,
+    ONNXRuntimeBackend,
+    OpenVINOBackend,
+    PyTorchBackend,
+    TorchScriptBackend,
+    backend_class,
+    load_backend,
+)
+from utils.export import ExportOptions, NMSSettings, run_export
+from utils.export.common import (
+    ExportMetadata,
+    MetadataError,
+    focus_to_conv,
+    metadata_path,
+    prepare_for_export,
+    read_metadata,
+    sample_images,
+    write_metadata,
+)
+from utils.export.tensorrt import check_engine_compatibility
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+FIXTURE = SHARED / "fixtures" / "yolov5n-neu-det-v7.pt"
+FIXTURE_EXPECTED = SHARED / "fixtures" / "yolov5n-neu-det-v7.expected.pt"
+V3_YAML = ROOT / "models" / "hub" / "yolov5-v3-style.yaml"
+SAMPLE_VAL = ROOT / "data" / "neu-det-sample" / "images" / "val"
+SAMPLE_YAML = ROOT / "data" / "neu-det-sample.yaml"
+BACKEND_ATOL = 2e-3
+needs_fixture = pytest.mark.skipif(not FIXTURE.is_file(), reason=f"{FIXTURE} absent (../shared fixtures not present)")
+
+
+def _tensorrt_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def fixture_data() -> dict:
+    if not FIXTURE_EXPECTED.is_file():
+        pytest.skip(f"{FIXTURE_EXPECTED} absent (../shared fixtures not present)")
+    return torch.load(FIXTURE_EXPECTED, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def fixture_images(fixture_data) -> torch.Tensor:
+    return fixture_data["images"].float() / 255
+
+
+@pytest.fixture(scope="module")
+def fixture_reference(fixture_images) -> torch.Tensor:
+    from utils.checkpoint import load_checkpoint
+
+    model = prepare_for_export(load_checkpoint(FIXTURE).model)
+    with torch.no_grad():
+        return model(fixture_images)
+
+
+@pytest.fixture(scope="module")
+def fixture_artifacts(tmp_path_factory) -> dict[str, Path]:
+    """TorchScript, dynamic-batch ONNX (simplified), OpenVINO and NCNN of the v7.0 yolov5n, batch 2, 256."""
+    if not FIXTURE.is_file():
+        pytest.skip(f"{FIXTURE} absent (../shared fixtures not present)")
+    out = tmp_path_factory.mktemp("fixture-export")
+    options = ExportOptions(weights=FIXTURE, include=("torchscript", "onnx", "openvino", "ncnn"), imgsz=(256, 256),
+                            batch_size=2, dynamic=True, simplify=True, output_dir=out)
+    return run_export(options)
+
+
+@pytest.fixture(scope="module")
+def nms_artifact(tmp_path_factory) -> Path:
+    """End-to-end ONNX (static batch 2, so batches of other sizes exercise chunking)."""
+    if not FIXTURE.is_file():
+        pytest.skip(f"{FIXTURE} absent (../shared fixtures not present)")
+    out = tmp_path_factory.mktemp("nms-export")
+    options = ExportOptions(weights=FIXTURE, include=("onnx",), imgsz=(256, 256), batch_size=2, nms=True,
+                            nms_settings=NMSSettings(0.25, 0.45, 300), output_dir=out)
+    return run_export(options)["onnx"]
+
+
+@pytest.fixture(scope="module")
+def v3_checkpoint(tmp_path_factory) -> Path:
+    """A Focus-stem detector from models/hub/yolov5-v3-style.yaml with random BatchNorm statistics."""
+    from models.yolo import DetectionModel
+    from utils.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = DetectionModel(V3_YAML)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+            module.weight.data.uniform_(0.5, 1.5)
+    model.names = ["crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches"]
+    return save_checkpoint(model.eval(), tmp_path_factory.mktemp("v3") / "v3-style.pt")
+
+
+@pytest.fixture(scope="module")
+def v3_artifacts(v3_checkpoint) -> dict[str, Path]:
+    options = ExportOptions(weights=v3_checkpoint, include=("onnx", "openvino", "ncnn"), imgsz=(128, 128))
+    return run_export(options)
+
+
+def _sample_batch(size: tuple[int, int], n: int) -> torch.Tensor:
+    images = sample_images(SAMPLE_VAL, size, limit=n)
+    assert images is not None and len(images) == n, f"need {n} images in {SAMPLE_VAL}"
+    return images
+
+
+# ----------------------------------------------------------------------------- Focus -> strided conv
+def test_focus_to_conv_is_exact():
+    from models.common import Conv, Focus
+
+    torch.manual_seed(0)
+    for k, s in ((3, 1), (1, 1), (3, 2)):
+        focus = Focus(3, 16, k, s).eval()
+        focus.conv.bn.running_mean.uniform_(-1, 1)
+        focus.conv.bn.running_var.uniform_(0.5, 2)
+        holder = torch.nn.Sequential(focus)
+        x = torch.rand(2, 3, 64, 96)
+        with torch.no_grad():
+            expected = holder(x)
+            focus_to_conv(holder)
+            got = holder(x)
+        assert isinstance(holder[0], Conv) and holder[0].conv.kernel_size == (2 * k, 2 * k)
+        assert holder[0].conv.stride == (2 * s, 2 * s)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_focus_to_conv_whole_v3_model(v3_checkpoint):
+    from models.common import Focus
+    from utils.checkpoint import load_checkpoint
+
+    model = load_checkpoint(v3_checkpoint).model
+    assert any(isinstance(m, Focus) for m in model.modules())
+    x = _sample_batch((128, 128), 2)
+    with torch.no_grad():
+        expected = model(x)[0]
+        converted = focus_to_conv(prepare_for_export(model, fuse=False))
+        got = converted(x)
+    assert not any(isinstance(m, Focus) for m in converted.modules())
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- fixture yolov5n
+@needs_fixture
+def test_prepared_model_matches_v7_reference(fixture_reference, fixture_data):
+    assert (fixture_reference - fixture_data["pred"]).abs().max() <= BACKEND_ATOL
+
+
+@needs_fixture
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx", "openvino", "ncnn"])
+def test_fixture_backends_match_pytorch(fixture_artifacts, fixture_images, fixture_reference, fmt):
+    backend = load_backend(fixture_artifacts[fmt])
+    output = backend(fixture_images)
+    assert output.shape == fixture_reference.shape == (4, 4032, 11)
+    tolerance = 1e-5 if fmt == "torchscript" else BACKEND_ATOL
+    assert (output - fixture_reference).abs().max().item() <= tolerance, fmt
+
+
+@needs_fixture
+@pytest.mark.parametrize("batch", [1, 8])
+def test_dynamic_batch_onnx(fixture_artifacts, fixture_images, fixture_reference, batch):
+    backend = load_backend(fixture_artifacts["onnx"])
+    assert backend.dynamic_batch
+    images = torch.cat((fixture_images, _sample_batch((256, 256), 4)))[:batch]
+    session_output = backend.session.run(None, {"images": images.numpy()})[0]  # no chunking: one real batch
+    assert session_output.shape == (batch, 4032, 11)
+    reference = fixture_reference[:batch]
+    assert (torch.from_numpy(session_output[: len(reference)]) - reference).abs().max() <= BACKEND_ATOL
+
+
+@needs_fixture
+def test_backend_factory_and_metadata(fixture_artifacts):
+    expected = {"torchscript": TorchScriptBackend, "onnx": ONNXRuntimeBackend, "openvino": OpenVINOBackend,
+                "ncnn": NCNNBackend}
+    names = ["crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches"]
+    for fmt, cls in expected.items():
+        assert backend_class(fixture_artifacts[fmt]) is cls
+        backend = load_backend(fixture_artifacts[fmt])
+        assert isinstance(backend, cls)
+        assert (backend.names, backend.stride, backend.imgsz, backend.task) == (names, 32, (256, 256), "detect")
+        assert backend.dynamic_batch == (fmt != "ncnn")
+        backend.warmup()
+    assert isinstance(load_backend(FIXTURE), PyTorchBackend)
+    assert backend_class(Path("model.engine")).__name__ == "TensorRTBackend"
+    with pytest.raises(ValueError, match="unknown artifact"):
+        backend_class(Path("model.tflite"))
+
+
+@needs_fixture
+def test_static_backend_rejects_wrong_size(fixture_artifacts):
+    backend = load_backend(fixture_artifacts["onnx"])
+    with pytest.raises(ValueError, match="exported for 256x256"):
+        backend(torch.zeros(1, 3, 320, 320))
+
+
+# ----------------------------------------------------------------------------- end-to-end NMS
+@needs_fixture
+def test_nms_onnx_matches_pytorch_nms(nms_artifact, fixture_images, fixture_reference):
+    from utils.boxes import non_max_suppression
+    from utils.checkpoint import load_checkpoint
+
+    backend = load_backend(nms_artifact)
+    assert backend.end2end and not backend.dynamic_batch and backend.batch == 2
+    model = prepare_for_export(load_checkpoint(FIXTURE).model)
+    images = torch.cat((fixture_images, _sample_batch((256, 256), 12)))[:15]  # 15: the last chunk is padded
+    with torch.no_grad():
+        expected = non_max_suppression(model(images), conf_thres=0.25, iou_thres=0.45, max_det=300)
+    detections, num_dets = backend(images)
+    assert detections.shape == (15, 300, 6) and num_dets.shape == (15,)
+    assert sum(len(e) for e in expected) >= 5, "too few detections to make the comparison meaningful"
+    for table, count, reference in zip(detections, num_dets, expected):
+        assert int(count) == len(reference)
+        got = table[: int(count)]
+        torch.testing.assert_close(got[:, :5], reference[:, :5], atol=1e-3, rtol=1e-5)
+        assert torch.equal(got[:, 5], reference[:, 5])
+        assert not table[int(count):].any()
+
+
+# ----------------------------------------------------------------------------- Focus-stem (v3) model
+@pytest.mark.parametrize("fmt", ["onnx", "openvino", "ncnn"])
+def test_v3_style_backends_match_pytorch(v3_checkpoint, v3_artifacts, fmt):
+    from utils.checkpoint import load_checkpoint
+
+    images = _sample_batch((128, 128), 3)
+    with torch.no_grad():
+        reference = load_checkpoint(v3_checkpoint).model(images)[0]  # unfused, Focus kept: the true reference
+    output = load_backend(v3_artifacts[fmt])(images)  # static batch 1 -> chunks
+    assert output.shape == reference.shape
+    torch.testing.assert_close(output, reference, atol=BACKEND_ATOL, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- sidecar
+def test_sidecar_round_trip(tmp_path):
+    artifact = tmp_path / "model.onnx"
+    artifact.write_bytes(b"")
+    metadata = ExportMetadata(format="onnx", task="detect", stride=32, imgsz=[256, 320], batch=4,
+                              names=["a", "b"], dynamic=["batch"], opset=17)
+    path = write_metadata(artifact, metadata)
+    assert path == tmp_path / "model.onnx.json" == metadata_path(artifact)
+    assert read_metadata(artifact) == metadata.to_dict()
+    folder = tmp_path / "model_openvino_model"
+    folder.mkdir()
+    assert write_metadata(folder, metadata) == folder / "metadata.json"
+    assert read_metadata(folder)["imgsz"] == [256, 320]
+
+
+def test_sidecar_checker_rejects_bad_metadata(tmp_path):
+    with pytest.raises(MetadataError, match="no metadata sidecar"):
+        read_metadata(tmp_path / "missing.onnx")
+    bad = ExportMetadata(format="onnx", task="detect", stride=32, imgsz=[256, 256], batch=1).to_dict()
+    with pytest.raises(MetadataError, match="needs 'names'"):
+        write_metadata(tmp_path / "x.onnx", bad)
+    (tmp_path / "y.onnx.json").write_text('{"task": "detect"}')
+    with pytest.raises(MetadataError, match="missing 'stride'"):
+        read_metadata(tmp_path / "y.onnx")
+
+
+def test_engine_compatibility_check():
+    built = {"tensorrt": "10.3.0", "gpu": "Orin", "compute_capability": "8.7"}
+    check_engine_compatibility(built, dict(built))
+    with pytest.raises(RuntimeError, match=r"rebuild it on this device with to_trt\.sh"):
+        check_engine_compatibility(built, {**built, "tensorrt": "10.7.0"})
+
+
+# ----------------------------------------------------------------------------- CLI
+@needs_fixture
+def test_cli_rejects_bad_include():
+    import export
+
+    with pytest.raises(ValueError, match="unknown format"):
+        export.main(["--weights", str(FIXTURE), "--include", "tflite"])
+
+
+def test_cli_missing_weights_exit_code(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "export.py"), "--weights", str(tmp_path / "none.pt"),
+                             "--include", "onnx"], capture_output=True, text=True, cwd=ROOT, check=False)
+    assert result.returncode != 0
+    assert "not found" in result.stderr
+
+
+@needs_fixture
+@pytest.mark.skipif(_tensorrt_available(), reason="TensorRT and a GPU are present: the refusal path does not apply")
+def test_engine_without_tensorrt_fails_clearly(tmp_path):
+    import export
+
+    with pytest.raises(RuntimeError, match=r"to_trt\.sh"):
+        export.main(["--weights", str(FIXTURE), "--include", "engine", "--imgsz", "256", "--output-dir", str(tmp_path)])
+
+
+@needs_fixture
+def test_half_on_cpu_is_refused(tmp_path):
+    import export
+
+    with pytest.raises(ValueError, match="CUDA"):
+        export.main(["--weights", str(FIXTURE), "--include", "onnx", "--half", "--output-dir", str(tmp_path)])
+
+
+@needs_fixture
+def test_cli_export_and_compare(tmp_path, capsys):
+    import export
+
+    assert export.main(["--weights", str(FIXTURE), "--include", "onnx", "--imgsz", "256",
+                        "--output-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "max |output - PyTorch|" in printed
+    assert (tmp_path / "yolov5n-neu-det-v7.onnx.json").is_file()
+
+
+@needs_fixture
+def test_int8_quantized_onnx_runs(fixture_artifacts, fixture_images, fixture_reference, tmp_path):
+    from utils.export.common import image_files
+    from utils.export.quantize import quantize_onnx_int8
+
+    files = image_files(SAMPLE_YAML, "train")[:12]
+    out = quantize_onnx_int8(fixture_artifacts["onnx"], tmp_path / "int8.onnx", files)
+    backend = load_backend(out)
+    assert backend.metadata["precision"] == "int8"
+    output = backend(fixture_images)
+    assert output.shape == fixture_reference.shape
+    scores = output[..., 4] * output[..., 5:].amax(-1)
+    reference_scores = fixture_reference[..., 4] * fixture_reference[..., 5:].amax(-1)
+    assert (scores - reference_scores).abs().max() < 0.15  # 8-bit activations: coarse but close
+
+
+# ----------------------------------------------------------------------------- GPU path
+@pytest.mark.skipif(not _tensorrt_available(), reason="needs an NVIDIA GPU and the tensorrt package")
+def test_tensorrt_engine_matches_pytorch(fixture_artifacts, fixture_images, fixture_reference, tmp_path):
+    from utils.export.tensorrt import ShapeProfile, build_engine
+
+    onnx_copy = tmp_path / "m.onnx"
+    shutil.copy(fixture_artifacts["onnx"], onnx_copy)
+    shutil.copy(metadata_path(fixture_artifacts["onnx"]), metadata_path(onnx_copy))
+    profile = ShapeProfile((1, 3, 256, 256), (4, 3, 256, 256), (8, 3, 256, 256))
+    engine = build_engine(onnx_copy, tmp_path / "m.engine", profile=profile)
+    output = load_backend(engine, device="cuda:0")(fixture_images.cuda()).cpu()
+    assert (output - fixture_reference).abs().max() <= 1e-2
+
+
+@needs_fixture
+def test_dynamic_hw_onnx_runs_other_sizes(tmp_path):
+    options = ExportOptions(weights=FIXTURE, include=("onnx",), imgsz=(256, 256), dynamic=True, dynamic_hw=True,
+                            output_dir=tmp_path)
+    backend = load_backend(run_export(options)["onnx"])
+    images = _sample_batch((288, 320), 2)  # the val loader's rect shapes are not the export size
+    reference = PyTorchBackend(FIXTURE)(images)
+    output = backend(images)
+    assert output.shape == reference.shape
+    assert (output - reference).abs().max() <= BACKEND_ATOL

@@ -1,0 +1,255 @@
+"""Export pipeline: one checkpoint -> TorchScript / ONNX / OpenVINO / NCNN / TensorRT artifacts + sidecars.
+
+``export.py`` is a thin CLI over :func:`run_export`; each format lives in its own module. Errors are raised,
+never logged-and-skipped, so a failed export gives a non-zero exit code (unlike YOLOv5, which carries on).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from utils.export.common import (
+    ExportMetadata,
+    MetadataError,
+    focus_to_conv,
+    image_files,
+    metadata_path,
+    model_heads,
+    model_stride,
+    model_task,
+    prepare_for_export,
+    read_metadata,
+    sample_images,
+    write_metadata,
+)
+from utils.export.onnx import DEFAULT_OPSET, EndToEndDetector, NMSSettings
+
+LOGGER = logging.getLogger(__name__)
+
+FORMATS = ("torchscript", "onnx", "openvino", "ncnn", "engine")
+
+__all__ = ["FORMATS", "ExportMetadata", "ExportOptions", "MetadataError", "NMSSettings", "artifact_paths",
+           "compare_with_pytorch", "focus_to_conv", "metadata_path", "parse_shape", "prepare_for_export",
+           "read_metadata", "run_export", "write_metadata"]
+
+
+@dataclass
+class ExportOptions:
+    """Everything ``export.py`` accepts (YOLOv5 v7.0 flag names)."""
+
+    weights: Path
+    include: tuple[str, ...] = ("torchscript",)
+    imgsz: tuple[int, int] = (640, 640)
+    batch_size: int = 1
+    dynamic: bool = False
+    dynamic_hw: bool = False
+    simplify: bool = False
+    opset: int = DEFAULT_OPSET
+    half: bool = False
+    int8: bool = False
+    data: Path | None = None
+    calib_images: int = 300
+    workspace: float = 4.0
+    nms: bool = False
+    nms_settings: NMSSettings = field(default_factory=NMSSettings)
+    device: str = "cpu"
+    min_shape: tuple[int, ...] | None = None
+    opt_shape: tuple[int, ...] | None = None
+    max_shape: tuple[int, ...] | None = None
+    output_dir: Path | None = None
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1x3x640x640"`` (or comma separated) -> (1, 3, 640, 640)."""
+    parts = text.replace(",", "x").split("x")
+    if len(parts) != 4 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"shape must look like 1x3x640x640, got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
+def artifact_paths(weights: Path, output_dir: Path | None = None) -> dict[str, Path]:
+    """Where each format is written: beside the weights (YOLOv5 naming) unless ``output_dir`` is given."""
+    folder = Path(output_dir) if output_dir else weights.parent
+    stem = weights.stem
+    return {"torchscript": folder / f"{stem}.torchscript", "onnx": folder / f"{stem}.onnx",
+            "onnx_int8": folder / f"{stem}_int8.onnx", "openvino": folder / f"{stem}_openvino_model",
+            "ncnn": folder / f"{stem}_ncnn_model", "engine": folder / f"{stem}.engine"}
+
+
+def check_options(options: ExportOptions, device: torch.device) -> None:
+    """Fail before any work when the flags cannot be satisfied, with a message saying what to change."""
+    unknown = [f for f in options.include if f not in FORMATS]
+    if unknown:
+        raise ValueError(f"--include {unknown}: unknown format; choose from {', '.join(FORMATS)}")
+    if not Path(options.weights).is_file():
+        raise FileNotFoundError(f"weights file {options.weights} not found")
+    if options.half and device.type != "cuda" and {"torchscript", "onnx"} & set(options.include):
+        raise ValueError("--half exports FP16 TorchScript/ONNX and needs a CUDA device (--device 0); on CPU export "
+                         "FP32 (OpenVINO/NCNN --half only store FP16 weights and work on CPU)")
+    if options.int8 and options.nms:
+        raise ValueError("--int8 with --nms is not supported: quantize the plain graph and run NMS outside")
+    if options.int8 and not options.data:
+        raise ValueError("--int8 needs --data (a data YAML whose train images calibrate the quantization)")
+    if options.int8 and {"torchscript", "ncnn"} & set(options.include):
+        raise ValueError("--int8 applies to onnx, openvino and engine only")
+    if "engine" in options.include:
+        from utils.export.tensorrt import import_tensorrt
+
+        import_tensorrt()
+
+
+def _metadata(model: nn.Module, names: list[str], options: ExportOptions, fmt: str, precision: str,
+              batch: int) -> ExportMetadata:
+    dynamic = (["batch"] if options.dynamic else []) + (["height", "width"] if options.dynamic_hw else [])
+    nms = None
+    if options.nms and fmt == "onnx":
+        nms = {"conf_thres": options.nms_settings.conf_thres, "iou_thres": options.nms_settings.iou_thres,
+               "max_det": options.nms_settings.max_det}
+    return ExportMetadata(format=fmt, task=model_task(model), stride=model_stride(model), imgsz=list(options.imgsz),
+                          batch=batch, precision=precision, names=list(names), heads=model_heads(model),
+                          dynamic=dynamic, opset=options.opset if fmt in {"onnx", "openvino", "engine"} else None,
+                          nms=nms)
+
+
+def load_for_export(weights: Path) -> tuple[nn.Module, list[str]]:
+    """The checkpoint's model (float, eval) and its class names."""
+    from utils.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(weights)
+    names = loaded.meta.get("names") or list(getattr(loaded.model, "names", []))
+    return loaded.model, [str(n) for n in names]
+
+
+def run_export(options: ExportOptions) -> dict[str, Path]:
+    """Export ``options.weights`` to every format in ``options.include``; returns format -> artifact path."""
+    from utils.torch_utils import select_device
+
+    device = select_device(options.device)
+    check_options(options, device)
+    model, names = load_for_export(Path(options.weights))
+    prepared = prepare_for_export(model)
+    paths = artifact_paths(Path(options.weights), options.output_dir)
+    paths["onnx"].parent.mkdir(parents=True, exist_ok=True)
+    images = torch.zeros(options.batch_size, 3, *options.imgsz)
+    done: dict[str, Path] = {}
+    if "torchscript" in options.include:
+        done["torchscript"] = _export_torchscript(prepared, images, names, options, device, paths["torchscript"])
+    if {"onnx", "engine"} & set(options.include) or (options.int8 and "openvino" in options.include):
+        done["onnx"] = _export_onnx(prepared, images, names, options, device, paths["onnx"])
+    if options.int8 and "onnx" in done:
+        done["onnx_int8"] = _quantize(done["onnx"], paths["onnx_int8"], options)
+    if "openvino" in options.include:
+        done["openvino"] = _export_openvino(prepared, images, names, options, paths["openvino"], done)
+    if "ncnn" in options.include:
+        from utils.export.ncnn import export_ncnn
+
+        metadata = _metadata(prepared, names, options, "ncnn", "fp16" if options.half else "fp32", 1)
+        metadata.dynamic = []
+        done["ncnn"] = export_ncnn(prepared, images, paths["ncnn"], metadata, half=options.half)
+    if "engine" in options.include:
+        done["engine"] = _build_engine(done["onnx"], paths["engine"], options)
+    return done
+
+
+def _export_torchscript(model: nn.Module, images: torch.Tensor, names: list[str], options: ExportOptions,
+                        device: torch.device, file: Path) -> Path:
+    from utils.export.torchscript import export_torchscript
+
+    precision = "fp16" if options.half else "fp32"
+    metadata = _metadata(model, names, options, "torchscript", precision, options.batch_size)
+    model, images = _on_device(model, images, device, options.half)
+    return export_torchscript(model, images, file, metadata)
+
+
+def _export_onnx(model: nn.Module, images: torch.Tensor, names: list[str], options: ExportOptions,
+                 device: torch.device, file: Path) -> Path:
+    from utils.export.onnx import export_onnx
+
+    precision = "fp16" if options.half and device.type == "cuda" else "fp32"
+    metadata = _metadata(model, names, options, "onnx", precision, options.batch_size)
+    model, images = _on_device(model, images, device, precision == "fp16")
+    nms = options.nms_settings if options.nms else None
+    return export_onnx(model, images, file, metadata, options.opset, options.dynamic, options.dynamic_hw,
+                       options.simplify, nms)
+
+
+def _on_device(model: nn.Module, images: torch.Tensor, device: torch.device, half: bool):
+    import copy
+
+    model = copy.deepcopy(model).to(device)
+    images = images.to(device)
+    return (model.half(), images.half()) if half else (model, images)
+
+
+def _quantize(onnx_file: Path, out: Path, options: ExportOptions) -> Path:
+    from utils.export.quantize import quantize_onnx_int8
+
+    files = image_files(options.data, "train")[: options.calib_images]
+    return quantize_onnx_int8(onnx_file, out, files, options.imgsz)
+
+
+def _export_openvino(model: nn.Module, images: torch.Tensor, names: list[str], options: ExportOptions,
+                     folder: Path, done: dict[str, Path]) -> Path:
+    from utils.export.openvino import export_openvino
+
+    precision = "int8" if options.int8 else ("fp16" if options.half else "fp32")
+    metadata = _metadata(model, names, options, "openvino", precision, options.batch_size)
+    source = done.get("onnx_int8") if options.int8 else _plain_onnx(done, options)
+    return export_openvino(model, images, folder, metadata, options.half, options.dynamic, options.dynamic_hw,
+                           onnx_file=source)
+
+
+def _plain_onnx(done: dict[str, Path], options: ExportOptions) -> Path | None:
+    """The ONNX export when OpenVINO can reuse it as is (FP32, no NMS), else None (export a fresh one)."""
+    if "onnx" in done and not options.nms and read_metadata(done["onnx"])["precision"] == "fp32":
+        return done["onnx"]
+    return None
+
+
+def _build_engine(onnx_file: Path, engine_file: Path, options: ExportOptions) -> Path:
+    from utils.export.tensorrt import ShapeProfile, build_engine
+
+    height, width = options.imgsz
+    profile = None
+    if options.dynamic or options.dynamic_hw:
+        default_max = (max(options.batch_size, 1), 3, height, width)
+        profile = ShapeProfile(min=options.min_shape or (1, 3, height, width),
+                               opt=options.opt_shape or default_max, max=options.max_shape or default_max)
+    calibration = image_files(options.data, "train")[: options.calib_images] if options.int8 else []
+    return build_engine(onnx_file, engine_file, options.half, options.int8, options.workspace, profile, calibration)
+
+
+def compare_with_pytorch(options: ExportOptions, artifacts: dict[str, Path],
+                         images: torch.Tensor) -> dict[str, float]:
+    """Max |exported - PyTorch| over ``images`` for each artifact (the same decoded output, or the NMS table)."""
+    from utils.backends import load_backend
+
+    model, _ = load_for_export(Path(options.weights))
+    reference_model = prepare_for_export(model)
+    with torch.no_grad():
+        reference = reference_model(images)
+        end_to_end = EndToEndDetector(reference_model, len(model.names), options.nms_settings) if options.nms else None
+        reference_nms = end_to_end(images)[0] if end_to_end is not None else None
+    differences = {}
+    for name, path in artifacts.items():
+        backend = load_backend(path, device=options.device, fp16=options.half)
+        output = backend(images.half() if backend.fp16 else images)
+        expected = reference_nms if getattr(backend, "end2end", False) else reference
+        got = output[0] if isinstance(output, (tuple, list)) else output
+        differences[name] = float((got.float().cpu() - expected).abs().max())
+    return differences
+
+
+def comparison_images(options: ExportOptions, sample_folder: Path, limit: int = 8) -> tuple[torch.Tensor | None, str]:
+    """Real images to compare on: --data val images, else the embedded sample, else none (with the reason)."""
+    if options.data:
+        return sample_images(options.data, options.imgsz, limit), f"{options.data} val images"
+    if sample_folder.is_dir():
+        return sample_images(sample_folder, options.imgsz, limit), str(sample_folder)
+    return None, f"no --data given and {sample_folder} does not exist: outputs were not compared with PyTorch"
+

@@ -1,0 +1,69 @@
+"""NCNN export through pnnx: prepared model -> TorchScript -> ``pnnx`` executable -> ``model.ncnn.param/.bin``.
+
+The ``pnnx`` Python package ships the converter binary; we call it directly (no network download). NCNN has
+no batch axis, so the artifact is batch 1 (the backend runs bigger batches image by image). Focus stems are
+already replaced by their equivalent strided conv (:func:`utils.export.common.focus_to_conv`) by the time the
+model gets here, since pnnx/ncnn handle step-2 slicing poorly.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from utils.export.common import ExportMetadata, write_metadata
+from utils.export.torchscript import trace_model
+
+LOGGER = logging.getLogger(__name__)
+
+PARAM_NAME = "model.ncnn.param"
+BIN_NAME = "model.ncnn.bin"
+
+
+def pnnx_executable() -> Path:
+    """Path of the converter shipped inside the ``pnnx`` wheel; a clear error if the package is missing."""
+    try:
+        import pnnx
+    except ImportError as exc:
+        raise RuntimeError("NCNN export needs the 'pnnx' package (pip install pnnx)") from exc
+    path = Path(pnnx.EXEC_PATH)
+    if not path.is_file():
+        raise RuntimeError(f"the pnnx package has no converter binary at {path}")
+    return path
+
+
+def export_ncnn(model: nn.Module, images: torch.Tensor, folder: str | Path, metadata: ExportMetadata,
+                half: bool = False) -> Path:
+    """Convert a prepared model (traced at batch 1 on ``images[:1]``) into ``folder``; returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    single = images[:1].float()
+    with tempfile.TemporaryDirectory(prefix="ncnn-export-") as tmp:
+        work = Path(tmp)
+        traced = trace_model(model.float(), single)
+        traced.save(str(work / "model.torchscript"))
+        _run_pnnx(work, single.shape, half)
+        for name in (PARAM_NAME, BIN_NAME):
+            shutil.move(work / name, folder / name)
+    write_metadata(folder, metadata)
+    LOGGER.info("NCNN model saved to %s", folder)
+    return folder
+
+
+def _run_pnnx(work: Path, shape: torch.Size, half: bool) -> None:
+    shape_arg = "[" + ",".join(str(int(v)) for v in shape) + "]"
+    outputs = {"pnnxparam": "model.pnnx.param", "pnnxbin": "model.pnnx.bin", "pnnxpy": "model_pnnx.py",
+               "pnnxonnx": "model.pnnx.onnx", "ncnnparam": PARAM_NAME, "ncnnbin": BIN_NAME,
+               "ncnnpy": "model_ncnn.py"}
+    command = [str(pnnx_executable()), "model.torchscript", f"inputshape={shape_arg}", f"fp16={int(half)}",
+               *(f"{key}={value}" for key, value in outputs.items())]
+    LOGGER.info("running %s", " ".join(command))
+    result = subprocess.run(command, cwd=work, capture_output=True, text=True, check=False)
+    if result.returncode != 0 or not (work / PARAM_NAME).is_file():
+        raise RuntimeError(f"pnnx failed (exit {result.returncode}): {result.stderr[-2000:] or result.stdout[-2000:]}")

@@ -1,0 +1,164 @@
+"""ONNX export (TorchScript-based exporter, ``dynamo=False``), optional onnxslim and end-to-end NMS.
+
+End-to-end NMS choice: the graph holds the standard ONNX ``NonMaxSuppression`` operator, emitted by a small
+autograd Function with an ONNX symbolic. It is given boxes ``[bs, N, 4]`` and per-class scores
+``[bs, nc, N]`` (each box scores only for its best class, zero when below ``conf_thres``), so suppression is
+per image and per class with no coordinate-offset trick (which costs float precision at large batch x nc),
+and batch stays dynamic. The selected (image, class, box) triples are scattered into a dense score map and a
+``TopK`` gives the fixed-size output ``detections [bs, max_det, 6]`` (x1, y1, x2, y2, score, class; rows past
+``num_dets`` are zero) plus ``num_dets [bs]`` (int64). Thresholds are baked in at export time.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from utils.export.common import ExportMetadata, write_metadata
+
+LOGGER = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+
+
+@dataclass(frozen=True)
+class NMSSettings:
+    """Thresholds baked into an end-to-end ONNX graph (single-label, class-aware, as detect.py uses)."""
+
+    conf_thres: float = 0.25
+    iou_thres: float = 0.45
+    max_det: int = 300
+
+
+class _NonMaxSuppressionOp(torch.autograd.Function):
+    """Eager: torchvision NMS per image and class; ONNX: one ``NonMaxSuppression`` node.
+
+    Returns ``selected [K, 3]`` int64 rows (image, class, box) as the ONNX operator does.
+    """
+
+    @staticmethod
+    def forward(ctx, boxes: torch.Tensor, scores: torch.Tensor, max_per_class: int, iou_thres: float,
+                score_thres: float) -> torch.Tensor:
+        rows = []
+        for image_index in range(boxes.shape[0]):
+            cls_idx, box_idx = (scores[image_index] > score_thres).nonzero(as_tuple=True)
+            box_scores = scores[image_index, cls_idx, box_idx]
+            keep = torchvision.ops.batched_nms(boxes[image_index, box_idx], box_scores, cls_idx, iou_thres)
+            keep = _first_per_class(keep, cls_idx, max_per_class)
+            image_col = torch.full_like(keep, image_index)
+            rows.append(torch.stack((image_col, cls_idx[keep], box_idx[keep]), 1))
+        return torch.cat(rows) if rows else boxes.new_zeros((0, 3), dtype=torch.int64)
+
+    @staticmethod
+    def symbolic(g, boxes, scores, max_per_class: int, iou_thres: float, score_thres: float):
+        max_output = g.op("Constant", value_t=torch.tensor([max_per_class], dtype=torch.int64))
+        iou = g.op("Constant", value_t=torch.tensor([iou_thres], dtype=torch.float32))
+        score = g.op("Constant", value_t=torch.tensor([score_thres], dtype=torch.float32))
+        return g.op("NonMaxSuppression", boxes, scores, max_output, iou, score, center_point_box_i=0)
+
+
+def _first_per_class(keep: torch.Tensor, cls_idx: torch.Tensor, limit: int) -> torch.Tensor:
+    """Cap kept indices (sorted by score) at ``limit`` per class, as ``max_output_boxes_per_class`` does."""
+    kept_cls = cls_idx[keep]
+    rank = torch.zeros_like(keep)
+    for cls in kept_cls.unique():
+        members = (kept_cls == cls).nonzero(as_tuple=True)[0]
+        rank[members] = torch.arange(len(members), device=keep.device)
+    return keep[rank < limit]
+
+
+class EndToEndDetector(nn.Module):
+    """Wrap a decoded-output detector so its graph ends with NMS and a fixed-size detection table."""
+
+    def __init__(self, detector: nn.Module, nc: int, settings: NMSSettings = NMSSettings()):
+        super().__init__()
+        self.detector = detector
+        self.nc = nc
+        self.settings = settings
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pred = self.detector(images)
+        pred = pred[0] if isinstance(pred, (tuple, list)) else pred
+        boxes = _xywh_to_xyxy(pred[..., :4])
+        objectness = pred[..., 4]
+        best_score, best_cls = (pred[..., 5:] * pred[..., 4:5]).max(-1)
+        candidate = (objectness > self.settings.conf_thres) & (best_score > self.settings.conf_thres)
+        best_score = best_score * candidate
+        class_ids = torch.arange(self.nc, device=pred.device)[None, :, None]
+        per_class = (class_ids == best_cls[:, None, :]) * best_score[:, None, :]
+        selected = _NonMaxSuppressionOp.apply(boxes, per_class, self.settings.max_det, self.settings.iou_thres,
+                                              self.settings.conf_thres)
+        image_idx, box_idx = selected[:, 0], selected[:, 2]
+        kept = torch.zeros_like(best_score).index_put((image_idx, box_idx), best_score[image_idx, box_idx])
+        k = min(self.settings.max_det, pred.shape[1])
+        top_scores, top_idx = kept.topk(k, dim=1)
+        valid = top_scores > 0
+        top_boxes = boxes.gather(1, top_idx.unsqueeze(-1).expand(-1, -1, 4))
+        top_cls = best_cls.gather(1, top_idx).to(pred.dtype)
+        table = torch.cat((top_boxes, top_scores.unsqueeze(-1), top_cls.unsqueeze(-1)), -1)
+        return table * valid.unsqueeze(-1).to(pred.dtype), valid.sum(1)
+
+
+def _xywh_to_xyxy(xywh: torch.Tensor) -> torch.Tensor:
+    xy, wh = xywh[..., :2], xywh[..., 2:4] / 2
+    return torch.cat((xy - wh, xy + wh), -1)
+
+
+def export_onnx(model: nn.Module, images: torch.Tensor, file: str | Path, metadata: ExportMetadata,
+                opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, dynamic_hw: bool = False,
+                simplify: bool = False, nms: NMSSettings | None = None) -> Path:
+    """Export a prepared detector/classifier to ``file``; returns the path (sidecar written beside it).
+
+    ``images`` fixes the traced shape and dtype (FP16 only on CUDA: the caller checks). ``nms`` wraps a
+    detector in :class:`EndToEndDetector`.
+    """
+    import onnx
+
+    file = Path(file)
+    module = EndToEndDetector(model, len(metadata.names), nms) if nms is not None else model
+    output_names = ["detections", "num_dets"] if nms is not None else ["output0"]
+    axes = _dynamic_axes(output_names, dynamic_batch, dynamic_hw, nms is not None)
+    torch.onnx.export(module, (images,), str(file), dynamo=False, opset_version=opset, input_names=["images"],
+                      output_names=output_names, dynamic_axes=axes or None, do_constant_folding=True)
+    graph = onnx.load(str(file))
+    onnx.checker.check_model(graph)
+    if simplify:
+        graph = simplify_onnx(graph)
+    _embed_metadata(graph, metadata)
+    onnx.save(graph, str(file))
+    write_metadata(file, metadata)
+    LOGGER.info("ONNX saved to %s (opset %d)", file, opset)
+    return file
+
+
+def _dynamic_axes(output_names: list[str], dynamic_batch: bool, dynamic_hw: bool, nms: bool) -> dict:
+    axes: dict[str, dict[int, str]] = {}
+    if dynamic_batch:
+        axes["images"] = {0: "batch"}
+        for name in output_names:
+            axes[name] = {0: "batch"}
+    if dynamic_hw:
+        axes.setdefault("images", {}).update({2: "height", 3: "width"})
+        if not nms:
+            axes.setdefault(output_names[0], {}).update({1: "anchors"})
+    return axes
+
+
+def simplify_onnx(graph):
+    """Constant folding and dead-node removal by onnxslim (the maintained successor of onnx-simplifier)."""
+    import onnxslim
+
+    return onnxslim.slim(graph)
+
+
+def _embed_metadata(graph, metadata: ExportMetadata) -> None:
+    """Also keep stride/names in the ONNX file itself, for tools that only see the .onnx."""
+    del graph.metadata_props[:]
+    for key in ("task", "stride", "names", "imgsz", "batch", "precision"):
+        prop = graph.metadata_props.add()
+        prop.key, prop.value = key, str(getattr(metadata, key))

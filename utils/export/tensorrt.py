@@ -1,0 +1,156 @@
+"""TensorRT engine builder (Python API): FP32/FP16/INT8, dynamic-shape profiles, entropy calibration.
+
+Engines are tied to the GPU model and TensorRT version they are built with, so they must be built on the
+deployment device (for Jetson: copy the ONNX over and run ``to_trt.sh`` there). Without a CUDA GPU or the
+``tensorrt`` package this module raises :class:`RuntimeError` saying so; it never falls back silently.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from utils.export.common import letterbox_tensor, read_metadata, write_metadata
+
+LOGGER = logging.getLogger(__name__)
+
+BUILD_ON_DEVICE_HINT = ("build the engine on the target device: copy the .onnx there and run "
+                        "`./to_trt.sh --onnx model.onnx --fp16 --output model.engine` (or export.py --include engine "
+                        "on a machine with an NVIDIA GPU and TensorRT)")
+
+
+@dataclass(frozen=True)
+class ShapeProfile:
+    """Input shapes (bs, 3, h, w) of one TensorRT optimisation profile."""
+
+    min: tuple[int, int, int, int]
+    opt: tuple[int, int, int, int]
+    max: tuple[int, int, int, int]
+
+    def to_dict(self) -> dict[str, list[int]]:
+        return {"min": list(self.min), "opt": list(self.opt), "max": list(self.max)}
+
+
+def import_tensorrt() -> Any:
+    """The ``tensorrt`` module, or a RuntimeError telling the user to build on the device."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"TensorRT needs an NVIDIA GPU and none is visible here; {BUILD_ON_DEVICE_HINT}")
+    try:
+        import tensorrt
+    except ImportError as exc:
+        raise RuntimeError(f"the 'tensorrt' Python package is not installed; {BUILD_ON_DEVICE_HINT}") from exc
+    return tensorrt
+
+
+def device_description() -> dict[str, Any]:
+    """TensorRT version, GPU name and compute capability of this machine (engines are only valid there)."""
+    trt = import_tensorrt()
+    major, minor = torch.cuda.get_device_capability(0)
+    return {"tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}"}
+
+
+def check_engine_compatibility(engine_info: dict[str, Any], runtime_info: dict[str, Any], engine: str = "") -> None:
+    """Refuse an engine built with another TensorRT version or GPU than the ones running it."""
+    mismatches = [f"{key}: engine built with {engine_info.get(key)!r}, this device has {runtime_info.get(key)!r}"
+                  for key in ("tensorrt", "gpu", "compute_capability")
+                  if _normalised(key, engine_info.get(key)) != _normalised(key, runtime_info.get(key))]
+    if mismatches:
+        raise RuntimeError(f"{engine or 'engine'} does not match this device ({'; '.join(mismatches)}); rebuild it "
+                           f"on this device with to_trt.sh (./to_trt.sh --onnx model.onnx --output model.engine)")
+
+
+def _normalised(key: str, value: Any) -> str:
+    """Versions compared on major.minor.patch (trtexec prints 3 parts, the Python package 4)."""
+    text = str(value).strip()
+    return ".".join(text.split(".")[:3]) if key == "tensorrt" else text
+
+
+def make_calibrator(trt: Any, files: Sequence[str | Path], imgsz: tuple[int, int], batch: int, cache: Path):
+    """An ``IInt8EntropyCalibrator2`` over letterboxed images; reuses/writes ``cache`` so reruns skip it."""
+
+    class LetterboxEntropyCalibrator(trt.IInt8EntropyCalibrator2):
+        def __init__(self) -> None:
+            super().__init__()
+            self.batches = [files[i:i + batch] for i in range(0, len(files) - batch + 1, batch)]
+            self.index = 0
+            self.device_buffer = torch.empty((batch, 3, *imgsz), dtype=torch.float32, device="cuda")
+
+        def get_batch_size(self) -> int:
+            return batch
+
+        def get_batch(self, names):
+            if self.index >= len(self.batches):
+                return None
+            images = torch.stack([letterbox_tensor(f, imgsz) for f in self.batches[self.index]])
+            self.device_buffer.copy_(images)
+            self.index += 1
+            return [int(self.device_buffer.data_ptr())]
+
+        def read_calibration_cache(self):
+            return cache.read_bytes() if cache.is_file() else None
+
+        def write_calibration_cache(self, data) -> None:
+            cache.write_bytes(bytes(data))
+
+    return LetterboxEntropyCalibrator()
+
+
+def build_engine(onnx_file: str | Path, engine_file: str | Path, half: bool = False, int8: bool = False,
+                 workspace_gb: float = 4.0, profile: ShapeProfile | None = None,
+                 calibration_files: Sequence[str | Path] = (), calibration_cache: str | Path | None = None) -> Path:
+    """Build ``engine_file`` from ``onnx_file`` and write its sidecar (with TensorRT version and GPU)."""
+    trt = import_tensorrt()
+    onnx_file, engine_file = Path(onnx_file), Path(engine_file)
+    metadata = read_metadata(onnx_file)
+    logger = trt.Logger(trt.Logger.INFO)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_file.read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_file}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    _add_profile(builder, network, config, profile)
+    precision = _set_precision(trt, builder, config, half, int8)
+    if int8:
+        size = tuple(metadata["imgsz"])
+        batch = profile.opt[0] if profile else int(metadata["batch"])
+        cache = Path(calibration_cache or engine_file.with_suffix(".cache"))
+        config.int8_calibrator = make_calibrator(trt, list(calibration_files), size, batch, cache)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_file} (see the log above)")
+    engine_file.write_bytes(bytes(serialized))
+    metadata.update(format="engine", precision=precision, engine=device_description(),
+                    profile=profile.to_dict() if profile else None)
+    write_metadata(engine_file, metadata)
+    return engine_file
+
+
+def _add_profile(builder, network, config, profile: ShapeProfile | None) -> None:
+    if profile is None:
+        return
+    optimisation = builder.create_optimization_profile()
+    for index in range(network.num_inputs):
+        optimisation.set_shape(network.get_input(index).name, profile.min, profile.opt, profile.max)
+    config.add_optimization_profile(optimisation)
+
+
+def _set_precision(trt, builder, config, half: bool, int8: bool) -> str:
+    if int8:
+        if not builder.platform_has_fast_int8:
+            LOGGER.warning("this GPU has no fast INT8; the engine may be slower than FP16")
+        config.set_flag(trt.BuilderFlag.INT8)
+        config.set_flag(trt.BuilderFlag.FP16)  # layers INT8 cannot take fall back to FP16, not FP32
+        return "int8"
+    if half:
+        config.set_flag(trt.BuilderFlag.FP16)
+        return "fp16"
+    return "fp32"
+
