@@ -10,16 +10,15 @@ import argparse
 import logging
 import sys
 
-from utils.config import ROOT
+from utils.config import ROOT, add_inference_args
 from utils.predict import run_prediction
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--weights", required=True, help="model weights (.pt, .torchscript, .onnx, folder, .engine)")
+    add_inference_args(parser, "detect")
     parser.add_argument("--source", default=str(ROOT / "data" / "neu-det-sample" / "images" / "val"),
                         help="file, folder, glob, video or .txt list")
-    parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="inference size (pixels)")
     parser.add_argument("--conf-thres", type=float, default=0.25, help="confidence threshold")
     parser.add_argument("--iou-thres", type=float, default=0.45, help="NMS IoU threshold")
     parser.add_argument("--max-det", type=int, default=1000, help="maximum detections per image")
@@ -27,19 +26,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--agnostic-nms", action="store_true", help="class-agnostic NMS")
     parser.add_argument("--multi-label", action="store_true", help="allow several labels per box")
     parser.add_argument("--augment", action="store_true", help="test-time augmentation (flips and scales)")
-    parser.add_argument("--device", default="", help="cuda device, i.e. 0 or cpu")
-    parser.add_argument("--half", action="store_true", help="FP16 inference (CUDA)")
-    parser.add_argument("--save-txt", action="store_true", help="save results to *.txt")
-    parser.add_argument("--save-conf", action="store_true", help="save confidences in --save-txt labels")
     parser.add_argument("--save-crop", action="store_true", help="save cropped prediction boxes")
     parser.add_argument("--save-csv", action="store_true", help="classifiers: write predictions.csv")
     parser.add_argument("--nosave", action="store_true", help="do not save annotated images/videos")
     parser.add_argument("--line-thickness", type=int, default=2, help="bounding box thickness (pixels)")
     parser.add_argument("--hide-labels", action="store_true", help="hide labels")
     parser.add_argument("--hide-conf", action="store_true", help="hide confidences")
-    parser.add_argument("--project", default=str(ROOT / "runs" / "detect"), help="save to project/name")
-    parser.add_argument("--name", default="exp", help="save to project/name")
-    parser.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
     return parser.parse_args(argv)
 
 

@@ -12,33 +12,25 @@ import argparse
 import logging
 import sys
 
-from utils.config import DEFAULT_DATA, ROOT
+from utils.config import DEFAULT_DATA, add_inference_args
 from utils.val_runner import run_validation
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--weights", required=True, help="model weights (.pt, .torchscript, .onnx, folder, .engine)")
+    add_inference_args(parser, "val")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="data-set YAML")
-    parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="inference size (pixels)")
     parser.add_argument("--batch-size", "--batch", type=int, default=32, help="batch size")
     parser.add_argument("--conf-thres", type=float, default=0.001, help="confidence threshold")
     parser.add_argument("--iou-thres", type=float, default=0.6, help="NMS IoU threshold")
     parser.add_argument("--max-det", type=int, default=300, help="maximum detections per image")
     parser.add_argument("--task", default="val", choices=["val", "test", "speed"], help="split, or speed only")
-    parser.add_argument("--device", default="", help="cuda device, i.e. 0 or cpu")
     parser.add_argument("--workers", type=int, default=2, help="dataloader workers")
     parser.add_argument("--single-cls", action="store_true", help="treat as single-class data set")
     parser.add_argument("--verbose", action="store_true", help="report mAP per class")
-    parser.add_argument("--save-txt", action="store_true", help="save results to *.txt")
-    parser.add_argument("--save-conf", action="store_true", help="save confidences in --save-txt labels")
     parser.add_argument("--save-json", action="store_true", help="save a COCO-style predictions JSON")
     parser.add_argument("--cocoeval", action="store_true", help="also score with pycocotools, printed beside ours")
-    parser.add_argument("--half", action="store_true", help="FP16 inference (CUDA)")
     parser.add_argument("--noplots", action="store_true", help="save no plots")
-    parser.add_argument("--project", default=str(ROOT / "runs" / "val"), help="save to project/name")
-    parser.add_argument("--name", default="exp", help="save to project/name")
-    parser.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
     return parser.parse_args(argv)
 
 

@@ -143,3 +143,16 @@ def build_parser(config_cls: type = TrainConfig, description: str = "") -> argpa
 def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
     args = build_parser(TrainConfig, "Train a YOLOv5-family detector or classifier").parse_args(argv)
     return TrainConfig(**vars(args))
+
+
+def add_inference_args(parser: argparse.ArgumentParser, run_kind: str) -> None:
+    """Flags val.py and detect.py share: weights, size, device, precision, label files, output folder."""
+    parser.add_argument("--weights", required=True, help="model weights (.pt, .torchscript, .onnx, folder, .engine)")
+    parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="inference size (pixels)")
+    parser.add_argument("--device", default="", help="cuda device, i.e. 0 or cpu")
+    parser.add_argument("--half", action="store_true", help="FP16 inference (CUDA)")
+    parser.add_argument("--save-txt", action="store_true", help="save results to *.txt")
+    parser.add_argument("--save-conf", action="store_true", help="save confidences in --save-txt labels")
+    parser.add_argument("--project", default=str(ROOT / "runs" / run_kind), help="save to project/name")
+    parser.add_argument("--name", default="exp", help="save to project/name")
+    parser.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")

@@ -84,12 +84,18 @@ def _backbone_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield f"model.{i}", layer
 
 
-def _mobilenet_v3_map(model: nn.Module, source: dict[str, torch.Tensor]) -> dict[str, str]:
-    """features.0 -> stem; features.i.block.j -> [expand?, dw, se?, project] of our i-th bneck."""
+def _blocks_after_stem(model: nn.Module, stem_cls: type, arch: str) -> tuple[list[tuple[str, nn.Module]], str]:
+    """The backbone's (prefix, block) list and the stem's prefix, after checking layer 0 is ``stem_cls``."""
     blocks = list(_backbone_blocks(model))
     prefix, stem = blocks[0]
-    if not isinstance(stem, ConvBNHswish):
-        raise ValueError(f"mobilenet_v3: backbone layer 0 must be ConvBNHswish, got {type(stem).__name__}")
+    if not isinstance(stem, stem_cls):
+        raise ValueError(f"{arch}: backbone layer 0 must be {stem_cls.__name__}, got {type(stem).__name__}")
+    return blocks, prefix
+
+
+def _mobilenet_v3_map(model: nn.Module, source: dict[str, torch.Tensor]) -> dict[str, str]:
+    """features.0 -> stem; features.i.block.j -> [expand?, dw, se?, project] of our i-th bneck."""
+    blocks, prefix = _blocks_after_stem(model, ConvBNHswish, "mobilenet_v3")
     key_map = _conv_bn("features.0", prefix)
     n_source = _count_indexed(source, r"features\.(\d+)\.block\.") - 1  # features.1 .. features.n
     ours = [(p, b) for p, b in blocks[1:] if isinstance(b, MobileNetV3Block)]
@@ -112,10 +118,7 @@ _SHUFFLE_BRANCH2 = {"0": "pw1_conv", "1": "pw1_bn", "3": "dw_conv", "4": "dw_bn"
 
 def _shufflenet_v2_map(model: nn.Module, source: dict[str, torch.Tensor]) -> dict[str, str]:
     """conv1 -> ShuffleStem; stage{2,3,4}.k -> the ShuffleBlocks in network order, strides checked."""
-    blocks = list(_backbone_blocks(model))
-    prefix, stem = blocks[0]
-    if not isinstance(stem, ShuffleStem):
-        raise ValueError(f"shufflenet_v2: backbone layer 0 must be ShuffleStem, got {type(stem).__name__}")
+    blocks, prefix = _blocks_after_stem(model, ShuffleStem, "shufflenet_v2")
     key_map = {"conv1.0.weight": f"{prefix}.conv.weight", **_plain_bn("conv1.1", f"{prefix}.bn")}
     units = [f"stage{s}.{k}" for s in (2, 3, 4) for k in range(_count_indexed(source, rf"stage{s}\.(\d+)\."))]
     ours = [(p, b) for p, b in blocks[1:] if isinstance(b, ShuffleBlock)]
@@ -136,10 +139,7 @@ def _shufflenet_v2_map(model: nn.Module, source: dict[str, torch.Tensor]) -> dic
 
 def _efficientnet_b0_map(model: nn.Module, source: dict[str, torch.Tensor]) -> dict[str, str]:
     """features.0 -> EfficientStem; features.s.b.block.j -> [expand?, dw, (SE skipped), project]."""
-    blocks = list(_backbone_blocks(model))
-    prefix, stem = blocks[0]
-    if not isinstance(stem, EfficientStem):
-        raise ValueError(f"efficientnet_b0: backbone layer 0 must be EfficientStem, got {type(stem).__name__}")
+    blocks, prefix = _blocks_after_stem(model, EfficientStem, "efficientnet_b0")
     key_map = _conv_bn("features.0", prefix)
     stage_sizes = {s: _count_indexed(source, rf"features\.{s}\.(\d+)\.") for s in range(1, 8)}
     units = [f"features.{s}.{b}" for s, size in stage_sizes.items() for b in range(size)]
