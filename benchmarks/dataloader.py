@@ -5,6 +5,10 @@ the previous one. RSS is sampled every 20 ms over the whole process tree (main +
 fork are counted once per process, so the sum overstates real use for workers > 0).
 
     python benchmarks/dataloader.py --batches 20 --imgsz 256 640 --workers 0 2
+    python benchmarks/dataloader.py --cache none --yolov5-python /path/to/venv-with-yolov5/bin/python
+
+The second form also runs YOLOv5 v7.0's own loader (PyPI ``yolov5==7.0.*``, installed in a separate
+environment) with the same hyp, batch size and protocol: the baseline the data-pipeline issue compares with.
 """
 
 from __future__ import annotations
@@ -105,6 +109,47 @@ def run_one(data: str, imgsz: int, workers: int, cache: str, batches: int, batch
             "images_per_s": round(images / elapsed, 1), "peak_rss_mb": round(rss.peak / 2**20)}
 
 
+YOLOV5_SNIPPET = """
+import json, sys, time, yaml
+sys.path.insert(0, {root!r})
+from benchmarks.dataloader import PeakRSS
+from yolov5.utils.dataloaders import create_dataloader
+hyp = yaml.safe_load(open({hyp!r}))
+config = yaml.safe_load(open({data!r}))
+from pathlib import Path
+train = str((Path({data!r}).parent / config["path"] / config["train"]).resolve())
+with PeakRSS() as rss:
+    start = time.perf_counter()
+    loader, dataset = create_dataloader(train, {imgsz}, {batch_size}, 32, hyp=hyp, augment=True, workers={workers},
+                                        shuffle=True, seed=0)
+    setup = time.perf_counter() - start
+    images, t0 = 0, None
+    for i, (imgs, *_rest) in enumerate(loader):
+        if i == {warmup}:
+            t0 = time.perf_counter()
+        if i >= {warmup}:
+            images += len(imgs)
+        if i + 1 >= {warmup} + {batches}:
+            break
+    elapsed = time.perf_counter() - t0
+print(json.dumps({{"imgsz": {imgsz}, "workers": {workers}, "cache": "yolov5-v7", "setup_s": round(setup, 2),
+                  "images_per_s": round(images / elapsed, 1), "peak_rss_mb": round(rss.peak / 2**20)}}))
+"""
+
+
+def run_yolov5(python: str, args: argparse.Namespace, imgsz: int, workers: int) -> dict:
+    """The same measurement with the real YOLOv5 v7.0 loader (PyPI ``yolov5`` 7.0.x installed in ``python``'s
+    environment, never in ours: it pins old packages). Its own code decodes, augments and collates."""
+    sys.path.insert(0, str(ROOT))
+    from utils.config import DEFAULT_HYP
+
+    code = YOLOV5_SNIPPET.format(root=str(ROOT), hyp=str(DEFAULT_HYP), data=str(Path(args.data).resolve()),
+                                 imgsz=imgsz, batch_size=args.batch_size, workers=workers, warmup=args.warmup,
+                                 batches=args.batches)
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True, cwd=tempfile.gettempdir())
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def per_sample_cpu(data: str, imgsz: int, samples: int, rounds: int = 3) -> dict:
     """CPU ms per training sample (one thread, rounds interleaved): ours vs v7.0's operations, same samples.
 
@@ -154,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="runs per configuration, interleaved; the best images/s is shown (shared machines)")
     parser.add_argument("--per-sample", type=int, default=0, metavar="N",
                         help="also time N samples per size in one thread (CPU ms/sample, ours vs v7.0 operations)")
+    parser.add_argument("--yolov5-python", metavar="PYTHON",
+                        help="also time the real v7.0 loader: a python whose environment has PyPI yolov5==7.0.*")
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)  # one config, JSON out
     args = parser.parse_args(argv)
     if args.single:
@@ -176,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
                     key = (cache, baseline)
                     if key not in best or r["images_per_s"] > best[key]["images_per_s"]:
                         best[key] = r
+            if args.yolov5_python:
+                best[("yolov5", True)] = max((run_yolov5(args.yolov5_python, args, imgsz, workers)
+                                              for _ in range(args.repeat)), key=lambda r: r["images_per_s"])
             for r in best.values():
                 print(f"{r['imgsz']:>6} {r['workers']:>8} {r['cache']:>9} {r['setup_s']:>8} {r['images_per_s']:>9} "
                       f"{r['peak_rss_mb']:>12}", flush=True)

@@ -37,10 +37,11 @@ from utils.export.common import image_files, letterbox_tensor  # noqa: E402
 from utils.export.quantize import quantize_onnx_int8  # noqa: E402
 
 LOGGER = logging.getLogger("benchmarks.deploy")
-BACKENDS = ("pytorch", "onnx", "onnx-int8", "openvino", "ncnn")
-PRECISION = {"pytorch": "fp32", "onnx": "fp32", "onnx-int8": "int8 (QDQ)", "openvino": "fp32", "ncnn": "fp32"}
-RUNTIME = {"pytorch": "PyTorch eager", "onnx": "ONNX Runtime", "onnx-int8": "ONNX Runtime", "openvino": "OpenVINO",
-           "ncnn": "NCNN"}
+BACKENDS = ("pytorch", "onnx", "onnx-int8", "onnx-int8-coarse", "openvino", "ncnn")
+PRECISION = {"pytorch": "fp32", "onnx": "fp32", "onnx-int8": "int8 (QDQ)", "onnx-int8-coarse": "int8, stride 32 fp32",
+             "openvino": "fp32", "ncnn": "fp32"}
+RUNTIME = {"pytorch": "PyTorch eager", "onnx": "ONNX Runtime", "onnx-int8": "ONNX Runtime",
+           "onnx-int8-coarse": "ONNX Runtime", "openvino": "OpenVINO", "ncnn": "NCNN"}
 
 
 def cpu_model() -> str:
@@ -61,6 +62,8 @@ def export_artifacts(weights: Path, data: Path, imgsz: int, work: Path, calib_im
     artifacts = run_export(options)
     calibration = image_files(data, "train")[:calib_images]
     artifacts["onnx-int8"] = quantize_onnx_int8(artifacts["onnx"], folder / "model_int8.onnx", calibration)
+    artifacts["onnx-int8-coarse"] = quantize_onnx_int8(artifacts["onnx"], folder / "model_int8_coarse.onnx",
+                                                       calibration, keep_coarse_fp32=True)
     artifacts["pytorch"] = weights
     return artifacts
 

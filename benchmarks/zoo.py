@@ -1,7 +1,8 @@
 """Benchmark the model zoo on CPU: size, FLOPs, memory traffic, and measured latency (PyTorch eager + ONNX Runtime).
 
 ``PYTHONPATH=. python benchmarks/zoo.py --sizes 320 640 --runs 5`` prints one Markdown table. GFLOPs are
-given twice: the project's area-scaled ``model_gflops`` and thop at the full 640 input (exact for every layer).
+given twice: the project's ``model_gflops`` (exact at 640) and YOLOv5's printout (thop at 32 px times the area
+ratio), which over-counts models whose layers do not all grow with the input area.
 Latency is the median of ``--runs`` batch-1 forwards after ``--warmup`` runs, on ``--threads`` threads (2 by
 default: the numbers are for a small CPU, not this machine's best). ``--max-latency-gflops`` skips timing models whose
 FLOPs at a size exceed the limit (x models at 640 take minutes per engine), printed as "-".
@@ -41,7 +42,7 @@ class ModelRow:
     name: str
     params: int
     gflops: float
-    gflops_full: float
+    gflops_yolov5: float
     traffic_mb: float
     intensity: float
     latency_ms: dict[tuple[str, int], float | None] = field(default_factory=dict)
@@ -98,26 +99,26 @@ def onnx_latency(model: nn.Module, imgsz: int, runs: int, warmup: int, threads: 
         head.export_decoded_only = False
 
 
-def full_size_gflops(model: nn.Module, imgsz: int) -> float:
-    """thop at the real input size. ``model_gflops`` profiles at 32 px and scales by area, which over-counts
-    layers whose cost does not grow with area (SE/SK fully-connected layers after global pooling) and Swin
-    blocks (a 1x1 map at 32 px is padded to a whole 8x8 window)."""
+def yolov5_style_gflops(model: nn.Module, imgsz: int, base: int = 32) -> float:
+    """The number YOLOv5 prints: thop at ``base`` px scaled by the area ratio. It over-counts layers whose cost
+    does not grow with area (SE/SK fully-connected layers after global pooling) and Swin blocks (a 1x1 map at
+    32 px is padded to a whole 8x8 window); ``model_gflops`` detects those and counts at full size."""
     import thop
 
     with torch.no_grad():
-        macs = thop.profile(copy.deepcopy(model), inputs=(torch.zeros(1, 3, imgsz, imgsz),), verbose=False)[0]
-    return macs * 2 / 1e9
+        macs = thop.profile(copy.deepcopy(model), inputs=(torch.zeros(1, 3, base, base),), verbose=False)[0]
+    return macs * 2 / 1e9 * (imgsz / base) ** 2
 
 
 def benchmark_model(path: Path, args: argparse.Namespace) -> ModelRow:
     model = DetectionModel(path).eval()
     gflops = model_gflops(model, 640) or 0.0
-    gflops_full = full_size_gflops(model, 640)
+    gflops_yolov5 = yolov5_style_gflops(model, 640)
     weight_bytes = count_parameters(model) * 4
     traffic = weight_bytes + activation_traffic(model, torch.zeros(1, 3, 640, 640))
-    row = ModelRow(path.stem, count_parameters(model), gflops, gflops_full, traffic / 1e6, gflops_full * 1e9 / traffic)
+    row = ModelRow(path.stem, count_parameters(model), gflops, gflops_yolov5, traffic / 1e6, gflops * 1e9 / traffic)
     for size in args.sizes:
-        too_heavy = gflops_full * (size / 640) ** 2 > args.max_latency_gflops
+        too_heavy = gflops * (size / 640) ** 2 > args.max_latency_gflops
         row.latency_ms[("eager", size)] = None if too_heavy else eager_latency(model, size, args.runs, args.warmup)
         if not args.skip_onnx:
             row.latency_ms[("onnx", size)] = (None if too_heavy else
@@ -128,12 +129,12 @@ def benchmark_model(path: Path, args: argparse.Namespace) -> ModelRow:
 
 def markdown_table(rows: list[ModelRow], sizes: list[int], engines: list[str]) -> str:
     columns = [f"{engine} {size} ms" for size in sizes for engine in engines]
-    lines = ["| model | params (M) | GFLOPs@640 (scaled) | GFLOPs@640 (full) | traffic@640 (MB) | FLOPs/byte | "
+    lines = ["| model | params (M) | GFLOPs@640 | YOLOv5-printed GFLOPs@640 | traffic@640 (MB) | FLOPs/byte | "
              + " | ".join(columns) + " |", "|---|---:|---:|---:|---:|---:|" + "---:|" * len(columns)]
     for row in rows:
         times = [row.latency_ms.get((engine, size)) for size in sizes for engine in engines]
         cells = ["-" if t is None else f"{t:.1f}" for t in times]
-        lines.append(f"| {row.name} | {row.params / 1e6:.2f} | {row.gflops:.1f} | {row.gflops_full:.1f} | "
+        lines.append(f"| {row.name} | {row.params / 1e6:.2f} | {row.gflops:.1f} | {row.gflops_yolov5:.1f} | "
                      f"{row.traffic_mb:.0f} | "
                      f"{row.intensity:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

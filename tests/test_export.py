@@ -374,3 +374,17 @@ def test_dynamic_hw_onnx_runs_other_sizes(tmp_path):
     output = backend(images)
     assert output.shape == reference.shape
     assert (output - reference).abs().max() <= BACKEND_ATOL
+
+
+def test_int8_keeps_the_stride32_layers_in_fp32(tmp_path):
+    """The coarsest-map rule picks exactly yolov5n's stride-32 layers: backbone 7-9, head 10 and 21-23, and the
+    P5 output conv of Detect (24)."""
+    from models.yolo import DetectionModel
+    from utils.export.onnx import export_onnx
+    from utils.export.quantize import coarsest_map_nodes
+
+    model = prepare_for_export(DetectionModel(ROOT / "models" / "yolov5n.yaml", nc=6))
+    meta = ExportMetadata(format="onnx", task="detect", stride=32, imgsz=[128, 128], batch=1, names=list("abcdef"))
+    file = export_onnx(model, torch.rand(1, 3, 128, 128), tmp_path / "n.onnx", meta)
+    layers = {int(name.split("/")[1].split(".")[1]) for name in coarsest_map_nodes(file)}
+    assert layers == {7, 8, 9, 10, 21, 22, 23, 24}

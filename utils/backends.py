@@ -118,10 +118,13 @@ class PyTorchBackend(Backend):
         self.model = model.to(self.device)
         if fp16:
             self.model.half()
+        self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        self.model.to(memory_format=self.memory_format)  # NHWC: oneDNN's faster CPU convolutions
 
     @torch.no_grad()
     def _forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        output = self.model(images.to(self.device, torch.float16 if self.fp16 else torch.float32))
+        images = images.to(self.device, torch.float16 if self.fp16 else torch.float32)
+        output = self.model(images.contiguous(memory_format=self.memory_format))
         if self.task == "detect" and isinstance(output, (tuple, list)):
             return [output[0]]
         if isinstance(output, dict):

@@ -8,12 +8,15 @@ Conventions (YOLOv5 v7.0 compatible):
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import math
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 
 Array = torch.Tensor | np.ndarray
 
@@ -114,8 +117,42 @@ def scale_boxes(
 
 
 def box_iou(box1: torch.Tensor, box2: torch.Tensor) -> torch.Tensor:
-    """Pairwise IoU (N x M) of xyxy boxes; thin wrapper so callers need not import torchvision."""
-    return torchvision.ops.box_iou(box1, box2)
+    """Pairwise IoU (N x M) of xyxy boxes, the same arithmetic as ``torchvision.ops.box_iou`` (no epsilon).
+
+    Written out because importing torchvision's Python package costs ~2 s (see :func:`nms`) and validation
+    calls this for every image.
+    """
+    area1 = (box1[:, 2] - box1[:, 0]) * (box1[:, 3] - box1[:, 1])
+    area2 = (box2[:, 2] - box2[:, 0]) * (box2[:, 3] - box2[:, 1])
+    top_left = torch.max(box1[:, None, :2], box2[:, :2])
+    bottom_right = torch.min(box1[:, None, 2:], box2[:, 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(2)
+    return inter / (area1[:, None] + area2 - inter)
+
+
+def _load_torchvision_kernels() -> None:
+    """Make ``torch.ops.torchvision.*`` available, importing as little as possible.
+
+    ``import torchvision`` pulls in ``torch._dynamo`` through ``torchvision.ops`` (~2 s on a small CPU, half of
+    val.py's start-up). The compiled kernels live in torchvision's ``_C`` extension, which
+    ``torch.ops.load_library`` registers on its own; the full import is the fallback if that file is not found.
+    """
+    if "torchvision" in sys.modules or hasattr(torch.ops.torchvision, "nms"):  # already registered
+        return
+    spec = importlib.util.find_spec("torchvision")
+    folder = Path(spec.origin).parent if spec and spec.origin else None
+    libraries = sorted(glob.glob(str(folder / "_C*.so")) + glob.glob(str(folder / "_C*.pyd"))) if folder else []
+    if libraries:
+        torch.ops.load_library(libraries[0])
+    else:
+        import torchvision  # noqa: F401
+
+
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_thres: float) -> torch.Tensor:
+    """Indices kept by torchvision's NMS kernel, highest score first (``torchvision.ops.nms`` without the import)."""
+    if not hasattr(torch.ops.torchvision, "nms"):
+        _load_torchvision_kernels()
+    return torch.ops.torchvision.nms(boxes, scores, iou_thres)
 
 
 def _corners_and_sizes(box: torch.Tensor, xywh: bool, eps: float) -> tuple[torch.Tensor, ...]:
@@ -248,7 +285,7 @@ def non_max_suppression(
             order = det[:, 4].argsort(descending=True, stable=True)[:max_nms]
             det = det[order]
             offsets = det[:, 5:6] * (0 if agnostic else _CLASS_OFFSET)
-            keep = torchvision.ops.nms(det[:, :4] + offsets, det[:, 4], iou_thres)[:max_det]
+            keep = nms(det[:, :4] + offsets, det[:, 4], iou_thres)[:max_det]
             det = det[keep]
         output.append(det)
     return output

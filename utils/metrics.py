@@ -319,8 +319,16 @@ class ConfusionMatrix:
         ax.set_ylabel("Predicted")
         ax.set_title("Confusion Matrix")
         save_path = Path(save_path)
-        fig.savefig(save_path, dpi=250)
+        save_figure(fig, save_path)
         return save_path
+
+
+PLOT_DPI = 150  # 1350 x 900 px curves: sharp enough to read, ~3x cheaper to render and encode than 250
+
+
+def save_figure(fig, path: Path) -> None:
+    """PNG with light zlib compression: encoding at the default level costs more than drawing the plot."""
+    fig.savefig(path, dpi=PLOT_DPI, pil_kwargs={"compress_level": 1})
 
 
 def _new_figure():
@@ -346,7 +354,7 @@ def plot_pr_curve(px: np.ndarray, py: np.ndarray, ap: np.ndarray, save_path: str
         ax.plot(px, py.mean(0), linewidth=3, color="blue", label=f"all classes {ap[:, 0].mean():.3f} mAP@0.5")
     _finish_axes(ax, "Recall", "Precision", "Precision-Recall Curve")
     save_path = Path(save_path)
-    fig.savefig(save_path, dpi=250)
+    save_figure(fig, save_path)
     return save_path
 
 
@@ -365,7 +373,7 @@ def plot_mc_curve(px: np.ndarray, py: np.ndarray, save_path: str | Path, names: 
         ax.plot(px, mean, linewidth=3, color="blue", label=f"all classes {mean[best]:.2f} at {px[best]:.3f}")
     _finish_axes(ax, xlabel, ylabel, f"{ylabel}-{xlabel} Curve")
     save_path = Path(save_path)
-    fig.savefig(save_path, dpi=250)
+    save_figure(fig, save_path)
     return save_path
 
 

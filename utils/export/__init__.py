@@ -54,6 +54,7 @@ class ExportOptions:
     int8: bool = False
     data: Path | None = None
     calib_images: int = 300
+    int8_keep_coarse: bool = False
     workspace: float = 4.0
     nms: bool = False
     nms_settings: NMSSettings = field(default_factory=NMSSettings)
@@ -190,7 +191,7 @@ def _quantize(onnx_file: Path, out: Path, options: ExportOptions) -> Path:
     from utils.export.quantize import quantize_onnx_int8
 
     files = image_files(options.data, "train")[: options.calib_images]
-    return quantize_onnx_int8(onnx_file, out, files, options.imgsz)
+    return quantize_onnx_int8(onnx_file, out, files, options.imgsz, keep_coarse_fp32=options.int8_keep_coarse)
 
 
 def _export_openvino(model: nn.Module, images: torch.Tensor, names: list[str], options: ExportOptions,

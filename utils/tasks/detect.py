@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -137,9 +138,11 @@ class DetectTask:
         return lambda preds, batch: compute(preds, batch["targets"])
 
     def validate(self, model: nn.Module, loader, save_dir: Path, plots: bool) -> dict[str, float]:
+        """Validate a Conv+BN-fused copy (the EMA model itself keeps training-time structure)."""
         options = ValidationOptions(single_cls=self.cfg.single_cls, plots=plots, save_dir=save_dir,
                                     names=self.names)
-        metrics = validate_detector(model, loader, self.nc, options)
+        fused = deepcopy(model).fuse() if hasattr(model, "fuse") else model
+        metrics = validate_detector(fused, loader, self.nc, options)
         LOGGER.info("\n%s", format_results(metrics, self.names, verbose=plots))
         return {k: metrics[k] for k in ("P", "R", "mAP50", "mAP50-95")}
 
