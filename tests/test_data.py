@@ -281,7 +281,7 @@ def test_fast_ops_match_v7_operations():
     for fast in (True, False):
         _, dataset = create_dataloader(str(SAMPLE / "images" / "train"), 128, 4, 32, hyp=load_hyp(), augment=True,
                                        seed=5)
-        dataset.fast_ops = fast
+        dataset.fast_ops = dataset.fast_warp = fast
         samples.append([dataset[i] for i in range(6)])
     for (img, lab, *_), (img0, lab0, *_) in zip(*samples):
         assert torch.equal(lab, lab0) and (img.float() - img0.float()).abs().mean() < 6.0

@@ -142,7 +142,7 @@ def warp_scale_translate(img: np.ndarray, matrix: np.ndarray, out_w: int, out_h:
 def random_perspective(img: np.ndarray, labels: np.ndarray, degrees: float = 10, translate: float = 0.1,
                        scale: float = 0.1, shear: float = 10, perspective: float = 0.0,
                        border: tuple[int, int] = (0, 0), rng: np.random.Generator | None = None,
-                       fast: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                       fast: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Random rotation/scale/shear/translation/perspective of an image and its (n, 5) pixel-xyxy labels.
 
     ``border`` (negative for mosaics: -s/2) shrinks the output from the 2s canvas to s. Boxes are clipped to the
@@ -227,7 +227,7 @@ def mosaic_placements(xc: int, yc: int, s: int, sizes: list[tuple[int, int]]) ->
 
 
 def mosaic4(images: list[np.ndarray], labels: list[np.ndarray], s: int, hyp: dict,
-            rng: np.random.Generator | None = None, fast: bool = True) -> tuple[np.ndarray, np.ndarray]:
+            rng: np.random.Generator | None = None, fast: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """4 images (long side s) with normalised labels -> one s x s mosaic with pixel-xyxy labels.
 
     Centre drawn in [s/2, 3s/2] on a 2s canvas, optional copy-paste, then random_perspective with border -s/2.
