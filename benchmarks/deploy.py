@@ -54,16 +54,18 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def export_artifacts(weights: Path, data: Path, imgsz: int, work: Path, calib_images: int) -> dict[str, Path]:
-    """Dynamic-batch ONNX + its INT8 copy + OpenVINO from it, and NCNN (batch 1), all at ``imgsz``."""
+def export_artifacts(weights: Path, data: Path, imgsz: int, work: Path, calib_images: int,
+                     backends: list[str]) -> dict[str, Path]:
+    """Dynamic-batch ONNX, the INT8 copies among ``backends``, OpenVINO and NCNN (batch 1), all at ``imgsz``."""
     folder = work / f"img{imgsz}"
     options = ExportOptions(weights=weights, include=("onnx", "openvino", "ncnn"), imgsz=(imgsz, imgsz),
                             dynamic=True, simplify=True, output_dir=folder)
     artifacts = run_export(options)
     calibration = image_files(data, "train")[:calib_images]
-    artifacts["onnx-int8"] = quantize_onnx_int8(artifacts["onnx"], folder / "model_int8.onnx", calibration)
-    artifacts["onnx-int8-coarse"] = quantize_onnx_int8(artifacts["onnx"], folder / "model_int8_coarse.onnx",
-                                                       calibration, keep_coarse_fp32=True)
+    for name, keep_coarse in (("onnx-int8", False), ("onnx-int8-coarse", True)):
+        if name in backends:  # each calibration takes tens of seconds and GBs of RAM
+            artifacts[name] = quantize_onnx_int8(artifacts["onnx"], folder / f"model_{name}.onnx", calibration,
+                                                 keep_coarse_fp32=keep_coarse)
     artifacts["pytorch"] = weights
     return artifacts
 
@@ -151,7 +153,7 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> list[dict]:
     files = image_files(args.data, "val")
     rows = []
     for imgsz in args.imgsz:
-        artifacts = export_artifacts(args.weights, args.data, imgsz, work, args.calib_images)
+        artifacts = export_artifacts(args.weights, args.data, imgsz, work, args.calib_images, args.backends)
         for name in args.backends:
             backend = load_backend(artifacts[name], threads=args.threads)
             scores = measure_map(backend, args.data, imgsz, args.map_batch) if imgsz == args.map_imgsz else None

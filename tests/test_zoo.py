@@ -314,7 +314,7 @@ def sample_batch(imgsz: int = 128, batch: int = 4) -> tuple[torch.Tensor, torch.
     return images.float() / 255, targets
 
 
-def _export_sized(name: str) -> DetectionModel:
+def compact_model(name: str) -> DetectionModel:
     """The YAML at its own size, except the x models, built at width 0.25 / depth 0.33.
 
     The yolov5x graphs hold 90-113 M parameters; exporting them would add minutes and gigabytes to the suite
@@ -330,10 +330,11 @@ def _export_sized(name: str) -> DetectionModel:
 def test_zoo_yaml_trains_one_step_with_frozen_backbone(name):
     """``--freeze backbone`` on the real sample: the backbone section (weights and BN statistics) stays bit-equal,
     every head layer changes, and the loss is finite."""
+    from utils.config import load_hyp
     from utils.freeze import apply_trainable, freeze_batchnorm_stats, frozen_layer_indices, trainable_except
     from utils.loss import ComputeLoss, scale_loss_gains
 
-    model = _export_sized(name)
+    model = compact_model(name)
     n_backbone = len(model.yaml["backbone"])
     frozen = frozen_layer_indices(model, ["backbone"])
     assert frozen == set(range(n_backbone))
@@ -341,8 +342,6 @@ def test_zoo_yaml_trains_one_step_with_frozen_backbone(name):
     model.train()
     freeze_batchnorm_stats(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    from utils.config import load_hyp
-
     loss_fn = ComputeLoss(model, scale_loss_gains(load_hyp(), model.nc, model.model[-1].nl, 128))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     images, targets = sample_batch()
@@ -368,7 +367,7 @@ def test_zoo_yaml_exports_to_onnx_and_matches_pytorch(name, tmp_path):
     from utils.export.common import ExportMetadata, prepare_for_export
     from utils.export.onnx import export_onnx
 
-    model = _export_sized(name)
+    model = compact_model(name)
     _randomise_bn(model)
     prepared = prepare_for_export(model)
     images, _ = sample_batch()

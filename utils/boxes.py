@@ -11,7 +11,6 @@ from __future__ import annotations
 import glob
 import importlib.util
 import math
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -137,8 +136,6 @@ def _load_torchvision_kernels() -> None:
     val.py's start-up). The compiled kernels live in torchvision's ``_C`` extension, which
     ``torch.ops.load_library`` registers on its own; the full import is the fallback if that file is not found.
     """
-    if "torchvision" in sys.modules or hasattr(torch.ops.torchvision, "nms"):  # already registered
-        return
     spec = importlib.util.find_spec("torchvision")
     folder = Path(spec.origin).parent if spec and spec.origin else None
     libraries = sorted(glob.glob(str(folder / "_C*.so")) + glob.glob(str(folder / "_C*.pyd"))) if folder else []
