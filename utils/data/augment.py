@@ -99,55 +99,28 @@ def transform_boxes(boxes: np.ndarray, matrix: np.ndarray, perspective: bool) ->
     return np.stack((x.min(1), y.min(1), x.max(1), y.max(1)), 1)
 
 
-def is_scale_translate(matrix: np.ndarray) -> bool:
-    """True for x' = a*x + tx, y' = a*y + ty (the default hyp: no rotation, shear or perspective)."""
-    return bool(matrix[0, 1] == 0 and matrix[1, 0] == 0 and matrix[2, 0] == 0 and matrix[2, 1] == 0
-                and matrix[0, 0] == matrix[1, 1] > 0 and matrix[2, 2] == 1)
-
-
-def _axis_span(a: float, t: float, n_src: int, n_dst: int) -> tuple[int, int, int, int, int, int] | None:
-    """Source pixels [s0, s1) that land in [0, n_dst), their destination edges [d0, d1), the visible [v0, v1).
-
-    With warpAffine's convention (pixel centres at integers) source pixel edge X maps to a * (X - 0.5) + t + 0.5.
-    """
-    s0 = max(0, math.floor((-t - 0.5) / a + 0.5))
-    s1 = min(n_src, math.ceil((n_dst - t - 0.5) / a + 0.5))
-    if s1 <= s0:
-        return None
-    d0, d1 = round(a * (s0 - 0.5) + t + 0.5), round(a * (s1 - 0.5) + t + 0.5)
-    d1 = max(d1, d0 + 1)
-    v0, v1 = max(d0, 0), min(d1, n_dst)
-    return (s0, s1, d0, d1, v0, v1) if v1 > v0 else None
-
-
-def warp_scale_translate(img: np.ndarray, matrix: np.ndarray, out_w: int, out_h: int) -> np.ndarray:
-    """Same result as ``cv2.warpAffine`` for a pure scale + translation (within half a pixel), ~4x faster.
-
-    Only the visible source crop is resized (separable SIMD resize) and pasted on a grey canvas; the boxes are
-    still mapped through the exact matrix, so they stay aligned with the pixels to within half a pixel.
-    """
-    out = np.full((out_h, out_w, *img.shape[2:]), 114, dtype=img.dtype)
-    a = float(matrix[0, 0])
-    xs = _axis_span(a, float(matrix[0, 2]), img.shape[1], out_w)
-    ys = _axis_span(a, float(matrix[1, 2]), img.shape[0], out_h)
-    if xs is None or ys is None:
-        return out
-    (sx0, sx1, dx0, dx1, vx0, vx1), (sy0, sy1, dy0, dy1, vy0, vy1) = xs, ys
-    # both crop edges land on rounded destination edges: <= 0.5 px off, like v7.0's own letterbox padding
-    block = cv2.resize(img[sy0:sy1, sx0:sx1], (dx1 - dx0, dy1 - dy0), interpolation=cv2.INTER_LINEAR)
-    out[vy0:vy1, vx0:vx1] = block[vy0 - dy0:vy1 - dy0, vx0 - dx0:vx1 - dx0]
-    return out
+def warp_labels(labels: np.ndarray, matrix: np.ndarray, scale: float, out_w: int, out_h: int,
+                perspective: bool = False) -> np.ndarray:
+    """Map (n, 5) pixel-xyxy labels through ``matrix``, clip to the output, drop boxes that barely survive."""
+    if not len(labels):
+        return labels
+    new = transform_boxes(labels[:, 1:5], matrix, perspective)
+    new[:, [0, 2]] = new[:, [0, 2]].clip(0, out_w)
+    new[:, [1, 3]] = new[:, [1, 3]].clip(0, out_h)
+    keep = box_candidates(labels[:, 1:5].T * scale, new.T, area_thr=0.10)
+    labels = labels[keep]
+    labels[:, 1:5] = new[keep]
+    return labels
 
 
 def random_perspective(img: np.ndarray, labels: np.ndarray, degrees: float = 10, translate: float = 0.1,
                        scale: float = 0.1, shear: float = 10, perspective: float = 0.0,
                        border: tuple[int, int] = (0, 0), rng: np.random.Generator | None = None,
-                       fast: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                       ) -> tuple[np.ndarray, np.ndarray]:
     """Random rotation/scale/shear/translation/perspective of an image and its (n, 5) pixel-xyxy labels.
 
     ``border`` (negative for mosaics: -s/2) shrinks the output from the 2s canvas to s. Boxes are clipped to the
-    output and filtered with :func:`box_candidates`, so boxes pushed out of view disappear. ``fast`` uses
-    :func:`warp_scale_translate` instead of ``cv2.warpAffine`` when the matrix is a pure scale + translation.
+    output and filtered with :func:`box_candidates`, so boxes pushed out of view disappear.
     """
     rng = _rng(rng)
     out_h, out_w = img.shape[0] + border[0] * 2, img.shape[1] + border[1] * 2
@@ -156,32 +129,31 @@ def random_perspective(img: np.ndarray, labels: np.ndarray, degrees: float = 10,
     if border[0] != 0 or border[1] != 0 or (matrix != np.eye(3)).any():
         if perspective:
             img = cv2.warpPerspective(img, matrix, dsize=(out_w, out_h), borderValue=GREY)
-        elif fast and is_scale_translate(matrix):
-            img = warp_scale_translate(img, matrix, out_w, out_h)
         else:
             img = cv2.warpAffine(img, matrix[:2], dsize=(out_w, out_h), borderValue=GREY)
-    if len(labels):
-        new = transform_boxes(labels[:, 1:5], matrix, bool(perspective))
-        new[:, [0, 2]] = new[:, [0, 2]].clip(0, out_w)
-        new[:, [1, 3]] = new[:, [1, 3]].clip(0, out_h)
-        keep = box_candidates(labels[:, 1:5].T * s, new.T, area_thr=0.10)
-        labels = labels[keep]
-        labels[:, 1:5] = new[keep]
-    return img, labels
+    return img, warp_labels(labels, matrix, s, out_w, out_h, bool(perspective))
 
 
 # --------------------------------------------------------------------------- colour
 def augment_hsv(img: np.ndarray, hgain: float = 0.5, sgain: float = 0.5, vgain: float = 0.5,
                 rng: np.random.Generator | None = None) -> None:
-    """Random hue/saturation/value gains applied in place to a BGR uint8 image through 3 lookup tables."""
+    """Random hue/saturation/value gains applied in place to a BGR uint8 image through 3 lookup tables.
+
+    A single-channel (grey) image gets only the value table: a grey pixel has hue 0 and saturation 0, which the
+    hue and saturation tables map to 0 again, and HSV -> BGR of (0, 0, v) is (v, v, v). So the result equals
+    every channel of the 3-channel computation on the same pixels, for a third of the work and no conversion.
+    """
     if not (hgain or sgain or vgain):
         return
     gains = _rng(rng).uniform(-1, 1, 3) * [hgain, sgain, vgain] + 1
-    hue, sat, val = cv2.split(cv2.cvtColor(img, cv2.COLOR_BGR2HSV))
     x = np.arange(0, 256, dtype=gains.dtype)
+    lut_val = np.clip(x * gains[2], 0, 255).astype(img.dtype)
+    if img.ndim == 2:
+        cv2.LUT(img, lut_val, dst=img)
+        return
+    hue, sat, val = cv2.split(cv2.cvtColor(img, cv2.COLOR_BGR2HSV))
     lut_hue = ((x * gains[0]) % 180).astype(img.dtype)
     lut_sat = np.clip(x * gains[1], 0, 255).astype(img.dtype)
-    lut_val = np.clip(x * gains[2], 0, 255).astype(img.dtype)
     merged = cv2.merge((cv2.LUT(hue, lut_hue), cv2.LUT(sat, lut_sat), cv2.LUT(val, lut_val)))
     cv2.cvtColor(merged, cv2.COLOR_HSV2BGR, dst=img)
 
@@ -226,37 +198,104 @@ def mosaic_placements(xc: int, yc: int, s: int, sizes: list[tuple[int, int]]) ->
     return rects
 
 
-def mosaic4(images: list[np.ndarray], labels: list[np.ndarray], s: int, hyp: dict,
-            rng: np.random.Generator | None = None, fast: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """4 images (long side s) with normalised labels -> one s x s mosaic with pixel-xyxy labels.
+def same_channels(images: list[np.ndarray]) -> list[np.ndarray]:
+    """Grey (2-D) images expanded to BGR when any image is in colour, so they can share one canvas."""
+    if all(im.ndim == images[0].ndim for im in images):
+        return images
+    return [cv2.cvtColor(im, cv2.COLOR_GRAY2BGR) if im.ndim == 2 else im for im in images]
 
-    Centre drawn in [s/2, 3s/2] on a 2s canvas, optional copy-paste, then random_perspective with border -s/2.
-    """
-    rng = _rng(rng)
-    border = -s // 2
-    yc, xc = (int(rng.uniform(-border, 2 * s + border)) for _ in range(2))
-    canvas = np.full((s * 2, s * 2, images[0].shape[2]), 114, dtype=np.uint8)
+
+def place_labels(labels: list[np.ndarray], sizes: list[tuple[int, int]], placements: list[tuple[tuple, tuple]],
+                 s: int) -> np.ndarray:
+    """Normalised labels of the 4 tiles -> pixel xyxy on the 2s x 2s mosaic canvas (clipped to it)."""
     placed = []
-    for img, lab, (dst, src) in zip(images, labels, mosaic_placements(xc, yc, s, [im.shape[:2] for im in images])):
-        canvas[dst[1]:dst[3], dst[0]:dst[2]] = img[src[1]:src[3], src[0]:src[2]]
+    for lab, (h, w), (dst, src) in zip(labels, sizes, placements):
         lab = lab.copy()
         if len(lab):
-            h, w = img.shape[:2]
             lab[:, 1:] = xywhn2xyxy(lab[:, 1:], w, h, dst[0] - src[0], dst[1] - src[1])
         placed.append(lab)
     all_labels = np.concatenate(placed, 0) if placed else np.zeros((0, 5), np.float32)
     np.clip(all_labels[:, 1:], 0, 2 * s, out=all_labels[:, 1:])
+    return all_labels
+
+
+def paste_tiles(images: list[np.ndarray], sizes: list[tuple[int, int]], placements: list[tuple[tuple, tuple]],
+                s: int) -> np.ndarray:
+    """v7.0's 2s x 2s grey canvas with each tile (resized to its size first if needed) pasted in its rectangle."""
+    canvas = np.full((s * 2, s * 2, *images[0].shape[2:]), 114, dtype=np.uint8)
+    for img, (h, w), (dst, src) in zip(images, sizes, placements):
+        if img.shape[:2] != (h, w):
+            img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
+        canvas[dst[1]:dst[3], dst[0]:dst[2]] = img[src[1]:src[3], src[0]:src[2]]
+    return canvas
+
+
+def _output_span(a: float, t: float, c0: int, c1: int, n: int) -> tuple[int, int]:
+    """Output pixels [p0, p1) whose nearest canvas pixel under p = a*c + t lies in [c0, c1), clipped to [0, n)."""
+    p0 = math.ceil(a * (c0 - 0.5) + t)
+    p1 = math.ceil(a * (c1 - 0.5) + t)
+    return min(max(p0, 0), n), min(max(p1, 0), n)
+
+
+def warp_tiles(images: list[np.ndarray], sizes: list[tuple[int, int]], placements: list[tuple[tuple, tuple]],
+               matrix: np.ndarray, s: int) -> np.ndarray:
+    """The s x s mosaic warped straight from each tile's source pixels, without the 2s canvas.
+
+    Equivalent to :func:`paste_tiles` + ``cv2.warpAffine`` for a scale + translate ``matrix`` (the default hyp):
+    each output pixel is taken from the tile whose canvas rectangle holds its nearest canvas pixel, sampled with
+    the composition of the tile's resize (``cv2.resize`` pixel-centre convention), its placement and ``matrix``.
+    One bilinear interpolation instead of two, so a source image is never resized to a 2s canvas first (at 640
+    that saved most of the mosaic's time); the geometry, and so every box, is exactly v7.0's. Pixels differ
+    from v7.0's only by that single vs double interpolation and within one pixel of the tile seams.
+    """
+    a, tx, ty = float(matrix[0, 0]), float(matrix[0, 2]), float(matrix[1, 2])
+    out = np.full((s, s, *images[0].shape[2:]), 114, dtype=np.uint8)
+    for img, (h, w), (dst, src) in zip(images, sizes, placements):
+        x0, x1 = _output_span(a, tx, dst[0], dst[2], s)
+        y0, y1 = _output_span(a, ty, dst[1], dst[3], s)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        fx, fy = img.shape[1] / w, img.shape[0] / h  # source pixels per tile pixel
+        # source o -> tile j = (o + 0.5) / f - 0.5 -> canvas j + (dst - src) -> output a * canvas + t - roi origin
+        m = np.array([[a / fx, 0.0, a * (0.5 / fx - 0.5 + dst[0] - src[0]) + tx - x0],
+                      [0.0, a / fy, a * (0.5 / fy - 0.5 + dst[1] - src[1]) + ty - y0]])
+        cv2.warpAffine(img, m, (x1 - x0, y1 - y0), dst=out[y0:y1, x0:x1], flags=cv2.INTER_LINEAR,
+                       borderMode=cv2.BORDER_REPLICATE)  # written in place into the output's window
+    return out
+
+
+def mosaic4(images: list[np.ndarray], labels: list[np.ndarray], s: int, hyp: dict,
+            rng: np.random.Generator | None = None, sizes: list[tuple[int, int]] | None = None,
+            direct: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """4 images with normalised labels -> one s x s mosaic with pixel-xyxy labels.
+
+    ``sizes`` are the tiles' (h, w) after the long-side resize to s; ``images`` may be at that size or at any
+    other (e.g. undecimated originals), they are resampled to it. Centre drawn in [s/2, 3s/2] on a 2s canvas,
+    optional copy-paste, then the random affine with border -s/2. ``direct`` (used when the affine is a scale +
+    translate and there is no copy-paste) warps the tiles straight into the output with :func:`warp_tiles`;
+    otherwise the v7.0 canvas is built and warped. Both consume the random stream identically.
+    """
+    rng = _rng(rng)
+    images = same_channels(images)
+    sizes = sizes or [im.shape[:2] for im in images]
+    border = -s // 2
+    yc, xc = (int(rng.uniform(-border, 2 * s + border)) for _ in range(2))
+    placements = mosaic_placements(xc, yc, s, sizes)
+    all_labels = place_labels(labels, sizes, placements, s)
+    affine = {k: hyp.get(k, 0.0) for k in ("degrees", "translate", "scale", "shear", "perspective")}
+    if direct and not (hyp.get("copy_paste", 0.0) or affine["degrees"] or affine["shear"] or affine["perspective"]):
+        matrix, scale = random_affine_matrix(2 * s, 2 * s, s, s, rng=rng, **affine)  # scale + translate only
+        return warp_tiles(images, sizes, placements, matrix, s), warp_labels(all_labels, matrix, scale, s, s)
+    canvas = paste_tiles(images, sizes, placements, s)
     canvas, all_labels = copy_paste(canvas, all_labels, hyp.get("copy_paste", 0.0), rng)
-    return random_perspective(canvas, all_labels, degrees=hyp.get("degrees", 0.0),
-                              translate=hyp.get("translate", 0.0), scale=hyp.get("scale", 0.0),
-                              shear=hyp.get("shear", 0.0), perspective=hyp.get("perspective", 0.0),
-                              border=(border, border), rng=rng, fast=fast)
+    return random_perspective(canvas, all_labels, border=(border, border), rng=rng, **affine)
 
 
 def mixup(img: np.ndarray, labels: np.ndarray, img2: np.ndarray, labels2: np.ndarray,
           rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Blend two same-size images with a Beta(32, 32) ratio (about 0.5) and keep the labels of both."""
     r = _rng(rng).beta(32.0, 32.0)
+    img, img2 = same_channels([img, img2])
     blended = (img * r + img2 * (1 - r)).astype(np.uint8)
     return blended, np.concatenate((labels, labels2), 0)
 

@@ -61,8 +61,20 @@ def resize_long_side(img: np.ndarray, img_size: int, augment: bool) -> np.ndarra
 
 
 def bgr_hwc_to_rgb_chw(img: np.ndarray) -> np.ndarray:
-    """HWC BGR -> contiguous CHW RGB; cv2.split + stack is ~2x faster than a strided transpose copy."""
-    return np.stack(cv2.split(np.ascontiguousarray(img))[::-1], 0)
+    """HWC BGR -> contiguous CHW RGB; a 2-D grey image is written into all three channels."""
+    if img.ndim == 2:
+        out = np.empty((3, *img.shape), dtype=img.dtype)
+        out[:] = img
+        return out
+    return np.ascontiguousarray(img.transpose((2, 0, 1))[::-1])
+
+
+def read_image(path: str, grey: bool) -> np.ndarray:
+    """BGR (h, w, 3), or (h, w) for an image the scan found grey (same pixels as any channel of the BGR read)."""
+    img = cv2.imread(path, cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR)
+    if img is None:
+        raise FileNotFoundError(f"image not readable: {path}")
+    return img
 
 
 def rect_batch_shapes(shapes_wh: np.ndarray, batch_size: int, img_size: int, stride: int, pad: float,
@@ -121,17 +133,17 @@ class DetectionDataset(Dataset):
         self.mosaic_border = (-img_size // 2, -img_size // 2)
         self.prefix, self.cache_dir = prefix, cache_dir
         self.rng = np.random.default_rng(seed)
-        self.fast_ops = True  # False: v7.0's np flips and strided CHW copy (same pixels, slower) for benchmarks
-        # True: crop-and-resize instead of cv2.warpAffine for scale+translate warps: ~4x faster, but up to half a
-        # pixel off the boxes. In 30-epoch NEU-DET runs (yolov5n, 256) it cost 0.015 mAP@.5:.95 (0.226 vs
-        # 0.2405 with warpAffine), so the exact warp is the default.
-        self.fast_warp = False
+        # False: v7.0's operations (colour decode of grey images, resize + 2s canvas + warp for mosaics, numpy
+        # flips), for benchmarks and tests; True: grey images in one channel and mosaics warped straight from
+        # the tiles (augment.warp_tiles). Same labels and geometry either way.
+        self.fast_ops = True
         scan = scan_dataset(list_image_files(path), nc=nc, cache_dir=cache_dir, prefix=prefix)
         if not scan.im_files:
             raise FileNotFoundError(f"{prefix}no usable images in {path}: {scan.report.summary()}")
         self.report: ScanReport = scan.report
         self.im_files, self.label_files = scan.im_files, scan.label_files
         self.labels, self.shapes = scan.labels, scan.shapes
+        self.grey = scan.grey if scan.grey is not None else np.zeros(len(scan.im_files), dtype=bool)
         if single_cls:
             for lb in self.labels:
                 lb[:, 0] = 0
@@ -167,6 +179,7 @@ class DetectionDataset(Dataset):
         self.label_files = [self.label_files[i] for i in order]
         self.labels = [self.labels[i] for i in order]
         self.shapes = self.shapes[order]
+        self.grey = self.grey[order]
 
     def set_image_weights(self, class_weights: np.ndarray | None = None) -> None:
         """Resample ``self.indices`` (n draws with replacement) so rare classes are seen more often.
@@ -189,10 +202,7 @@ class DetectionDataset(Dataset):
     def _read_original(self, i: int) -> np.ndarray:
         if self.cache == "disk":
             return self._read_npy(i)
-        img = cv2.imread(self.im_files[i], cv2.IMREAD_COLOR)
-        if img is None:
-            raise FileNotFoundError(f"image not readable: {self.im_files[i]}")
-        return img
+        return read_image(self.im_files[i], self.fast_ops and bool(self.grey[i]))
 
     def _read_npy(self, i: int) -> np.ndarray:
         npy = self._npy_files[i]
@@ -202,7 +212,7 @@ class DetectionDataset(Dataset):
             return self._write_npy(i)
 
     def _write_npy(self, i: int) -> np.ndarray:
-        img = cv2.imread(self.im_files[i], cv2.IMREAD_COLOR)
+        img = read_image(self.im_files[i], bool(self.grey[i]))
         tmp = self._npy_files[i].with_suffix(f".{os.getpid()}.tmp.npy")
         np.save(tmp, img)
         os.replace(tmp, self._npy_files[i])
@@ -219,7 +229,7 @@ class DetectionDataset(Dataset):
             img, hw0 = self._decode_resized(i)
             return img, hw0, img.shape[:2]
         if self.cache == "ram-jpeg":
-            img = cv2.imdecode(cached[0], cv2.IMREAD_COLOR)
+            img = cv2.imdecode(cached[0], cv2.IMREAD_UNCHANGED)  # grey entries were encoded as 1-channel JPEGs
             return img, cached[1], img.shape[:2]
         return cached[0], cached[1], cached[0].shape[:2]
 
@@ -261,7 +271,7 @@ class DetectionDataset(Dataset):
         sample = np.unique(np.linspace(0, self.n - 1, min(SIZE_SAMPLE, self.n)).round().astype(int))
         sizes = []
         for i in sample:
-            original = cv2.imread(self.im_files[i], cv2.IMREAD_COLOR)
+            original = read_image(self.im_files[i], bool(self.grey[i]))
             if mode == "disk":
                 sizes.append(original.nbytes + 128)
                 continue
@@ -301,8 +311,7 @@ class DetectionDataset(Dataset):
             if self.augment:
                 img, labels = random_perspective(img, labels, degrees=hyp["degrees"], translate=hyp["translate"],
                                                  scale=hyp["scale"], shear=hyp["shear"],
-                                                 perspective=hyp["perspective"], rng=self.rng,
-                                                 fast=self.fast_warp)
+                                                 perspective=hyp["perspective"], rng=self.rng)
         if len(labels):
             labels[:, 1:5] = xyxy2xywhn(labels[:, 1:5], w=img.shape[1], h=img.shape[0], clip=True, eps=1e-3)
         if self.augment:
@@ -310,8 +319,7 @@ class DetectionDataset(Dataset):
         labels_out = torch.zeros((len(labels), 6))
         if len(labels):
             labels_out[:, 1:] = torch.from_numpy(labels)
-        chw = bgr_hwc_to_rgb_chw(img) if self.fast_ops else np.ascontiguousarray(img.transpose((2, 0, 1))[::-1])
-        return torch.from_numpy(chw), labels_out, self.im_files[index], shapes
+        return torch.from_numpy(bgr_hwc_to_rgb_chw(img)), labels_out, self.im_files[index], shapes
 
     def _load_letterboxed(self, index: int) -> tuple[np.ndarray, np.ndarray, Any]:
         img, (h0, w0), (h, w) = self.load_image(index)
@@ -334,10 +342,29 @@ class DetectionDataset(Dataset):
     def load_mosaic(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """This image + 3 random ones -> s x s mosaic with pixel-xyxy labels (see augment.mosaic4)."""
         others = self.rng.choice(self.indices, size=3)
-        chosen = self.rng.permutation(np.concatenate(([index], others)))
-        images = [self.load_image(int(i))[0] for i in chosen]
-        labels = [self.labels[int(i)] for i in chosen]
-        return mosaic4(images, labels, self.img_size, self.hyp, rng=self.rng, fast=self.fast_warp)
+        chosen = [int(i) for i in self.rng.permutation(np.concatenate(([index], others)))]
+        if not self.fast_ops:
+            images = [self.load_image(i)[0] for i in chosen]
+            return mosaic4(images, [self.labels[i] for i in chosen], self.img_size, self.hyp, rng=self.rng,
+                           direct=False)
+        tiles = [self._mosaic_tile(i) for i in chosen]
+        return mosaic4([t[0] for t in tiles], [self.labels[i] for i in chosen], self.img_size, self.hyp,
+                       rng=self.rng, sizes=[t[1] for t in tiles])
+
+    def _mosaic_tile(self, i: int) -> tuple[np.ndarray, tuple[int, int]]:
+        """(pixels, (h, w) the tile has after the long-side resize). An uncached image that the resize would
+        enlarge comes back as decoded: mosaic4's single warp does the enlargement (one interpolation instead of a
+        resize plus a warp). Shrinking stays a separate resize, as one bilinear warp would alias."""
+        if self._ram[i] is None:
+            img = self._read_original(i)
+            h0, w0 = img.shape[:2]
+            r = self.img_size / max(h0, w0)
+            if r >= 1:
+                return img, (math.ceil(h0 * r), math.ceil(w0 * r))
+            img = resize_long_side(img, self.img_size, augment=True)
+        else:
+            img = self.load_image(i)[0]
+        return img, img.shape[:2]
 
     @staticmethod
     def collate_fn(batch: list) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...], tuple]:
