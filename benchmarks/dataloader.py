@@ -66,7 +66,8 @@ def torch_stack_collate(batch: list) -> tuple:
 
 
 def v7_path_loader(dataset, batch_size: int, workers: int):
-    """Same data set with v7.0's operations: cv2.warpAffine, numpy flips, strided CHW copy, torch.stack collate."""
+    """Same data set with v7.0's operations: colour decode of grey images, tile resize + 2s canvas +
+    cv2.warpAffine for mosaics, numpy flips, torch.stack collate."""
     import torch
     from torch.utils.data import DataLoader
 

@@ -151,11 +151,11 @@ def augment_hsv(img: np.ndarray, hgain: float = 0.5, sgain: float = 0.5, vgain: 
     if img.ndim == 2:
         cv2.LUT(img, lut_val, dst=img)
         return
-    hue, sat, val = cv2.split(cv2.cvtColor(img, cv2.COLOR_BGR2HSV))
-    lut_hue = ((x * gains[0]) % 180).astype(img.dtype)
-    lut_sat = np.clip(x * gains[1], 0, 255).astype(img.dtype)
-    merged = cv2.merge((cv2.LUT(hue, lut_hue), cv2.LUT(sat, lut_sat), cv2.LUT(val, lut_val)))
-    cv2.cvtColor(merged, cv2.COLOR_HSV2BGR, dst=img)
+    hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
+    luts = np.stack((((x * gains[0]) % 180).astype(img.dtype), np.clip(x * gains[1], 0, 255).astype(img.dtype),
+                     lut_val), 1)
+    cv2.LUT(hsv, luts.reshape(256, 1, 3), dst=hsv)  # one table per channel, no split/merge
+    cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR, dst=img)
 
 
 # --------------------------------------------------------------------------- flips (normalised cx cy w h)
@@ -207,25 +207,21 @@ def same_channels(images: list[np.ndarray]) -> list[np.ndarray]:
 
 def place_labels(labels: list[np.ndarray], sizes: list[tuple[int, int]], placements: list[tuple[tuple, tuple]],
                  s: int) -> np.ndarray:
-    """Normalised labels of the 4 tiles -> pixel xyxy on the 2s x 2s mosaic canvas (clipped to it)."""
-    placed = []
-    for lab, (h, w), (dst, src) in zip(labels, sizes, placements):
-        lab = lab.copy()
-        if len(lab):
-            lab[:, 1:] = xywhn2xyxy(lab[:, 1:], w, h, dst[0] - src[0], dst[1] - src[1])
-        placed.append(lab)
-    all_labels = np.concatenate(placed, 0) if placed else np.zeros((0, 5), np.float32)
+    """Normalised labels of the 4 tiles -> pixel xyxy on the 2s x 2s mosaic canvas (clipped to it), in one step."""
+    all_labels = np.concatenate(labels, 0).astype(np.float32)
+    if len(all_labels):
+        per_tile = np.array([(w, h, dst[0] - src[0], dst[1] - src[1])
+                             for (h, w), (dst, src) in zip(sizes, placements)], np.float32)
+        w, h, padw, padh = np.repeat(per_tile, [len(lb) for lb in labels], 0).T
+        all_labels[:, 1:] = xywhn2xyxy(all_labels[:, 1:], w, h, padw, padh)
     np.clip(all_labels[:, 1:], 0, 2 * s, out=all_labels[:, 1:])
     return all_labels
 
 
-def paste_tiles(images: list[np.ndarray], sizes: list[tuple[int, int]], placements: list[tuple[tuple, tuple]],
-                s: int) -> np.ndarray:
-    """v7.0's 2s x 2s grey canvas with each tile (resized to its size first if needed) pasted in its rectangle."""
+def paste_tiles(images: list[np.ndarray], placements: list[tuple[tuple, tuple]], s: int) -> np.ndarray:
+    """v7.0's 2s x 2s grey canvas with each tile pasted in its rectangle."""
     canvas = np.full((s * 2, s * 2, *images[0].shape[2:]), 114, dtype=np.uint8)
-    for img, (h, w), (dst, src) in zip(images, sizes, placements):
-        if img.shape[:2] != (h, w):
-            img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
+    for img, (dst, src) in zip(images, placements):
         canvas[dst[1]:dst[3], dst[0]:dst[2]] = img[src[1]:src[3], src[0]:src[2]]
     return canvas
 
@@ -237,47 +233,42 @@ def _output_span(a: float, t: float, c0: int, c1: int, n: int) -> tuple[int, int
     return min(max(p0, 0), n), min(max(p1, 0), n)
 
 
-def warp_tiles(images: list[np.ndarray], sizes: list[tuple[int, int]], placements: list[tuple[tuple, tuple]],
-               matrix: np.ndarray, s: int) -> np.ndarray:
-    """The s x s mosaic warped straight from each tile's source pixels, without the 2s canvas.
+def warp_tiles(images: list[np.ndarray], placements: list[tuple[tuple, tuple]], matrix: np.ndarray,
+               s: int) -> np.ndarray:
+    """The s x s mosaic warped straight from the 4 tiles, without building the 2s x 2s canvas.
 
-    Equivalent to :func:`paste_tiles` + ``cv2.warpAffine`` for a scale + translate ``matrix`` (the default hyp):
-    each output pixel is taken from the tile whose canvas rectangle holds its nearest canvas pixel, sampled with
-    the composition of the tile's resize (``cv2.resize`` pixel-centre convention), its placement and ``matrix``.
-    One bilinear interpolation instead of two, so a source image is never resized to a 2s canvas first (at 640
-    that saved most of the mosaic's time); the geometry, and so every box, is exactly v7.0's. Pixels differ
-    from v7.0's only by that single vs double interpolation and within one pixel of the tile seams.
+    Same pixels as :func:`paste_tiles` + ``cv2.warpAffine`` for a scale + translate ``matrix`` (the default
+    hyp), to within one grey level of fixed-point rounding, except in a one-pixel band along the tile seams:
+    each output pixel is sampled from the tile whose canvas rectangle holds its nearest canvas pixel, through
+    the tile's placement composed with ``matrix``. Only the visible part of each tile is touched, and the
+    2s canvas (4x the output's pixels) is never allocated, filled or read.
     """
     a, tx, ty = float(matrix[0, 0]), float(matrix[0, 2]), float(matrix[1, 2])
     out = np.full((s, s, *images[0].shape[2:]), 114, dtype=np.uint8)
-    for img, (h, w), (dst, src) in zip(images, sizes, placements):
+    for img, (dst, src) in zip(images, placements):
         x0, x1 = _output_span(a, tx, dst[0], dst[2], s)
         y0, y1 = _output_span(a, ty, dst[1], dst[3], s)
         if x1 <= x0 or y1 <= y0:
             continue
-        fx, fy = img.shape[1] / w, img.shape[0] / h  # source pixels per tile pixel
-        # source o -> tile j = (o + 0.5) / f - 0.5 -> canvas j + (dst - src) -> output a * canvas + t - roi origin
-        m = np.array([[a / fx, 0.0, a * (0.5 / fx - 0.5 + dst[0] - src[0]) + tx - x0],
-                      [0.0, a / fy, a * (0.5 / fy - 0.5 + dst[1] - src[1]) + ty - y0]])
+        # tile pixel j sits at canvas j + (dst - src); the window starts at output (x0, y0)
+        m = np.array([[a, 0.0, a * (dst[0] - src[0]) + tx - x0], [0.0, a, a * (dst[1] - src[1]) + ty - y0]])
         cv2.warpAffine(img, m, (x1 - x0, y1 - y0), dst=out[y0:y1, x0:x1], flags=cv2.INTER_LINEAR,
                        borderMode=cv2.BORDER_REPLICATE)  # written in place into the output's window
     return out
 
 
 def mosaic4(images: list[np.ndarray], labels: list[np.ndarray], s: int, hyp: dict,
-            rng: np.random.Generator | None = None, sizes: list[tuple[int, int]] | None = None,
-            direct: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """4 images with normalised labels -> one s x s mosaic with pixel-xyxy labels.
+            rng: np.random.Generator | None = None, direct: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """4 images (long side s) with normalised labels -> one s x s mosaic with pixel-xyxy labels.
 
-    ``sizes`` are the tiles' (h, w) after the long-side resize to s; ``images`` may be at that size or at any
-    other (e.g. undecimated originals), they are resampled to it. Centre drawn in [s/2, 3s/2] on a 2s canvas,
-    optional copy-paste, then the random affine with border -s/2. ``direct`` (used when the affine is a scale +
-    translate and there is no copy-paste) warps the tiles straight into the output with :func:`warp_tiles`;
-    otherwise the v7.0 canvas is built and warped. Both consume the random stream identically.
+    Centre drawn in [s/2, 3s/2] on a 2s canvas, optional copy-paste, then the random affine with border -s/2.
+    ``direct`` (used when the affine is a scale + translate and there is no copy-paste, as in every shipped
+    hyp) warps the tiles straight into the output with :func:`warp_tiles`; otherwise v7.0's canvas is built and
+    warped. Both consume the random stream identically and give the same labels.
     """
     rng = _rng(rng)
     images = same_channels(images)
-    sizes = sizes or [im.shape[:2] for im in images]
+    sizes = [im.shape[:2] for im in images]
     border = -s // 2
     yc, xc = (int(rng.uniform(-border, 2 * s + border)) for _ in range(2))
     placements = mosaic_placements(xc, yc, s, sizes)
@@ -285,8 +276,8 @@ def mosaic4(images: list[np.ndarray], labels: list[np.ndarray], s: int, hyp: dic
     affine = {k: hyp.get(k, 0.0) for k in ("degrees", "translate", "scale", "shear", "perspective")}
     if direct and not (hyp.get("copy_paste", 0.0) or affine["degrees"] or affine["shear"] or affine["perspective"]):
         matrix, scale = random_affine_matrix(2 * s, 2 * s, s, s, rng=rng, **affine)  # scale + translate only
-        return warp_tiles(images, sizes, placements, matrix, s), warp_labels(all_labels, matrix, scale, s, s)
-    canvas = paste_tiles(images, sizes, placements, s)
+        return warp_tiles(images, placements, matrix, s), warp_labels(all_labels, matrix, scale, s, s)
+    canvas = paste_tiles(images, placements, s)
     canvas, all_labels = copy_paste(canvas, all_labels, hyp.get("copy_paste", 0.0), rng)
     return random_perspective(canvas, all_labels, border=(border, border), rng=rng, **affine)
 

@@ -133,9 +133,9 @@ class DetectionDataset(Dataset):
         self.mosaic_border = (-img_size // 2, -img_size // 2)
         self.prefix, self.cache_dir = prefix, cache_dir
         self.rng = np.random.default_rng(seed)
-        # False: v7.0's operations (colour decode of grey images, resize + 2s canvas + warp for mosaics, numpy
-        # flips), for benchmarks and tests; True: grey images in one channel and mosaics warped straight from
-        # the tiles (augment.warp_tiles). Same labels and geometry either way.
+        # False: v7.0's operations (colour decode of grey images, 2s canvas + warp for mosaics, numpy flips), for
+        # benchmarks and tests; True: grey images in one channel and mosaics warped straight from the tiles
+        # (augment.warp_tiles). Same labels and, to within one grey level away from tile seams, same pixels.
         self.fast_ops = True
         scan = scan_dataset(list_image_files(path), nc=nc, cache_dir=cache_dir, prefix=prefix)
         if not scan.im_files:
@@ -316,10 +316,9 @@ class DetectionDataset(Dataset):
             labels[:, 1:5] = xyxy2xywhn(labels[:, 1:5], w=img.shape[1], h=img.shape[0], clip=True, eps=1e-3)
         if self.augment:
             img, labels = self._colour_and_flips(img, labels)
-        labels_out = torch.zeros((len(labels), 6))
-        if len(labels):
-            labels_out[:, 1:] = torch.from_numpy(labels)
-        return torch.from_numpy(bgr_hwc_to_rgb_chw(img)), labels_out, self.im_files[index], shapes
+        labels_out = np.zeros((len(labels), 6), np.float32)  # column 0: image index, set by collate_fn
+        labels_out[:, 1:] = labels
+        return torch.from_numpy(bgr_hwc_to_rgb_chw(img)), torch.from_numpy(labels_out), self.im_files[index], shapes
 
     def _load_letterboxed(self, index: int) -> tuple[np.ndarray, np.ndarray, Any]:
         img, (h0, w0), (h, w) = self.load_image(index)
@@ -343,28 +342,9 @@ class DetectionDataset(Dataset):
         """This image + 3 random ones -> s x s mosaic with pixel-xyxy labels (see augment.mosaic4)."""
         others = self.rng.choice(self.indices, size=3)
         chosen = [int(i) for i in self.rng.permutation(np.concatenate(([index], others)))]
-        if not self.fast_ops:
-            images = [self.load_image(i)[0] for i in chosen]
-            return mosaic4(images, [self.labels[i] for i in chosen], self.img_size, self.hyp, rng=self.rng,
-                           direct=False)
-        tiles = [self._mosaic_tile(i) for i in chosen]
-        return mosaic4([t[0] for t in tiles], [self.labels[i] for i in chosen], self.img_size, self.hyp,
-                       rng=self.rng, sizes=[t[1] for t in tiles])
-
-    def _mosaic_tile(self, i: int) -> tuple[np.ndarray, tuple[int, int]]:
-        """(pixels, (h, w) the tile has after the long-side resize). An uncached image that the resize would
-        enlarge comes back as decoded: mosaic4's single warp does the enlargement (one interpolation instead of a
-        resize plus a warp). Shrinking stays a separate resize, as one bilinear warp would alias."""
-        if self._ram[i] is None:
-            img = self._read_original(i)
-            h0, w0 = img.shape[:2]
-            r = self.img_size / max(h0, w0)
-            if r >= 1:
-                return img, (math.ceil(h0 * r), math.ceil(w0 * r))
-            img = resize_long_side(img, self.img_size, augment=True)
-        else:
-            img = self.load_image(i)[0]
-        return img, img.shape[:2]
+        images = [self.load_image(i)[0] for i in chosen]
+        return mosaic4(images, [self.labels[i] for i in chosen], self.img_size, self.hyp, rng=self.rng,
+                       direct=self.fast_ops)
 
     @staticmethod
     def collate_fn(batch: list) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...], tuple]:
