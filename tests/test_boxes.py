@@ -225,6 +225,15 @@ def test_nms_matches_brute_force(seed, agnostic):
         torch.testing.assert_close(det, expected, atol=1e-4, rtol=1e-5)
 
 
+def test_nms_many_boxes_class_by_class_matches_brute_force():
+    """Above _PER_CLASS_NMS_FROM candidates NMS runs one class at a time: same boxes, same score order."""
+    pred = _random_predictions(2, bs=1, n=1400, nc=3)
+    det = non_max_suppression(pred, conf_thres=0.01, iou_thres=0.45, max_det=5000)[0]
+    expected = torch.tensor(_brute_force_nms(pred[0], 0.01, 0.45, max_det=5000)).view(-1, 6)
+    assert len(expected) > 300 and det.shape == expected.shape
+    torch.testing.assert_close(det, expected, atol=1e-4, rtol=1e-5)
+
+
 def test_nms_multi_label_keeps_every_class_above_threshold():
     # One box, classes 0 and 2 above threshold after multiplying by objectness 0.9.
     pred = torch.tensor([[[50.0, 50.0, 20.0, 20.0, 0.9, 0.8, 0.1, 0.5]]])

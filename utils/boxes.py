@@ -22,6 +22,7 @@ Array = torch.Tensor | np.ndarray
 # Largest image side NMS expects; class-aware NMS shifts each class by a multiple of it so boxes of
 # different classes never overlap (same constant as YOLOv5 so results match).
 _CLASS_OFFSET = 7680
+_PER_CLASS_NMS_FROM = 1000  # boxes per image above which NMS runs class by class
 _IOU_TYPES = ("iou", "giou", "diou", "ciou", "eiou")
 
 
@@ -150,6 +151,24 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_thres: float) -> torch.Te
     if not hasattr(torch.ops.torchvision, "nms"):
         _load_torchvision_kernels()
     return torch.ops.torchvision.nms(boxes, scores, iou_thres)
+
+
+def _nms_per_class(det: torch.Tensor, iou_thres: float, agnostic: bool) -> torch.Tensor:
+    """Kept rows of score-sorted ``[x1, y1, x2, y2, conf, cls]`` detections, in score order.
+
+    Boxes of different classes never suppress each other. Few boxes: one kernel call with boxes shifted apart
+    per class (v7.0's trick). Many boxes (val at conf 0.001 has thousands per image): one call per class, as
+    the kernel is quadratic in the box count; the rows are score-sorted, so sorted indices are score order.
+    """
+    if agnostic:
+        return nms(det[:, :4], det[:, 4], iou_thres)
+    if len(det) <= _PER_CLASS_NMS_FROM:
+        return nms(det[:, :4] + det[:, 5:6] * _CLASS_OFFSET, det[:, 4], iou_thres)
+    kept = []
+    for c in det[:, 5].unique():
+        rows = (det[:, 5] == c).nonzero().view(-1)
+        kept.append(rows[nms(det[rows, :4], det[rows, 4], iou_thres)])
+    return torch.cat(kept).sort().values
 
 
 def _corners_and_sizes(box: torch.Tensor, xywh: bool, eps: float) -> tuple[torch.Tensor, ...]:
@@ -281,8 +300,6 @@ def non_max_suppression(
         if det.shape[0]:
             order = det[:, 4].argsort(descending=True, stable=True)[:max_nms]
             det = det[order]
-            offsets = det[:, 5:6] * (0 if agnostic else _CLASS_OFFSET)
-            keep = nms(det[:, :4] + offsets, det[:, 4], iou_thres)[:max_det]
-            det = det[keep]
+            det = det[_nms_per_class(det, iou_thres, agnostic)[:max_det]]
         output.append(det)
     return output
