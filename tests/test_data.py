@@ -299,6 +299,17 @@ def test_mosaic_boxes_inside_and_nonzero():
         assert ((lab[:, 3] - lab[:, 1]) > 2).all() and ((lab[:, 4] - lab[:, 2]) > 2).all()
 
 
+def test_mosaic_of_grey_and_colour_tiles_is_colour():
+    """A data set with a few grey images (COCO has some) mixes 2-D and 3-channel tiles in one mosaic."""
+    grey, colour = np.full((64, 64), 50, np.uint8), np.full((64, 64, 3), (10, 20, 30), np.uint8)
+    labels = [np.array([[0, 0.5, 0.5, 0.5, 0.5]], np.float32)] * 4
+    for direct in (True, False):
+        img, _ = mosaic4([grey, colour, grey, colour], labels, 64, load_hyp(), np.random.default_rng(0), direct)
+        assert img.shape == (64, 64, 3)
+        pixels = {tuple(int(v) for v in p) for p in img.reshape(-1, 3)}
+        assert {(50, 50, 50), (10, 20, 30)} <= pixels
+
+
 def test_copy_paste_pastes_mirrored_box():
     img = np.zeros((100, 200, 3), np.uint8)
     img[10:40, 20:60] = 200
