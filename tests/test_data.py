@@ -378,18 +378,22 @@ def test_mosaic_training_labels_valid():
     assert (xyxy >= -1e-6).all() and (xyxy <= 1 + 1e-6).all() and (labels[:, 4:] > 0).all()
 
 
-def val_samples(cache, tmp_path):
-    _, dataset = create_dataloader(str(SAMPLE / "images" / "val"), 256, 4, 32, rect=True, pad=0.5, cache=cache,
+def val_samples(cache, tmp_path, imgsz=256):
+    _, dataset = create_dataloader(str(SAMPLE / "images" / "val"), imgsz, 4, 32, rect=True, pad=0.5, cache=cache,
                                    cache_dir=tmp_path)
     return [dataset[i] for i in range(len(dataset))]
 
 
 def test_caches_match_uncached(tmp_path):
-    plain = val_samples(None, tmp_path)
-    for cache, tolerance in (("ram", 0), ("disk", 0), ("ram-jpeg", 3.0)):
-        for (img, lab, path, shape), (img0, lab0, path0, shape0) in zip(val_samples(cache, tmp_path), plain):
+    """ram and disk: identical samples. ram-jpeg keeps a JPEG the resize would not shrink as the file's own
+    bytes (200 px NEU images at 256: identical) and re-encodes shrunk ones (at 128: JPEG error only)."""
+    for imgsz, cache, tolerance in ((256, "ram", 0), (256, "disk", 0), (256, "ram-jpeg", 0), (128, "ram-jpeg", 3.0)):
+        plain = val_samples(None, tmp_path, imgsz)
+        for (img, lab, path, shape), (img0, lab0, path0, shape0) in zip(val_samples(cache, tmp_path, imgsz), plain):
             assert path == path0 and torch.equal(lab, lab0) and shape == shape0
-            assert (img.float() - img0.float()).abs().mean() <= tolerance, cache
+            difference = (img.float() - img0.float()).abs().mean()
+            assert difference <= tolerance, cache
+            assert difference > 0 or tolerance == 0, "the re-encoded branch was not exercised"
     assert len(list(tmp_path.rglob("*.npy"))) == 12
 
 

@@ -229,8 +229,11 @@ class DetectionDataset(Dataset):
             img, hw0 = self._decode_resized(i)
             return img, hw0, img.shape[:2]
         if self.cache == "ram-jpeg":
-            img = cv2.imdecode(cached[0], cv2.IMREAD_UNCHANGED)  # grey entries were encoded as 1-channel JPEGs
-            return img, cached[1], img.shape[:2]
+            buffer, hw0, is_file = cached
+            img = cv2.imdecode(buffer, cv2.IMREAD_GRAYSCALE if self.grey[i] else cv2.IMREAD_COLOR)
+            if is_file:
+                img = resize_long_side(img, self.img_size, self.augment)
+            return img, hw0, img.shape[:2]
         return cached[0], cached[1], cached[0].shape[:2]
 
     def _cache_entry(self, i: int) -> tuple[Any, tuple[int, int]] | None:
@@ -239,11 +242,23 @@ class DetectionDataset(Dataset):
                                                    < os.path.getmtime(self.im_files[i])):
                 self._write_npy(i)
             return None
-        img, hw0 = self._decode_resized(i)
         if self.cache == "ram-jpeg":
-            _, buffer = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, JPEG_CACHE_QUALITY])
-            return buffer, hw0
-        return img, hw0
+            return self._jpeg_entry(i)
+        return self._decode_resized(i)
+
+    def _jpeg_entry(self, i: int) -> tuple[np.ndarray, tuple[int, int], bool]:
+        """(compressed bytes, (h0, w0), bytes are the file's own) for the ram-jpeg cache.
+
+        A JPEG that the resize would not shrink is kept as its file's bytes: smaller than a re-encoding at
+        the (larger) training size, exact, and cheaper to decode (then resized per access, like uncached
+        loading). Anything else is resized once and re-encoded at JPEG_CACHE_QUALITY.
+        """
+        img = self._read_original(i)
+        hw0 = img.shape[:2]
+        if max(hw0) <= self.img_size and self.im_files[i].lower().endswith((".jpg", ".jpeg")):
+            return np.fromfile(self.im_files[i], dtype=np.uint8), hw0, True
+        resized = resize_long_side(img, self.img_size, self.augment)
+        return cv2.imencode(".jpg", resized, [cv2.IMWRITE_JPEG_QUALITY, JPEG_CACHE_QUALITY])[1], hw0, False
 
     def _fill_cache(self, mode: str) -> None:
         if mode == "disk":
@@ -271,15 +286,12 @@ class DetectionDataset(Dataset):
         sample = np.unique(np.linspace(0, self.n - 1, min(SIZE_SAMPLE, self.n)).round().astype(int))
         sizes = []
         for i in sample:
-            original = read_image(self.im_files[i], bool(self.grey[i]))
-            if mode == "disk":
-                sizes.append(original.nbytes + 128)
-                continue
-            img = resize_long_side(original, self.img_size, self.augment)
             if mode == "ram-jpeg":
-                sizes.append(len(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, JPEG_CACHE_QUALITY])[1]))
-            else:
-                sizes.append(img.nbytes)
+                sizes.append(len(self._jpeg_entry(i)[0]))
+                continue
+            original = read_image(self.im_files[i], bool(self.grey[i]))
+            sizes.append(original.nbytes + 128 if mode == "disk" else
+                         resize_long_side(original, self.img_size, self.augment).nbytes)
         return int(np.mean(sizes) * self.n)
 
     def _check_room(self, mode: str, need: int) -> None:
