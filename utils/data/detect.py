@@ -143,7 +143,7 @@ class DetectionDataset(Dataset):
         self.report: ScanReport = scan.report
         self.im_files, self.label_files = scan.im_files, scan.label_files
         self.labels, self.shapes = scan.labels, scan.shapes
-        self.grey = scan.grey if scan.grey is not None else np.zeros(len(scan.im_files), dtype=bool)
+        self.grey = scan.grey
         if single_cls:
             for lb in self.labels:
                 lb[:, 0] = 0
@@ -199,10 +199,14 @@ class DetectionDataset(Dataset):
         self.rng = np.random.default_rng(seed)
 
     # ------------------------------------------------------------------ image loading and caches
+    def _one_channel(self, i: int) -> bool:
+        """Decode image i as 2-D grey (scan found B == G == R) unless v7.0's operations were asked for."""
+        return self.fast_ops and bool(self.grey[i])
+
     def _read_original(self, i: int) -> np.ndarray:
         if self.cache == "disk":
             return self._read_npy(i)
-        return read_image(self.im_files[i], self.fast_ops and bool(self.grey[i]))
+        return read_image(self.im_files[i], self._one_channel(i))
 
     def _read_npy(self, i: int) -> np.ndarray:
         npy = self._npy_files[i]
@@ -212,7 +216,7 @@ class DetectionDataset(Dataset):
             return self._write_npy(i)
 
     def _write_npy(self, i: int) -> np.ndarray:
-        img = read_image(self.im_files[i], bool(self.grey[i]))
+        img = read_image(self.im_files[i], self._one_channel(i))
         tmp = self._npy_files[i].with_suffix(f".{os.getpid()}.tmp.npy")
         np.save(tmp, img)
         os.replace(tmp, self._npy_files[i])
@@ -230,7 +234,7 @@ class DetectionDataset(Dataset):
             return img, hw0, img.shape[:2]
         if self.cache == "ram-jpeg":
             buffer, hw0, is_file = cached
-            img = cv2.imdecode(buffer, cv2.IMREAD_GRAYSCALE if self.grey[i] else cv2.IMREAD_COLOR)
+            img = cv2.imdecode(buffer, cv2.IMREAD_GRAYSCALE if self._one_channel(i) else cv2.IMREAD_COLOR)
             if is_file:
                 img = resize_long_side(img, self.img_size, self.augment)
             return img, hw0, img.shape[:2]
@@ -253,11 +257,10 @@ class DetectionDataset(Dataset):
         the (larger) training size, exact, and cheaper to decode (then resized per access, like uncached
         loading). Anything else is resized once and re-encoded at JPEG_CACHE_QUALITY.
         """
-        img = self._read_original(i)
-        hw0 = img.shape[:2]
-        if max(hw0) <= self.img_size and self.im_files[i].lower().endswith((".jpg", ".jpeg")):
-            return np.fromfile(self.im_files[i], dtype=np.uint8), hw0, True
-        resized = resize_long_side(img, self.img_size, self.augment)
+        w0, h0 = (int(v) for v in self.shapes[i])  # the scan's size, EXIF orientation applied like the decoder
+        if max(h0, w0) <= self.img_size and self.im_files[i].lower().endswith((".jpg", ".jpeg")):
+            return np.fromfile(self.im_files[i], dtype=np.uint8), (h0, w0), True
+        resized, hw0 = self._decode_resized(i)
         return cv2.imencode(".jpg", resized, [cv2.IMWRITE_JPEG_QUALITY, JPEG_CACHE_QUALITY])[1], hw0, False
 
     def _fill_cache(self, mode: str) -> None:
@@ -289,7 +292,7 @@ class DetectionDataset(Dataset):
             if mode == "ram-jpeg":
                 sizes.append(len(self._jpeg_entry(i)[0]))
                 continue
-            original = read_image(self.im_files[i], bool(self.grey[i]))
+            original = read_image(self.im_files[i], self._one_channel(i))
             sizes.append(original.nbytes + 128 if mode == "disk" else
                          resize_long_side(original, self.img_size, self.augment).nbytes)
         return int(np.mean(sizes) * self.n)

@@ -104,7 +104,7 @@ class ScanResult:
     labels: list[np.ndarray]  # per image float32 (n, 5): class, cx, cy, w, h (normalised)
     shapes: np.ndarray  # (n, 2) int (w, h)
     report: ScanReport
-    grey: np.ndarray | None = None  # (n,) bool: every pixel has B == G == R (see is_grey_image)
+    grey: np.ndarray  # (n,) bool: every pixel has B == G == R (see is_grey_image)
     cache_file: Path | None = None
 
 
