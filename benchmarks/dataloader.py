@@ -18,41 +18,12 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "neu-det" / "neu-det.yaml"
 CACHES = ("none", "ram", "ram-jpeg", "disk")
-
-
-class PeakRSS:
-    """Background sampler of the RSS of this process and its children."""
-
-    def __init__(self, interval: float = 0.02):
-        import psutil
-
-        self.process, self.interval, self.peak = psutil.Process(), interval, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                procs = [self.process, *self.process.children(recursive=True)]
-                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs))
-            except Exception:  # a worker may exit between listing and reading
-                pass
-            time.sleep(self.interval)
-
-    def __enter__(self) -> PeakRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def torch_stack_collate(batch: list) -> tuple:
@@ -85,10 +56,11 @@ def run_one(data: str, imgsz: int, workers: int, cache: str, batches: int, batch
             baseline: bool = False) -> dict:
     """One configuration in this process; returns a JSON-able dict."""
     sys.path.insert(0, str(ROOT))
+    from benchmarks.peak_memory import PeakMemory
     from utils.data import create_dataloader, load_data_config, load_hyp
 
     config = load_data_config(data)
-    with tempfile.TemporaryDirectory() as cache_dir, PeakRSS() as rss:
+    with tempfile.TemporaryDirectory() as cache_dir, PeakMemory(interval=0.02, pss=False) as rss:
         start = time.perf_counter()
         loader, dataset = create_dataloader(config["train"], imgsz, batch_size, 32, hyp=load_hyp(), augment=True,
                                             cache=None if cache == "none" else cache, workers=workers, shuffle=True,
@@ -107,19 +79,19 @@ def run_one(data: str, imgsz: int, workers: int, cache: str, batches: int, batch
         elapsed = time.perf_counter() - t0
         del loader, dataset
     return {"imgsz": imgsz, "workers": workers, "cache": "v7-path" if baseline else cache, "setup_s": round(setup, 2),
-            "images_per_s": round(images / elapsed, 1), "peak_rss_mb": round(rss.peak / 2**20)}
+            "images_per_s": round(images / elapsed, 1), "peak_rss_mb": round(rss.peak_rss / 2**20)}
 
 
 YOLOV5_SNIPPET = """
 import json, sys, time, yaml
 sys.path.insert(0, {root!r})
-from benchmarks.dataloader import PeakRSS
+from benchmarks.peak_memory import PeakMemory
 from yolov5.utils.dataloaders import create_dataloader
 hyp = yaml.safe_load(open({hyp!r}))
 config = yaml.safe_load(open({data!r}))
 from pathlib import Path
 train = str((Path({data!r}).parent / config["path"] / config["train"]).resolve())
-with PeakRSS() as rss:
+with PeakMemory(interval=0.02, pss=False) as rss:
     start = time.perf_counter()
     loader, dataset = create_dataloader(train, {imgsz}, {batch_size}, 32, hyp=hyp, augment=True, workers={workers},
                                         shuffle=True, seed=0)
@@ -134,7 +106,7 @@ with PeakRSS() as rss:
             break
     elapsed = time.perf_counter() - t0
 print(json.dumps({{"imgsz": {imgsz}, "workers": {workers}, "cache": "yolov5-v7", "setup_s": round(setup, 2),
-                  "images_per_s": round(images / elapsed, 1), "peak_rss_mb": round(rss.peak / 2**20)}}))
+                  "images_per_s": round(images / elapsed, 1), "peak_rss_mb": round(rss.peak_rss / 2**20)}}))
 """
 
 

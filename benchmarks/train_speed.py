@@ -3,7 +3,7 @@
     python benchmarks/train_speed.py --epochs 30            # yolov5n.yaml from scratch on NEU-DET, img 256
     python benchmarks/train_speed.py --epochs 30 --compile  # the same with torch.compile
 
-Prints seconds per epoch (training and validation separately), training images/s, peak RSS and the final
+Prints seconds per epoch (training and validation separately), training images/s, peak memory and the final
 metrics. The YOLOv5 v7.0 reference on this kind of 2-core CPU: ~57 s/epoch including val, 2.3 GB peak RSS,
 mAP@.5 0.561 / mAP@.5:.95 0.247 after 30 epochs.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import resource
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.peak_memory import PeakMemory  # noqa: E402
 from utils.callbacks import default_callbacks  # noqa: E402
 from utils.config import TrainConfig  # noqa: E402
 from utils.engine import fit  # noqa: E402
@@ -43,12 +43,6 @@ class EpochTimer:
         self.marks.append(("end", time.perf_counter()))
 
 
-def peak_rss_gb() -> float:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return (own + children) / 1e6  # ru_maxrss is in KiB on Linux
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "neu-det" / "neu-det.yaml"))
@@ -70,7 +64,8 @@ def main() -> int:
     callbacks = default_callbacks()
     callbacks.add_logger(timer)
     start = time.perf_counter()
-    metrics = fit(task, cfg, callbacks)
+    with PeakMemory() as memory:
+        metrics = fit(task, cfg, callbacks)
     total = time.perf_counter() - start
     starts = [t for kind, t in timer.marks if kind == "start"]
     ends = [t for kind, t in timer.marks if kind == "end"]
@@ -86,7 +81,8 @@ def main() -> int:
     print(f"| training images/s (median epoch) | {n_train / train_epochs[len(train_epochs) // 2]:.1f} |")
     print(f"| validation s/epoch (mean) | {(sum(per_epoch) - train_time) / len(per_epoch):.1f} |")
     print(f"| total wall time | {total / 60:.1f} min |")
-    print(f"| peak RSS (process + workers) | {peak_rss_gb():.2f} GB |")
+    print(f"| peak memory, process + workers: PSS (RSS summed) | {memory.peak_pss / 1e9:.2f} GB "
+          f"({memory.peak_rss / 1e9:.2f} GB) |")
     print(f"| final mAP@.5 / mAP@.5:.95 | {metrics.get('mAP50', 0):.4f} / {metrics.get('mAP50-95', 0):.4f} |")
     return 0
 

@@ -76,6 +76,14 @@ def test_our_format_round_trip_loads_without_allow_list(tmp_path):
         assert torch.equal(model(x)[0], loaded.model(x)[0])
 
 
+def test_channels_last_model_is_saved_contiguous(tmp_path):
+    model = DetectionModel("yolov5n.yaml", nc=3).eval().to(memory_format=torch.channels_last)
+    assert not model.model[0].conv.weight.is_contiguous()
+    raw = torch.load(save_checkpoint(model, tmp_path / "last.pt"), weights_only=True)
+    assert all(tensor.is_contiguous() for tensor in raw["state_dict"].values())
+    assert torch.equal(raw["state_dict"]["model.0.conv.weight"], model.model[0].conv.weight)
+
+
 def test_our_format_rejects_other_architecture(tmp_path):
     model = DetectionModel("yolov5n.yaml", nc=3)
     path = tmp_path / "ckpt.pt"

@@ -338,3 +338,40 @@ def test_classification_accuracy_with_missing_labels():
     assert acc["top2"] == pytest.approx(2 / 3)
     assert acc["top5"] == pytest.approx(1.0)  # k clamped to the 3 classes
     assert classification_accuracy(logits, torch.full((4,), -1)) == {"top1": 0.0, "top5": 0.0}
+
+
+def _v7_process_batch(detections: torch.Tensor, labels: torch.Tensor, iouv: torch.Tensor) -> np.ndarray:
+    """YOLOv5 v7.0's val.py matching written out with torchvision's box_iou, for comparison."""
+    from torchvision.ops import box_iou as tv_box_iou
+
+    correct = np.zeros((detections.shape[0], iouv.shape[0]), dtype=bool)
+    iou = tv_box_iou(labels[:, 1:], detections[:, :4])
+    correct_class = labels[:, 0:1] == detections[:, 5]
+    for i in range(len(iouv)):
+        x = torch.where((iou >= iouv[i]) & correct_class)
+        if x[0].shape[0]:
+            matches = torch.cat((torch.stack(x, 1), iou[x[0], x[1]][:, None]), 1).numpy()
+            if x[0].shape[0] > 1:
+                matches = matches[matches[:, 2].argsort()[::-1]]
+                matches = matches[np.unique(matches[:, 1], return_index=True)[1]]
+                matches = matches[np.unique(matches[:, 0], return_index=True)[1]]
+            correct[matches[:, 1].astype(int), i] = True
+    return correct
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_match_predictions_equals_v7_torch_matching_on_random_scenes(seed):
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.rand(12, 2, generator=gen) * 100
+    labels = torch.cat((torch.randint(0, 3, (12, 1), generator=gen).float(), centres - 8, centres + 8), 1)
+    # detections: jittered copies of the labels (several per label) plus noise boxes, random classes
+    jitter = labels[torch.randint(0, 12, (60,), generator=gen), 1:] + torch.randn(60, 4, generator=gen) * 2.5
+    noise_xy = torch.rand(20, 2, generator=gen) * 100
+    boxes = torch.cat((jitter, torch.cat((noise_xy, noise_xy + 10), 1)))
+    conf = torch.rand(80, 1, generator=gen)
+    cls = torch.randint(0, 3, (80, 1), generator=gen).float()
+    detections = torch.cat((boxes, conf, cls), 1)[conf.view(-1).argsort(descending=True)]
+    ours = match_predictions(detections, labels, IOUV).numpy()
+    assert ours.any() and not ours.all()
+    np.testing.assert_array_equal(ours, _v7_process_batch(detections, labels, IOUV))
+    np.testing.assert_array_equal(match_predictions(detections.numpy(), labels.numpy(), IOUV).numpy(), ours)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from utils.export.common import model_stride, model_task, read_metadata
-from utils.torch_utils import inference_memory_format
+from utils.torch_utils import fastest_memory_format
 
 LOGGER = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class PyTorchBackend(Backend):
         self.model = model.to(self.device)
         if fp16:
             self.model.half()
-        self.memory_format = inference_memory_format(self.model)
+        self.memory_format = fastest_memory_format(self.model)
 
     @torch.no_grad()
     def _forward(self, images: torch.Tensor) -> list[torch.Tensor]:

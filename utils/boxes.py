@@ -116,17 +116,18 @@ def scale_boxes(
     return clip_boxes(boxes, img0_shape)
 
 
-def box_iou(box1: torch.Tensor, box2: torch.Tensor) -> torch.Tensor:
+def box_iou(box1: Array, box2: Array) -> Array:
     """Pairwise IoU (N x M) of xyxy boxes, the same arithmetic as ``torchvision.ops.box_iou`` (no epsilon).
 
-    Written out because importing torchvision's Python package costs ~2 s (see :func:`nms`) and validation
-    calls this for every image.
+    Written out because importing torchvision's Python package costs ~2 s (see :func:`nms`). Takes tensors or
+    NumPy arrays (validation matches each image's few boxes in NumPy, where small ops cost a tenth of torch's).
     """
+    lib = torch if isinstance(box1, torch.Tensor) else np
     area1 = (box1[:, 2] - box1[:, 0]) * (box1[:, 3] - box1[:, 1])
     area2 = (box2[:, 2] - box2[:, 0]) * (box2[:, 3] - box2[:, 1])
-    top_left = torch.max(box1[:, None, :2], box2[:, :2])
-    bottom_right = torch.min(box1[:, None, 2:], box2[:, 2:])
-    inter = (bottom_right - top_left).clamp(min=0).prod(2)
+    top_left = lib.maximum(box1[:, None, :2], box2[:, :2])
+    bottom_right = lib.minimum(box1[:, None, 2:], box2[:, 2:])
+    inter = (bottom_right - top_left).clip(min=0).prod(2)
     return inter / (area1[:, None] + area2 - inter)
 
 

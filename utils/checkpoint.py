@@ -170,7 +170,9 @@ def checkpoint_dict(model: nn.Module, train_state: dict | None = None, **meta: A
     return {
         "format": FORMAT,
         "yaml": yaml_cfg,
-        "state_dict": {k: v.detach().clone() for k, v in bare.state_dict().items()},
+        # Contiguous copies: a channels-last training model must not leave its strides in the file.
+        "state_dict": {k: v.detach().clone(memory_format=torch.contiguous_format)
+                       for k, v in bare.state_dict().items()},
         "names": list(getattr(bare, "names", [])),
         "stride": bare.stride.tolist() if getattr(bare, "stride", None) is not None else None,
         "task": meta.pop("task", "detect" if hasattr(bare.model[-1], "anchors") else "classify"),

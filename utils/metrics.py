@@ -35,7 +35,12 @@ def _unique_matches(matches: np.ndarray) -> np.ndarray:
     return matches
 
 
-def match_predictions(detections: torch.Tensor, labels: torch.Tensor, iouv: torch.Tensor) -> torch.Tensor:
+def _numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def match_predictions(detections: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray,
+                      iouv: torch.Tensor) -> torch.Tensor:
     """Which detections are true positives at each IoU threshold (v7.0 ``process_batch``).
 
     Args:
@@ -43,20 +48,22 @@ def match_predictions(detections: torch.Tensor, labels: torch.Tensor, iouv: torc
         labels: ``m x 5`` (cls, x1, y1, x2, y2) in the same coordinates.
         iouv: IoU thresholds, e.g. ``torch.linspace(0.5, 0.95, 10)``.
 
-    A (label, detection) pair qualifies when the classes agree and IoU >= threshold (v7.0 uses >=).
-    Returns a bool tensor ``n x len(iouv)`` on ``iouv``'s device.
+    A (label, detection) pair qualifies when the classes agree and IoU >= threshold (v7.0 uses >=). Computed
+    in float32 NumPy (the same arithmetic as v7.0's torch code; per image the arrays are tiny and NumPy's
+    per-call cost is far below torch's). Returns a bool tensor ``n x len(iouv)`` on ``iouv``'s device.
     """
+    detections, labels = _numpy(detections).astype(np.float32), _numpy(labels).astype(np.float32)
     correct = np.zeros((detections.shape[0], iouv.shape[0]), dtype=bool)
     if detections.shape[0] and labels.shape[0]:
-        iou = box_iou(labels[:, 1:].float(), detections[:, :4].float())
-        same_class = labels[:, 0:1] == detections[:, 5]
+        iou = box_iou(labels[:, 1:], detections[:, :4])
+        iou[labels[:, 0:1] != detections[:, 5]] = 0.0  # thresholds are >= 0.5, so 0 never qualifies
         for k, threshold in enumerate(iouv.tolist()):
-            label_idx, det_idx = torch.where((iou >= threshold) & same_class)
+            label_idx, det_idx = np.nonzero(iou >= np.float32(threshold))
             if label_idx.shape[0]:
-                matches = torch.stack((label_idx.float(), det_idx.float(), iou[label_idx, det_idx]), 1)
-                matches = _unique_matches(matches.cpu().numpy())
+                matches = np.stack((label_idx, det_idx, iou[label_idx, det_idx]), 1)
+                matches = _unique_matches(matches)
                 correct[matches[:, 1].astype(int), k] = True
-    return torch.tensor(correct, dtype=torch.bool, device=iouv.device)
+    return torch.from_numpy(correct).to(iouv.device)
 
 
 def smooth(y: np.ndarray, f: float = 0.05) -> np.ndarray:
@@ -189,9 +196,9 @@ class DetectionMetricsAccumulator:
 
         Returns the ``n x n_iou`` correctness matrix so callers can reuse it (e.g. for JSON export).
         """
-        detections, labels = detections.detach().cpu().float(), labels.detach().cpu().float()
+        detections, labels = _numpy(detections).astype(np.float32), _numpy(labels).astype(np.float32)
         correct = match_predictions(detections, labels, self.iouv)
-        self.add_stats(correct.numpy(), detections[:, 4].numpy(), detections[:, 5].numpy(), labels[:, 0].numpy())
+        self.add_stats(correct.numpy(), detections[:, 4], detections[:, 5], labels[:, 0])
         return correct
 
     def add_stats(self, correct: np.ndarray, conf: np.ndarray, pred_cls: np.ndarray, target_cls: np.ndarray) -> None:
@@ -229,12 +236,21 @@ class DetectionMetricsAccumulator:
     @staticmethod
     def plot(result: APResult, save_dir: Path, names: Mapping[int, str]) -> None:
         """Write the PR curve and F1/P/R-confidence curves like v7.0 (PR_curve.png, F1_curve.png, ...)."""
+        for fn, args in DetectionMetricsAccumulator.plot_jobs(result, save_dir, names):
+            fn(*args)
+
+    @staticmethod
+    def plot_jobs(result: APResult, save_dir: Path, names: Mapping[int, str]) -> list[tuple[Any, tuple]]:
+        """The curve plots as ``(function, args)`` pairs, so that callers can draw them in parallel."""
         save_dir.mkdir(parents=True, exist_ok=True)
         class_names = [names.get(int(c), str(int(c))) for c in result.classes]
-        plot_pr_curve(result.px, result.pr_curve, result.ap, save_dir / "PR_curve.png", class_names)
+        jobs: list[tuple[Any, tuple]] = [
+            (plot_pr_curve, (result.px, result.pr_curve, result.ap, save_dir / "PR_curve.png", class_names))]
         curves = ((result.f1_curve, "F1", "F1"), (result.p_curve, "P", "Precision"), (result.r_curve, "R", "Recall"))
         for curve, prefix, label in curves:
-            plot_mc_curve(result.px, curve, save_dir / f"{prefix}_curve.png", class_names, ylabel=label)
+            jobs.append((plot_mc_curve, (result.px, curve, save_dir / f"{prefix}_curve.png", class_names,
+                                         "Confidence", label)))
+        return jobs
 
 
 class ConfusionMatrix:
@@ -250,26 +266,27 @@ class ConfusionMatrix:
         self.iou_thres = iou_thres
         self.matrix = np.zeros((nc + 1, nc + 1))
 
-    def process_batch(self, detections: torch.Tensor | None, labels: torch.Tensor) -> None:
+    def process_batch(self, detections: torch.Tensor | np.ndarray | None, labels: torch.Tensor | np.ndarray) -> None:
         """Add one image: ``detections`` n x 6 (xyxy, conf, cls) or None, ``labels`` m x 5 (cls, xyxy).
 
         With no detections ``labels`` may also be the 1-D class vector (v7.0 val.py passes that).
         """
+        labels = _numpy(labels).astype(np.float32)
         if detections is None or not detections.shape[0]:
-            gt_classes = (labels if labels.ndim == 1 else labels.reshape(-1, 5)[:, 0]).int().cpu().numpy()
+            gt_classes = (labels if labels.ndim == 1 else labels.reshape(-1, 5)[:, 0]).astype(int)
             np.add.at(self.matrix, (self.nc, gt_classes), 1)
             return
         labels = labels.reshape(-1, 5)
-        gt_classes = labels[:, 0].int().cpu().numpy()
+        gt_classes = labels[:, 0].astype(int)
+        detections = _numpy(detections).astype(np.float32)
         detections = detections[detections[:, 4] > self.conf]
-        det_classes = detections[:, 5].int().cpu().numpy()
+        det_classes = detections[:, 5].astype(int)
         matches = np.zeros((0, 3))
         if labels.shape[0] and detections.shape[0]:
-            iou = box_iou(labels[:, 1:].float(), detections[:, :4].float())
-            label_idx, det_idx = torch.where(iou > self.iou_thres)
+            iou = box_iou(labels[:, 1:], detections[:, :4])
+            label_idx, det_idx = np.nonzero(iou > self.iou_thres)
             if label_idx.shape[0]:
-                candidates = torch.stack((label_idx.float(), det_idx.float(), iou[label_idx, det_idx]), 1)
-                matches = self._one_to_one(candidates.cpu().numpy())
+                matches = self._one_to_one(np.stack((label_idx, det_idx, iou[label_idx, det_idx]), 1))
         matched_labels, matched_dets = matches[:, 0].astype(int), matches[:, 1].astype(int)
         np.add.at(self.matrix, (det_classes[matched_dets], gt_classes[matched_labels]), 1)
         missed = np.setdiff1d(np.arange(len(gt_classes)), matched_labels)

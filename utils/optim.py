@@ -52,8 +52,8 @@ def lr_lambda(epochs: int, lrf: float, cosine: bool) -> Callable[[int], float]:
 
 def warmup_step(optimizer, iteration: int, warmup_iters: int, epoch_factor: float, hyp: dict,
                 batch_size: int) -> int:
-    nominal = hyp.get("nbs", NOMINAL_BATCH)
     """Ramp lrs (biases down from ``warmup_bias_lr``, others up from 0) and momentum; returns accumulation."""
+    nominal = hyp.get("nbs", NOMINAL_BATCH)
     xi = [0, warmup_iters]
     accumulate = max(1, int(np.interp(iteration, xi, [1, nominal / batch_size]).round()))
     for j, group in enumerate(optimizer.param_groups):

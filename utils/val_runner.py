@@ -77,7 +77,8 @@ def run_validation(weights: str, data: str, imgsz: int = 640, batch_size: int = 
     nc = 1 if single_cls else int(data_cfg["nc"])
     names = info["names"] or list(data_cfg["names"])
     options = ValidationOptions(conf_thres, iou_thres, max_det, single_cls, half, not noplots, save_dir, save_txt,
-                                save_conf, save_json or cocoeval, names)
+                                save_conf, save_json or cocoeval, names,
+                                streams=1 if task == "speed" else None)  # speed: plain per-batch latency
     metrics = validate_detector(predictor, loader, nc, options)
     print(format_results(metrics, names, verbose))
     print(f"device {torch_device}, batch {batch_size}, precision {'fp16' if half else 'fp32'}, image size {imgsz}; "
