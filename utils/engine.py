@@ -71,6 +71,7 @@ class Trainer:
         self.metrics: dict[str, float] = {}
         self.train_loss = torch.zeros(len(task.loss_names))
         self.last_opt_step = -1
+        self.epoch_lrs: list[float] = []
         self.resume_state: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ setup
@@ -145,6 +146,7 @@ class Trainer:
             self.epoch = epoch
             self._begin_epoch()
             self.train_loss = self.train_one_epoch()
+            self.epoch_lrs = [group["lr"] for group in self.optimizer.param_groups]  # logged: used this epoch
             self.scheduler.step()
             if self.is_main:
                 self._end_epoch()
@@ -255,7 +257,7 @@ class Trainer:
         row: dict[str, Any] = {"epoch": self.epoch}
         row.update({f"train/{n}": float(v) for n, v in zip(self.task.loss_names, self.train_loss.tolist())})
         row.update({f"metrics/{k}": float(v) for k, v in self.metrics.items() if isinstance(v, (int, float))})
-        row.update({f"lr/pg{j}": float(g["lr"]) for j, g in enumerate(self.optimizer.param_groups)})
+        row.update({f"lr/pg{j}": float(lr) for j, lr in enumerate(self.epoch_lrs)})
         return row
 
     def _should_stop(self) -> bool:
