@@ -10,13 +10,13 @@ from __future__ import annotations
 import threading
 import time
 
+import psutil
+
 
 class PeakMemory:
     """Context manager sampling every ``interval`` s; ``peak_rss`` and ``peak_pss`` in bytes afterwards."""
 
     def __init__(self, interval: float = 0.5, pss: bool = True):
-        import psutil
-
         self.process, self.interval, self.want_pss = psutil.Process(), interval, pss
         self.peak_rss = self.peak_pss = 0
         self._stop = threading.Event()
@@ -32,12 +32,8 @@ class PeakMemory:
                     rss, pss = rss + proc_rss, pss + proc_pss
                 else:
                     rss += proc.memory_info().rss
-            except (OSError, ValueError, LookupError):  # a worker may exit between listing and reading
+            except (OSError, psutil.Error):  # a worker may exit between listing and reading
                 continue
-            except Exception as exc:  # psutil's NoSuchProcess and friends
-                if type(exc).__module__.startswith("psutil"):
-                    continue
-                raise
         self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
 
     def _run(self) -> None:

@@ -63,11 +63,12 @@ def cpu_streams(device: torch.device) -> int:
     return 2 if device.type == "cpu" and torch.get_num_threads() >= 2 else 1
 
 
-def prefetch_module(name: str) -> threading.Thread:
-    """Import ``name`` in a background thread (e.g. matplotlib while the model runs); join before relying on it."""
-    thread = threading.Thread(target=importlib.import_module, args=(name,), daemon=True)
-    thread.start()
-    return thread
+def prefetch_module(name: str) -> None:
+    """Import ``name`` in a background thread (e.g. matplotlib while the model runs).
+
+    A later ``import`` of the same module waits on Python's per-module import lock until this one is done.
+    """
+    threading.Thread(target=importlib.import_module, args=(name,), daemon=True).start()
 
 
 def run_jobs_in_processes(jobs: Sequence[tuple[Callable[..., Any], tuple]], workers: int = 2) -> list[Any]:

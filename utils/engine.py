@@ -193,6 +193,7 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = group["initial_lr"] * self.lf(self.epoch) * self.lr_scale
             batch = self.task.preprocess(raw_batch, self.device)
+            batch["images"] = batch["images"].contiguous(memory_format=self.memory_format)
             items = self._forward_backward(batch)
             if step - self.last_opt_step >= accumulate:
                 self._optimizer_step(batch)
@@ -207,7 +208,7 @@ class Trainer:
 
     def _forward_backward(self, batch: dict[str, Any]) -> torch.Tensor:
         with torch.autocast(self.device.type, enabled=self.amp):
-            preds = self.forward_model(batch["images"].contiguous(memory_format=self.memory_format))
+            preds = self.forward_model(batch["images"])
             loss, items = self.loss_fn(preds, batch)
         if self.world_size > 1:
             loss = loss * self.world_size  # DDP averages gradients across ranks
@@ -230,8 +231,7 @@ class Trainer:
         self.sam.perturb()
         self.optimizer.zero_grad()
         with torch.autocast(self.device.type, enabled=self.amp):
-            images = batch["images"].contiguous(memory_format=self.memory_format)
-            loss, _ = self.loss_fn(self.forward_model(images), batch)
+            loss, _ = self.loss_fn(self.forward_model(batch["images"]), batch)
         loss.backward()
         self.sam.restore()
 

@@ -35,8 +35,10 @@ def _unique_matches(matches: np.ndarray) -> np.ndarray:
     return matches
 
 
-def _numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+def _float32(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A float32 NumPy view of ``x`` (a copy only where the device or dtype requires one)."""
+    array = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
+    return np.asarray(array, dtype=np.float32)
 
 
 def match_predictions(detections: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray,
@@ -52,7 +54,7 @@ def match_predictions(detections: torch.Tensor | np.ndarray, labels: torch.Tenso
     in float32 NumPy (the same arithmetic as v7.0's torch code; per image the arrays are tiny and NumPy's
     per-call cost is far below torch's). Returns a bool tensor ``n x len(iouv)`` on ``iouv``'s device.
     """
-    detections, labels = _numpy(detections).astype(np.float32), _numpy(labels).astype(np.float32)
+    detections, labels = _float32(detections), _float32(labels)
     correct = np.zeros((detections.shape[0], iouv.shape[0]), dtype=bool)
     if detections.shape[0] and labels.shape[0]:
         iou = box_iou(labels[:, 1:], detections[:, :4])
@@ -196,7 +198,7 @@ class DetectionMetricsAccumulator:
 
         Returns the ``n x n_iou`` correctness matrix so callers can reuse it (e.g. for JSON export).
         """
-        detections, labels = _numpy(detections).astype(np.float32), _numpy(labels).astype(np.float32)
+        detections, labels = _float32(detections), _float32(labels)
         correct = match_predictions(detections, labels, self.iouv)
         self.add_stats(correct.numpy(), detections[:, 4], detections[:, 5], labels[:, 0])
         return correct
@@ -271,14 +273,14 @@ class ConfusionMatrix:
 
         With no detections ``labels`` may also be the 1-D class vector (v7.0 val.py passes that).
         """
-        labels = _numpy(labels).astype(np.float32)
+        labels = _float32(labels)
         if detections is None or not detections.shape[0]:
             gt_classes = (labels if labels.ndim == 1 else labels.reshape(-1, 5)[:, 0]).astype(int)
             np.add.at(self.matrix, (self.nc, gt_classes), 1)
             return
         labels = labels.reshape(-1, 5)
         gt_classes = labels[:, 0].astype(int)
-        detections = _numpy(detections).astype(np.float32)
+        detections = _float32(detections)
         detections = detections[detections[:, 4] > self.conf]
         det_classes = detections[:, 5].astype(int)
         matches = np.zeros((0, 3))

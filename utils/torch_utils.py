@@ -66,14 +66,16 @@ def fuse_conv_and_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return fused
 
 
+_INPLACE_ACTIVATIONS = (nn.Hardswish, nn.LeakyReLU, nn.ReLU, nn.ReLU6, nn.SiLU)
+
+
 def initialize_weights(model: nn.Module) -> None:
     """YOLOv5's BatchNorm settings (eps 1e-3, momentum 0.03) and in-place activations."""
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.eps = 1e-3
             module.momentum = 0.03
-        elif isinstance(module, (nn.Hardswish, nn.LeakyReLU, nn.ReLU, nn.ReLU6, nn.SiLU)):
-            module.inplace = True
+    set_inplace_activations(model, True)
 
 
 def set_inplace_activations(model: nn.Module, inplace: bool) -> None:
@@ -83,8 +85,7 @@ def set_inplace_activations(model: nn.Module, inplace: bool) -> None:
     SiLU's input for its backward, and that copy costs more than writing the output to a new tensor.
     """
     for module in model.modules():
-        if hasattr(module, "inplace") and isinstance(module, (nn.Hardswish, nn.LeakyReLU, nn.ReLU, nn.ReLU6,
-                                                              nn.SiLU)):
+        if isinstance(module, _INPLACE_ACTIVATIONS):
             module.inplace = inplace
 
 
@@ -99,7 +100,6 @@ def fastest_memory_format(model: nn.Module) -> torch.memory_format:
     memory_format = torch.channels_last if on_cpu else torch.contiguous_format
     model.to(memory_format=memory_format)
     return memory_format
-
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -115,7 +115,8 @@ def validate_detector(predictor: torch.nn.Module | Callable, loader, nc: int,
 
 
 def _predict_batch(predict: Callable, device: torch.device, opts: ValidationOptions, batch) -> tuple:
-    """Inference and NMS of one loader batch -> (detections per image, targets in pixels, shape, stage times)."""
+    """Inference and NMS of one loader batch -> (NumPy detections per image, NumPy targets in pixels, letterboxed
+    shape, stage times)."""
     images, targets = batch[0], batch[1]
     t0 = time_sync()
     images = images.to(device, non_blocking=True).float() / 255
@@ -128,7 +129,9 @@ def _predict_batch(predict: Callable, device: torch.device, opts: ValidationOpti
     detections = non_max_suppression(preds, opts.conf_thres, opts.iou_thres, multi_label=True,
                                      agnostic=opts.single_cls, max_det=opts.max_det)
     t3 = time_sync()
-    return detections, targets, images.shape[2:], np.array((t1 - t0, t2 - t1, t3 - t2))
+    # Matching runs in NumPy on the consuming thread: convert here, off that thread.
+    detections = [det.cpu().numpy() for det in detections]
+    return detections, targets.cpu().numpy(), images.shape[2:], np.array((t1 - t0, t2 - t1, t3 - t2))
 
 
 def _save_plots(result, confusion: ConfusionMatrix, save_dir: Path, names: Sequence[str]) -> None:
@@ -140,15 +143,14 @@ def _save_plots(result, confusion: ConfusionMatrix, save_dir: Path, names: Seque
     run_jobs_in_processes(jobs)
 
 
-def _score_image(det: torch.Tensor, labels: torch.Tensor, letterboxed_shape, shape_info, accumulator,
+def _score_image(det: np.ndarray, labels: np.ndarray, letterboxed_shape, shape_info, accumulator,
                  confusion, opts: ValidationOptions) -> torch.Tensor:
     """Match one image's detections to its labels in original-image pixels; returns the scaled detections.
 
     Works in NumPy: an image has a few hundred boxes at most, where torch's per-call overhead dominates.
     """
     original_shape, ratio_pad = shape_info
-    native = det.cpu().numpy().copy()
-    labels = labels.cpu().numpy()
+    native = det.copy()
     if opts.single_cls:
         native[:, 5] = 0
         labels = labels.copy()
