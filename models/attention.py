@@ -121,11 +121,12 @@ class SKAttention(nn.Module):
         self.select = nn.ModuleList(nn.Linear(hidden, c1) for _ in dilations)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = torch.stack([branch(x) for branch in self.branches], 0)  # (k, b, c, h, w)
-        z = self.squeeze(features.sum(0).mean((2, 3)))  # (b, hidden)
-        logits = torch.stack([fc(z) for fc in self.select], 0)  # (k, b, c)
-        weights = logits.softmax(0)[..., None, None]
-        return (weights * features).sum(0)
+        # Branches are concatenated and spatially flattened, so no tensor has more than 4 axes: NCNN has no fifth.
+        features = torch.cat([branch(x) for branch in self.branches], 1).flatten(2)  # (b, k*c, h*w)
+        features = features.unflatten(1, (len(self.branches), -1))  # (b, k, c, h*w)
+        z = self.squeeze(features.sum(1).mean(2))  # (b, hidden)
+        weights = torch.stack([fc(z) for fc in self.select], 1).softmax(1)  # (b, k, c), softmax over branches
+        return (weights[..., None] * features).sum(1).unflatten(2, x.shape[2:])
 
 
 def _sk_branch(channels: int, dilation: int, groups: int) -> nn.Sequential:

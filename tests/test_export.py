@@ -111,12 +111,7 @@ def v3_checkpoint(tmp_path_factory) -> Path:
     from utils.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
-    model = DetectionModel(V3_YAML)
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 1.5)
-            module.weight.data.uniform_(0.5, 1.5)
+    model = _randomise_batchnorm(DetectionModel(V3_YAML))
     model.names = ["crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches"]
     return save_checkpoint(model.eval(), tmp_path_factory.mktemp("v3") / "v3-style.pt")
 
@@ -125,6 +120,16 @@ def v3_checkpoint(tmp_path_factory) -> Path:
 def v3_artifacts(v3_checkpoint) -> dict[str, Path]:
     options = ExportOptions(weights=v3_checkpoint, include=("onnx", "openvino", "ncnn"), imgsz=(128, 128))
     return run_export(options)
+
+
+def _randomise_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial BN statistics and affine terms (a fresh model's are 0/1), so fusing is really exercised."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+            module.weight.data.uniform_(0.5, 1.5)
+    return model
 
 
 def _sample_batch(size: tuple[int, int], n: int) -> torch.Tensor:
@@ -197,6 +202,16 @@ def test_dynamic_batch_onnx(fixture_artifacts, fixture_images, fixture_reference
 
 
 @needs_fixture
+def test_ncnn_backend_takes_channels_last_images(fixture_artifacts, fixture_images, fixture_reference):
+    """A channels-last batch gives non-contiguous per-image arrays; their contiguous copies must outlive the
+    ncnn.Mat that wraps them (once they did not, and NCNN read freed memory)."""
+    backend = load_backend(fixture_artifacts["ncnn"])
+    for _ in range(3):
+        output = backend(fixture_images.contiguous(memory_format=torch.channels_last))
+        assert (output - fixture_reference).abs().max().item() <= BACKEND_ATOL
+
+
+@needs_fixture
 def test_backend_factory_and_metadata(fixture_artifacts):
     expected = {"torchscript": TorchScriptBackend, "onnx": ONNXRuntimeBackend, "openvino": OpenVINOBackend,
                 "ncnn": NCNNBackend}
@@ -255,6 +270,140 @@ def test_v3_style_backends_match_pytorch(v3_checkpoint, v3_artifacts, fmt):
     output = load_backend(v3_artifacts[fmt])(images)  # static batch 1 -> chunks
     assert output.shape == reference.shape
     torch.testing.assert_close(output, reference, atol=BACKEND_ATOL, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- a zoo detector, a multi-head classifier
+ZOO_PARITY_YAML = ROOT / "models" / "zoo" / "yolov5s-mobilenetv3s.yaml"  # depthwise, SE, h-swish: the zoo's operators
+CLASSIFIER_HEADS = [{"name": "colour", "names": ["black", "blue", "red"]}, {"name": "type", "nc": 2}]
+
+
+@pytest.fixture(scope="module")
+def zoo_artifacts(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    from models.yolo import DetectionModel
+    from utils.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = _randomise_batchnorm(DetectionModel(ZOO_PARITY_YAML, nc=6))
+    model.names = [f"class{i}" for i in range(6)]
+    out = tmp_path_factory.mktemp("zoo-export")
+    checkpoint = save_checkpoint(model.eval(), out / "mobilenetv3s.pt")
+    options = ExportOptions(weights=checkpoint, include=("onnx", "openvino", "ncnn"), imgsz=(128, 128),
+                            output_dir=out)
+    return checkpoint, run_export(options)
+
+
+@pytest.fixture(scope="module")
+def classifier_artifacts(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    """yolov5n-mcls-s with two heads. A fresh model's activations fade towards zero with depth in eval mode
+    (unit BN statistics), so the statistics are measured on real images and the last layers scaled up: the
+    logits then span several units and depend on the image."""
+    from models.classify import ClassificationModel
+    from utils.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = ClassificationModel("yolov5n-mcls-s.yaml", heads=CLASSIFIER_HEADS)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # cumulative average over the calibration pass
+            module.reset_running_stats()
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.weight, std=16 / module.in_features**0.5)
+    with torch.no_grad():
+        model.train()(_sample_batch((128, 128), 8))
+    out = tmp_path_factory.mktemp("classifier-export")
+    checkpoint = save_checkpoint(model.eval(), out / "mcls.pt", None, task="classify")
+    options = ExportOptions(weights=checkpoint, include=("onnx", "openvino", "ncnn"), imgsz=(128, 128),
+                            dynamic=True, output_dir=out)
+    return checkpoint, run_export(options)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino", "ncnn"])
+def test_zoo_detector_backends_match_pytorch(zoo_artifacts, fmt):
+    from utils.checkpoint import load_checkpoint
+
+    checkpoint, artifacts = zoo_artifacts
+    images = _sample_batch((128, 128), 2)
+    with torch.no_grad():
+        reference = load_checkpoint(checkpoint).model.eval()(images)[0]  # unfused: the true reference
+    output = load_backend(artifacts[fmt])(images)
+    assert output.shape == reference.shape == (2, 1008, 11)
+    torch.testing.assert_close(output, reference, atol=BACKEND_ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino", "ncnn"])
+def test_multihead_classifier_backends_match_pytorch(classifier_artifacts, fmt):
+    from utils.checkpoint import load_checkpoint
+
+    checkpoint, artifacts = classifier_artifacts
+    images = _sample_batch((128, 128), 3)
+    with torch.no_grad():
+        reference = load_checkpoint(checkpoint).model.eval()(images)
+    backend = load_backend(artifacts[fmt])
+    assert backend.task == "classify" and [h["name"] for h in backend.heads] == ["colour", "type"]
+    output = backend(images)
+    assert list(output) == ["colour", "type"]
+    for name, shape in (("colour", (3, 3)), ("type", (3, 2))):
+        assert output[name].shape == reference[name].shape == shape
+        assert reference[name].abs().max() > 1 and reference[name].std(0).max() > 0.1, "logits too uniform to test"
+        torch.testing.assert_close(output[name], reference[name], atol=1e-4, rtol=1e-4)
+
+
+def test_ncnn_export_refuses_operators_ncnn_lacks(tmp_path):
+    """Swin blocks (C3STR) reshape to 6-D for window attention; pnnx keeps those as ``Tensor.reshape``, which
+    NCNN cannot load, so the export must fail there, saying which operators, instead of leaving a dead artifact."""
+    from models.yolo import DetectionModel
+    from utils.export.ncnn import export_ncnn
+
+    torch.manual_seed(0)
+    model = prepare_for_export(DetectionModel(ROOT / "models" / "zoo" / "yolov5s-c3str.yaml", nc=6))
+    meta = ExportMetadata(format="ncnn", task="detect", stride=32, imgsz=[128, 128], batch=1,
+                          names=[str(i) for i in range(6)])
+    with pytest.raises(RuntimeError, match=r"no NCNN layer for Tensor\.reshape x\d+"):
+        export_ncnn(model, torch.rand(1, 3, 128, 128), tmp_path / "c3str_ncnn_model", meta)
+
+
+def test_skattention_runs_in_ncnn(tmp_path):
+    """SKAttention once stacked its branches into a 5-D tensor, and NCNN (4 axes at most) died of SIGFPE on the
+    converted graph. NCNN runs in a child process here, so a crash fails this test instead of the suite."""
+    import numpy as np
+
+    from models.attention import SKAttention
+    from models.common import Conv
+    from utils.export.ncnn import export_ncnn
+
+    torch.manual_seed(0)
+    model = _randomise_batchnorm(torch.nn.Sequential(Conv(3, 32, 3, 2), SKAttention(32))).eval()
+    image = _sample_batch((64, 64), 1)
+    meta = ExportMetadata(format="ncnn", task="classify", stride=2, imgsz=[64, 64], batch=1, names=["block"])
+    folder = export_ncnn(model, image, tmp_path / "sk_ncnn_model", meta)
+    np.save(tmp_path / "input.npy", image[0].numpy())
+    script = (
+        "import sys, ncnn, numpy as np\n"
+        "folder = sys.argv[1]\n"
+        "net = ncnn.Net(); net.opt.use_vulkan_compute = False\n"
+        "assert not net.load_param(folder + '/model.ncnn.param') and not net.load_model(folder + '/model.ncnn.bin')\n"
+        "extractor = net.create_extractor()\n"
+        "pixels = np.load(sys.argv[2])  # named: ncnn.Mat does not keep a temporary array alive\n"
+        "extractor.input(net.input_names()[0], ncnn.Mat(pixels).clone())\n"
+        "status, out = extractor.extract(net.output_names()[0])\n"
+        "assert status == 0\n"
+        "np.save(sys.argv[3], np.array(out))\n")
+    result = subprocess.run([sys.executable, "-c", script, str(folder), str(tmp_path / "input.npy"),
+                             str(tmp_path / "output.npy")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"NCNN failed (exit {result.returncode}): {result.stderr[-1000:]}"
+    with torch.no_grad():
+        reference = model(image)[0]
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "output.npy")), reference, atol=1e-4, rtol=1e-4)
+
+
+def test_unconverted_operators_are_listed(tmp_path):
+    from utils.export.ncnn import unconverted_operators
+
+    param = tmp_path / "model.ncnn.param"
+    param.write_text("7767517\n5 5\nInput in0 0 1 in0\nConvolution conv_0 1 1 in0 1 0=16\n"
+                     "Tensor.reshape Tensor.reshape_1 1 1 1 2 shape=(1,2,3,4,5,6)\nSwish silu_0 1 1 2 3\n"
+                     "Tensor.reshape Tensor.reshape_2 1 1 3 out0\n")
+    assert unconverted_operators(param) == {"Tensor.reshape": 2}
 
 
 # ----------------------------------------------------------------------------- sidecar

@@ -46,3 +46,18 @@ def test_pycocotools_cross_check(reference_metrics, neu_det_yaml):
     # the highest recall reached, v7.0 extends it to recall 1, so the two agree closely but not exactly.
     assert abs(reference_metrics["mAP50-95"] - coco["mAP50-95"]) < 0.01
     assert abs(reference_metrics["mAP50"] - coco["mAP50"]) < 0.02
+
+
+def test_onnx_export_validates_like_pytorch(reference_metrics, fixtures_dir, neu_det_yaml, tmp_path):
+    """val.py on the fixture's ONNX export (free batch and size, so v7.0's 288x288 rect batches) gives the
+    PyTorch numbers: the same images reach the graph, and only float summation order differs."""
+    from utils.export import ExportOptions, run_export
+
+    options = ExportOptions(weights=fixtures_dir / "yolov5n-neu-det-v7.pt", include=("onnx",), imgsz=(256, 256),
+                            dynamic=True, dynamic_hw=True, output_dir=tmp_path)
+    onnx_file = run_export(options)["onnx"]
+    metrics = run_validation(str(onnx_file), str(neu_det_yaml), imgsz=256, batch_size=32, workers=2, device="cpu",
+                             project=str(tmp_path), name="onnx", noplots=True)
+    assert metrics["n_images"] == 360 and metrics["n_labels"] == 828
+    for key in ("mAP50", "mAP50-95"):
+        assert metrics[key] == pytest.approx(reference_metrics[key], abs=1e-3), key

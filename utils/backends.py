@@ -224,8 +224,11 @@ class NCNNBackend(Backend):
     def _forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         per_image = []
         for image in images.detach().cpu().float().numpy():
+            # ncnn.Mat wraps the array's buffer without keeping the array alive: hold it in a name until the
+            # clone has copied it (a temporary, e.g. from ascontiguousarray, may be freed first: garbage input)
+            pixels = np.ascontiguousarray(image)
             extractor = self.net.create_extractor()
-            extractor.input(self.input_name, self.ncnn.Mat(np.ascontiguousarray(image)).clone())
+            extractor.input(self.input_name, self.ncnn.Mat(pixels).clone())
             outputs = []
             for name in self.output_names:
                 status, mat = extractor.extract(name)

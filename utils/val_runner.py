@@ -70,7 +70,9 @@ def run_validation(weights: str, data: str, imgsz: int = 640, batch_size: int = 
     data_cfg = load_data_config(data)
     split = "test" if task == "test" and data_cfg.get("test") else "val"
     stride = max(info["stride"], 32)
-    rect = isinstance(predictor, torch.nn.Module)  # exported models take their fixed size: square, unpadded (as v7.0)
+    # v7.0's rectangular batches wherever the input size is free (PyTorch, exports with --dynamic-hw); fixed-size
+    # artifacts get square, unpadded batches of their own size, as v7.0 does for every exported model
+    rect = isinstance(predictor, torch.nn.Module) or bool(getattr(predictor, "dynamic_hw", False))
     loader, _ = create_dataloader(data_cfg[split], imgsz, batch_size, stride, augment=False, pad=0.5 if rect else 0.0,
                                   rect=rect,
                                   workers=workers, shuffle=False, single_cls=single_cls, prefix=f"{split}: ")

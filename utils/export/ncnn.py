@@ -12,6 +12,7 @@ import logging
 import shutil
 import subprocess
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -49,6 +50,7 @@ def export_ncnn(model: nn.Module, images: torch.Tensor, folder: str | Path, meta
         traced = trace_model(model.float(), single)
         traced.save(str(work / "model.torchscript"))
         _run_pnnx(work, single.shape, half)
+        _refuse_unconverted(work / PARAM_NAME)
         for name in (PARAM_NAME, BIN_NAME):
             shutil.move(work / name, folder / name)
     write_metadata(folder, metadata)
@@ -67,3 +69,24 @@ def _run_pnnx(work: Path, shape: torch.Size, half: bool) -> None:
     result = subprocess.run(command, cwd=work, capture_output=True, text=True, check=False)
     if result.returncode != 0 or not (work / PARAM_NAME).is_file():
         raise RuntimeError(f"pnnx failed (exit {result.returncode}): {result.stderr[-2000:] or result.stdout[-2000:]}")
+
+
+def unconverted_operators(param_file: Path) -> Counter[str]:
+    """Operator types in an NCNN ``.param`` that are not NCNN layers, with their counts.
+
+    Where pnnx finds no NCNN equivalent it writes the TorchScript operator itself (``Tensor.reshape``,
+    ``F.interpolate``, ``torch.roll`` ...); NCNN layer types never contain a dot. NCNN then refuses the whole
+    file at load time, so an export that contains any is a failed export.
+    """
+    layers = param_file.read_text().splitlines()[2:]  # magic number, then the layer and blob counts
+    return Counter(kind for kind in (line.split(maxsplit=1)[0] for line in layers if line.strip()) if "." in kind)
+
+
+def _refuse_unconverted(param_file: Path) -> None:
+    left = unconverted_operators(param_file)
+    if left:
+        listed = ", ".join(f"{kind} x{count}" for kind, count in left.most_common())
+        raise RuntimeError(
+            f"NCNN export: pnnx found no NCNN layer for {listed}, so NCNN cannot load this model (a reshape "
+            "to more than 4 dimensions, as in Swin window attention, is the usual cause); export to ONNX or "
+            "OpenVINO instead")
