@@ -348,6 +348,18 @@ def test_multihead_classifier_backends_match_pytorch(classifier_artifacts, fmt):
         torch.testing.assert_close(output[name], reference[name], atol=1e-4, rtol=1e-4)
 
 
+def test_cli_exports_and_compares_a_classifier(classifier_artifacts, tmp_path, capsys):
+    """export.py's after-export check handles a dict of heads (it once assumed one detection tensor)."""
+    import export
+
+    checkpoint, _ = classifier_artifacts
+    assert export.main(["--weights", str(checkpoint), "--include", "onnx", "--imgsz", "128",
+                        "--output-dir", str(tmp_path)]) == 0
+    differences = [float(line.split("= ")[1].split()[0]) for line in capsys.readouterr().out.splitlines()
+                   if "max |output - PyTorch|" in line]
+    assert len(differences) == 1 and differences[0] < 1e-3  # logits of several units: float rounding only
+
+
 def test_ncnn_export_refuses_operators_ncnn_lacks(tmp_path):
     """Swin blocks (C3STR) reshape to 6-D for window attention; pnnx keeps those as ``Tensor.reshape``, which
     NCNN cannot load, so the export must fail there, saying which operators, instead of leaving a dead artifact."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -241,9 +242,17 @@ def compare_with_pytorch(options: ExportOptions, artifacts: dict[str, Path],
         backend = load_backend(path, device=options.device, fp16=options.half)
         output = backend(images.half() if backend.fp16 else images)
         expected = reference_nms if getattr(backend, "end2end", False) else reference
-        got = output[0] if isinstance(output, (tuple, list)) else output
-        differences[name] = float((got.float().cpu() - expected).abs().max())
+        differences[name] = _max_difference(output, expected)
     return differences
+
+
+def _max_difference(output: Any, expected: Any) -> float:
+    """Max |output - expected| for a tensor, the first tensor of a tuple (detections), or a dict of heads."""
+    if isinstance(expected, dict):
+        return max(_max_difference(output[name], logits) for name, logits in expected.items())
+    output = output[0] if isinstance(output, (tuple, list)) else output
+    expected = expected[0] if isinstance(expected, (tuple, list)) else expected
+    return float((output.float().cpu() - expected.float().cpu()).abs().max())
 
 
 def comparison_images(options: ExportOptions, sample_folder: Path, limit: int = 8) -> tuple[torch.Tensor | None, str]:
