@@ -489,20 +489,41 @@ def test_sequential_training_freezes_backbone(tmp_path):
     assert any(not torch.equal(after[k], final[k]) for k in backbone)  # the fine-tune trains everything
 
 
-def test_val_and_detect_cli_on_a_classifier_checkpoint(tmp_path):
-    """val.py / detect.py route classifier checkpoints to per-head accuracy and per-head predictions."""
-    from models.classify import ClassificationModel
+FASHION = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "fashion-color-type"
+FASHION_HEADS = [{"name": "color", "names": ["black", "blue", "red"]},
+                 {"name": "type", "names": ["dress", "jeans", "shirt", "shoes"]}]
+
+
+@pytest.fixture(scope="module")
+def fashion_checkpoint(tmp_path_factory) -> Path:
+    """An untrained two-head classifier whose logits still differ from image to image: BN statistics measured
+    on the data set's images and the final layers scaled up (a fresh model's activations fade with depth)."""
     from utils.checkpoint import save_checkpoint
+
+    if not FASHION.exists():
+        pytest.skip(f"{FASHION} not present (../shared absent)")
+    torch.manual_seed(0)
+    model = ClassificationModel("yolov5n-mcls-s.yaml", heads=FASHION_HEADS)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None
+            module.reset_running_stats()
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.weight, std=16 / module.in_features**0.5)
+    files = sorted((FASHION / "images" / "val").glob("*.jpg"))[:32]
+    images = torch.stack([torch.from_numpy(cv2.resize(cv2.imread(str(f)), (32, 32))[:, :, ::-1].copy())
+                          for f in files]).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        model.train()(images)
+    return save_checkpoint(model.eval(), tmp_path_factory.mktemp("fashion") / "cls.pt")
+
+
+def test_val_and_detect_cli_on_a_classifier_checkpoint(fashion_checkpoint, tmp_path):
+    """val.py / detect.py route classifier checkpoints to per-head accuracy and per-head predictions."""
     from utils.predict import run_prediction
     from utils.val_runner import run_validation
 
-    data = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "fashion-color-type"
-    if not data.exists():
-        pytest.skip(f"{data} not present (../shared absent)")
-    heads = [{"name": "color", "names": ["black", "blue", "red"]},
-             {"name": "type", "names": ["dress", "jeans", "shirt", "shoes"]}]
-    model = ClassificationModel("yolov5n-mcls-s.yaml", heads=heads).eval()
-    weights = save_checkpoint(model, tmp_path / "cls.pt")
+    weights, data = fashion_checkpoint, FASHION
     metrics = run_validation(str(weights), str(data / "fashion-color-type.yaml"), imgsz=32, batch_size=64,
                              workers=0, device="cpu", project=str(tmp_path), name="val", noplots=True)
     assert {"color/top1", "type/top1", "mean/top1"} <= set(metrics)
@@ -512,3 +533,21 @@ def test_val_and_detect_cli_on_a_classifier_checkpoint(tmp_path):
                           project=str(tmp_path), name="pred", exist_ok=True, save_csv=True)
     assert rows and {"color", "type", "color_conf"} <= set(rows[0])
     assert (tmp_path / "pred" / "predictions.csv").exists()
+
+
+def test_val_on_an_exported_classifier_matches_pytorch(fashion_checkpoint, tmp_path):
+    """val.py takes the ONNX export of a multi-head classifier (heads from its sidecar) and scores every image
+    as the checkpoint does: same per-head confusion matrices."""
+    from utils.export import ExportOptions, run_export
+    from utils.val_runner import run_validation
+
+    onnx_file = run_export(ExportOptions(weights=fashion_checkpoint, include=("onnx",), imgsz=(32, 32), dynamic=True,
+                                         output_dir=tmp_path))["onnx"]
+    results = [run_validation(str(weights), str(FASHION / "fashion-color-type.yaml"), imgsz=32, batch_size=64,
+                              workers=0, device="cpu", project=str(tmp_path), name=Path(weights).suffix[1:],
+                              noplots=True) for weights in (fashion_checkpoint, onnx_file)]
+    pytorch, onnx = results
+    for head in ("color", "type"):
+        assert len(np.unique(pytorch["confusion"][head].nonzero()[1])) > 1, "predictions all one class: no test"
+        np.testing.assert_array_equal(onnx["confusion"][head], pytorch["confusion"][head])
+        assert onnx[f"{head}/top1"] == pytorch[f"{head}/top1"]

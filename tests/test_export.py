@@ -469,6 +469,18 @@ def test_cli_missing_weights_exit_code(tmp_path):
 
 @needs_fixture
 @pytest.mark.skipif(_tensorrt_available(), reason="TensorRT and a GPU are present: the refusal path does not apply")
+def test_tensorrt_network_flags_follow_the_version():
+    """TensorRT 8.x (JetPack 5 / 6.0) parses ONNX only into explicit-batch networks; 10.x needs no flag."""
+    from types import SimpleNamespace
+
+    from utils.export.tensorrt import network_flags
+
+    flags = SimpleNamespace(EXPLICIT_BATCH=0, STRONGLY_TYPED=1)
+    assert network_flags(SimpleNamespace(__version__="8.5.2.2", NetworkDefinitionCreationFlag=flags)) == 1
+    assert network_flags(SimpleNamespace(__version__="8.6.1", NetworkDefinitionCreationFlag=flags)) == 1
+    assert network_flags(SimpleNamespace(__version__="10.3.0", NetworkDefinitionCreationFlag=flags)) == 0
+
+
 def test_engine_without_tensorrt_fails_clearly(tmp_path):
     import export
 

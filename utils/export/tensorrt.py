@@ -109,7 +109,7 @@ def build_engine(onnx_file: str | Path, engine_file: str | Path, half: bool = Fa
     metadata = read_metadata(onnx_file)
     logger = trt.Logger(trt.Logger.INFO)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_file.read_bytes()):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -133,6 +133,14 @@ def build_engine(onnx_file: str | Path, engine_file: str | Path, half: bool = Fa
     return engine_file
 
 
+def network_flags(trt: Any) -> int:
+    """``create_network`` flags: explicit batch where the ONNX parser needs it (TensorRT 8.x: JetPack 5 and 6.0);
+    TensorRT 10 is always explicit-batch and only warns about the deprecated flag, so it gets none."""
+    major = int(str(trt.__version__).split(".")[0])
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH", None)
+    return 1 << int(flag) if major < 10 and flag is not None else 0
+
+
 def _add_profile(builder, network, config, profile: ShapeProfile | None) -> None:
     if profile is None:
         return
@@ -144,7 +152,7 @@ def _add_profile(builder, network, config, profile: ShapeProfile | None) -> None
 
 def _set_precision(trt, builder, config, half: bool, int8: bool) -> str:
     if int8:
-        if not builder.platform_has_fast_int8:
+        if not getattr(builder, "platform_has_fast_int8", True):  # deprecated attribute; may go away
             LOGGER.warning("this GPU has no fast INT8; the engine may be slower than FP16")
         config.set_flag(trt.BuilderFlag.INT8)
         config.set_flag(trt.BuilderFlag.FP16)  # layers INT8 cannot take fall back to FP16, not FP32
