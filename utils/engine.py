@@ -34,7 +34,7 @@ from utils.checkpoint import load_state_strict, save_checkpoint
 from utils.config import TrainConfig, load_hyp
 from utils.ema import ModelEMA
 from utils.freeze import apply_trainable, freeze_batchnorm_stats, frozen_layer_indices
-from utils.optim import SAM, build_optimizer, lr_lambda, warmup_step
+from utils.optim import SAM, build_optimizer, lr_lambda, scheduled_factor, warmup_step
 from utils.paths import increment_path
 from utils.tasks.base import Task
 from utils.torch_utils import (
@@ -126,7 +126,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optimizer, hyp["lr0"], hyp["momentum"], weight_decay)
         self.sam = SAM(self.optimizer, hyp["sam_rho"]) if cfg.optimizer == "SAM" else None
         self.lf = lr_lambda(self.epochs, hyp["lrf"], cfg.cos_lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lr_lambda=lambda e: scheduled_factor(self.lf, e))
         self.amp = self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.ema = ModelEMA(self.model) if self.is_main else None
@@ -191,7 +192,7 @@ class Trainer:
                                          self.hyp, self.cfg.batch_size)
             elif self.lr_scale != 1.0:
                 for group in self.optimizer.param_groups:
-                    group["lr"] = group["initial_lr"] * self.lf(self.epoch) * self.lr_scale
+                    group["lr"] = group["initial_lr"] * scheduled_factor(self.lf, self.epoch) * self.lr_scale
             batch = self.task.preprocess(raw_batch, self.device)
             batch["images"] = batch["images"].contiguous(memory_format=self.memory_format)
             items = self._forward_backward(batch)
@@ -201,9 +202,8 @@ class Trainer:
             mean_loss = (mean_loss * i + items.cpu()) / (i + 1)
             bar.set_description(self._progress_text(mean_loss, batch))
             self.callbacks.run("on_train_batch_end", self)
-        if self.last_opt_step < n_batches * (self.epoch + 1) - 1:  # leftover accumulation: apply it now
-            self._optimizer_step(batch)
-            self.last_opt_step = n_batches * (self.epoch + 1) - 1
+        # Gradients accumulated after the last optimizer step are dropped by the next epoch's zero_grad (as v7.0),
+        # so nothing pending outlives the epoch and last.pt holds all an exact resume needs.
         return mean_loss
 
     def _forward_backward(self, batch: dict[str, Any]) -> torch.Tensor:

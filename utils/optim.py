@@ -50,6 +50,17 @@ def lr_lambda(epochs: int, lrf: float, cosine: bool) -> Callable[[int], float]:
     return lambda x: (1 - x / epochs) * (1.0 - lrf) + lrf
 
 
+def scheduled_factor(lf: Callable[[int], float], epoch: int) -> float:
+    """The lr multiplier epoch ``epoch`` trains at after warm-up: ``lf(epoch - 1)`` (epoch 0: ``lf(0)``).
+
+    YOLOv5 v7.0 sets its LambdaLR back to ``last_epoch = start_epoch - 1`` after building it and steps it at
+    each epoch end, so every epoch runs one step behind ``lf``: epoch 4 of 30 at ``lf(3)``, the last epoch at
+    ``lf(28)``. We keep the lag so the same recipe follows the same schedule (warm-up still aims at
+    ``lf(epoch)``, as in v7.0).
+    """
+    return lf(max(epoch - 1, 0))
+
+
 def warmup_step(optimizer, iteration: int, warmup_iters: int, epoch_factor: float, hyp: dict,
                 batch_size: int) -> int:
     """Ramp lrs (biases down from ``warmup_bias_lr``, others up from 0) and momentum; returns accumulation."""
