@@ -2,6 +2,7 @@
 
     python benchmarks/yolov5_baseline.py --yolov5-python /path/to/venv-with-yolov5/bin/python --epochs 3
     python benchmarks/yolov5_baseline.py --yolov5-python /path/to/venv-with-yolov5/bin/python --task val
+    python benchmarks/yolov5_baseline.py --yolov5-python /path/to/venv-with-yolov5/bin/python --task schedule
 
 Runs ``python -m yolov5.train`` / ``yolov5.val`` from PyPI ``yolov5==7.0.*`` (installed in a separate
 environment: it pins old packages), offline. train: yolov5n.yaml from scratch, hyp.scratch-low, img 256,
@@ -10,7 +11,9 @@ bars, to compare with benchmarks/train_speed.py run in the same hour. val: the f
 batch 32; prints the wall time of the whole command (what ``time python val.py ...`` shows), to compare with
 ours in the same hour. The package imports roboflow and huggingface_hub and downloads a font, none of which
 these runs use, so a temporary folder provides inert stand-ins, a local font and ``np.trapz`` (gone in NumPy
-2.4); torch >= 2.6 needs ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` to unpickle v7.0's checkpoints.
+2.4); torch >= 2.6 needs ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` to unpickle v7.0's checkpoints. schedule: runs
+benchmarks/yolov5_schedule_probe.py there (learning rate, momentum and optimizer steps of every iteration, ours
+against v7.0's objects and loop; it needs this repository's requirements importable in that environment too).
 """
 
 from __future__ import annotations
@@ -126,13 +129,26 @@ def run_val(python: str, folder: Path, env: dict[str, str], data: Path, weights:
         print(f"| YOLOv5 v7.0 val.py | {wall:.1f} s wall | {' '.join(summary[-1].split())} |")
 
 
+def run_schedule_probe(python: str, folder: Path, env: dict[str, str], epochs: int) -> int:
+    """benchmarks/yolov5_schedule_probe.py in v7.0's environment: our schedule against v7.0's, iteration by
+    iteration (exit code 1 if any iteration differs)."""
+    cmd = [python, str(ROOT / "benchmarks" / "yolov5_schedule_probe.py"), "--epochs", str(epochs),
+           "--workdir", str(folder / "probe")]
+    print("running:", " ".join(cmd), flush=True)
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=folder)
+    print("\n".join(line for line in run.stdout.splitlines() if line.startswith(("|", "  iteration"))))
+    if run.returncode not in (0, 1):
+        print(run.stderr[-3000:])
+    return run.returncode
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--yolov5-python", required=True, help="a python whose environment has yolov5==7.0.*")
-    parser.add_argument("--task", choices=["train", "val"], default="train")
+    parser.add_argument("--task", choices=["train", "val", "schedule"], default="train")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="checkpoint for --task val")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, help="default: 3 for train, 30 (the recipe) for schedule")
     parser.add_argument("--repeats", type=int, default=3, help="val.py runs (--task val)")
     args = parser.parse_args()
     spec = "import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec('yolov5').origin).parent)"
@@ -142,9 +158,11 @@ def main() -> int:
         folder = Path(tmp)
         env, data = prepare_offline_env(folder, args.data)
         if args.task == "train":
-            run_train(args.yolov5_python, package, folder, env, data, args.epochs, args.data)
-        else:
+            run_train(args.yolov5_python, package, folder, env, data, args.epochs or 3, args.data)
+        elif args.task == "val":
             run_val(args.yolov5_python, folder, env, data, args.weights.resolve(), args.repeats)
+        else:
+            return run_schedule_probe(args.yolov5_python, folder, env, args.epochs or 30)
     return 0
 
 
