@@ -247,12 +247,12 @@ def compare_with_pytorch(options: ExportOptions, artifacts: dict[str, Path],
 
 
 def _max_difference(output: Any, expected: Any) -> float:
-    """Max |output - expected| for a tensor, the first tensor of a tuple (detections), or a dict of heads."""
+    """Max |output - expected| for one tensor or a dict of heads; a backend's tuple output (``--nms``:
+    detections, counts) is compared by its first tensor."""
     if isinstance(expected, dict):
         return max(_max_difference(output[name], logits) for name, logits in expected.items())
     output = output[0] if isinstance(output, (tuple, list)) else output
-    expected = expected[0] if isinstance(expected, (tuple, list)) else expected
-    return float((output.float().cpu() - expected.float().cpu()).abs().max())
+    return float((output.float().cpu() - expected).abs().max())
 
 
 def comparison_images(options: ExportOptions, sample_folder: Path, limit: int = 8) -> tuple[torch.Tensor | None, str]:
