@@ -39,10 +39,10 @@ from utils.paths import increment_path
 from utils.tasks.base import Task
 from utils.torch_utils import (
     de_parallel,
-    fastest_memory_format,
     seed_everything,
     select_device,
     set_inplace_activations,
+    training_memory_format,
 )
 
 LOGGER = logging.getLogger(__name__)
@@ -103,7 +103,8 @@ class Trainer:
         seed_everything(cfg.seed + self.rank, cfg.deterministic)
         self.task.save_dir = self.save_dir
         self.model = self.task.build_model().to(self.device)
-        self.memory_format = fastest_memory_format(self.model)  # before the EMA copy, so that it matches
+        # before the EMA copy, so that it matches; DDP ranks each see batch_size // world_size images
+        self.memory_format = training_memory_format(self.model, cfg.imgsz, max(cfg.batch_size // self.world_size, 1))
         if self.device.type == "cpu":
             set_inplace_activations(self.model, False)
         self.train_loader, self.val_loader = self.task.build_loaders(self.model)
