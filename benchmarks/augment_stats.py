@@ -14,6 +14,7 @@ environment (as in benchmarks/dataloader.py).
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import subprocess
 import sys
@@ -30,11 +31,15 @@ DEFAULT_HYP = ROOT / "data" / "hyps" / "hyp.scratch-low.yaml"
 PER_SAMPLE = ("boxes", "mean", "std", "grey_pad")
 PER_BOX = ("cls", "cx", "cy", "w", "h", "area", "aspect")
 
-SAMPLE_STATS_CODE = '''
-import numpy as np
 
-def sample_stats(dataset, n_samples, seed):
-    """Per-sample and per-box arrays for n_samples draws of dataset[i], i in a seeded shuffled order."""
+
+def sample_stats(dataset, n_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample and per-box arrays for ``n_samples`` draws of ``dataset[i]``, i in a seeded shuffled order.
+
+    Self-contained (NumPy only): its source is also run in v7.0's environment.
+    """
+    import numpy as np
+
     order = np.random.default_rng(seed).permutation(np.arange(n_samples) % len(dataset))
     samples, boxes = [], []
     for i in order:
@@ -46,11 +51,10 @@ def sample_stats(dataset, n_samples, seed):
             cls, cx, cy, w, h = labels[:, 1:6].T
             boxes.append(np.stack((cls, cx, cy, w, h, w * h, np.maximum(w / h, h / w)), 1))
     return np.array(samples, np.float64), np.concatenate(boxes, 0)
-'''
+
 
 YOLOV5_SNIPPET = """
-import random, sys, numpy as np, torch, yaml
-from pathlib import Path
+import random, numpy as np, torch, yaml
 from yolov5.utils.dataloaders import LoadImagesAndLabels
 {stats_code}
 random.seed({seed}); np.random.seed({seed}); torch.manual_seed({seed})
@@ -66,11 +70,9 @@ def ours(data: str, hyp: str, imgsz: int, n_samples: int, seed: int) -> tuple[np
     from utils.data import load_data_config
     from utils.data.detect import DetectionDataset
 
-    namespace: dict = {}
-    exec(SAMPLE_STATS_CODE, namespace)  # the same function text as the v7.0 side runs
     config = load_data_config(data)
     dataset = DetectionDataset(config["train"], imgsz, 32, augment=True, hyp=load_hyp(hyp), seed=seed)
-    return namespace["sample_stats"](dataset, n_samples, seed)
+    return sample_stats(dataset, n_samples, seed)
 
 
 def linked_split(images: Path, folder: Path) -> Path:
@@ -90,7 +92,7 @@ def yolov5(python: str, data: str, hyp: str, imgsz: int, n_samples: int,
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "stats.npz")
         train = linked_split(Path(load_data_config(data)["train"]).resolve(), Path(tmp))
-        code = YOLOV5_SNIPPET.format(stats_code=SAMPLE_STATS_CODE, seed=seed, hyp=hyp, train=str(train),
+        code = YOLOV5_SNIPPET.format(stats_code=inspect.getsource(sample_stats), seed=seed, hyp=hyp, train=str(train),
                                      imgsz=imgsz, n_samples=n_samples, out=out)
         subprocess.run([python, "-c", code], check=True, cwd=tmp, stdout=subprocess.DEVNULL)
         arrays = np.load(out)
