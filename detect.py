@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from utils.cli import exit_without_teardown
 from utils.config import ROOT, add_inference_args
 from utils.predict import run_prediction
 
@@ -42,4 +43,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_without_teardown(main())  # every output is written and closed by now

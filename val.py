@@ -12,6 +12,7 @@ import argparse
 import logging
 import sys
 
+from utils.cli import exit_without_teardown
 from utils.config import DEFAULT_DATA, add_inference_args
 from utils.val_runner import run_validation
 
@@ -41,4 +42,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_without_teardown(main())  # every output is written and closed by now

@@ -61,3 +61,24 @@ def test_onnx_export_validates_like_pytorch(reference_metrics, fixtures_dir, neu
     assert metrics["n_images"] == 360 and metrics["n_labels"] == 828
     for key in ("mAP50", "mAP50-95"):
         assert metrics[key] == pytest.approx(reference_metrics[key], abs=1e-3), key
+
+
+def test_val_command_line_exits_cleanly_with_its_outputs_written(fixtures_dir, sample_data_yaml, root, tmp_path):
+    """`python val.py` skips the interpreter's teardown (utils.cli): exit status 0, the table printed, the
+    predictions JSON and the plots complete on disk."""
+    import json
+    import subprocess
+    import sys
+
+    import cv2
+
+    weights = fixtures_dir / "yolov5n-neu-det-v7.pt"
+    result = subprocess.run([sys.executable, str(root / "val.py"), "--weights", str(weights), "--data",
+                             str(sample_data_yaml), "--img", "256", "--workers", "0", "--save-json", "--project",
+                             str(tmp_path), "--name", "cli"], capture_output=True, text=True, cwd=root, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "all" in result.stdout and "results saved to" in result.stdout.splitlines()[-1]
+    out = tmp_path / "cli"
+    assert json.loads((out / "predictions.json").read_text())  # complete JSON
+    for plot in ("confusion_matrix.png", "PR_curve.png"):
+        assert cv2.imread(str(out / plot)) is not None, plot  # a complete, decodable PNG
