@@ -25,8 +25,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from utils.config import DEFAULT_HYP  # noqa: E402
+
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "neu-det" / "neu-det.yaml"
-DEFAULT_HYP = ROOT / "data" / "hyps" / "hyp.scratch-low.yaml"
 
 PER_SAMPLE = ("boxes", "mean", "std", "grey_pad")
 PER_BOX = ("cls", "cx", "cy", "w", "h", "area", "aspect")

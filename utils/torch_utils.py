@@ -118,12 +118,10 @@ def training_memory_format(model: nn.Module, imgsz: int, batch_size: int) -> tor
     batch and image size; they stay NCHW, where BatchNorm statistics and gradients are as exact as float32
     allows (see the comment above). Other devices keep the contiguous layout.
     """
-    if next(model.parameters()).device.type != "cpu":
-        return torch.contiguous_format
-    model.to(memory_format=torch.channels_last)
+    memory_format = fastest_memory_format(model)
     layers = getattr(model, "model", None)
-    if not isinstance(layers, nn.Sequential):
-        return torch.channels_last
+    if memory_format != torch.channels_last or not isinstance(layers, nn.Sequential):
+        return memory_format
     nchw = [pixels is not None and batch_size * pixels > CHANNELS_LAST_BN_MAX_VALUES
             for pixels in layer_output_pixels(model, imgsz)]
     for layer, keep_nchw in zip(layers, nchw):
