@@ -42,13 +42,13 @@ def v7_path_loader(dataset, batch_size: int, workers: int):
     import torch
     from torch.utils.data import DataLoader
 
-    from utils.data.detect import seed_worker
+    from utils.data.workers import init_worker
 
     dataset.fast_ops = False
     generator = torch.Generator()
     generator.manual_seed(0)
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                      collate_fn=torch_stack_collate, worker_init_fn=seed_worker, generator=generator,
+                      collate_fn=torch_stack_collate, worker_init_fn=init_worker, generator=generator,
                       persistent_workers=workers > 0)
 
 

@@ -6,7 +6,8 @@
 One training batch (mosaics from the data set's train split), one freshly initialised model; for each layout
 the loss and all parameter gradients are computed in float32 and compared, as one vector, with the same
 computation in float64 (NCHW). Layouts: ``nchw``; ``channels-last`` (the whole model); ``trainer`` (what the
-trainer uses: :func:`utils.torch_utils.training_memory_format`); ``compiled`` (``trainer`` + torch.compile).
+trainer uses: :func:`utils.torch_utils.training_memory_format`); ``compiled`` (what the trainer uses with
+``--compile``: channels-last + torch.compile).
 The step time is the median of ``--repeats`` forward+backward passes (run this alone: the VM's speed drifts).
 """
 
@@ -56,7 +57,7 @@ def layout_model(model: torch.nn.Module, layout: str, imgsz: int, batch_size: in
         return model, model, torch.contiguous_format
     if layout == "channels-last":
         return model.to(memory_format=torch.channels_last), model, torch.channels_last
-    memory_format = training_memory_format(model, imgsz, batch_size)
+    memory_format = training_memory_format(model, imgsz, batch_size, compiled=layout == "compiled")
     return model, (torch.compile(model) if layout == "compiled" else model), memory_format
 
 

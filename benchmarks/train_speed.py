@@ -76,9 +76,11 @@ def main() -> int:
     print(f"| recipe | {args.cfg} scratch, img {args.imgsz}, batch {args.batch_size}, workers {args.workers}, "
           f"{args.epochs} epochs, CPU |")
     print(f"| s/epoch incl. val (median) | {sorted(per_epoch)[len(per_epoch) // 2]:.1f} |")
-    train_epochs = sorted(e - s for s, e in zip(starts, train_ends))
+    train_epochs = [e - s for s, e in zip(starts, train_ends)]
     print(f"| training images/s (training loop only, all epochs) | {n_train * len(per_epoch) / train_time:.1f} |")
-    print(f"| training images/s (median epoch) | {n_train / train_epochs[len(train_epochs) // 2]:.1f} |")
+    print(f"| training images/s (median epoch) | {n_train / sorted(train_epochs)[len(train_epochs) // 2]:.1f} |")
+    # per epoch, so that a first epoch that compiled (--compile) or warmed caches can be told from the rest
+    print(f"| training images/s per epoch | {', '.join(f'{n_train / t:.1f}' for t in train_epochs)} |")
     print(f"| validation s/epoch (mean) | {(sum(per_epoch) - train_time) / len(per_epoch):.1f} |")
     print(f"| total wall time | {total / 60:.1f} min |")
     print(f"| peak memory, process + workers: PSS (RSS summed) | {memory.peak_pss / 1e9:.2f} GB "

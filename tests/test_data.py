@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -471,3 +472,25 @@ def test_report_finds_duplicates(tmp_path):
     assert [[Path(p).name for p in group] for group in leaks] == [["crazing_1.jpg", "copy.jpg"]]
     sizes = report["splits"]["train"]["box_sizes"]
     assert sizes["small"] + sizes["medium"] + sizes["large"] == report["splits"]["train"]["instances"]
+
+
+class _WorkerState(torch.utils.data.Dataset):
+    """Each item reports the niceness and OpenCV thread count of the process that produced it."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        return os.nice(0), cv2.getNumThreads()
+
+
+@pytest.mark.skipif(not hasattr(os, "nice"), reason="process niceness is a Unix feature")
+def test_loader_workers_yield_the_cpu_to_the_trainer():
+    from utils.data.workers import init_worker
+
+    own = os.nice(0)
+    if own >= 19:
+        pytest.skip("this process already runs at the lowest priority")
+    loader = torch.utils.data.DataLoader(_WorkerState(), batch_size=1, num_workers=1, worker_init_fn=init_worker)
+    assert [(int(n), int(t)) for n, t in loader] == [(19, 1)] * 2  # lowest priority, one OpenCV thread
+    assert os.nice(0) == own  # the trainer's own priority is untouched

@@ -43,3 +43,12 @@ def test_cpu_training_layout_gives_float64_gradients(sample_data_yaml):
     assert model.model[5].conv.weight.is_contiguous(memory_format=torch.channels_last)  # 8 x 8: channels-last
     gradients = _gradients(model, images.contiguous(memory_format=memory_format), targets)
     assert (gradients - reference).norm() <= 1e-3 * reference.norm()
+
+
+def test_compiled_training_runs_channels_last_throughout():
+    """Under torch.compile Inductor generates its own BatchNorm (exact in any layout), so nothing stays NCHW."""
+    model = DetectionModel("yolov5n.yaml", nc=6).train()
+    assert training_memory_format(copy.deepcopy(model), 256, 32) == torch.contiguous_format
+    assert training_memory_format(model, 256, 32, compiled=True) == torch.channels_last
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last)
+               for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1))

@@ -104,7 +104,8 @@ class Trainer:
         self.task.save_dir = self.save_dir
         self.model = self.task.build_model().to(self.device)
         # before the EMA copy, so that it matches; DDP ranks each see batch_size // world_size images
-        self.memory_format = training_memory_format(self.model, cfg.imgsz, max(cfg.batch_size // self.world_size, 1))
+        self.memory_format = training_memory_format(self.model, cfg.imgsz, max(cfg.batch_size // self.world_size, 1),
+                                                    compiled=cfg.compile)
         if self.device.type == "cpu":
             set_inplace_activations(self.model, False)
         self.train_loader, self.val_loader = self.task.build_loaders(self.model)

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,9 +46,10 @@ import cv2
 import numpy as np
 import torch
 import yaml
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
 from utils.data.augment import augment_hsv
+from utils.data.workers import init_worker
 
 LOGGER = logging.getLogger(__name__)
 
@@ -412,17 +412,6 @@ class ClassificationDataset(Dataset):
         return counts
 
 
-def _worker_init(worker_id: int) -> None:
-    """Per-worker seeds from torch's per-worker seed; OpenCV single-threaded inside workers."""
-    cv2.setNumThreads(0)
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-    info = get_worker_info()
-    if info is not None:
-        info.dataset.reseed(seed)
-
-
 class _EpochSeeded(torch.utils.data.RandomSampler):
     """A random sampler that also reseeds the dataset's generator from the loader's generator each epoch.
 
@@ -452,7 +441,7 @@ def create_classify_loader(samples: list[tuple[str, list[int]]], imgsz: int, bat
     drop_last = shuffle and len(dataset) > batch_size
     loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), sampler=sampler,
                         num_workers=n_workers, pin_memory=torch.cuda.is_available(), drop_last=drop_last,
-                        worker_init_fn=_worker_init if n_workers else None, generator=generator)
+                        worker_init_fn=init_worker if n_workers else None, generator=generator)
     return loader, dataset
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +20,7 @@ import cv2
 import numpy as np
 import psutil
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
 from utils.boxes import xywhn2xyxy, xyxy2xywhn
 from utils.config import load_hyp
@@ -36,6 +35,7 @@ from utils.data.augment import (
     random_perspective,
 )
 from utils.data.scan import ScanReport, cache_location, is_writable_dir, list_image_files, scan_dataset
+from utils.data.workers import init_worker
 
 LOGGER = logging.getLogger(__name__)
 
@@ -375,21 +375,6 @@ class DetectionDataset(Dataset):
         return stacked, torch.cat(labels, 0), paths, shapes
 
 
-def seed_worker(worker_id: int) -> None:
-    """Worker init: per-worker seeds for the data set's generator and numpy/random; OpenCV single-threaded.
-
-    torch gives every worker ``base_seed + worker_id`` (base seed drawn from the loader's seeded generator), so
-    streams differ between workers and epochs yet repeat for the same ``seed``.
-    """
-    cv2.setNumThreads(0)  # the workers are the parallelism; OpenCV threads would oversubscribe the cores
-    worker_seed = torch.initial_seed() % 2**32
-    np.random.seed(worker_seed)
-    random.seed(worker_seed)
-    info = get_worker_info()
-    if info is not None and hasattr(info.dataset, "reseed"):
-        info.dataset.reseed(worker_seed)
-
-
 def create_dataloader(path: str | Path | list, imgsz: int, batch_size: int, stride: int, hyp: dict | None = None,
                       augment: bool = False, cache: str | None = None, pad: float = 0.0, rect: bool = False,
                       workers: int = 0, shuffle: bool = False, seed: int = 0, single_cls: bool = False,
@@ -412,6 +397,6 @@ def create_dataloader(path: str | Path | list, imgsz: int, batch_size: int, stri
     generator.manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
                         pin_memory=torch.cuda.is_available(), collate_fn=DetectionDataset.collate_fn,
-                        worker_init_fn=seed_worker, generator=generator,
+                        worker_init_fn=init_worker, generator=generator,
                         persistent_workers=False)  # fresh workers each epoch, seeded from (seed, epoch): exact resume
     return loader, dataset
