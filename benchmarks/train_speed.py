@@ -52,12 +52,13 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cache", default=None)
+    parser.add_argument("--seed", type=int, default=0, help="the recipe: 0")
     parser.add_argument("--compile", action="store_true", help="train with torch.compile (train.py --compile)")
     parser.add_argument("--project", default=str(ROOT / "runs" / "bench"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     cfg = TrainConfig(cfg=args.cfg, data=args.data, epochs=args.epochs, imgsz=args.imgsz,
-                      batch_size=args.batch_size, workers=args.workers, device="cpu", seed=0, cache=args.cache,
+                      batch_size=args.batch_size, workers=args.workers, device="cpu", seed=args.seed, cache=args.cache,
                       project=args.project, name="train_speed", noplots=True, compile=args.compile)
     task = DetectTask(cfg)
     timer = EpochTimer()

@@ -92,11 +92,11 @@ def count_train_images(data: Path) -> int:
 
 
 def run_train(python: str, package: Path, folder: Path, env: dict[str, str], data: Path, epochs: int,
-              original_data: Path) -> None:
+              original_data: Path, seed: int = 0) -> None:
     cmd = [python, "-m", "yolov5.train", "--cfg", str(package / "models" / "yolov5n.yaml"),
            "--weights", "", "--data", str(data), "--hyp", str(ROOT / "data" / "hyps" / "hyp.scratch-low.yaml"),
            "--img", "256", "--batch", "32", "--workers", "2", "--epochs", str(epochs), "--device", "cpu",
-           "--seed", "0", "--noplots", "--project", str(folder / "runs")]
+           "--seed", str(seed), "--noplots", "--project", str(folder / "runs")]
     print("running:", " ".join(cmd), flush=True)
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=folder)
     log = run.stdout + run.stderr
@@ -149,6 +149,7 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="checkpoint for --task val")
     parser.add_argument("--epochs", type=int, help="default: 3 for train, 30 (the recipe) for schedule")
+    parser.add_argument("--seed", type=int, default=0, help="train: v7.0's --seed (the recipe: 0)")
     parser.add_argument("--repeats", type=int, default=3, help="val.py runs (--task val)")
     args = parser.parse_args()
     spec = "import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec('yolov5').origin).parent)"
@@ -158,7 +159,7 @@ def main() -> int:
         folder = Path(tmp)
         env, data = prepare_offline_env(folder, args.data)
         if args.task == "train":
-            run_train(args.yolov5_python, package, folder, env, data, args.epochs or 3, args.data)
+            run_train(args.yolov5_python, package, folder, env, data, args.epochs or 3, args.data, args.seed)
         elif args.task == "val":
             run_val(args.yolov5_python, folder, env, data, args.weights.resolve(), args.repeats)
         else:

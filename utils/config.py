@@ -106,7 +106,7 @@ class TrainConfig:
     save_period: int = _flag(-1, "save a checkpoint every N epochs (disabled if < 1)")
     seed: int = _flag(0, "global training seed")
     deterministic: bool = _flag(False, "force deterministic algorithms (for exact resume checks)")
-    compile: bool = _flag(False, "torch.compile the training forward/backward (~1.25x per CPU step; the first run "
+    compile: bool = _flag(False, "torch.compile the training forward/backward (~1.3x per CPU step; the first run "
                                  "compiles for 1-2 min, later runs reuse the on-disk cache)")
     heads_mode: str = _flag("joint", "multi-head classifiers: joint or sequential", choices=["joint", "sequential"])
     head_weights: list[float] = _flag(None, "multi-head loss weights, one per head", nargs="+", type=float)
