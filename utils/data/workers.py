@@ -17,8 +17,8 @@ On a CPU-bound machine the trainer's intra-op threads and the loader workers sha
 a worker preempts one of the trainer's threads, the other threads wait for it at the end of the parallel
 region, so a millisecond of augmentation costs the step up to a millisecond per thread. At the lowest
 priority the workers run in the gaps the trainer leaves (Python dispatch, the optimizer, single-threaded
-ops) and the prefetched batches absorb the rest: on a 2-core CPU the recipe's training steps are ~8 % faster
-(benchmarks/train_speed.py, interleaved runs). Where cores are idle, as behind a GPU, niceness changes nothing.
+ops) and the prefetched batches absorb the rest: on a 2-core CPU the recipe trains ~8 % faster
+(interleaved 20-batch runs, see README). Where cores are idle, as behind a GPU, niceness changes nothing.
 """
 
 
