@@ -30,6 +30,7 @@ from utils.data.augment import (
 from utils.data.converters import coco_to_yolo, make_subset, split_dataset, voc_to_yolo
 from utils.data.report import dataset_report
 from utils.data.scan import is_grey_image, list_image_files
+from utils.data.workers import init_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "neu-det-sample"
@@ -486,8 +487,6 @@ class _WorkerState(torch.utils.data.Dataset):
 
 @pytest.mark.skipif(not hasattr(os, "nice"), reason="process niceness is a Unix feature")
 def test_loader_workers_yield_the_cpu_to_the_trainer():
-    from utils.data.workers import init_worker
-
     own = os.nice(0)
     if own >= 19:
         pytest.skip("this process already runs at the lowest priority")

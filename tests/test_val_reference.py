@@ -3,6 +3,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
+import cv2
 import pytest
 
 from utils.val_runner import run_validation
@@ -66,12 +71,6 @@ def test_onnx_export_validates_like_pytorch(reference_metrics, fixtures_dir, neu
 def test_val_command_line_exits_cleanly_with_its_outputs_written(fixtures_dir, sample_data_yaml, root, tmp_path):
     """`python val.py` skips the interpreter's teardown (utils.cli): exit status 0, the table printed, the
     predictions JSON and the plots complete on disk."""
-    import json
-    import subprocess
-    import sys
-
-    import cv2
-
     weights = fixtures_dir / "yolov5n-neu-det-v7.pt"
     result = subprocess.run([sys.executable, str(root / "val.py"), "--weights", str(weights), "--data",
                              str(sample_data_yaml), "--img", "256", "--workers", "0", "--save-json", "--project",
