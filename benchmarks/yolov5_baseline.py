@@ -3,6 +3,7 @@
     python benchmarks/yolov5_baseline.py --yolov5-python /path/to/venv-with-yolov5/bin/python --epochs 3
     python benchmarks/yolov5_baseline.py --yolov5-python /path/to/venv-with-yolov5/bin/python --task val
     python benchmarks/yolov5_baseline.py --yolov5-python /path/to/venv-with-yolov5/bin/python --task schedule
+    python benchmarks/yolov5_baseline.py --yolov5-python /path/to/venv-with-yolov5/bin/python --task swap-data
 
 Runs ``python -m yolov5.train`` / ``yolov5.val`` from PyPI ``yolov5==7.0.*`` (installed in a separate
 environment: it pins old packages), offline. train: yolov5n.yaml from scratch, hyp.scratch-low, img 256,
@@ -14,6 +15,8 @@ these runs use, so a temporary folder provides inert stand-ins, a local font and
 2.4); torch >= 2.6 needs ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` to unpickle v7.0's checkpoints. schedule: runs
 benchmarks/yolov5_schedule_probe.py there (learning rate, momentum and optimizer steps of every iteration, ours
 against v7.0's objects and loop; it needs this repository's requirements importable in that environment too).
+swap-data / swap-loop: benchmarks/yolov5_swap.py there, 30 epochs by default (our trainer on v7.0's training data
+set / v7.0's train.py on ours), printing the final metrics.
 """
 
 from __future__ import annotations
@@ -50,8 +53,25 @@ STUBS = {
 TRAIN_BAR = re.compile(r"^\s*(\d+)/\d+\s.*\|\s*(\d+)/(\d+) \[(\d+):(\d+)<")
 
 
+def mirror_dataset(root: Path, mirror: Path) -> Path:
+    """The data-set tree re-created in ``mirror``: real folders, each file a symbolic link to the original.
+
+    v7.0 writes its label caches beside the label folders (``labels/train.cache``) after resolving the folder
+    paths, so the folders must be real; in the mirror the caches land in the temporary folder and the data set
+    stays untouched (``../shared`` is read-only by convention).
+    """
+    root = root.resolve()
+    for folder, _, files in os.walk(root):
+        target = mirror / Path(folder).relative_to(root)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            if not name.endswith(".cache"):
+                (target / name).symlink_to(Path(folder) / name)
+    return mirror
+
+
 def prepare_offline_env(folder: Path, data: Path) -> tuple[dict[str, str], Path]:
-    """Stand-in modules, a font in a private config dir, and the data YAML with an absolute ``path``."""
+    """Stand-in modules, a font in a private config dir, and a data YAML whose ``path`` is a mirror of the data."""
     import matplotlib
 
     for name, text in STUBS.items():
@@ -63,7 +83,7 @@ def prepare_offline_env(folder: Path, data: Path) -> tuple[dict[str, str], Path]
     for name in ("Arial.ttf", "Arial.Unicode.ttf"):
         shutil.copy(font, config_dir / name)
     config = yaml.safe_load(data.read_text())
-    config["path"] = str((data.parent / config.get("path", ".")).resolve())
+    config["path"] = str(mirror_dataset(data.parent / config.get("path", "."), folder / "data"))
     data_abs = folder / "data.yaml"
     data_abs.write_text(yaml.safe_dump(config))
     env = {**os.environ, "PYTHONPATH": str(folder / "stubs"), "YOLOV5_CONFIG_DIR": str(config_dir),
@@ -142,14 +162,22 @@ def run_schedule_probe(python: str, folder: Path, env: dict[str, str], epochs: i
     return run.returncode
 
 
+def run_swap(python: str, folder: Path, env: dict[str, str], data: Path, half: str, epochs: int, seed: int) -> int:
+    """benchmarks/yolov5_swap.py in v7.0's environment; its output streams through (30 epochs take ~30 min)."""
+    cmd = [python, str(ROOT / "benchmarks" / "yolov5_swap.py"), "--half", half, "--data", str(data),
+           "--epochs", str(epochs), "--seed", str(seed), "--project", str(folder / "swap")]
+    print("running:", " ".join(cmd), flush=True)
+    return subprocess.run(cmd, env=env, cwd=folder).returncode
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--yolov5-python", required=True, help="a python whose environment has yolov5==7.0.*")
-    parser.add_argument("--task", choices=["train", "val", "schedule"], default="train")
+    parser.add_argument("--task", choices=["train", "val", "schedule", "swap-data", "swap-loop"], default="train")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="checkpoint for --task val")
-    parser.add_argument("--epochs", type=int, help="default: 3 for train, 30 (the recipe) for schedule")
-    parser.add_argument("--seed", type=int, default=0, help="train: v7.0's --seed (the recipe: 0)")
+    parser.add_argument("--epochs", type=int, help="default: 3 for train, 30 (the recipe) for schedule and swap")
+    parser.add_argument("--seed", type=int, default=0, help="train and swap: the training seed (the recipe: 0)")
     parser.add_argument("--repeats", type=int, default=3, help="val.py runs (--task val)")
     args = parser.parse_args()
     spec = "import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec('yolov5').origin).parent)"
@@ -162,8 +190,11 @@ def main() -> int:
             run_train(args.yolov5_python, package, folder, env, data, args.epochs or 3, args.data, args.seed)
         elif args.task == "val":
             run_val(args.yolov5_python, folder, env, data, args.weights.resolve(), args.repeats)
-        else:
+        elif args.task == "schedule":
             return run_schedule_probe(args.yolov5_python, folder, env, args.epochs or 30)
+        else:
+            half = args.task.removeprefix("swap-")
+            return run_swap(args.yolov5_python, folder, env, data, half, args.epochs or 30, args.seed)
     return 0
 
 
