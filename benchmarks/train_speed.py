@@ -43,7 +43,8 @@ class EpochTimer:
         self.marks.append(("end", time.perf_counter()))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None, task_class: type[DetectTask] = DetectTask) -> int:
+    """Train the recipe and print the table; ``task_class`` lets benchmarks/yolov5_swap.py change the data set."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "neu-det" / "neu-det.yaml"))
     parser.add_argument("--cfg", default="yolov5n.yaml")
@@ -55,12 +56,12 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="the recipe: 0")
     parser.add_argument("--compile", action="store_true", help="train with torch.compile (train.py --compile)")
     parser.add_argument("--project", default=str(ROOT / "runs" / "bench"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     cfg = TrainConfig(cfg=args.cfg, data=args.data, epochs=args.epochs, imgsz=args.imgsz,
                       batch_size=args.batch_size, workers=args.workers, device="cpu", seed=args.seed, cache=args.cache,
                       project=args.project, name="train_speed", noplots=True, compile=args.compile)
-    task = DetectTask(cfg)
+    task = task_class(cfg)
     timer = EpochTimer()
     callbacks = default_callbacks()
     callbacks.add_logger(timer)

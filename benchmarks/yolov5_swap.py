@@ -54,10 +54,8 @@ class DetectTaskOnV7Data(DetectTask):
 
 def train_ours_on_v7_data(data: str, epochs: int, seed: int, project: str) -> int:
     """benchmarks/train_speed.py with DetectTaskOnV7Data in place of DetectTask (prints the same table)."""
-    train_speed.DetectTask = DetectTaskOnV7Data
-    sys.argv = ["train_speed.py", "--data", data, "--epochs", str(epochs), "--seed", str(seed),
-                "--project", project]
-    return train_speed.main()
+    argv = ["--data", data, "--epochs", str(epochs), "--seed", str(seed), "--project", project]
+    return train_speed.main(argv, task_class=DetectTaskOnV7Data)
 
 
 def train_v7_on_our_data(data: str, epochs: int, seed: int, project: str) -> int:
