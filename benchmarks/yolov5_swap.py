@@ -33,23 +33,21 @@ HYP = ROOT / "data" / "hyps" / "hyp.scratch-low.yaml"
 class DetectTaskOnV7Data(DetectTask):
     """Our detection task whose training loader is v7.0's LoadImagesAndLabels (same batch format)."""
 
-    def build_loaders(self, model):
+    def build_train_loader(self):
         import torch
         from torch.utils.data import DataLoader
         from yolov5.utils.dataloaders import LoadImagesAndLabels
 
         from utils.data.workers import init_worker
 
-        _, val_loader = super().build_loaders(model)
         cfg = self.cfg
-        self.train_dataset = LoadImagesAndLabels(self.data["train"], self.imgsz, cfg.batch_size, augment=True,
-                                                 hyp=self.hyp, rect=False, stride=self.stride, prefix="v7.0 train: ")
+        dataset = LoadImagesAndLabels(self.data["train"], self.imgsz, cfg.batch_size, augment=True, hyp=self.hyp,
+                                      rect=False, stride=self.stride, prefix="v7.0 train: ")
         generator = torch.Generator()
         generator.manual_seed(cfg.seed)
-        train_loader = DataLoader(self.train_dataset, batch_size=cfg.batch_size, shuffle=True,
-                                  num_workers=cfg.workers, collate_fn=LoadImagesAndLabels.collate_fn,
-                                  worker_init_fn=init_worker, generator=generator)
-        return train_loader, val_loader
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
+                            collate_fn=LoadImagesAndLabels.collate_fn, worker_init_fn=init_worker, generator=generator)
+        return loader, dataset
 
 
 def train_ours_on_v7_data(data: str, epochs: int, seed: int, project: str) -> int:

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from utils.config import TrainConfig
 from utils.freeze import alternate_plan, parse_freeze_schedule
@@ -75,10 +76,7 @@ class DetectTask:
         stride = max(int(model.stride.max()), 32)
         self.imgsz = math.ceil(cfg.imgsz / stride) * stride
         self.stride = stride
-        train_loader, self.train_dataset = create_dataloader(
-            self.data["train"], self.imgsz, cfg.batch_size, stride, hyp=hyp, augment=True, cache=cfg.cache,
-            rect=cfg.rect, workers=cfg.workers, shuffle=not cfg.rect, seed=cfg.seed, single_cls=cfg.single_cls,
-            image_weights=cfg.image_weights, prefix="train: ")
+        train_loader, self.train_dataset = self.build_train_loader()
         val_loader = None
         if self.data.get("val"):
             val_loader, _ = create_dataloader(
@@ -88,6 +86,16 @@ class DetectTask:
         self._check_anchors(model)
         self._report_data()
         return train_loader, val_loader
+
+    def build_train_loader(self) -> tuple[DataLoader, Dataset]:
+        """(loader, data set) of the augmented training split, at ``self.imgsz`` and ``self.stride``."""
+        from utils.data import create_dataloader
+
+        cfg = self.cfg
+        return create_dataloader(
+            self.data["train"], self.imgsz, cfg.batch_size, self.stride, hyp=self.hyp, augment=True, cache=cfg.cache,
+            rect=cfg.rect, workers=cfg.workers, shuffle=not cfg.rect, seed=cfg.seed, single_cls=cfg.single_cls,
+            image_weights=cfg.image_weights, prefix="train: ")
 
     def _report_data(self) -> None:
         """Data-set report in the log and labels.png in the run folder, before the first epoch."""
