@@ -65,3 +65,18 @@ def test_missing_source_is_clear(fixtures_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file, folder or glob"):
         run_prediction(str(fixtures_dir / "yolov5n-neu-det-v7.pt"), str(tmp_path / "nothing"), device="cpu",
                        project=str(tmp_path))
+
+
+def test_txt_list_entries_resolve_beside_the_list_then_in_the_working_directory(tmp_path, monkeypatch):
+    from utils.sources import expand_source
+
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "a.jpg").write_bytes(b"")
+    (tmp_path / "b.png").write_bytes(b"")
+    listing = tmp_path / "lists" / "images.txt"
+    listing.write_text("a.jpg\n\nb.png\n")
+    monkeypatch.chdir(tmp_path)  # b.png is only found relative to the working directory, as in v7.0
+    assert expand_source(listing) == [tmp_path / "lists" / "a.jpg", tmp_path / "b.png"]
+    listing.write_text("a.jpg\nmissing.jpg\n")
+    with pytest.raises(FileNotFoundError, match=r"images\.txt:2: .*missing\.jpg"):
+        expand_source(listing)

@@ -33,12 +33,7 @@ def expand_source(source: str | Path) -> list[Path]:
     text = str(source)
     path = Path(text)
     if path.suffix == ".txt" and path.is_file():
-        files = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                files.extend(expand_source((path.parent / line.strip()) if not Path(line.strip()).is_absolute()
-                                           else line.strip()))
-        return files
+        return _expand_list(path)
     if any(ch in text for ch in "*?["):
         files = [Path(p) for p in sorted(glob.glob(text, recursive=True))]
     elif path.is_dir():
@@ -51,6 +46,23 @@ def expand_source(source: str | Path) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"--source {source}: no images or videos found "
                                 f"(images: {sorted(IMAGE_SUFFIXES)}, videos: {sorted(VIDEO_SUFFIXES)})")
+    return files
+
+
+def _expand_list(list_file: Path) -> list[Path]:
+    """Files named by each line of a .txt list; a relative line is looked up beside the list, then in the
+    working directory (where v7.0 looks), and a line that names nothing is reported with its number."""
+    files = []
+    for number, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), 1):
+        entry = line.strip()
+        if not entry:
+            continue
+        beside_list = list_file.parent / entry  # an absolute entry stays itself
+        candidate = Path(entry).absolute() if not beside_list.exists() and Path(entry).exists() else beside_list
+        try:
+            files.extend(expand_source(candidate))
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"{list_file}:{number}: {error}") from None
     return files
 
 
