@@ -51,6 +51,7 @@ def test_training_loss_falls_and_best_validates(tmp_path):
     for part in ("box", "cls"):  # objectness targets are IoUs, which rise as boxes improve: its loss may rise
         first, last = float(rows[0][f"train/{part}"]), float(rows[-1][f"train/{part}"])
         assert last < 0.9 * first, (part, first, last)
+    assert float(rows[-1]["val/box"]) < float(rows[0]["val/box"]), "the validation box loss did not fall"
     for name in ("weights/best.pt", "weights/last.pt", "results.png", "labels.png", "train_batch0.jpg",
                  "confusion_matrix.png", "PR_curve.png", "hyp.yaml", "opt.yaml"):
         assert (run / name).exists(), name

@@ -258,7 +258,9 @@ class Trainer:
         """One results.csv row: epoch, training losses, validation metrics, learning rates."""
         row: dict[str, Any] = {"epoch": self.epoch}
         row.update({f"train/{n}": float(v) for n, v in zip(self.task.loss_names, self.train_loss.tolist())})
-        row.update({f"metrics/{k}": float(v) for k, v in self.metrics.items() if isinstance(v, (int, float))})
+        for key, value in self.metrics.items():  # the task's validation losses come already named "val/..."
+            if isinstance(value, (int, float)):
+                row[key if key.startswith("val/") else f"metrics/{key}"] = float(value)
         row.update({f"lr/pg{j}": float(lr) for j, lr in enumerate(self.epoch_lrs)})
         return row
 

@@ -41,10 +41,16 @@ class ValidationOptions:
     save_json: bool = False
     names: Sequence[str] = field(default_factory=list)
     streams: int | None = None  # batches in flight on a CPU; None: 2 for PyTorch models, 1 for exported ones
+    # training criterion (raw maps, normalised targets) -> (total, loss items); with a PyTorch model the mean
+    # items per batch come back as "val_loss" (v7.0's val/box_loss, val/obj_loss, val/cls_loss)
+    compute_loss: Callable[[list[torch.Tensor], torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
-def model_predictor(model: torch.nn.Module, half: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Callable images -> (bs, N, 5+nc) for an eval-mode PyTorch detector (drops the raw maps).
+Predictor = Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor] | None]]
+
+
+def model_predictor(model: torch.nn.Module, half: bool = False) -> Predictor:
+    """Callable images -> ((bs, N, 5+nc) decoded boxes, raw maps per level) for an eval-mode PyTorch detector.
 
     The model is put in its fastest memory layout in place (channels-last on the CPU).
     """
@@ -54,10 +60,21 @@ def model_predictor(model: torch.nn.Module, half: bool = False) -> Callable[[tor
     memory_format = fastest_memory_format(model)
 
     @torch.no_grad()
-    def predict(images: torch.Tensor) -> torch.Tensor:
+    def predict(images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         images = images.contiguous(memory_format=memory_format)
         out = model(images.half() if half else images)
-        return (out[0] if isinstance(out, (tuple, list)) else out).float()
+        if isinstance(out, (tuple, list)):
+            return out[0].float(), list(out[1])
+        return out.float(), None
+
+    return predict
+
+
+def backend_predictor(backend: Callable[[torch.Tensor], torch.Tensor]) -> Predictor:
+    """An exported model's images -> decoded boxes, in :func:`model_predictor`'s shape (no raw maps)."""
+
+    def predict(images: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return backend(images), None
 
     return predict
 
@@ -81,19 +98,23 @@ def validate_detector(predictor: torch.nn.Module | Callable, loader, nc: int,
     opts = options or ValidationOptions()
     device = _device_of(predictor)
     is_module = isinstance(predictor, torch.nn.Module)
-    predict = model_predictor(predictor, opts.half) if is_module else predictor
+    predict = model_predictor(predictor, opts.half) if is_module else backend_predictor(predictor)
     if opts.plots:
         prefetch_module("matplotlib.figure")  # ~0.6 s of imports, done while the model runs
     accumulator = DetectionMetricsAccumulator(1 if opts.single_cls else nc)
     confusion = ConfusionMatrix(nc=1 if opts.single_cls else nc)
     times = np.zeros(3)
+    loss_sum, loss_batches = None, 0
     json_rows: list[dict] = []
     streams = opts.streams or (cpu_streams(device) if is_module else 1)  # exported backends thread themselves
     batches = tqdm(loader, desc="val", bar_format="{l_bar}{bar:10}{r_bar}")
     work = partial(_predict_batch, predict, device, opts)
-    for (_, _, paths, shapes), (detections, targets, letterboxed_shape, stage_times) in pipelined(batches, work,
-                                                                                                   streams):
+    for (_, _, paths, shapes), (detections, targets, letterboxed_shape, stage_times, loss_items) in pipelined(
+            batches, work, streams):
         times += stage_times
+        if loss_items is not None:
+            loss_sum = loss_items if loss_sum is None else loss_sum + loss_items
+            loss_batches += 1
         for index, det in enumerate(detections):
             labels = targets[targets[:, 0] == index, 1:]
             native = _score_image(det, labels, letterboxed_shape, shapes[index], accumulator, confusion, opts)
@@ -104,6 +125,8 @@ def validate_detector(predictor: torch.nn.Module | Callable, loader, nc: int,
     metrics["speed_ms"] = {stage: 1e3 * t / n_images / streams
                            for stage, t in zip(("preprocess", "inference", "nms"), times)}
     metrics["streams"] = streams
+    if loss_sum is not None:
+        metrics["val_loss"] = (loss_sum / loss_batches).tolist()
     if opts.plots and opts.save_dir is not None:
         _save_plots(metrics.get("result"), confusion, Path(opts.save_dir), opts.names)
     if opts.save_json and opts.save_dir is not None:
@@ -116,14 +139,17 @@ def validate_detector(predictor: torch.nn.Module | Callable, loader, nc: int,
 
 def _predict_batch(predict: Callable, device: torch.device, opts: ValidationOptions, batch) -> tuple:
     """Inference and NMS of one loader batch -> (NumPy detections per image, NumPy targets in pixels, letterboxed
-    shape, stage times)."""
+    shape, stage times, loss items or None)."""
     images, targets = batch[0], batch[1]
     t0 = time_sync()
     images = images.to(device, non_blocking=True).float() / 255
     targets = targets.to(device)
     t1 = time_sync()
-    preds = predict(images)
+    preds, raw_maps = predict(images)
     t2 = time_sync()
+    loss_items = None
+    if opts.compute_loss is not None and raw_maps is not None:  # untimed, as in v7.0
+        loss_items = opts.compute_loss(raw_maps, targets)[1].cpu()
     height, width = images.shape[2:]
     targets[:, 2:] *= torch.tensor((width, height, width, height), device=device)
     detections = non_max_suppression(preds, opts.conf_thres, opts.iou_thres, multi_label=True,
@@ -131,7 +157,7 @@ def _predict_batch(predict: Callable, device: torch.device, opts: ValidationOpti
     t3 = time_sync()
     # Matching runs in NumPy on the consuming thread: convert here, off that thread.
     detections = [det.cpu().numpy() for det in detections]
-    return detections, targets.cpu().numpy(), images.shape[2:], np.array((t1 - t0, t2 - t1, t3 - t2))
+    return detections, targets.cpu().numpy(), images.shape[2:], np.array((t1 - t0, t2 - t1, t3 - t2)), loss_items
 
 
 def _save_plots(result, confusion: ConfusionMatrix, save_dir: Path, names: Sequence[str]) -> None:

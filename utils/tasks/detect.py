@@ -139,20 +139,27 @@ class DetectTask:
         return nn.functional.interpolate(images, size=shape, mode="bilinear", align_corners=False)
 
     # ---------------------------------------------------------------- loss / metrics
+    def _loss(self, model: nn.Module) -> ComputeLoss:
+        gains = scale_loss_gains(self.hyp, self.nc, model.model[-1].nl, self.imgsz)
+        return ComputeLoss(model, gains)
+
     def criterion(self, model: nn.Module):
-        head = model.model[-1]
-        gains = scale_loss_gains(self.hyp, self.nc, head.nl, self.imgsz)
-        compute = ComputeLoss(model, gains)
+        compute = self._loss(model)
         return lambda preds, batch: compute(preds, batch["targets"])
 
     def validate(self, model: nn.Module, loader, save_dir: Path, plots: bool) -> dict[str, float]:
-        """Validate a Conv+BN-fused copy (the EMA model itself keeps training-time structure)."""
-        options = ValidationOptions(single_cls=self.cfg.single_cls, plots=plots, save_dir=save_dir,
-                                    names=self.names)
+        """Validate a Conv+BN-fused copy (the EMA model itself keeps training-time structure).
+
+        Returns P, R, mAP50, mAP50-95 and the training loss on the validation batches (``val/box`` ...).
+        """
         fused = deepcopy(model).fuse() if hasattr(model, "fuse") else model
+        options = ValidationOptions(single_cls=self.cfg.single_cls, plots=plots, save_dir=save_dir,
+                                    names=self.names, compute_loss=self._loss(fused) if self.hyp else None)
         metrics = validate_detector(fused, loader, self.nc, options)
         LOGGER.info("\n%s", format_results(metrics, self.names, verbose=plots))
-        return {k: metrics[k] for k in ("P", "R", "mAP50", "mAP50-95")}
+        result = {k: metrics[k] for k in ("P", "R", "mAP50", "mAP50-95")}
+        result.update({f"val/{name}": value for name, value in zip(self.loss_names, metrics.get("val_loss", ()))})
+        return result
 
     def final_validation(self, weights: Path, loader, save_dir: Path, plots: bool) -> dict[str, float]:
         from utils.checkpoint import load_checkpoint

@@ -1,0 +1,47 @@
+"""validate_detector's validation losses (v7.0's val/box_loss, val/obj_loss, val/cls_loss in results.csv)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.yolo import DetectionModel
+from utils.config import load_hyp
+from utils.data import create_dataloader, load_data_config
+from utils.loss import ComputeLoss, scale_loss_gains
+from utils.validate import ValidationOptions, validate_detector
+
+
+def test_validation_loss_is_the_mean_training_loss_of_the_val_batches(sample_data_yaml, tmp_path):
+    torch.manual_seed(0)
+    model = DetectionModel("yolov5n.yaml", nc=6).eval()
+    data = load_data_config(sample_data_yaml)
+    loader, _ = create_dataloader(data["val"], 128, 5, 32, rect=True, pad=0.5, cache_dir=tmp_path)
+    loss = ComputeLoss(model, scale_loss_gains(load_hyp(), 6, 3, 128))
+
+    expected, batches = torch.zeros(3), 0
+    with torch.no_grad():  # independently: the raw maps of each batch in NCHW, targets normalised
+        for images, targets, *_ in loader:
+            expected += loss(model(images.float() / 255)[1], targets)[1]
+            batches += 1
+    assert batches == 3  # 12 images in batches of 5: the mean is over batches, as in v7.0
+
+    options = ValidationOptions(compute_loss=loss, names=data["names"], streams=2)
+    metrics = validate_detector(model, loader, 6, options)
+    assert metrics["val_loss"] == pytest.approx((expected / batches).tolist(), rel=1e-4)
+    assert min(metrics["val_loss"]) > 0
+
+
+def test_exported_backends_report_no_validation_loss(sample_data_yaml, tmp_path):
+    torch.manual_seed(0)
+    model = DetectionModel("yolov5n.yaml", nc=6).eval()
+    data = load_data_config(sample_data_yaml)
+    loader, _ = create_dataloader(data["val"], 128, 6, 32, rect=True, pad=0.5, cache_dir=tmp_path)
+    loss = ComputeLoss(model, scale_loss_gains(load_hyp(), 6, 3, 128))
+
+    def backend(images: torch.Tensor) -> torch.Tensor:  # what an exported model returns: decoded boxes only
+        with torch.no_grad():
+            return model(images)[0]
+
+    metrics = validate_detector(backend, loader, 6, ValidationOptions(compute_loss=loss, names=data["names"]))
+    assert "val_loss" not in metrics and metrics["n_images"] == 12
