@@ -26,7 +26,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--classes", type=int, nargs="+", help="keep only these class indices")
     parser.add_argument("--agnostic-nms", action="store_true", help="class-agnostic NMS")
     parser.add_argument("--multi-label", action="store_true", help="allow several labels per box")
-    parser.add_argument("--augment", action="store_true", help="test-time augmentation (flips and scales)")
     parser.add_argument("--save-crop", action="store_true", help="save cropped prediction boxes")
     parser.add_argument("--save-csv", action="store_true", help="classifiers: write predictions.csv")
     parser.add_argument("--nosave", action="store_true", help="do not save annotated images/videos")

@@ -45,3 +45,23 @@ def test_exported_backends_report_no_validation_loss(sample_data_yaml, tmp_path)
 
     metrics = validate_detector(backend, loader, 6, ValidationOptions(compute_loss=loss, names=data["names"]))
     assert "val_loss" not in metrics and metrics["n_images"] == 12
+
+
+def test_augment_validates_the_three_tta_passes_and_needs_a_pytorch_model(sample_data_yaml, tmp_path):
+    torch.manual_seed(0)
+    model = DetectionModel("yolov5n.yaml", nc=6).eval()
+    data = load_data_config(sample_data_yaml)
+    loader, _ = create_dataloader(data["val"], 128, 12, 32, rect=True, pad=0.5, cache_dir=tmp_path)
+    seen: list[tuple[int, ...]] = []
+    model.register_forward_pre_hook(lambda _module, args: seen.append(tuple(args[0].shape)))
+
+    plain = validate_detector(model, loader, 6, ValidationOptions(names=data["names"], streams=1))
+    assert seen == [(12, 3, 160, 160)]  # one pass over the rect batch (128 px padded by half a stride)
+    seen.clear()
+    augmented = validate_detector(model, loader, 6, ValidationOptions(augment=True, names=data["names"], streams=1))
+    # utils.tta's scales 1, 0.83, 0.67 of 160 px, each padded up to the stride
+    assert seen == [(12, 3, 160, 160), (12, 3, 160, 160), (12, 3, 128, 128)]
+    assert augmented["n_images"] == plain["n_images"] == 12
+
+    with pytest.raises(ValueError, match="--augment needs PyTorch weights"):
+        validate_detector(lambda images: model(images)[0], loader, 6, ValidationOptions(augment=True))

@@ -153,6 +153,7 @@ def add_inference_args(parser: argparse.ArgumentParser, run_kind: str) -> None:
     parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="inference size (pixels)")
     parser.add_argument("--device", default="", help="cuda device, i.e. 0 or cpu")
     parser.add_argument("--half", action="store_true", help="FP16 inference (CUDA)")
+    parser.add_argument("--augment", action="store_true", help="test-time augmentation (flips and scales; .pt only)")
     parser.add_argument("--save-txt", action="store_true", help="save results to *.txt")
     parser.add_argument("--save-conf", action="store_true", help="save confidences in --save-txt labels")
     parser.add_argument("--project", default=str(ROOT / "runs" / run_kind), help="save to project/name")

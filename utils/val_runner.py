@@ -53,7 +53,7 @@ def run_validation(weights: str, data: str, imgsz: int = 640, batch_size: int = 
                    iou_thres: float = 0.6, max_det: int = 300, task: str = "val", device: str = "",
                    workers: int = 2, single_cls: bool = False, verbose: bool = False, save_txt: bool = False,
                    save_conf: bool = False, save_json: bool = False, cocoeval: bool = False, half: bool = False,
-                   noplots: bool = False, project: str = "runs/val", name: str = "exp",
+                   augment: bool = False, noplots: bool = False, project: str = "runs/val", name: str = "exp",
                    exist_ok: bool = False) -> dict[str, Any]:
     """Validate ``weights`` on the ``task`` split of ``data``; returns the metrics dict."""
     from utils.data import create_dataloader, load_data_config
@@ -65,6 +65,8 @@ def run_validation(weights: str, data: str, imgsz: int = 640, batch_size: int = 
     save_dir = Path(project) / name if exist_ok else increment_path(Path(project) / name)
     save_dir.mkdir(parents=True, exist_ok=True)
     if info["task"] == "classify":
+        if augment:
+            raise ValueError("--augment (test-time augmentation) is for detectors; this is a classifier")
         return run_classifier_validation(predictor, info, data, imgsz, batch_size, workers, save_dir, not noplots,
                                          torch_device, split="test" if task == "test" else "val")
     data_cfg = load_data_config(data)
@@ -78,8 +80,9 @@ def run_validation(weights: str, data: str, imgsz: int = 640, batch_size: int = 
                                   workers=workers, shuffle=False, single_cls=single_cls, prefix=f"{split}: ")
     nc = 1 if single_cls else int(data_cfg["nc"])
     names = info["names"] or list(data_cfg["names"])
-    options = ValidationOptions(conf_thres, iou_thres, max_det, single_cls, half, not noplots, save_dir, save_txt,
-                                save_conf, save_json or cocoeval, names,
+    options = ValidationOptions(conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det, single_cls=single_cls,
+                                half=half, augment=augment, plots=not noplots, save_dir=save_dir, save_txt=save_txt,
+                                save_conf=save_conf, save_json=save_json or cocoeval, names=names,
                                 streams=1 if task == "speed" else None)  # speed: plain per-batch latency
     metrics = validate_detector(predictor, loader, nc, options)
     print(format_results(metrics, names, verbose))

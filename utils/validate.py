@@ -23,6 +23,7 @@ from utils.boxes import non_max_suppression, scale_boxes, xywh2xyxy, xyxy2xywh
 from utils.concurrency import cpu_streams, pipelined, prefetch_module, run_jobs_in_processes
 from utils.metrics import ConfusionMatrix, DetectionMetricsAccumulator
 from utils.torch_utils import fastest_memory_format, time_sync
+from utils.tta import augmented_inference
 
 LOGGER = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class ValidationOptions:
     max_det: int = 300
     single_cls: bool = False
     half: bool = False
+    augment: bool = False  # test-time augmentation (utils.tta), PyTorch models only
     plots: bool = False
     save_dir: Path | None = None
     save_txt: bool = False
@@ -49,19 +51,23 @@ class ValidationOptions:
 Predictor = Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor] | None]]
 
 
-def model_predictor(model: torch.nn.Module, half: bool = False) -> Predictor:
+def model_predictor(model: torch.nn.Module, half: bool = False, augment: bool = False) -> Predictor:
     """Callable images -> ((bs, N, 5+nc) decoded boxes, raw maps per level) for an eval-mode PyTorch detector.
 
-    The model is put in its fastest memory layout in place (channels-last on the CPU).
+    The model is put in its fastest memory layout in place (channels-last on the CPU). With ``augment`` the
+    boxes are the merged test-time-augmented passes of :mod:`utils.tta` and there are no raw maps.
     """
     model.eval()
     if half:
         model.half()
     memory_format = fastest_memory_format(model)
+    stride = int(model.stride.max()) if hasattr(model, "stride") else 32
 
     @torch.no_grad()
     def predict(images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         images = images.contiguous(memory_format=memory_format)
+        if augment:
+            return augmented_inference(model, images.half() if half else images, stride).float(), None
         out = model(images.half() if half else images)
         if isinstance(out, (tuple, list)):
             return out[0].float(), list(out[1])
@@ -98,7 +104,9 @@ def validate_detector(predictor: torch.nn.Module | Callable, loader, nc: int,
     opts = options or ValidationOptions()
     device = _device_of(predictor)
     is_module = isinstance(predictor, torch.nn.Module)
-    predict = model_predictor(predictor, opts.half) if is_module else backend_predictor(predictor)
+    if opts.augment and not is_module:
+        raise ValueError("--augment needs PyTorch weights (.pt); exported models run one pass")
+    predict = model_predictor(predictor, opts.half, opts.augment) if is_module else backend_predictor(predictor)
     if opts.plots:
         prefetch_module("matplotlib.figure")  # ~0.6 s of imports, done while the model runs
     accumulator = DetectionMetricsAccumulator(1 if opts.single_cls else nc)
