@@ -12,12 +12,17 @@ from utils.loss import ComputeLoss, scale_loss_gains
 from utils.validate import ValidationOptions, validate_detector
 
 
-def test_validation_loss_is_the_mean_training_loss_of_the_val_batches(sample_data_yaml, tmp_path):
+def _setup(data_yaml, batch_size: int, cache_dir):
+    """A seeded, untrained yolov5n (nc=6) in eval mode, the sample's rect val loader at 128 px, names, its loss."""
     torch.manual_seed(0)
     model = DetectionModel("yolov5n.yaml", nc=6).eval()
-    data = load_data_config(sample_data_yaml)
-    loader, _ = create_dataloader(data["val"], 128, 5, 32, rect=True, pad=0.5, cache_dir=tmp_path)
-    loss = ComputeLoss(model, scale_loss_gains(load_hyp(), 6, 3, 128))
+    data = load_data_config(data_yaml)
+    loader, _ = create_dataloader(data["val"], 128, batch_size, 32, rect=True, pad=0.5, cache_dir=cache_dir)
+    return model, loader, data["names"], ComputeLoss(model, scale_loss_gains(load_hyp(), 6, 3, 128))
+
+
+def test_validation_loss_is_the_mean_training_loss_of_the_val_batches(sample_data_yaml, tmp_path):
+    model, loader, names, loss = _setup(sample_data_yaml, 5, tmp_path)
 
     expected, batches = torch.zeros(3), 0
     with torch.no_grad():  # independently: the raw maps of each batch in NCHW, targets normalised
@@ -26,39 +31,32 @@ def test_validation_loss_is_the_mean_training_loss_of_the_val_batches(sample_dat
             batches += 1
     assert batches == 3  # 12 images in batches of 5: the mean is over batches, as in v7.0
 
-    options = ValidationOptions(compute_loss=loss, names=data["names"], streams=2)
+    options = ValidationOptions(compute_loss=loss, names=names, streams=2)
     metrics = validate_detector(model, loader, 6, options)
     assert metrics["val_loss"] == pytest.approx((expected / batches).tolist(), rel=1e-4)
     assert min(metrics["val_loss"]) > 0
 
 
 def test_exported_backends_report_no_validation_loss(sample_data_yaml, tmp_path):
-    torch.manual_seed(0)
-    model = DetectionModel("yolov5n.yaml", nc=6).eval()
-    data = load_data_config(sample_data_yaml)
-    loader, _ = create_dataloader(data["val"], 128, 6, 32, rect=True, pad=0.5, cache_dir=tmp_path)
-    loss = ComputeLoss(model, scale_loss_gains(load_hyp(), 6, 3, 128))
+    model, loader, names, loss = _setup(sample_data_yaml, 6, tmp_path)
 
     def backend(images: torch.Tensor) -> torch.Tensor:  # what an exported model returns: decoded boxes only
         with torch.no_grad():
             return model(images)[0]
 
-    metrics = validate_detector(backend, loader, 6, ValidationOptions(compute_loss=loss, names=data["names"]))
+    metrics = validate_detector(backend, loader, 6, ValidationOptions(compute_loss=loss, names=names))
     assert "val_loss" not in metrics and metrics["n_images"] == 12
 
 
 def test_augment_validates_the_three_tta_passes_and_needs_a_pytorch_model(sample_data_yaml, tmp_path):
-    torch.manual_seed(0)
-    model = DetectionModel("yolov5n.yaml", nc=6).eval()
-    data = load_data_config(sample_data_yaml)
-    loader, _ = create_dataloader(data["val"], 128, 12, 32, rect=True, pad=0.5, cache_dir=tmp_path)
+    model, loader, names, _ = _setup(sample_data_yaml, 12, tmp_path)
     seen: list[tuple[int, ...]] = []
     model.register_forward_pre_hook(lambda _module, args: seen.append(tuple(args[0].shape)))
 
-    plain = validate_detector(model, loader, 6, ValidationOptions(names=data["names"], streams=1))
+    plain = validate_detector(model, loader, 6, ValidationOptions(names=names, streams=1))
     assert seen == [(12, 3, 160, 160)]  # one pass over the rect batch (128 px padded by half a stride)
     seen.clear()
-    augmented = validate_detector(model, loader, 6, ValidationOptions(augment=True, names=data["names"], streams=1))
+    augmented = validate_detector(model, loader, 6, ValidationOptions(augment=True, names=names, streams=1))
     # utils.tta's scales 1, 0.83, 0.67 of 160 px, each padded up to the stride
     assert seen == [(12, 3, 160, 160), (12, 3, 160, 160), (12, 3, 128, 128)]
     assert augmented["n_images"] == plain["n_images"] == 12
