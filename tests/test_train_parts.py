@@ -208,3 +208,29 @@ def test_trainer_follows_v7_schedule(tmp_path):
         assert got[4] == want[4], f"iteration {n}: optimizer step {got[4]}, v7.0 {want[4]}"
     assert trainer.ema.updates == sum(row[4] for row in expected)
     assert rows[-1][1] == pytest.approx(trainer.hyp["lr0"] * lr_lambda(epochs, trainer.hyp["lrf"], False)(epochs - 2))
+
+
+def test_detection_training_starts_from_v7s_float16_rounded_weights(tmp_path):
+    """v7.0's train.py calls ``model.half().float()`` after AutoAnchor: its seed-0 start is the seed-0 model
+    rounded to float16. Ours must start from exactly those weights and buffers."""
+    from pathlib import Path
+
+    from models.yolo import DetectionModel
+    from utils.callbacks import Callbacks
+    from utils.engine import Trainer
+    from utils.tasks.detect import DetectTask
+
+    sample = Path(__file__).resolve().parents[1] / "data" / "neu-det-sample.yaml"
+    cfg = TrainConfig(cfg="yolov5n.yaml", data=str(sample), epochs=1, imgsz=64, batch_size=8, workers=0,
+                      device="cpu", seed=0, project=str(tmp_path), name="s", noplots=True, noautoanchor=True)
+    trainer = Trainer(DetectTask(cfg), cfg, Callbacks())
+    trainer.setup()
+    torch.manual_seed(0)
+    fresh = DetectionModel("yolov5n.yaml", nc=6).state_dict()
+    started = trainer.model.state_dict()
+    assert started.keys() == fresh.keys()
+    rounded = [k for k, v in fresh.items() if v.is_floating_point() and not torch.equal(v, v.half().float())]
+    assert rounded, "a seeded model has weights that float16 cannot hold: the check below would prove nothing"
+    for key, value in fresh.items():
+        expected = value.half().float() if value.is_floating_point() else value
+        assert torch.equal(started[key], expected), key

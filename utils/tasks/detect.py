@@ -84,6 +84,10 @@ class DetectTask:
                 cache=cfg.cache, pad=0.5, rect=True, workers=cfg.workers, shuffle=False, seed=cfg.seed,
                 single_cls=cfg.single_cls, prefix="val: ")
         self._check_anchors(model)
+        # v7.0 then rounds the whole model through float16 ("pre-reduce anchor precision"), so its training
+        # starts from float16-representable weights: the same seed gives the same start here. (v7.0 copies its
+        # EMA just before this rounding; the copy's weight in the average is 5e-4 after the first update.)
+        model.half().float()
         self._report_data()
         return train_loader, val_loader
 
