@@ -234,3 +234,25 @@ def test_detection_training_starts_from_v7s_float16_rounded_weights(tmp_path):
     for key, value in fresh.items():
         expected = value.half().float() if value.is_floating_point() else value
         assert torch.equal(started[key], expected), key
+
+
+def test_results_csv_keeps_every_value_under_its_header_when_columns_appear(tmp_path):
+    """--noval validates only the last epoch: its metric columns join the file then, earlier rows blank."""
+    import csv
+    from types import SimpleNamespace
+
+    from utils.callbacks import CSVLogger, plot_results_csv
+
+    rows = [{"epoch": 0, "train/box": 0.5, "lr/pg0": 0.01},
+            {"epoch": 1, "train/box": 0.4, "lr/pg0": 0.009},
+            {"epoch": 2, "train/box": 0.3, "metrics/mAP50": 0.25, "val/box": 0.45, "lr/pg0": 0.008},
+            {"epoch": 3, "train/box": 0.2, "lr/pg0": 0.007}]
+    logger = CSVLogger()
+    for row in rows:
+        logger.on_fit_epoch_end(SimpleNamespace(save_dir=tmp_path, epoch_row=lambda row=row: row))
+    with (tmp_path / "results.csv").open() as fh:
+        written = list(csv.DictReader(fh))
+    assert list(written[0]) == ["epoch", "train/box", "metrics/mAP50", "val/box", "lr/pg0"]
+    assert [r["lr/pg0"] for r in written] == ["0.01", "0.009", "0.008", "0.007"]
+    assert [r["metrics/mAP50"] for r in written] == ["", "", "0.25", ""]
+    assert plot_results_csv(tmp_path / "results.csv").exists()  # blank cells are skipped, not plotted as 0

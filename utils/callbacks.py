@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -42,17 +43,35 @@ class Callbacks:
 
 
 class CSVLogger:
-    """results.csv: one row per epoch (losses, metrics, learning rates); appends on resume."""
+    """results.csv: one row per epoch (losses, metrics, learning rates); appends on resume.
+
+    A row with columns the file does not have yet (the first validated epoch of a ``--noval`` run, a resume
+    with other metrics) rewrites the file with the union of the columns, earlier rows left blank there, so
+    that every value stays under its own header.
+    """
 
     def on_fit_epoch_end(self, trainer) -> None:
         path = Path(trainer.save_dir) / "results.csv"
-        row = trainer.epoch_row()
-        new_file = not path.exists()
-        with path.open("a", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            if new_file:
-                writer.writerow(row.keys())
-            writer.writerow(f"{v:.6g}" if isinstance(v, float) else v for v in row.values())
+        row = {k: f"{v:.6g}" if isinstance(v, float) else str(v) for k, v in trainer.epoch_row().items()}
+        header: list[str] = []
+        if path.exists():
+            with path.open(newline="", encoding="utf-8") as fh:
+                header = next(csv.reader(fh), [])
+        if header and set(row) <= set(header):
+            with path.open("a", newline="", encoding="utf-8") as fh:
+                csv.DictWriter(fh, header, restval="").writerow(row)
+            return
+        rows = []
+        if header:
+            with path.open(newline="", encoding="utf-8") as fh:
+                rows = list(csv.DictReader(fh))
+        columns = list(row) + [k for k in header if k not in row]
+        partial = path.with_suffix(".csv.tmp")  # replaced in one step: an interruption keeps the old file
+        with partial.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, columns, restval="")
+            writer.writeheader()
+            writer.writerows([*rows, row])
+        os.replace(partial, path)
 
 
 class TensorBoardLogger:
@@ -101,12 +120,12 @@ def plot_results_csv(path: Path) -> Path | None:
     if not rows:
         return None
     columns = [c for c in rows[0] if c != "epoch"]
-    epochs = [float(r["epoch"]) for r in rows]
     n_cols = 5
     n_rows = (len(columns) + n_cols - 1) // n_cols
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(3 * n_cols, 2.6 * n_rows), squeeze=False)
     for ax, column in zip(axes.flat, columns):
-        ax.plot(epochs, [float(r[column]) for r in rows], marker=".")
+        filled = [r for r in rows if r[column] != ""]  # blank: an epoch without validation
+        ax.plot([float(r["epoch"]) for r in filled], [float(r[column]) for r in filled], marker=".")
         ax.set_title(column, fontsize=9)
     for ax in list(axes.flat)[len(columns):]:
         ax.axis("off")
