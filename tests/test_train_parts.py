@@ -41,6 +41,8 @@ def test_parser_has_yolov5_flags():
     assert cfg.imgsz == 320 and cfg.batch_size == 8 and cfg.freeze == ["backbone"]
     assert cfg.resume is True and cfg.cos_lr and cfg.optimizer == "AdamW"
     assert cfg.cache == "ram" and cfg.evolve == 300
+    assert parse_train_args(["--evolve", "5"]).evolve == 5  # an int, not the string "5"
+    assert parse_train_args(["--resume", "runs/train/exp/weights/last.pt"]).resume == "runs/train/exp/weights/last.pt"
     flags = build_parser(TrainConfig).format_help()
     for flag in ("--weights", "--data", "--hyp", "--epochs", "--noautoanchor", "--image-weights", "--multi-scale",
                  "--single-cls", "--sync-bn", "--workers", "--project", "--exist-ok", "--label-smoothing",

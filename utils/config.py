@@ -136,7 +136,7 @@ def build_parser(config_cls: type = TrainConfig, description: str = "") -> argpa
             parser.add_argument(*flags, action="store_true", dest=f.name, **meta)
             continue
         kind = {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0])
-        if "type" not in meta and kind is not None and "nargs" not in meta:
+        if "type" not in meta and kind is not None:
             meta["type"] = kind
         parser.add_argument(*flags, default=f.default, dest=f.name, **meta)
     return parser
