@@ -67,6 +67,15 @@ def test_missing_source_is_clear(fixtures_dir, tmp_path):
                        project=str(tmp_path))
 
 
+@pytest.mark.parametrize("source", ["0", "rtsp://camera.local/stream"])
+def test_webcams_and_streams_are_refused_by_name(source, tmp_path, monkeypatch):
+    from utils.sources import expand_source
+
+    monkeypatch.chdir(tmp_path)  # no file called "0" here
+    with pytest.raises(ValueError, match="webcams and streams are not supported"):
+        expand_source(source)
+
+
 def test_txt_list_entries_resolve_beside_the_list_then_in_the_working_directory(tmp_path, monkeypatch):
     from utils.sources import expand_source
 
