@@ -54,17 +54,16 @@ class CSVLogger:
         path = Path(trainer.save_dir) / "results.csv"
         row = {k: f"{v:.6g}" if isinstance(v, float) else str(v) for k, v in trainer.epoch_row().items()}
         header: list[str] = []
-        if path.exists():
+        rows: list[dict[str, str]] = []
+        if path.exists():  # one row per epoch: small enough to read whole
             with path.open(newline="", encoding="utf-8") as fh:
-                header = next(csv.reader(fh), [])
+                reader = csv.DictReader(fh)
+                rows = list(reader)
+                header = list(reader.fieldnames or [])
         if header and set(row) <= set(header):
             with path.open("a", newline="", encoding="utf-8") as fh:
                 csv.DictWriter(fh, header, restval="").writerow(row)
             return
-        rows = []
-        if header:
-            with path.open(newline="", encoding="utf-8") as fh:
-                rows = list(csv.DictReader(fh))
         columns = list(row) + [k for k in header if k not in row]
         partial = path.with_suffix(".csv.tmp")  # replaced in one step: an interruption keeps the old file
         with partial.open("w", newline="", encoding="utf-8") as fh:
