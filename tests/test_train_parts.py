@@ -42,6 +42,10 @@ def test_parser_has_yolov5_flags():
     assert cfg.resume is True and cfg.cos_lr and cfg.optimizer == "AdamW"
     assert cfg.cache == "ram" and cfg.evolve == 300
     assert parse_train_args(["--evolve", "5"]).evolve == 5  # an int, not the string "5"
+    # v7.0's own tutorial line: "--batch" was an ambiguous prefix (--batch-size / --batch_size) until it was an alias
+    tutorial = parse_train_args(["--img", "640", "--batch", "16", "--epochs", "3", "--data", "coco128.yaml",
+                                 "--weights", "yolov5s.pt"])
+    assert (tutorial.imgsz, tutorial.batch_size, tutorial.epochs) == (640, 16, 3)
     assert parse_train_args(["--resume", "runs/train/exp/weights/last.pt"]).resume == "runs/train/exp/weights/last.pt"
     flags = build_parser(TrainConfig).format_help()
     for flag in ("--weights", "--data", "--hyp", "--epochs", "--noautoanchor", "--image-weights", "--multi-scale",

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,8 +50,8 @@ def test_training_loss_falls_and_best_validates(tmp_path):
         used = max(int(row["epoch"]) - 1, 0)
         assert float(row["lr/pg1"]) == pytest.approx(0.02 * ((1 - used / 15) * 0.99 + 0.01)), row
     for part in ("box", "cls"):  # objectness targets are IoUs, which rise as boxes improve: its loss may rise
-        first, last = float(rows[0][f"train/{part}"]), float(rows[-1][f"train/{part}"])
-        assert last < 0.9 * first, (part, first, last)
+        losses = [float(row[f"train/{part}"]) for row in rows]
+        assert _fitted_drop(losses) > 0.07, (part, losses)  # ~15 % on this recipe
     assert float(rows[-1]["val/box"]) < float(rows[0]["val/box"]), "the validation box loss did not fall"
     for name in ("weights/best.pt", "weights/last.pt", "results.png", "labels.png", "train_batch0.jpg",
                  "confusion_matrix.png", "PR_curve.png", "hyp.yaml", "opt.yaml"):
@@ -62,6 +63,16 @@ def test_training_loss_falls_and_best_validates(tmp_path):
     metrics = run_validation(str(run / "weights" / "best.pt"), str(SAMPLE), imgsz=128, batch_size=8, workers=0,
                              device="cpu", project=str(tmp_path), name="val", noplots=True)
     assert metrics["n_images"] == 12 and 0.0 <= metrics["mAP50-95"] <= metrics["mAP50"] <= 1.0
+
+
+def _fitted_drop(values: list[float]) -> float:
+    """Relative fall of the least-squares line through per-epoch values, from the first epoch to the last.
+
+    One epoch's mean loss jumps by ~5 % on 36 images; a line through all of them does not.
+    """
+    epochs = np.arange(len(values))
+    slope, start = np.polyfit(epochs, values, 1)
+    return float(-slope * epochs[-1] / start)
 
 
 def _train_cmd(run_dir: Path, *extra: str) -> list[str]:
