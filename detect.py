@@ -20,6 +20,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_inference_args(parser, "detect")
     parser.add_argument("--source", default=str(ROOT / "data" / "neu-det-sample" / "images" / "val"),
                         help="file, folder, glob, video or .txt list")
+    parser.add_argument("--data", help="(optional) data-set YAML whose names label the boxes of weights without names")
     parser.add_argument("--conf-thres", type=float, default=0.25, help="confidence threshold")
     parser.add_argument("--iou-thres", type=float, default=0.45, help="NMS IoU threshold")
     parser.add_argument("--max-det", type=int, default=1000, help="maximum detections per image")

@@ -89,3 +89,17 @@ def test_txt_list_entries_resolve_beside_the_list_then_in_the_working_directory(
     listing.write_text("a.jpg\nmissing.jpg\n")
     with pytest.raises(FileNotFoundError, match=r"images\.txt:2: .*missing\.jpg"):
         expand_source(listing)
+
+
+def test_v7_command_line_with_data_flag(fixtures_dir, neu_det_yaml, tmp_path):
+    """v7.0's detect.py takes --data for class names; names in the weights win, the YAML's fill in when none."""
+    from utils.predict import _names_from_data
+
+    image = neu_det_yaml.parent / "images" / "val" / "crazing_100.jpg"
+    code = detect_main(["--weights", str(fixtures_dir / "yolov5n-neu-det-v7.pt"), "--source", str(image),
+                        "--data", str(neu_det_yaml), "--img", "256", "--device", "cpu", "--save-crop",
+                        "--project", str(tmp_path), "--name", "crops", "--exist-ok"])
+    assert code == 0
+    assert [p.name for p in (tmp_path / "crops" / "crops").iterdir()] == ["crazing"]
+    assert _names_from_data(str(neu_det_yaml))[:2] == ["crazing", "inclusion"]
+    assert _names_from_data(None) == []

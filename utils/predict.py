@@ -56,8 +56,11 @@ def run_prediction(weights: str, source: str, imgsz: int = 640, conf_thres: floa
                    save_txt: bool = False, save_conf: bool = False, save_crop: bool = False, save_csv: bool = False,
                    nosave: bool = False, line_thickness: int = 2, hide_labels: bool = False,
                    hide_conf: bool = False, project: str = "runs/detect", name: str = "exp",
-                   exist_ok: bool = False) -> list[dict[str, Any]]:
-    """Predict every frame of ``source``; returns one dict per frame (path, frame, detections n x 6)."""
+                   exist_ok: bool = False, data: str | None = None) -> list[dict[str, Any]]:
+    """Predict every frame of ``source``; returns one dict per frame (path, frame, detections n x 6).
+
+    ``data`` (v7.0's ``--data``) names the classes of weights that carry no names; names in the weights win.
+    """
     from utils.val_runner import load_predictor
 
     torch_device = select_device(device)
@@ -74,7 +77,7 @@ def run_prediction(weights: str, source: str, imgsz: int = 640, conf_thres: floa
         return rows
     if augment and not isinstance(predictor, torch.nn.Module):
         raise ValueError("--augment needs PyTorch weights (.pt); exported models run one pass")
-    names = info["names"]
+    names = info["names"] or _names_from_data(data)
     stride = max(info["stride"], 32)
     is_torch = isinstance(predictor, torch.nn.Module)
     sink = VideoSink()
@@ -111,6 +114,15 @@ def _infer(predictor, images: torch.Tensor, augment: bool, stride: int, half: bo
         out = predictor(images.half() if half else images)
         return (out[0] if isinstance(out, (tuple, list)) else out).float()
     return predictor(images)
+
+
+def _names_from_data(data: str | None) -> list[str]:
+    """Class names from a data YAML, or none (boxes are then labelled by class index)."""
+    if data is None:
+        return []
+    from utils.data.config import load_data_config
+
+    return list(load_data_config(data)["names"])
 
 
 def _save_outputs(frame: Frame, det: torch.Tensor, names, save_dir: Path, sink: VideoSink, save_txt: bool,
