@@ -51,6 +51,28 @@ def test_video_source_and_cli(fixtures_dir, neu_det_yaml, tmp_path):
     capture.release()
 
 
+def test_vid_stride_keeps_every_nth_frame(fixtures_dir, neu_det_yaml, tmp_path):
+    frames = [cv2.imread(str(p)) for p in sorted((neu_det_yaml.parent / "images" / "val").glob("*.jpg"))[:5]]
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (200, 200))
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+    weights = str(fixtures_dir / "yolov5n-neu-det-v7.pt")
+    every = run_prediction(weights, str(video), imgsz=256, device="cpu", project=str(tmp_path), name="all",
+                           nosave=True)
+    strided = run_prediction(weights, str(video), imgsz=256, device="cpu", project=str(tmp_path), name="vid",
+                             vid_stride=2)
+    assert [r["frame"] for r in strided] == [0, 2, 4]
+    for ours in strided:  # the same frames, decoded the same way
+        assert torch.equal(ours["detections"], every[ours["frame"]]["detections"])
+    capture = cv2.VideoCapture(str(tmp_path / "vid" / "clip.mp4"))
+    assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 3 and capture.get(cv2.CAP_PROP_FPS) == pytest.approx(5)
+    capture.release()
+    with pytest.raises(ValueError, match="--vid-stride must be at least 1"):
+        run_prediction(weights, str(video), device="cpu", project=str(tmp_path), name="bad", vid_stride=0)
+
+
 def test_tta_runs_and_keeps_confident_boxes(fixtures_dir, neu_det_yaml, tmp_path):
     image = neu_det_yaml.parent / "images" / "val" / "crazing_100.jpg"
     plain = run_prediction(str(fixtures_dir / "yolov5n-neu-det-v7.pt"), str(image), imgsz=256, device="cpu",

@@ -56,7 +56,7 @@ def run_prediction(weights: str, source: str, imgsz: int = 640, conf_thres: floa
                    save_txt: bool = False, save_conf: bool = False, save_crop: bool = False, save_csv: bool = False,
                    nosave: bool = False, line_thickness: int = 2, hide_labels: bool = False,
                    hide_conf: bool = False, project: str = "runs/detect", name: str = "exp",
-                   exist_ok: bool = False, data: str | None = None) -> list[dict[str, Any]]:
+                   exist_ok: bool = False, data: str | None = None, vid_stride: int = 1) -> list[dict[str, Any]]:
     """Predict every frame of ``source``; returns one dict per frame (path, frame, detections n x 6).
 
     ``data`` (v7.0's ``--data``) names the classes of weights that carry no names; names in the weights win.
@@ -82,7 +82,7 @@ def run_prediction(weights: str, source: str, imgsz: int = 640, conf_thres: floa
     is_torch = isinstance(predictor, torch.nn.Module)
     sink = VideoSink()
     results = []
-    for frame in iterate_frames(files):
+    for frame in iterate_frames(files, vid_stride):
         t0 = time_sync()
         images, (ratio, pad) = prepare_image(frame.image, imgsz, stride, auto=is_torch)
         images = images.to(torch_device)

@@ -69,11 +69,17 @@ def _expand_list(list_file: Path) -> list[Path]:
     return files
 
 
-def iterate_frames(files: list[Path]) -> Iterator[Frame]:
-    """Decode images and video frames one at a time; unreadable files are reported and skipped."""
+def iterate_frames(files: list[Path], vid_stride: int = 1) -> Iterator[Frame]:
+    """Decode images and video frames one at a time; unreadable files are reported and skipped.
+
+    ``vid_stride`` keeps every n-th frame of a video (v7.0's ``--vid-stride``); the skipped ones are only grabbed,
+    not decoded, and the kept frames keep their index in the video.
+    """
+    if vid_stride < 1:
+        raise ValueError(f"--vid-stride must be at least 1, got {vid_stride}")
     for path in files:
         if path.suffix.lower() in VIDEO_SUFFIXES:
-            yield from _video_frames(path)
+            yield from _video_frames(path, vid_stride)
             continue
         image = cv2.imread(str(path))
         if image is None:
@@ -82,12 +88,12 @@ def iterate_frames(files: list[Path]) -> Iterator[Frame]:
         yield Frame(path, image)
 
 
-def _video_frames(path: Path) -> Iterator[Frame]:
+def _video_frames(path: Path, stride: int) -> Iterator[Frame]:
     capture = cv2.VideoCapture(str(path))
     if not capture.isOpened():
         LOGGER.warning("skipping %s: cannot open video", path)
         return
-    fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
+    fps = (capture.get(cv2.CAP_PROP_FPS) or 25.0) / stride  # the annotated video lasts as long as the source
     index = 0
     try:
         while True:
@@ -95,6 +101,8 @@ def _video_frames(path: Path) -> Iterator[Frame]:
             if not ok:
                 break
             yield Frame(path, image, index, True, fps)
-            index += 1
+            index += stride
+            if not all(capture.grab() for _ in range(stride - 1)):
+                break
     finally:
         capture.release()
