@@ -74,7 +74,7 @@ class TrainConfig:
     hyp: str = _flag(str(DEFAULT_HYP), "hyperparameter YAML")
     hyp_override: list[str] = _flag(None, "override hyp values: --hyp-override lr0=0.005 mosaic=0", nargs="*")
     epochs: int = _flag(100, "total training epochs")
-    batch_size: int = _flag(16, "total batch size for all devices", aliases=("--batch",))
+    batch_size: int = _flag(16, "total batch size for all devices, -1 for AutoBatch", aliases=("--batch",))
     imgsz: int = _flag(640, "train/val image size (pixels)", aliases=("--img", "--img-size"))
     nc: int = _flag(None, "override the model YAML's number of classes (default: from the data YAML)")
     depth_multiple: float = _flag(None, "override the model YAML's depth_multiple")

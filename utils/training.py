@@ -63,8 +63,10 @@ def resume_config(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
 
 
 def run_training(cfg: TrainConfig) -> dict[str, float]:
+    from utils.autobatch import resolve_batch_size
     from utils.engine import fit
 
+    cfg = resolve_batch_size(cfg, lambda: make_task(cfg).build_model())  # --batch-size -1: AutoBatch
     if cfg.evolve:
         from utils.evolve import evolve
 
