@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from utils.paths import find_file
+
 MODELS_DIR = Path(__file__).resolve().parent
 _CONSTANTS = {"None": None, "True": True, "False": False}
 
@@ -27,12 +29,7 @@ def find_model_yaml(cfg: str | Path) -> Path:
     path = Path(cfg)
     if path.suffix not in {".yaml", ".yml"}:
         path = path.with_suffix(".yaml")
-    if path.is_file():
-        return path
-    for candidate in (MODELS_DIR / path.name, *MODELS_DIR.rglob(path.name)):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"model config '{cfg}' not found (looked in the current folder and {MODELS_DIR})")
+    return find_file(path, MODELS_DIR, "model config")
 
 
 def load_model_yaml(cfg: str | Path | dict) -> dict:

@@ -59,8 +59,10 @@ def test_safe_loader_refuses_unknown_class(tmp_path):
 
 
 def test_missing_weights_message(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"not found; put the \.pt file there"):
+    with pytest.raises(FileNotFoundError, match=r"not found; put the \.pt file there or pass --weights PATH$"):
         load_checkpoint(tmp_path / "nope.pt")
+    with pytest.raises(FileNotFoundError, match=r"weights are not downloaded .* fetch yolov5s6\.pt from https://"):
+        load_checkpoint(tmp_path / "yolov5s6.pt")  # v7.0 would download official names; we say where to get them
 
 
 def test_our_format_round_trip_loads_without_allow_list(tmp_path):

@@ -262,3 +262,18 @@ def test_results_csv_keeps_every_value_under_its_header_when_columns_appear(tmp_
     assert [r["lr/pg0"] for r in written] == ["0.01", "0.009", "0.008", "0.007"]
     assert [r["metrics/mAP50"] for r in written] == ["", "", "0.25", ""]
     assert plot_results_csv(tmp_path / "results.csv").exists()  # blank cells are skipped, not plotted as 0
+
+
+def test_bare_names_resolve_in_the_repository_from_any_folder(tmp_path, monkeypatch):
+    from models.yaml_config import find_model_yaml
+    from utils.config import ROOT
+    from utils.data import load_data_config
+
+    monkeypatch.chdir(tmp_path)  # v7.0: `--data coco128.yaml --hyp hyp.scratch-low.yaml` work from anywhere
+    assert load_hyp("hyp.scratch-low.yaml") == load_hyp(ROOT / "data" / "hyps" / "hyp.scratch-low.yaml")
+    assert load_data_config("neu-det-sample.yaml")["yaml_file"] == str(ROOT / "data" / "neu-det-sample.yaml")
+    assert find_model_yaml("models/yolov5n.yaml") == ROOT / "models" / "yolov5n.yaml"
+    (tmp_path / "hyp.scratch-low.yaml").write_text("lr0: 0.5\n")  # a file where the user points wins
+    assert load_hyp("hyp.scratch-low.yaml")["lr0"] == 0.5
+    with pytest.raises(FileNotFoundError, match=r"data YAML 'mine/neu\.yaml' not found"):
+        load_data_config("mine/neu.yaml")  # a path with a folder is never swapped for a file of the same name

@@ -14,6 +14,7 @@ import datetime
 import logging
 import os
 import pickle
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,11 +89,24 @@ def _torch_load_safely(path: Path) -> Any:
         ) from None
 
 
+_OFFICIAL_WEIGHTS = re.compile(r"yolov5[nsmlx]6?(-cls|-seg)?\.pt")
+
+
+def missing_weights_message(path: Path) -> str:
+    """What to do about a weights file that is not there; official names are not downloaded, unlike v7.0."""
+    message = f"weights file '{path}' not found; put the .pt file there or pass --weights PATH"
+    if _OFFICIAL_WEIGHTS.fullmatch(path.name):
+        message += (f". Official YOLOv5 weights are not downloaded (no network at run time): fetch {path.name} "
+                    f"from https://github.com/ultralytics/yolov5/releases/tag/v7.0 on a connected machine, "
+                    f"copy it to {path.resolve()}, and it loads as is")
+    return message
+
+
 def load_checkpoint(path: str | Path, fuse: bool = False) -> LoadedCheckpoint:
     """Load our format or a YOLOv5 v7.0 pickle into an eval-mode float model."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file '{path}' not found; put the .pt file there or pass --weights PATH")
+        raise FileNotFoundError(missing_weights_message(path))
     data = _torch_load_safely(path)
     if isinstance(data, dict) and data.get("format") == FORMAT:
         loaded = _from_our_format(data, path)

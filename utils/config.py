@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from utils.paths import find_file
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT / "data" / "neu-det-sample.yaml"
 DEFAULT_HYP = ROOT / "data" / "hyps" / "hyp.scratch-low.yaml"
@@ -37,9 +39,7 @@ def load_hyp(path: str | Path | None = None, overrides: list[str] | None = None)
     """Defaults <- hyp YAML <- ``key=value`` overrides; unknown keys raise :class:`HypError`."""
     hyp = dict(HYP_DEFAULTS)
     if path:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"hyp file '{path}' not found (see data/hyps/ for the shipped ones)")
+        path = find_file(path, ROOT / "data", "hyp file")  # bare names: the shipped ones in data/hyps/
         loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         _update_hyp(hyp, loaded, str(path))
     for item in overrides or []:

@@ -11,6 +11,9 @@ from typing import Any
 
 import yaml
 
+from utils.paths import find_file
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"  # the repository's data/: bare YAML names are looked up here
 SPLIT_KEYS = ("train", "val", "test")
 
 
@@ -22,10 +25,11 @@ def load_data_config(path: str | Path) -> dict[str, Any]:
     ``train``/``val``/``test`` may each be a folder, a ``.txt`` list of images or a list of those. Other keys
     (e.g. ``heads`` of classification sets) are passed through untouched.
     """
-    yaml_file = Path(path).expanduser().resolve()
-    if not yaml_file.is_file():
-        raise FileNotFoundError(f"data YAML {yaml_file} not found: give the path of a yolov5-style data YAML "
-                                f"(keys path, train, val, nc, names)")
+    try:
+        yaml_file = find_file(path, DATA_DIR, "data YAML").resolve()
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{exc}: give the path of a yolov5-style data YAML (keys path, train, val, nc, names)"
+                                ) from None
     with open(yaml_file, encoding="utf-8") as f:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, dict):
