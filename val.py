@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--task", default="val", choices=["val", "test", "speed"], help="split, or speed only")
     parser.add_argument("--workers", type=int, default=2, help="dataloader workers")
     parser.add_argument("--single-cls", action="store_true", help="treat as single-class data set")
-    parser.add_argument("--verbose", action="store_true", help="report mAP per class")
+    parser.add_argument("--verbose", action="store_true", help="mAP per class (printed anyway below 50 classes)")
     parser.add_argument("--save-json", action="store_true", help="save a COCO-style predictions JSON")
     parser.add_argument("--cocoeval", action="store_true", help="also score with pycocotools, printed beside ours")
     parser.add_argument("--noplots", action="store_true", help="save no plots")

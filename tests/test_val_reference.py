@@ -77,6 +77,9 @@ def test_val_command_line_exits_cleanly_with_its_outputs_written(fixtures_dir, s
                              str(tmp_path), "--name", "cli"], capture_output=True, text=True, cwd=root, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "all" in result.stdout and "results saved to" in result.stdout.splitlines()[-1]
+    table = [line.split()[0] for line in result.stdout.splitlines() if len(line.split()) >= 6]
+    for name in ("crazing", "inclusion", "scratches"):  # per class without --verbose below 50 classes, as v7.0
+        assert name in table, result.stdout
     out = tmp_path / "cli"
     assert json.loads((out / "predictions.json").read_text())  # complete JSON
     for plot in ("confusion_matrix.png", "PR_curve.png"):

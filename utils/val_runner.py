@@ -85,7 +85,7 @@ def run_validation(weights: str, data: str, imgsz: int = 640, batch_size: int = 
                                 save_conf=save_conf, save_json=save_json or cocoeval, names=names,
                                 streams=1 if task == "speed" else None)  # speed: plain per-batch latency
     metrics = validate_detector(predictor, loader, nc, options)
-    print(format_results(metrics, names, verbose))
+    print(format_results(metrics, names, verbose or 1 < nc < 50))  # per class as v7.0's val.py prints it
     print(f"device {torch_device}, batch {batch_size}, precision {'fp16' if half else 'fp32'}, image size {imgsz}; "
           f"results saved to {save_dir}")
     if cocoeval:
