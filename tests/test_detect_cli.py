@@ -35,13 +35,17 @@ def test_detections_equal_reference(fixtures_dir, neu_det_yaml, reference, tmp_p
     assert len(label) == 5 and int(label[0]) == int(reference["nms_conf0.25_iou0.45"][0][0, 5])
 
 
-def test_video_source_and_cli(fixtures_dir, neu_det_yaml, tmp_path):
-    frames = [cv2.imread(str(p)) for p in sorted((neu_det_yaml.parent / "images" / "val").glob("*.jpg"))[:3]]
-    video = tmp_path / "clip.avi"
-    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (200, 200))
-    for frame in frames:
-        writer.write(frame)
+def _val_images_as_video(neu_det_yaml, path, frames: int, fps: float):
+    """The first ``frames`` NEU-DET val images (200 x 200) as an MJPG video."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (200, 200))
+    for image in sorted((neu_det_yaml.parent / "images" / "val").glob("*.jpg"))[:frames]:
+        writer.write(cv2.imread(str(image)))
     writer.release()
+    return path
+
+
+def test_video_source_and_cli(fixtures_dir, neu_det_yaml, tmp_path):
+    video = _val_images_as_video(neu_det_yaml, tmp_path / "clip.avi", frames=3, fps=5)
     code = detect_main(["--weights", str(fixtures_dir / "yolov5n-neu-det-v7.pt"), "--source", str(video),
                         "--imgsz", "256", "--device", "cpu", "--project", str(tmp_path), "--name", "vid",
                         "--exist-ok"])
@@ -52,12 +56,7 @@ def test_video_source_and_cli(fixtures_dir, neu_det_yaml, tmp_path):
 
 
 def test_vid_stride_keeps_every_nth_frame(fixtures_dir, neu_det_yaml, tmp_path):
-    frames = [cv2.imread(str(p)) for p in sorted((neu_det_yaml.parent / "images" / "val").glob("*.jpg"))[:5]]
-    video = tmp_path / "clip.avi"
-    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (200, 200))
-    for frame in frames:
-        writer.write(frame)
-    writer.release()
+    video = _val_images_as_video(neu_det_yaml, tmp_path / "clip.avi", frames=5, fps=10)
     weights = str(fixtures_dir / "yolov5n-neu-det-v7.pt")
     every = run_prediction(weights, str(video), imgsz=256, device="cpu", project=str(tmp_path), name="all",
                            nosave=True)
