@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 
 def increment_path(path: str | Path, sep: str = "") -> Path:
     """``runs/train/exp`` -> ``runs/train/exp2``, ``exp3``, ... : the first name not taken yet."""
@@ -22,9 +24,6 @@ def latest_run(search_dir: str | Path = ".") -> Path:
     if not candidates:
         raise FileNotFoundError(f"--resume: no last.pt found below {search_dir}; pass the path: --resume PATH")
     return candidates[-1]
-
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def find_file(path: str | Path, folder: Path, what: str) -> Path:

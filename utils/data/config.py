@@ -11,9 +11,9 @@ from typing import Any
 
 import yaml
 
-from utils.paths import find_file
+from utils.paths import REPO_ROOT, find_file
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "data"  # the repository's data/: bare YAML names are looked up here
+DATA_DIR = REPO_ROOT / "data"  # bare data YAML names (coco128.yaml) are looked up here
 SPLIT_KEYS = ("train", "val", "test")
 
 
