@@ -54,7 +54,7 @@ def run_prediction(weights: str, source: str, imgsz: int = 640, conf_thres: floa
                    max_det: int = 1000, classes: Sequence[int] | None = None, agnostic_nms: bool = False,
                    multi_label: bool = False, augment: bool = False, device: str = "", half: bool = False,
                    save_txt: bool = False, save_conf: bool = False, save_crop: bool = False, save_csv: bool = False,
-                   nosave: bool = False, line_thickness: int = 2, hide_labels: bool = False,
+                   nosave: bool = False, line_thickness: int = 3, hide_labels: bool = False,
                    hide_conf: bool = False, project: str = "runs/detect", name: str = "exp",
                    exist_ok: bool = False, data: str | None = None, vid_stride: int = 1) -> list[dict[str, Any]]:
     """Predict every frame of ``source``; returns one dict per frame (path, frame, detections n x 6).
