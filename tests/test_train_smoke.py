@@ -54,7 +54,7 @@ def test_training_loss_falls_and_best_validates(tmp_path):
         assert _fitted_drop(losses) > 0.07, (part, losses)  # ~15 % on this recipe
     assert float(rows[-1]["val/box"]) < float(rows[0]["val/box"]), "the validation box loss did not fall"
     for name in ("weights/best.pt", "weights/last.pt", "results.png", "labels.png", "train_batch0.jpg",
-                 "confusion_matrix.png", "PR_curve.png", "hyp.yaml", "opt.yaml"):
+                 "confusion_matrix.png", "PR_curve.png", "val_batch0_pred.jpg", "hyp.yaml", "opt.yaml"):
         assert (run / name).exists(), name
     assert list(run.glob("events.out.tfevents.*")), "no TensorBoard events"
 

@@ -82,5 +82,5 @@ def test_val_command_line_exits_cleanly_with_its_outputs_written(fixtures_dir, s
         assert name in table, result.stdout
     out = tmp_path / "cli"
     assert json.loads((out / "predictions.json").read_text())  # complete JSON
-    for plot in ("confusion_matrix.png", "PR_curve.png"):
+    for plot in ("confusion_matrix.png", "PR_curve.png", "val_batch0_labels.jpg", "val_batch0_pred.jpg"):
         assert cv2.imread(str(out / plot)) is not None, plot  # a complete, decodable PNG

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,3 +64,19 @@ def test_augment_validates_the_three_tta_passes_and_needs_a_pytorch_model(sample
 
     with pytest.raises(ValueError, match="--augment needs PyTorch weights"):
         validate_detector(lambda images: model(images)[0], loader, 6, ValidationOptions(augment=True))
+
+
+def test_prediction_grid_draws_only_confident_boxes(tmp_path):
+    """val_batch*_pred.jpg shows boxes above conf 0.25 (v7.0), each on its own tile of the grid."""
+    import cv2
+
+    from utils.plots import plot_batch_predictions
+
+    images = np.full((2, 3, 64, 64), 128, np.uint8)
+    faint = np.array([[4, 4, 30, 30, 0.2, 0]], np.float32)
+    sure = np.array([[10, 10, 50, 50, 0.9, 1]], np.float32)
+    grid = cv2.imread(str(plot_batch_predictions(images, [faint, sure], ["a", "b"], tmp_path / "pred.jpg")))
+    assert grid.shape == (64, 128, 3)  # two tiles side by side
+    changed = np.abs(grid.astype(int) - 128).max(-1) > 40
+    assert not changed[:, :64].any(), "a box at conf 0.2 was drawn"
+    assert changed[:, 64 + 10].any() and changed[:, 64 + 50].any()  # left and right edges of the 0.9 box

@@ -39,7 +39,7 @@ def draw_detections(image: np.ndarray, detections: np.ndarray, names: Sequence[s
                     hide_labels: bool = False, hide_conf: bool = False) -> np.ndarray:
     """Draw n x 6 [x1, y1, x2, y2, conf, cls] detections on ``image`` (in place) and return it."""
     for *xyxy, conf, cls in detections.tolist():
-        name = names[int(cls)] if int(cls) < len(names) else str(int(cls))
+        name = _name(names, cls)
         label = "" if hide_labels else (name if hide_conf else f"{name} {conf:.2f}")
         draw_box(image, xyxy, label, class_color(cls), thickness)
     return image
@@ -47,19 +47,40 @@ def draw_detections(image: np.ndarray, detections: np.ndarray, names: Sequence[s
 
 def plot_batch(images: np.ndarray, targets: np.ndarray, names: Sequence[str], path: str | Path,
                max_images: int = 16) -> Path:
-    """A grid of a training batch with its boxes: ``images`` uint8 B x 3 x H x W (RGB),
-    ``targets`` n x 6 (image index, cls, cx, cy, w, h normalised)."""
-    images = images[:max_images]
+    """A grid of a batch with its labels: ``images`` uint8 B x 3 x H x W (RGB), ``targets`` n x 6 (image index,
+    cls, cx, cy, w, h normalised)."""
+    h, w = images.shape[2:]
+    boxes = []
+    for k in range(min(len(images), max_images)):
+        rows = targets[targets[:, 0] == k].tolist()
+        boxes.append([(((cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h),
+                       _name(names, cls), cls) for _, cls, cx, cy, bw, bh in rows])
+    return _save_grid(images[:max_images], boxes, path)
+
+
+def plot_batch_predictions(images: np.ndarray, detections: Sequence[np.ndarray], names: Sequence[str],
+                           path: str | Path, conf_thres: float = 0.25, max_images: int = 16) -> Path:
+    """A grid of a batch with its detections (per image n x 6: x1, y1, x2, y2 in the batch's pixels, conf, cls);
+    like v7.0's val_batch*_pred.jpg it leaves out boxes at or below ``conf_thres``."""
+    boxes = [[(det[:4], f"{_name(names, det[5])} {det[4]:.1f}", det[5]) for det in dets.tolist()
+              if det[4] > conf_thres] for dets in detections[:max_images]]
+    return _save_grid(images[:len(boxes)], boxes, path)
+
+
+def _name(names: Sequence[str], cls: float) -> str:
+    return names[int(cls)] if int(cls) < len(names) else str(int(cls))
+
+
+def _save_grid(images: np.ndarray, boxes: Sequence[Sequence[tuple]], path: str | Path) -> Path:
+    """Tile RGB CHW ``images`` into a square-ish grid, draw each tile's (xyxy, label, cls) boxes, write BGR."""
     count, _, h, w = images.shape
     cols = int(np.ceil(np.sqrt(count)))
     rows = int(np.ceil(count / cols))
     canvas = np.full((rows * h, cols * w, 3), 255, np.uint8)
     for k in range(count):
         tile = np.ascontiguousarray(images[k].transpose(1, 2, 0)[..., ::-1])
-        for _, cls, cx, cy, bw, bh in targets[targets[:, 0] == k].tolist():
-            box = [(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h]
-            name = names[int(cls)] if int(cls) < len(names) else str(int(cls))
-            draw_box(tile, box, name, class_color(cls), 1)
+        for xyxy, label, cls in boxes[k]:
+            draw_box(tile, xyxy, label, class_color(cls), 1)
         r, c = divmod(k, cols)
         canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = tile
     path = Path(path)

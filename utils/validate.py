@@ -28,6 +28,9 @@ from utils.tta import augmented_inference
 LOGGER = logging.getLogger(__name__)
 
 
+VAL_BATCHES_TO_PLOT = 3  # val_batch{0,1,2}_labels.jpg / _pred.jpg
+
+
 @dataclass
 class ValidationOptions:
     conf_thres: float = 0.001
@@ -117,9 +120,12 @@ def validate_detector(predictor: torch.nn.Module | Callable, loader, nc: int,
     streams = opts.streams or (cpu_streams(device) if is_module else 1)  # exported backends thread themselves
     batches = tqdm(loader, desc="val", bar_format="{l_bar}{bar:10}{r_bar}")
     work = partial(_predict_batch, predict, device, opts)
-    for (_, _, paths, shapes), (detections, targets, letterboxed_shape, stage_times, loss_items) in pipelined(
-            batches, work, streams):
+    results = pipelined(batches, work, streams)
+    for batch_index, ((images, _, paths, shapes), (detections, targets, letterboxed_shape, stage_times,
+                                                    loss_items)) in enumerate(results):
         times += stage_times
+        if opts.plots and opts.save_dir is not None and batch_index < VAL_BATCHES_TO_PLOT:
+            _plot_val_batch(batch_index, images, targets, detections, letterboxed_shape, opts)
         if loss_items is not None:
             loss_sum = loss_items if loss_sum is None else loss_sum + loss_items
             loss_batches += 1
@@ -166,6 +172,19 @@ def _predict_batch(predict: Callable, device: torch.device, opts: ValidationOpti
     # Matching runs in NumPy on the consuming thread: convert here, off that thread.
     detections = [det.cpu().numpy() for det in detections]
     return detections, targets.cpu().numpy(), images.shape[2:], np.array((t1 - t0, t2 - t1, t3 - t2)), loss_items
+
+
+def _plot_val_batch(index: int, images: torch.Tensor, targets: np.ndarray, detections: list[np.ndarray],
+                    letterboxed_shape, opts: ValidationOptions) -> None:
+    """val_batch{index}_labels.jpg and val_batch{index}_pred.jpg, as v7.0's val.py draws them (OpenCV: ~0.05 s)."""
+    from utils.plots import plot_batch, plot_batch_predictions
+
+    height, width = letterboxed_shape
+    normalised = targets.copy()
+    normalised[:, 2:] /= np.array((width, height, width, height), dtype=normalised.dtype)
+    pixels = images.numpy()
+    plot_batch(pixels, normalised, opts.names, Path(opts.save_dir) / f"val_batch{index}_labels.jpg")
+    plot_batch_predictions(pixels, detections, opts.names, Path(opts.save_dir) / f"val_batch{index}_pred.jpg")
 
 
 def _save_plots(result, confusion: ConfusionMatrix, save_dir: Path, names: Sequence[str]) -> None:
