@@ -97,6 +97,13 @@ def test_webcams_and_streams_are_refused_by_name(source, tmp_path, monkeypatch):
         expand_source(source)
 
 
+def test_urls_are_refused_with_what_to_do():
+    from utils.sources import expand_source
+
+    with pytest.raises(ValueError, match=r"URLs are not downloaded .* pass its path"):
+        expand_source("https://example.com/bus.jpg")
+
+
 def test_txt_list_entries_resolve_beside_the_list_then_in_the_working_directory(tmp_path, monkeypatch):
     from utils.sources import expand_source
 

@@ -40,6 +40,9 @@ def expand_source(source: str | Path) -> list[Path]:
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES)
     elif path.is_file():
         files = [path]
+    elif text.startswith(("http://", "https://")):
+        raise ValueError(f"--source {source}: URLs are not downloaded (no network at run time); save the image or "
+                         "video on a connected machine and pass its path")
     elif text.isdigit() or "://" in text:
         raise ValueError(f"--source {source}: webcams and streams are not supported; give an image, a folder, "
                          "a glob, a video file or a .txt list of files")
