@@ -163,7 +163,12 @@ def test_data_config_paths_and_names(tmp_path):
     assert data["heads"] == {"x": 1} and data["val"] == [str((root / "images" / "val").resolve())]
     assert [Path(f).name for f in list_image_files(data["train"])] == ["crazing_1.jpg", "crazing_10.jpg"]
     cfg.write_text(yaml.safe_dump({"path": str(root), "train": "images/nope", "nc": 1, "names": ["a"]}))
-    with pytest.raises(FileNotFoundError, match="images/nope"):
+    with pytest.raises(FileNotFoundError, match="images/nope") as missing:
+        load_data_config(cfg)
+    assert "download" not in str(missing.value)
+    cfg.write_text(yaml.safe_dump({"path": str(root), "train": "images/nope", "nc": 1, "names": ["a"],
+                                   "download": "https://example.com/d.zip"}))  # v7.0 would fetch it
+    with pytest.raises(FileNotFoundError, match=r"images/nope.*'download' is not run \(no network"):
         load_data_config(cfg)
     cfg.write_text(yaml.safe_dump({"train": str(root / "images" / "train"), "nc": 3, "names": ["a"]}))
     with pytest.raises(ValueError, match=r"d\.yaml.*nc is 3"):

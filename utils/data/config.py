@@ -40,7 +40,14 @@ def load_data_config(path: str | Path) -> dict[str, Any]:
     data["yaml_file"] = str(yaml_file)
     for key in SPLIT_KEYS:
         if data.get(key):
-            data[key] = _resolve_split(data[key], root, key, yaml_file)
+            try:
+                data[key] = _resolve_split(data[key], root, key, yaml_file)
+            except FileNotFoundError as exc:
+                if not data.get("download"):
+                    raise
+                raise FileNotFoundError(f"{exc}. The YAML's 'download' is not run (no network at run time): "
+                                        f"fetch it on a connected machine and unpack it so that {root} holds "
+                                        f"the data set") from None
     if not data.get("train") and not data.get("val"):
         raise ValueError(f"{yaml_file}: needs at least a 'train' or 'val' entry (folder or .txt list of images)")
     data["names"], data["nc"] = _check_names(data.get("names"), data.get("nc"), yaml_file)
