@@ -84,3 +84,10 @@ def test_val_command_line_exits_cleanly_with_its_outputs_written(fixtures_dir, s
     assert json.loads((out / "predictions.json").read_text())  # complete JSON
     for plot in ("confusion_matrix.png", "PR_curve.png", "val_batch0_labels.jpg", "val_batch0_pred.jpg"):
         assert cv2.imread(str(out / plot)) is not None, plot  # a complete, decodable PNG
+
+
+def test_task_test_without_a_test_split_says_so(fixtures_dir, sample_data_yaml, tmp_path):
+    """Scoring the val split under the name 'test' would report numbers for the wrong images."""
+    with pytest.raises(ValueError, match=r"--task test: .*neu-det-sample\.yaml has no 'test' split"):
+        run_validation(str(fixtures_dir / "yolov5n-neu-det-v7.pt"), str(sample_data_yaml), task="test",
+                       device="cpu", project=str(tmp_path))

@@ -70,7 +70,10 @@ def run_validation(weights: str, data: str, imgsz: int = 640, batch_size: int = 
         return run_classifier_validation(predictor, info, data, imgsz, batch_size, workers, save_dir, not noplots,
                                          torch_device, split="test" if task == "test" else "val")
     data_cfg = load_data_config(data)
-    split = "test" if task == "test" and data_cfg.get("test") else "val"
+    split = "test" if task == "test" else "val"
+    if not data_cfg.get(split):
+        raise ValueError(f"--task {task}: {data_cfg['yaml_file']} has no '{split}' split; add '{split}: <folder or "
+                         f".txt list>' to it" + (" or validate with --task val" if split == "test" else ""))
     stride = max(info["stride"], 32)
     # v7.0's rectangular batches wherever the input size is free (PyTorch, exports with --dynamic-hw); fixed-size
     # artifacts get square, unpadded batches of their own size, as v7.0 does for every exported model
