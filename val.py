@@ -25,7 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--conf-thres", type=float, default=0.001, help="confidence threshold")
     parser.add_argument("--iou-thres", type=float, default=0.6, help="NMS IoU threshold")
     parser.add_argument("--max-det", type=int, default=300, help="maximum detections per image")
-    parser.add_argument("--task", default="val", choices=["val", "test", "speed"], help="split, or speed only")
+    parser.add_argument("--task", default="val", choices=["train", "val", "test", "speed"],
+                        help="split to score, or speed only (on val)")
     parser.add_argument("--workers", type=int, default=2, help="dataloader workers")
     parser.add_argument("--single-cls", action="store_true", help="treat as single-class data set")
     parser.add_argument("--verbose", action="store_true", help="mAP per class (printed anyway below 50 classes)")

@@ -86,8 +86,12 @@ def test_val_command_line_exits_cleanly_with_its_outputs_written(fixtures_dir, s
         assert cv2.imread(str(out / plot)) is not None, plot  # a complete, decodable PNG
 
 
-def test_task_test_without_a_test_split_says_so(fixtures_dir, sample_data_yaml, tmp_path):
-    """Scoring the val split under the name 'test' would report numbers for the wrong images."""
+def test_task_picks_the_split_and_a_missing_one_says_so(fixtures_dir, sample_data_yaml, tmp_path):
+    """--task train scores the training images (v7.0); scoring the val split under the name 'test' would report
+    numbers for the wrong images, so a missing split is an error."""
+    weights = str(fixtures_dir / "yolov5n-neu-det-v7.pt")
+    metrics = run_validation(weights, str(sample_data_yaml), imgsz=128, task="train", workers=0, device="cpu",
+                             project=str(tmp_path), noplots=True)
+    assert metrics["n_images"] == 36  # the sample's training images, not its 12 val images
     with pytest.raises(ValueError, match=r"--task test: .*neu-det-sample\.yaml has no 'test' split"):
-        run_validation(str(fixtures_dir / "yolov5n-neu-det-v7.pt"), str(sample_data_yaml), task="test",
-                       device="cpu", project=str(tmp_path))
+        run_validation(weights, str(sample_data_yaml), task="test", device="cpu", project=str(tmp_path))

@@ -49,6 +49,11 @@ def load_predictor(weights: str, device: torch.device, half: bool) -> tuple[Any,
                      "heads": getattr(backend, "heads", None)}
 
 
+def _split(task: str) -> str:
+    """The data split a --task scores: train, val or test (speed times the val split)."""
+    return task if task in ("train", "test") else "val"
+
+
 def run_validation(weights: str, data: str, imgsz: int = 640, batch_size: int = 32, conf_thres: float = 0.001,
                    iou_thres: float = 0.6, max_det: int = 300, task: str = "val", device: str = "",
                    workers: int = 2, single_cls: bool = False, verbose: bool = False, save_txt: bool = False,
@@ -68,12 +73,12 @@ def run_validation(weights: str, data: str, imgsz: int = 640, batch_size: int = 
         if augment:
             raise ValueError("--augment (test-time augmentation) is for detectors; this is a classifier")
         return run_classifier_validation(predictor, info, data, imgsz, batch_size, workers, save_dir, not noplots,
-                                         torch_device, split="test" if task == "test" else "val")
+                                         torch_device, split=_split(task))
     data_cfg = load_data_config(data)
-    split = "test" if task == "test" else "val"
+    split = _split(task)
     if not data_cfg.get(split):
         raise ValueError(f"--task {task}: {data_cfg['yaml_file']} has no '{split}' split; add '{split}: <folder or "
-                         f".txt list>' to it" + (" or validate with --task val" if split == "test" else ""))
+                         f".txt list>' to it" + (" or validate with --task val" if split != "val" else ""))
     stride = max(info["stride"], 32)
     # v7.0's rectangular batches wherever the input size is free (PyTorch, exports with --dynamic-hw); fixed-size
     # artifacts get square, unpadded batches of their own size, as v7.0 does for every exported model
