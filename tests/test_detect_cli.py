@@ -131,3 +131,48 @@ def test_v7_command_line_with_data_flag(fixtures_dir, neu_det_yaml, tmp_path):
     assert [p.name for p in (tmp_path / "crops" / "crops").iterdir()] == ["crazing"]
     assert _names_from_data(str(neu_det_yaml))[:2] == ["crazing", "inclusion"]
     assert _names_from_data(None) == []
+
+
+def _every_layer_output(model, images: torch.Tensor) -> list[torch.Tensor]:
+    """Each layer's output, computed by walking the layer graph by hand (no hooks)."""
+    outputs: list[torch.Tensor] = []
+    x = images
+    for layer in model.model:
+        if layer.f != -1:
+            x = outputs[layer.f] if isinstance(layer.f, int) else [x if j == -1 else outputs[j] for j in layer.f]
+        x = layer(x)
+        outputs.append(x)
+    return outputs
+
+
+def test_visualize_saves_each_layers_feature_maps(fixtures_dir, neu_det_yaml, tmp_path):
+    """--visualize writes, per image, one PNG and .npy per layer but the head: the first 32 channels it computed."""
+    from utils.checkpoint import load_checkpoint
+    from utils.predict import prepare_image
+
+    image = neu_det_yaml.parent / "images" / "val" / "crazing_100.jpg"
+    weights = fixtures_dir / "yolov5n-neu-det-v7.pt"
+    code = detect_main(["--weights", str(weights), "--source", str(image), "--img", "256", "--device", "cpu",
+                        "--visualize", "--project", str(tmp_path), "--name", "vis", "--exist-ok"])
+    assert code == 0
+    model = load_checkpoint(weights, fuse=True).model.eval()
+    images, _ = prepare_image(cv2.imread(str(image)), 256, 32, auto=True)
+    with torch.no_grad():
+        outputs = _every_layer_output(model, images)
+    folder = tmp_path / "vis" / "crazing_100"
+    assert len(list(folder.glob("*.png"))) == len(model.model) - 1 == 24
+    for i, layer in enumerate(list(model.model)[:-1]):
+        stem = folder / f"stage{i}_{type(layer).__name__}_features"
+        saved = np.load(f"{stem}.npy")
+        np.testing.assert_allclose(saved, outputs[i][0, :32].numpy(), rtol=1e-4, atol=1e-5)
+    grid = cv2.imread(str(folder / "stage0_Conv_features.png"))  # 16 channels of 128 x 128: 2 rows of 8
+    assert grid.shape == (2 * 130 - 2, 8 * 130 - 2, 3)
+    small = cv2.imread(str(folder / "stage9_SPPF_features.png"))  # 8 x 8 maps enlarged 8x to 64 px tiles
+    assert small.shape == (4 * 66 - 2, 8 * 66 - 2, 3)
+
+
+def test_visualize_refuses_tta(fixtures_dir, neu_det_yaml, tmp_path):
+    image = neu_det_yaml.parent / "images" / "val" / "crazing_100.jpg"
+    with pytest.raises(ValueError, match="--visualize draws one plain forward pass"):
+        run_prediction(str(fixtures_dir / "yolov5n-neu-det-v7.pt"), str(image), imgsz=256, device="cpu",
+                       visualize=True, augment=True, project=str(tmp_path))

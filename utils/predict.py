@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from utils.boxes import non_max_suppression, scale_boxes, xyxy2xywh
+from utils.feature_maps import capture_feature_maps, save_feature_maps
 from utils.paths import increment_path
 from utils.plots import draw_detections
 from utils.sources import Frame, expand_source, iterate_frames
@@ -56,10 +57,12 @@ def run_prediction(weights: str, source: str, imgsz: int = 640, conf_thres: floa
                    save_txt: bool = False, save_conf: bool = False, save_crop: bool = False, save_csv: bool = False,
                    nosave: bool = False, line_thickness: int = 3, hide_labels: bool = False,
                    hide_conf: bool = False, project: str = "runs/detect", name: str = "exp",
-                   exist_ok: bool = False, data: str | None = None, vid_stride: int = 1) -> list[dict[str, Any]]:
+                   exist_ok: bool = False, data: str | None = None, vid_stride: int = 1,
+                   visualize: bool = False) -> list[dict[str, Any]]:
     """Predict every frame of ``source``; returns one dict per frame (path, frame, detections n x 6).
 
     ``data`` (v7.0's ``--data``) names the classes of weights that carry no names; names in the weights win.
+    ``visualize`` writes every layer's feature maps per frame to ``save_dir/<stem>/`` (.pt weights only).
     """
     from utils.val_runner import load_predictor
 
@@ -75,11 +78,10 @@ def run_prediction(weights: str, source: str, imgsz: int = 640, conf_thres: floa
         if save_csv:
             write_predictions_csv(rows, save_dir / "predictions.csv")
         return rows
-    if augment and not isinstance(predictor, torch.nn.Module):
-        raise ValueError("--augment needs PyTorch weights (.pt); exported models run one pass")
+    is_torch = isinstance(predictor, torch.nn.Module)
+    _check_pytorch_only_options(is_torch, augment, visualize)
     names = info["names"] or _names_from_data(data)
     stride = max(info["stride"], 32)
-    is_torch = isinstance(predictor, torch.nn.Module)
     sink = VideoSink()
     results = []
     for frame in iterate_frames(files, vid_stride):
@@ -87,7 +89,12 @@ def run_prediction(weights: str, source: str, imgsz: int = 640, conf_thres: floa
         images, (ratio, pad) = prepare_image(frame.image, imgsz, stride, auto=is_torch)
         images = images.to(torch_device)
         t1 = time_sync()
-        preds = _infer(predictor, images, augment, stride, half)
+        if visualize:
+            with capture_feature_maps(predictor) as captured:
+                preds = _infer(predictor, images, augment, stride, half)
+            save_feature_maps(captured, save_dir / _output_stem(frame))
+        else:
+            preds = _infer(predictor, images, augment, stride, half)
         t2 = time_sync()
         det = non_max_suppression(preds, conf_thres, iou_thres, classes, agnostic_nms, multi_label, max_det)[0]
         scale_boxes(images.shape[2:], det[:, :4], frame.image.shape[:2], (ratio, pad))
@@ -102,6 +109,20 @@ def run_prediction(weights: str, source: str, imgsz: int = 640, conf_thres: floa
     sink.close()
     LOGGER.info("results saved to %s", save_dir)
     return results
+
+
+def _check_pytorch_only_options(is_torch: bool, augment: bool, visualize: bool) -> None:
+    if augment and not is_torch:
+        raise ValueError("--augment needs PyTorch weights (.pt); exported models run one pass")
+    if visualize and not is_torch:
+        raise ValueError("--visualize needs PyTorch weights (.pt): exported models do not expose their layers")
+    if visualize and augment:
+        raise ValueError("--visualize draws one plain forward pass; drop --augment")
+
+
+def _output_stem(frame: Frame) -> str:
+    """File stem for a frame's outputs: the image's stem, or the video's stem and the frame index."""
+    return frame.path.stem + (f"_{frame.frame}" if frame.is_video else "")
 
 
 @torch.no_grad()
@@ -128,7 +149,7 @@ def _names_from_data(data: str | None) -> list[str]:
 def _save_outputs(frame: Frame, det: torch.Tensor, names, save_dir: Path, sink: VideoSink, save_txt: bool,
                   save_conf: bool, save_crop: bool, nosave: bool, thickness: int, hide_labels: bool,
                   hide_conf: bool) -> None:
-    stem = frame.path.stem + (f"_{frame.frame}" if frame.is_video else "")
+    stem = _output_stem(frame)
     if save_txt:
         _write_txt(det, frame.image.shape[:2], save_dir / "labels" / f"{stem}.txt", save_conf)
     if save_crop:
