@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -80,35 +82,59 @@ def run_prediction(weights: str, source: str, imgsz: int = 640, conf_thres: floa
         return rows
     is_torch = isinstance(predictor, torch.nn.Module)
     _check_pytorch_only_options(is_torch, augment, visualize)
-    names = info["names"] or _names_from_data(data)
+    nms = partial(non_max_suppression, conf_thres=conf_thres, iou_thres=iou_thres, classes=classes,
+                  agnostic=agnostic_nms, multi_label=multi_label, max_det=max_det)
+    outputs = OutputOptions(save_dir, info["names"] or _names_from_data(data), save_txt, save_conf, save_crop,
+                            nosave, line_thickness, hide_labels, hide_conf, visualize)
     stride = max(info["stride"], 32)
     sink = VideoSink()
     results = []
     for frame in iterate_frames(files, vid_stride):
-        t0 = time_sync()
-        images, (ratio, pad) = prepare_image(frame.image, imgsz, stride, auto=is_torch)
-        images = images.to(torch_device)
-        t1 = time_sync()
-        if visualize:
-            with capture_feature_maps(predictor) as captured:
-                preds = _infer(predictor, images, augment, stride, half)
-            save_feature_maps(captured, save_dir / _output_stem(frame))
-        else:
-            preds = _infer(predictor, images, augment, stride, half)
-        t2 = time_sync()
-        det = non_max_suppression(preds, conf_thres, iou_thres, classes, agnostic_nms, multi_label, max_det)[0]
-        scale_boxes(images.shape[2:], det[:, :4], frame.image.shape[:2], (ratio, pad))
-        t3 = time_sync()
-        det = det.cpu()
+        det = _detect_frame(predictor, frame, imgsz, stride, torch_device, augment, half, nms, outputs)
         results.append({"path": str(frame.path), "frame": frame.frame, "detections": det})
-        LOGGER.info("%s%s: %d detections (%.1f ms pre-process, %.1f ms inference, %.1f ms NMS)", frame.path.name,
-                    f" frame {frame.frame}" if frame.is_video else "", len(det), (t1 - t0) * 1e3, (t2 - t1) * 1e3,
-                    (t3 - t2) * 1e3)
-        _save_outputs(frame, det, names, save_dir, sink, save_txt, save_conf, save_crop, nosave, line_thickness,
-                      hide_labels, hide_conf)
+        _save_outputs(frame, det, outputs, sink)
     sink.close()
     LOGGER.info("results saved to %s", save_dir)
     return results
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """Where and what detect.py writes for each frame besides the returned detections."""
+
+    save_dir: Path
+    names: Sequence[str]
+    save_txt: bool = False
+    save_conf: bool = False
+    save_crop: bool = False
+    nosave: bool = False
+    line_thickness: int = 3
+    hide_labels: bool = False
+    hide_conf: bool = False
+    visualize: bool = False
+
+
+def _detect_frame(predictor, frame: Frame, imgsz: int, stride: int, device: torch.device, augment: bool,
+                  half: bool, nms, outputs: OutputOptions) -> torch.Tensor:
+    """Letterbox, infer, NMS and map boxes back to the frame; logs the three timings. Returns n x 6 on the CPU."""
+    t0 = time_sync()
+    images, (ratio, pad) = prepare_image(frame.image, imgsz, stride, auto=isinstance(predictor, torch.nn.Module))
+    images = images.to(device)
+    t1 = time_sync()
+    if outputs.visualize:
+        with capture_feature_maps(predictor) as captured:
+            preds = _infer(predictor, images, augment, stride, half)
+        save_feature_maps(captured, outputs.save_dir / _output_stem(frame))
+    else:
+        preds = _infer(predictor, images, augment, stride, half)
+    t2 = time_sync()
+    det = nms(preds)[0]
+    scale_boxes(images.shape[2:], det[:, :4], frame.image.shape[:2], (ratio, pad))
+    t3 = time_sync()
+    LOGGER.info("%s%s: %d detections (%.1f ms pre-process, %.1f ms inference, %.1f ms NMS)", frame.path.name,
+                f" frame {frame.frame}" if frame.is_video else "", len(det), (t1 - t0) * 1e3, (t2 - t1) * 1e3,
+                (t3 - t2) * 1e3)
+    return det.cpu()
 
 
 def _check_pytorch_only_options(is_torch: bool, augment: bool, visualize: bool) -> None:
@@ -146,28 +172,27 @@ def _names_from_data(data: str | None) -> list[str]:
     return list(load_data_config(data)["names"])
 
 
-def _save_outputs(frame: Frame, det: torch.Tensor, names, save_dir: Path, sink: VideoSink, save_txt: bool,
-                  save_conf: bool, save_crop: bool, nosave: bool, thickness: int, hide_labels: bool,
-                  hide_conf: bool) -> None:
+def _save_outputs(frame: Frame, det: torch.Tensor, outputs: OutputOptions, sink: VideoSink) -> None:
     stem = _output_stem(frame)
-    if save_txt:
-        _write_txt(det, frame.image.shape[:2], save_dir / "labels" / f"{stem}.txt", save_conf)
-    if save_crop:
+    if outputs.save_txt:
+        _write_txt(det, frame.image.shape[:2], outputs.save_dir / "labels" / f"{stem}.txt", outputs.save_conf)
+    if outputs.save_crop:
         for k, (*xyxy, _, cls) in enumerate(det.tolist()):
             x1, y1, x2, y2 = (round(v) for v in xyxy)
             crop = frame.image[max(y1, 0):y2, max(x1, 0):x2]
             if crop.size:
-                name = names[int(cls)] if int(cls) < len(names) else str(int(cls))
-                out = save_dir / "crops" / name / f"{stem}_{k}.jpg"
+                name = outputs.names[int(cls)] if int(cls) < len(outputs.names) else str(int(cls))
+                out = outputs.save_dir / "crops" / name / f"{stem}_{k}.jpg"
                 out.parent.mkdir(parents=True, exist_ok=True)
                 cv2.imwrite(str(out), crop)
-    if nosave:
+    if outputs.nosave:
         return
-    annotated = draw_detections(frame.image.copy(), det.numpy(), names, thickness, hide_labels, hide_conf)
+    annotated = draw_detections(frame.image.copy(), det.numpy(), outputs.names, outputs.line_thickness,
+                                outputs.hide_labels, outputs.hide_conf)
     if frame.is_video:
-        sink.write(frame, annotated, save_dir / f"{frame.path.stem}.mp4")
+        sink.write(frame, annotated, outputs.save_dir / f"{frame.path.stem}.mp4")
     else:
-        cv2.imwrite(str(save_dir / frame.path.name), annotated)
+        cv2.imwrite(str(outputs.save_dir / frame.path.name), annotated)
 
 
 def _write_txt(det: torch.Tensor, shape: tuple[int, int], path: Path, save_conf: bool) -> None:
