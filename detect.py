@@ -30,6 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--save-crop", action="store_true", help="save cropped prediction boxes")
     parser.add_argument("--save-csv", action="store_true", help="classifiers: write predictions.csv")
     parser.add_argument("--vid-stride", type=int, default=1, help="video frame-rate stride: keep every n-th frame")
+    parser.add_argument("--view-img", action="store_true", help="show results in a window (needs a GUI OpenCV)")
     parser.add_argument("--visualize", action="store_true", help="save every layer's feature maps (.pt weights)")
     parser.add_argument("--nosave", action="store_true", help="do not save annotated images/videos")
     parser.add_argument("--line-thickness", type=int, default=3, help="bounding box thickness (pixels)")

@@ -176,3 +176,30 @@ def test_visualize_refuses_tta(fixtures_dir, neu_det_yaml, tmp_path):
     with pytest.raises(ValueError, match="--visualize draws one plain forward pass"):
         run_prediction(str(fixtures_dir / "yolov5n-neu-det-v7.pt"), str(image), imgsz=256, device="cpu",
                        visualize=True, augment=True, project=str(tmp_path))
+
+
+def test_view_img_without_gui_opencv_says_what_to_install(tmp_path):
+    """requirements.txt installs the headless OpenCV: --view-img fails at once, naming the package to swap."""
+    if "NONE" not in cv2.getBuildInformation().split("GUI:")[1].split("\n")[0]:
+        pytest.skip("this OpenCV has a GUI backend, so --view-img is allowed")
+    with pytest.raises(RuntimeError, match="pip install opencv-python"):
+        detect_main(["--weights", str(tmp_path / "never-loaded.pt"), "--view-img"])
+
+
+def test_view_img_shows_each_annotated_frame(fixtures_dir, neu_det_yaml, tmp_path, monkeypatch):
+    """With a GUI the annotated frame (boxes drawn) goes to one window per source, even with --nosave."""
+    import utils.predict
+
+    shown = []
+    monkeypatch.setattr(utils.predict, "check_display", lambda: None)
+    monkeypatch.setattr(cv2, "imshow", lambda window, image: shown.append((window, image.copy())))
+    monkeypatch.setattr(cv2, "waitKey", lambda delay: -1)
+    source = neu_det_yaml.parent / "images" / "val" / "crazing_10*.jpg"
+    results = run_prediction(str(fixtures_dir / "yolov5n-neu-det-v7.pt"), str(source),
+                             imgsz=256, device="cpu", view_img=True, nosave=True, project=str(tmp_path))
+    assert [window for window, _ in shown] == [r["path"] for r in results] and len(shown) >= 2
+    for (window, image), result in zip(shown, results):
+        original = cv2.imread(window)
+        assert image.shape == original.shape
+        assert (image != original).any() == (len(result["detections"]) > 0)
+    assert not list((tmp_path / "exp").glob("*.jpg"))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -60,13 +63,17 @@ def run_prediction(weights: str, source: str, imgsz: int = 640, conf_thres: floa
                    nosave: bool = False, line_thickness: int = 3, hide_labels: bool = False,
                    hide_conf: bool = False, project: str = "runs/detect", name: str = "exp",
                    exist_ok: bool = False, data: str | None = None, vid_stride: int = 1,
-                   visualize: bool = False) -> list[dict[str, Any]]:
+                   visualize: bool = False, view_img: bool = False) -> list[dict[str, Any]]:
     """Predict every frame of ``source``; returns one dict per frame (path, frame, detections n x 6).
 
     ``data`` (v7.0's ``--data``) names the classes of weights that carry no names; names in the weights win.
-    ``visualize`` writes every layer's feature maps per frame to ``save_dir/<stem>/`` (.pt weights only).
+    ``visualize`` writes every layer's feature maps per frame to ``save_dir/<stem>/`` (.pt weights only);
+    ``view_img`` shows each annotated frame in a window (OpenCV with a GUI backend and a display).
     """
     from utils.val_runner import load_predictor
+
+    if view_img:
+        check_display()
 
     torch_device = select_device(device)
     predictor, info = load_predictor(weights, torch_device, half)
@@ -85,7 +92,7 @@ def run_prediction(weights: str, source: str, imgsz: int = 640, conf_thres: floa
     nms = partial(non_max_suppression, conf_thres=conf_thres, iou_thres=iou_thres, classes=classes,
                   agnostic=agnostic_nms, multi_label=multi_label, max_det=max_det)
     outputs = OutputOptions(save_dir, info["names"] or _names_from_data(data), save_txt, save_conf, save_crop,
-                            nosave, line_thickness, hide_labels, hide_conf, visualize)
+                            nosave, line_thickness, hide_labels, hide_conf, visualize, view_img)
     stride = max(info["stride"], 32)
     sink = VideoSink()
     results = []
@@ -112,6 +119,7 @@ class OutputOptions:
     hide_labels: bool = False
     hide_conf: bool = False
     visualize: bool = False
+    view_img: bool = False
 
 
 def _detect_frame(predictor, frame: Frame, imgsz: int, stride: int, device: torch.device, augment: bool,
@@ -135,6 +143,17 @@ def _detect_frame(predictor, frame: Frame, imgsz: int, stride: int, device: torc
                 f" frame {frame.frame}" if frame.is_video else "", len(det), (t1 - t0) * 1e3, (t2 - t1) * 1e3,
                 (t3 - t2) * 1e3)
     return det.cpu()
+
+
+def check_display() -> None:
+    """--view-img needs OpenCV built with a GUI backend and, on Linux, a display; say which is missing."""
+    if re.search(r"GUI:\s+NONE", cv2.getBuildInformation()):
+        raise RuntimeError("--view-img needs OpenCV with a GUI backend; requirements.txt installs "
+                           "opencv-python-headless, which has none (pip install opencv-python to get one). "
+                           "Annotated images and videos are saved in the run folder either way.")
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        raise RuntimeError("--view-img needs a display: neither DISPLAY nor WAYLAND_DISPLAY is set. "
+                           "Annotated images and videos are saved in the run folder either way.")
 
 
 def _check_pytorch_only_options(is_torch: bool, augment: bool, visualize: bool) -> None:
@@ -185,10 +204,15 @@ def _save_outputs(frame: Frame, det: torch.Tensor, outputs: OutputOptions, sink:
                 out = outputs.save_dir / "crops" / name / f"{stem}_{k}.jpg"
                 out.parent.mkdir(parents=True, exist_ok=True)
                 cv2.imwrite(str(out), crop)
-    if outputs.nosave:
+    if outputs.nosave and not outputs.view_img:
         return
     annotated = draw_detections(frame.image.copy(), det.numpy(), outputs.names, outputs.line_thickness,
                                 outputs.hide_labels, outputs.hide_conf)
+    if outputs.view_img:
+        cv2.imshow(str(frame.path), annotated)
+        cv2.waitKey(1)  # 1 ms: lets the window repaint without pausing the stream
+    if outputs.nosave:
+        return
     if frame.is_video:
         sink.write(frame, annotated, outputs.save_dir / f"{frame.path.stem}.mp4")
     else:
