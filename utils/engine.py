@@ -6,9 +6,9 @@ resume), early stopping and the callbacks that log. A :class:`~utils.tasks.base.
 the data, the loss, validation and the fitness number.
 
 Exact resume: every epoch starts by reseeding all random generators from ``(seed, epoch)`` and gradients
-left over from an incomplete accumulation are applied at the end of the epoch, so an epoch depends only on
-the state saved at the end of the previous one. ``--resume`` after a kill therefore reproduces the
-uninterrupted run (bit for bit on CPU with ``--deterministic``).
+accumulated after an epoch's last optimizer step are dropped by the next epoch's ``zero_grad`` (as v7.0
+does), so an epoch depends only on the state saved at the end of the previous one. ``--resume`` after a
+kill therefore reproduces the uninterrupted run (bit for bit on CPU with ``--deterministic``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from utils.callbacks import Callbacks, default_callbacks
 from utils.checkpoint import load_state_strict, save_checkpoint
 from utils.config import TrainConfig, load_hyp
 from utils.ema import ModelEMA
-from utils.freeze import apply_trainable, freeze_batchnorm_stats, frozen_layer_indices
+from utils.freeze import apply_trainable, freeze_batchnorm_stats, frozen_layer_indices, layer_index
 from utils.optim import SAM, build_optimizer, lr_lambda, scheduled_factor, warmup_step
 from utils.paths import increment_path
 from utils.tasks.base import Task
@@ -162,8 +162,6 @@ class Trainer:
         static = self.static_frozen
 
         def trainable(name: str) -> bool:
-            from utils.freeze import layer_index
-
             allowed = plan.trainable is None or plan.trainable(name)
             return allowed and layer_index(name) not in static
 
