@@ -3,6 +3,8 @@ stride, inplace``) so official checkpoints unpickle into it; it is reachable as 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -34,7 +36,8 @@ class Detect(nn.Module):
     stride: torch.Tensor | None = None  # set by the model from a dry forward
     export_decoded_only = False  # export wrappers switch this to return only the decoded tensor
 
-    def __init__(self, nc: int = 80, anchors=(), ch=(), inplace: bool = True):
+    def __init__(self, nc: int = 80, anchors: Sequence[Sequence[float]] = (), ch: Sequence[int] = (),
+                 inplace: bool = True):
         super().__init__()
         self.nc = nc
         self.no = nc + 5
@@ -46,7 +49,8 @@ class Detect(nn.Module):
         self.m = nn.ModuleList(nn.Conv2d(c, self.no * self.na, 1) for c in ch)
         self.inplace = inplace
 
-    def forward(self, x: list[torch.Tensor]):
+    def forward(self, x: list[torch.Tensor]) -> list[torch.Tensor] | torch.Tensor | tuple[torch.Tensor, list]:
+        """Training: raw maps per level; inference: (decoded n x no, raw maps), or only the decoded for export."""
         raw = []
         decoded = []
         for i, conv in enumerate(self.m):

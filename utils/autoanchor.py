@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from utils.data.detect import DetectionDataset
 
 LOGGER = logging.getLogger(__name__)
 
@@ -33,7 +38,7 @@ def _fitness(wh: np.ndarray, anchors: np.ndarray, thr: float) -> float:
     return float((best * (best > 1 / thr)).mean())
 
 
-def label_sizes(dataset, imgsz: int, jitter: bool = True, seed: int = 0) -> np.ndarray:
+def label_sizes(dataset: DetectionDataset, imgsz: int, jitter: bool = True, seed: int = 0) -> np.ndarray:
     """Box sizes in pixels at the training size (long side = imgsz), optionally scale-jittered by +-10%."""
     shapes = np.asarray(dataset.shapes, dtype=np.float64)  # (n, 2) as (w, h)
     shapes = imgsz * shapes / shapes.max(1, keepdims=True)
@@ -70,7 +75,7 @@ def kmean_anchors(wh: np.ndarray, n: int = 9, thr: float = 4.0, generations: int
     return anchors[np.argsort(anchors.prod(1))]
 
 
-def check_anchors(dataset, model, thr: float = 4.0, imgsz: int = 640) -> float:
+def check_anchors(dataset: DetectionDataset, model: nn.Module, thr: float = 4.0, imgsz: int = 640) -> float:
     """Log BPR; re-cluster and install new anchors when BPR < 0.98 and the new ones fit better."""
     head = model.model[-1]
     stride = head.stride.view(-1, 1, 1).to(head.anchors.device)

@@ -12,7 +12,10 @@ import os
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from utils.engine import Trainer
 
 LOGGER = logging.getLogger(__name__)
 
@@ -50,7 +53,7 @@ class CSVLogger:
     that every value stays under its own header.
     """
 
-    def on_fit_epoch_end(self, trainer) -> None:
+    def on_fit_epoch_end(self, trainer: Trainer) -> None:
         path = Path(trainer.save_dir) / "results.csv"
         row = {k: f"{v:.6g}" if isinstance(v, float) else str(v) for k, v in trainer.epoch_row().items()}
         header: list[str] = []
@@ -79,12 +82,12 @@ class TensorBoardLogger:
     def __init__(self) -> None:
         self.writer = None
 
-    def on_pretrain_routine_end(self, trainer) -> None:
+    def on_pretrain_routine_end(self, trainer: Trainer) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(trainer.save_dir))
 
-    def on_fit_epoch_end(self, trainer) -> None:
+    def on_fit_epoch_end(self, trainer: Trainer) -> None:
         if self.writer is None:
             return
         for key, value in trainer.epoch_row().items():
@@ -92,7 +95,7 @@ class TensorBoardLogger:
                 self.writer.add_scalar(key, value, trainer.epoch)
         self.writer.flush()
 
-    def on_train_end(self, trainer) -> None:
+    def on_train_end(self, trainer: Trainer) -> None:
         if self.writer is not None:
             self.writer.close()
 
@@ -100,7 +103,7 @@ class TensorBoardLogger:
 class ResultsPlotter:
     """results.png from results.csv at the end of training (one panel per column)."""
 
-    def on_train_end(self, trainer) -> None:
+    def on_train_end(self, trainer: Trainer) -> None:
         if trainer.cfg.noplots:
             return
         plot_results_csv(Path(trainer.save_dir) / "results.csv")

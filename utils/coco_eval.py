@@ -12,8 +12,12 @@ import io
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from utils.data.detect import DetectionDataset
 
 
 def coco_ground_truth(records: Iterable[tuple[str, tuple[int, int], np.ndarray]], nc: int) -> dict:
@@ -46,7 +50,7 @@ def cocoeval_map(ground_truth: dict, predictions: list[dict]) -> dict[str, float
     return {"mAP50-95": float(evaluator.stats[0]), "mAP50": float(evaluator.stats[1])}
 
 
-def cocoeval_cross_check(dataset, predictions_json: str | Path, nc: int) -> dict[str, float]:
+def cocoeval_cross_check(dataset: DetectionDataset, predictions_json: str | Path, nc: int) -> dict[str, float]:
     """Score ``predictions_json`` against ``dataset``'s labels (image ids are file stems)."""
     records = [(Path(f).stem, (int(shape[1]), int(shape[0])), labels)
                for f, shape, labels in zip(dataset.im_files, dataset.shapes, dataset.labels)]

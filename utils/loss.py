@@ -133,9 +133,12 @@ def _assign_level(
     return t.repeat((len(_NEIGHBOUR_OFFSETS), 1, 1))[use], (torch.zeros_like(gxy)[None] + offsets[:, None])[use]
 
 
-def build_targets(
-    preds: Sequence[torch.Tensor], targets: torch.Tensor, anchors: torch.Tensor, anchor_t: float
-) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[torch.Tensor, ...]], list[torch.Tensor]]:
+# per level: class ids, box targets (xy offset in the cell, wh), (image, anchor, gj, gi) indices, anchors
+Targets = tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[torch.Tensor, ...]], list[torch.Tensor]]
+
+
+def build_targets(preds: Sequence[torch.Tensor], targets: torch.Tensor, anchors: torch.Tensor,
+                  anchor_t: float) -> Targets:
     """Assign ground truth to (image, anchor, cell) slots of every level, without looping over targets.
 
     Args:
@@ -199,7 +202,7 @@ class ComputeLoss:
             obj_loss = VarifocalLoss(nn.BCEWithLogitsLoss(pos_weight=torch.tensor([float(self.hyp["obj_pw"])])))
         return cls_loss, obj_loss
 
-    def build_targets(self, preds: Sequence[torch.Tensor], targets: torch.Tensor):
+    def build_targets(self, preds: Sequence[torch.Tensor], targets: torch.Tensor) -> Targets:
         """Target assignment for ``preds`` with this model's anchors (see module-level :func:`build_targets`)."""
         anchors = self.det.anchors.detach().to(targets.device)
         return build_targets(preds, targets, anchors, float(self.hyp["anchor_t"]))

@@ -10,12 +10,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from utils.boxes import box_iou
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 _trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 only has trapz
 FITNESS_WEIGHTS = (0.0, 0.0, 0.1, 0.9)  # P, R, mAP@.5, mAP@.5:.95
@@ -345,7 +348,7 @@ class ConfusionMatrix:
 PLOT_DPI = 150  # 1350 x 900 px curves: sharp enough to read, ~3x cheaper to render and encode than 250
 
 
-def save_figure(fig, path: Path) -> None:
+def save_figure(fig: Figure, path: Path) -> None:
     """PNG with light zlib compression: encoding at the default level costs more than drawing the plot."""
     fig.savefig(path, dpi=PLOT_DPI, pil_kwargs={"compress_level": 1})
 

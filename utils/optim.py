@@ -27,7 +27,8 @@ def parameter_groups(model: nn.Module) -> tuple[list, list, list]:
     return decayed, norm_weights, biases
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weight_decay: float):
+def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float,
+                    weight_decay: float) -> torch.optim.Optimizer:
     """SGD (Nesterov) / Adam / AdamW with three groups; group 0 holds the biases (warm-up starts them high)."""
     decayed, norm_weights, biases = parameter_groups(model)
     if name in {"SGD", "SAM"}:
@@ -61,7 +62,7 @@ def scheduled_factor(lf: Callable[[int], float], epoch: int) -> float:
     return lf(max(epoch - 1, 0))
 
 
-def warmup_step(optimizer, iteration: int, warmup_iters: int, epoch_factor: float, hyp: dict,
+def warmup_step(optimizer: torch.optim.Optimizer, iteration: int, warmup_iters: int, epoch_factor: float, hyp: dict,
                 batch_size: int) -> int:
     """Ramp lrs (biases down from ``warmup_bias_lr``, others up from 0) and momentum; returns accumulation."""
     nominal = hyp.get("nbs", NOMINAL_BATCH)

@@ -19,7 +19,7 @@ def class_color(index: int) -> tuple[int, int, int]:
     return _PALETTE[int(index) % len(_PALETTE)]
 
 
-def draw_box(image: np.ndarray, xyxy: Sequence[float], label: str = "", color=(56, 56, 255),
+def draw_box(image: np.ndarray, xyxy: Sequence[float], label: str = "", color: tuple[int, int, int] = (56, 56, 255),
              thickness: int = 2) -> None:
     """Rectangle plus a filled label tag above it (inside the image when the box touches the top)."""
     x1, y1, x2, y2 = (round(v) for v in xyxy)

@@ -5,17 +5,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from utils.config import TrainConfig
 from utils.paths import latest_run
 
+if TYPE_CHECKING:
+    from utils.tasks.base import Task
+
 LOGGER = logging.getLogger(__name__)
 
 
-def make_task(cfg: TrainConfig):
+def make_task(cfg: TrainConfig) -> Task:
     """DetectTask or ClassifyTask, from the model YAML's (or checkpoint's) last layer."""
     from utils.tasks import task_for_model
 

@@ -106,8 +106,9 @@ def run_validation(weights: str, data: str, imgsz: int = 640, batch_size: int = 
     return metrics
 
 
-def run_classifier_validation(predictor, info: dict[str, Any], data: str, imgsz: int, batch_size: int, workers: int,
-                              save_dir: Path, plots: bool, device: torch.device, split: str = "val") -> dict[str, Any]:
+def run_classifier_validation(predictor: Any, info: dict[str, Any], data: str, imgsz: int, batch_size: int,
+                              workers: int, save_dir: Path, plots: bool, device: torch.device,
+                              split: str = "val") -> dict[str, Any]:
     """Top-1/top-5 per head, per-class accuracy and confusion-matrix PNGs for a classifier (any backend)."""
     from utils.data.classify import create_split_loader
     from utils.tasks.classify import format_classifier_results, validate_classifier

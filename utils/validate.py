@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -94,7 +94,7 @@ def _device_of(predictor: Any) -> torch.device:
     return getattr(predictor, "device", torch.device("cpu"))
 
 
-def validate_detector(predictor: torch.nn.Module | Callable, loader, nc: int,
+def validate_detector(predictor: torch.nn.Module | Callable, loader: Iterable, nc: int,
                       options: ValidationOptions | None = None) -> dict[str, Any]:
     """Run ``predictor`` over ``loader`` (rect val loader yielding v7.0-style batches) and score it.
 

@@ -282,7 +282,8 @@ def verify_image(path: str) -> str | None:
     return None
 
 
-def split_samples(data: ClassifyData, split: str, verify: bool = True, prefix: str = ""):
+def split_samples(data: ClassifyData, split: str, verify: bool = True,
+                  prefix: str = "") -> tuple[list[tuple[str, list[int]]], ScanIssues]:
     """All samples of ``split`` over its sources, verified; returns ``(samples, issues)``."""
     issues = ScanIssues()
     samples: list[tuple[str, list[int]]] = []

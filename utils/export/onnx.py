@@ -14,10 +14,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torchvision
 from torch import nn
+
+if TYPE_CHECKING:
+    import onnx
 
 from utils.export.common import ExportMetadata, write_metadata
 
@@ -149,7 +153,7 @@ def _dynamic_axes(output_names: list[str], dynamic_batch: bool, dynamic_hw: bool
     return axes
 
 
-def simplify_onnx(graph):
+def simplify_onnx(graph: onnx.ModelProto) -> onnx.ModelProto:
     """Constant folding and dead-node removal by onnxslim (the maintained successor of onnx-simplifier)."""
     import onnxslim
 

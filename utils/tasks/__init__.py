@@ -1,11 +1,17 @@
 """Task plug-ins for the one training loop in :mod:`utils.engine` (detection, classification)."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
 from utils.tasks.base import Task
 
 __all__ = ["Task", "task_for_model"]
 
 
-def task_for_model(model_or_cfg) -> str:
+def task_for_model(model_or_cfg: nn.Module | str | Path | dict) -> str:
     """'detect' or 'classify', read from the model's last layer (or the YAML's last row)."""
     from models.yaml_config import load_model_yaml
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 
 from utils.config import TrainConfig
 from utils.tasks.base import EpochPlan
@@ -79,7 +80,7 @@ def sequential_phase(epoch: int, epochs: int, n_heads: int, finetune_epochs: int
 
 
 # ---------------------------------------------------------------------------------------------- BatchNorm
-def recalibrate_batchnorm(model: nn.Module, loader, batches: int, device: torch.device | str) -> int:
+def recalibrate_batchnorm(model: nn.Module, loader: Iterable, batches: int, device: torch.device | str) -> int:
     """Re-estimate every BatchNorm's running statistics as a plain average over ``batches`` training batches.
 
     "Precise BN" (Wu & Johnson, 2021). With YOLOv5's BN momentum of 0.03 the running statistics trail the
@@ -112,8 +113,9 @@ def recalibrate_batchnorm(model: nn.Module, loader, batches: int, device: torch.
 
 
 # ---------------------------------------------------------------------------------------------- validation
-def validate_classifier(model: nn.Module, loader, heads: Sequence[dict], device: torch.device | str | None = None,
-                        save_dir: Path | None = None, plots: bool = False, half: bool = False) -> dict[str, Any]:
+def validate_classifier(model: nn.Module, loader: Iterable, heads: Sequence[dict],
+                        device: torch.device | str | None = None, save_dir: Path | None = None, plots: bool = False,
+                        half: bool = False) -> dict[str, Any]:
     """Top-1/top-5 accuracy, per-class accuracy, loss and confusion matrix per head over ``loader``.
 
     ``loader`` yields ``(uint8 images, targets (b, n_heads), paths)``; samples with target -1 for a head are not
@@ -347,7 +349,7 @@ class ClassifyTask:
                 module.p = p
 
     # ---------------------------------------------------------------- data
-    def build_loaders(self, model: nn.Module):
+    def build_loaders(self, model: nn.Module) -> tuple[DataLoader, DataLoader | None]:
         from utils.data.classify import create_classify_loader, split_samples
 
         cfg = self.cfg
@@ -373,7 +375,7 @@ class ClassifyTask:
             text = ", ".join(f"{n} {c}" for n, c in zip(head["names"], per_class.tolist()))
             LOGGER.info("%s: %d images; head %s: %s", split, len(dataset), head["name"], text)
 
-    def preprocess(self, batch, device: torch.device) -> dict[str, Any]:
+    def preprocess(self, batch: tuple, device: torch.device) -> dict[str, Any]:
         images, targets, paths = batch
         self.device = device
         images = images.to(device, non_blocking=True).float() / 255
@@ -403,7 +405,7 @@ class ClassifyTask:
 
         return loss_fn
 
-    def validate(self, model: nn.Module, loader, save_dir: Path, plots: bool) -> dict[str, float]:
+    def validate(self, model: nn.Module, loader: DataLoader, save_dir: Path, plots: bool) -> dict[str, float]:
         """Precise-BN recalibration of ``model`` (the EMA, which is then saved) on training batches, then metrics."""
         recalibrate_batchnorm(model, self.train_loader, self.bn_recalibration_batches, self.device)
         metrics = validate_classifier(model, loader, self.heads, self.device, save_dir, plots)
@@ -411,7 +413,7 @@ class ClassifyTask:
         self.last_validation = metrics
         return scalar_metrics(metrics)
 
-    def final_validation(self, weights: Path, loader, save_dir: Path, plots: bool) -> dict[str, float]:
+    def final_validation(self, weights: Path, loader: DataLoader, save_dir: Path, plots: bool) -> dict[str, float]:
         from utils.checkpoint import load_checkpoint
 
         model = load_checkpoint(weights).model.to(self.device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections.abc import Callable
 from copy import deepcopy
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,7 @@ class DetectTask:
         return model
 
     # ---------------------------------------------------------------- data
-    def build_loaders(self, model: nn.Module):
+    def build_loaders(self, model: nn.Module) -> tuple[DataLoader, DataLoader | None]:
         from utils.data import create_dataloader
 
         cfg, hyp = self.cfg, self.hyp
@@ -117,7 +118,7 @@ class DetectTask:
 
         check_anchors(self.train_dataset, model, thr=self.hyp["anchor_t"], imgsz=self.imgsz)
 
-    def preprocess(self, batch, device: torch.device) -> dict[str, Any]:
+    def preprocess(self, batch: tuple, device: torch.device) -> dict[str, Any]:
         images, targets, paths, _ = batch
         self.device = device
         if self.batches_to_plot and not self.cfg.noplots:
@@ -147,11 +148,11 @@ class DetectTask:
         gains = scale_loss_gains(self.hyp, self.nc, model.model[-1].nl, self.imgsz)
         return ComputeLoss(model, gains)
 
-    def criterion(self, model: nn.Module):
+    def criterion(self, model: nn.Module) -> Callable[[Any, dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]:
         compute = self._loss(model)
         return lambda preds, batch: compute(preds, batch["targets"])
 
-    def validate(self, model: nn.Module, loader, save_dir: Path, plots: bool) -> dict[str, float]:
+    def validate(self, model: nn.Module, loader: DataLoader, save_dir: Path, plots: bool) -> dict[str, float]:
         """Validate a Conv+BN-fused copy (the EMA model itself keeps training-time structure).
 
         Returns P, R, mAP50, mAP50-95 and the training loss on the validation batches (``val/box`` ...).
@@ -165,7 +166,7 @@ class DetectTask:
         result.update({f"val/{name}": value for name, value in zip(self.loss_names, metrics.get("val_loss", ()))})
         return result
 
-    def final_validation(self, weights: Path, loader, save_dir: Path, plots: bool) -> dict[str, float]:
+    def final_validation(self, weights: Path, loader: DataLoader, save_dir: Path, plots: bool) -> dict[str, float]:
         from utils.checkpoint import load_checkpoint
 
         model = load_checkpoint(weights).model.to(self.device)
