@@ -39,7 +39,7 @@ def draw_detections(image: np.ndarray, detections: np.ndarray, names: Sequence[s
                     hide_labels: bool = False, hide_conf: bool = False) -> np.ndarray:
     """Draw n x 6 [x1, y1, x2, y2, conf, cls] detections on ``image`` (in place) and return it."""
     for *xyxy, conf, cls in detections.tolist():
-        name = _name(names, cls)
+        name = class_name(names, cls)
         label = "" if hide_labels else (name if hide_conf else f"{name} {conf:.2f}")
         draw_box(image, xyxy, label, class_color(cls), thickness)
     return image
@@ -54,7 +54,7 @@ def plot_batch(images: np.ndarray, targets: np.ndarray, names: Sequence[str], pa
     for k in range(min(len(images), max_images)):
         rows = targets[targets[:, 0] == k].tolist()
         boxes.append([(((cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h),
-                       _name(names, cls), cls) for _, cls, cx, cy, bw, bh in rows])
+                       class_name(names, cls), cls) for _, cls, cx, cy, bw, bh in rows])
     return _save_grid(images[:max_images], boxes, path)
 
 
@@ -62,12 +62,13 @@ def plot_batch_predictions(images: np.ndarray, detections: Sequence[np.ndarray],
                            path: str | Path, conf_thres: float = 0.25, max_images: int = 16) -> Path:
     """A grid of a batch with its detections (per image n x 6: x1, y1, x2, y2 in the batch's pixels, conf, cls);
     like v7.0's val_batch*_pred.jpg it leaves out boxes at or below ``conf_thres``."""
-    boxes = [[(det[:4], f"{_name(names, det[5])} {det[4]:.1f}", det[5]) for det in dets.tolist()
+    boxes = [[(det[:4], f"{class_name(names, det[5])} {det[4]:.1f}", det[5]) for det in dets.tolist()
               if det[4] > conf_thres] for dets in detections[:max_images]]
     return _save_grid(images[:len(boxes)], boxes, path)
 
 
-def _name(names: Sequence[str], cls: float) -> str:
+def class_name(names: Sequence[str], cls: float) -> str:
+    """The class's name, or its index when the model or data set carries fewer names."""
     return names[int(cls)] if int(cls) < len(names) else str(int(cls))
 
 

@@ -19,7 +19,7 @@ import torch
 from utils.boxes import non_max_suppression, scale_boxes, xyxy2xywh
 from utils.feature_maps import capture_feature_maps, save_feature_maps
 from utils.paths import increment_path
-from utils.plots import draw_detections
+from utils.plots import class_name, draw_detections
 from utils.sources import Frame, expand_source, iterate_frames
 from utils.torch_utils import select_device, time_sync
 
@@ -200,8 +200,7 @@ def _save_outputs(frame: Frame, det: torch.Tensor, outputs: OutputOptions, sink:
             x1, y1, x2, y2 = (round(v) for v in xyxy)
             crop = frame.image[max(y1, 0):y2, max(x1, 0):x2]
             if crop.size:
-                name = outputs.names[int(cls)] if int(cls) < len(outputs.names) else str(int(cls))
-                out = outputs.save_dir / "crops" / name / f"{stem}_{k}.jpg"
+                out = outputs.save_dir / "crops" / class_name(outputs.names, cls) / f"{stem}_{k}.jpg"
                 out.parent.mkdir(parents=True, exist_ok=True)
                 cv2.imwrite(str(out), crop)
     if outputs.nosave and not outputs.view_img:
