@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from utils.plots import tile_grid
+
 MAX_CHANNELS = 32  # v7.0 draws the first 32 channels of each stage
 COLUMNS = 8
 MIN_TILE = 64  # small maps (8x8 at the last stage) are enlarged so that they stay readable
@@ -63,15 +65,10 @@ def feature_grid(maps: np.ndarray) -> np.ndarray:
     """Tile (C, H, W) maps, each min-max scaled on its own and coloured with viridis, into a BGR image."""
     count, h, w = maps.shape
     scale = max(1, int(np.ceil(MIN_TILE / min(h, w))))
-    tile_h, tile_w, gap = h * scale, w * scale, 2
-    cols = min(COLUMNS, count)
-    rows = int(np.ceil(count / cols))
-    canvas = np.full((rows * (tile_h + gap) - gap, cols * (tile_w + gap) - gap, 3), 255, np.uint8)
-    for k, channel in enumerate(maps):
+    tiles = []
+    for channel in maps:
         low, high = float(channel.min()), float(channel.max())
         gray = np.zeros_like(channel) if high <= low else (channel - low) / (high - low)
         tile = cv2.applyColorMap((gray * 255).round().astype(np.uint8), cv2.COLORMAP_VIRIDIS)
-        tile = cv2.resize(tile, (tile_w, tile_h), interpolation=cv2.INTER_NEAREST)
-        r, c = divmod(k, cols)
-        canvas[r * (tile_h + gap):r * (tile_h + gap) + tile_h, c * (tile_w + gap):c * (tile_w + gap) + tile_w] = tile
-    return canvas
+        tiles.append(cv2.resize(tile, (w * scale, h * scale), interpolation=cv2.INTER_NEAREST))
+    return tile_grid(tiles, cols=min(COLUMNS, count), gap=2)

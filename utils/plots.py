@@ -67,6 +67,17 @@ def plot_batch_predictions(images: np.ndarray, detections: Sequence[np.ndarray],
     return _save_grid(images[:len(boxes)], boxes, path)
 
 
+def tile_grid(tiles: Sequence[np.ndarray], cols: int, gap: int = 0) -> np.ndarray:
+    """Same-size H x W x 3 uint8 tiles in rows of ``cols``, ``gap`` white pixels between them, on white."""
+    h, w = tiles[0].shape[:2]
+    rows = int(np.ceil(len(tiles) / cols))
+    canvas = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, 3), 255, np.uint8)
+    for k, tile in enumerate(tiles):
+        r, c = divmod(k, cols)
+        canvas[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = tile
+    return canvas
+
+
 def class_name(names: Sequence[str], cls: float) -> str:
     """The class's name, or its index when the model or data set carries fewer names."""
     return names[int(cls)] if int(cls) < len(names) else str(int(cls))
@@ -74,16 +85,13 @@ def class_name(names: Sequence[str], cls: float) -> str:
 
 def _save_grid(images: np.ndarray, boxes: Sequence[Sequence[tuple]], path: str | Path) -> Path:
     """Tile RGB CHW ``images`` into a square-ish grid, draw each tile's (xyxy, label, cls) boxes, write BGR."""
-    count, _, h, w = images.shape
-    cols = int(np.ceil(np.sqrt(count)))
-    rows = int(np.ceil(count / cols))
-    canvas = np.full((rows * h, cols * w, 3), 255, np.uint8)
-    for k in range(count):
-        tile = np.ascontiguousarray(images[k].transpose(1, 2, 0)[..., ::-1])
+    tiles = []
+    for k, image in enumerate(images):
+        tile = np.ascontiguousarray(image.transpose(1, 2, 0)[..., ::-1])
         for xyxy, label, cls in boxes[k]:
             draw_box(tile, xyxy, label, class_color(cls), 1)
-        r, c = divmod(k, cols)
-        canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = tile
+        tiles.append(tile)
+    canvas = tile_grid(tiles, cols=int(np.ceil(np.sqrt(len(tiles)))))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), canvas)
