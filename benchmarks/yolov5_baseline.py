@@ -4,6 +4,7 @@
     python benchmarks/yolov5_baseline.py --yolov5-python /path/to/venv-with-yolov5/bin/python --task val
     python benchmarks/yolov5_baseline.py --yolov5-python /path/to/venv-with-yolov5/bin/python --task schedule
     python benchmarks/yolov5_baseline.py --yolov5-python /path/to/venv-with-yolov5/bin/python --task swap-data
+    python benchmarks/yolov5_baseline.py --yolov5-python /path/to/venv-with-yolov5/bin/python --task samples
 
 Runs ``python -m yolov5.train`` / ``yolov5.val`` from PyPI ``yolov5==7.0.*`` (installed in a separate
 environment: it pins old packages), offline. train: yolov5n.yaml from scratch, hyp.scratch-low, img 256,
@@ -16,7 +17,8 @@ these runs use, so a temporary folder provides inert stand-ins, a local font and
 benchmarks/yolov5_schedule_probe.py there (learning rate, momentum and optimizer steps of every iteration, ours
 against v7.0's objects and loop; it needs this repository's requirements importable in that environment too).
 swap-data / swap-loop: benchmarks/yolov5_swap.py there, 30 epochs by default (our trainer on v7.0's training data
-set / v7.0's train.py on ours), printing the final metrics.
+set / v7.0's train.py on ours), printing the final metrics. samples: benchmarks/yolov5_sample_probe.py there (v7.0's
+training samples against ours with v7.0's random draws replayed into our loader; a minute).
 """
 
 from __future__ import annotations
@@ -170,14 +172,27 @@ def run_swap(python: str, folder: Path, env: dict[str, str], data: Path, half: s
     return subprocess.run(cmd, env=env, cwd=folder).returncode
 
 
+def run_sample_probe(python: str, folder: Path, env: dict[str, str], data: Path, seed: int) -> int:
+    """benchmarks/yolov5_sample_probe.py in v7.0's environment (needs this repository's requirements there)."""
+    cmd = [python, str(ROOT / "benchmarks" / "yolov5_sample_probe.py"), "--data", str(data), "--seed", str(seed)]
+    print("running:", " ".join(cmd), flush=True)
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=folder)
+    print("\n".join(line for line in run.stdout.splitlines() if line.startswith("|")))
+    if run.returncode:
+        print(run.stderr[-3000:])
+    return run.returncode
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--yolov5-python", required=True, help="a python whose environment has yolov5==7.0.*")
-    parser.add_argument("--task", choices=["train", "val", "schedule", "swap-data", "swap-loop"], default="train")
+    parser.add_argument("--task", default="train",
+                        choices=["train", "val", "schedule", "swap-data", "swap-loop", "samples"])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="checkpoint for --task val")
     parser.add_argument("--epochs", type=int, help="default: 3 for train, 30 (the recipe) for schedule and swap")
-    parser.add_argument("--seed", type=int, default=0, help="train and swap: the training seed (the recipe: 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="train and swap: the training seed (the recipe: 0); samples: v7.0's draws")
     parser.add_argument("--repeats", type=int, default=3, help="val.py runs (--task val)")
     args = parser.parse_args()
     spec = "import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec('yolov5').origin).parent)"
@@ -192,6 +207,8 @@ def main() -> int:
             run_val(args.yolov5_python, folder, env, data, args.weights.resolve(), args.repeats)
         elif args.task == "schedule":
             return run_schedule_probe(args.yolov5_python, folder, env, args.epochs or 30)
+        elif args.task == "samples":
+            return run_sample_probe(args.yolov5_python, folder, env, data, args.seed)
         else:
             half = args.task.removeprefix("swap-")
             return run_swap(args.yolov5_python, folder, env, data, half, args.epochs or 30, args.seed)
