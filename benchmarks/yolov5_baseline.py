@@ -151,15 +151,15 @@ def run_val(python: str, folder: Path, env: dict[str, str], data: Path, weights:
         print(f"| YOLOv5 v7.0 val.py | {wall:.1f} s wall | {' '.join(summary[-1].split())} |")
 
 
-def run_schedule_probe(python: str, folder: Path, env: dict[str, str], epochs: int) -> int:
-    """benchmarks/yolov5_schedule_probe.py in v7.0's environment: our schedule against v7.0's, iteration by
-    iteration (exit code 1 if any iteration differs)."""
-    cmd = [python, str(ROOT / "benchmarks" / "yolov5_schedule_probe.py"), "--epochs", str(epochs),
-           "--workdir", str(folder / "probe")]
+def run_probe(python: str, folder: Path, env: dict[str, str], script: str, args: list[str],
+              keep: tuple[str, ...] = ("|",)) -> int:
+    """benchmarks/``script`` in v7.0's environment (it needs this repository's requirements there too); prints
+    the output lines that start with ``keep`` and, when it fails, the end of its standard error."""
+    cmd = [python, str(ROOT / "benchmarks" / script), *args]
     print("running:", " ".join(cmd), flush=True)
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=folder)
-    print("\n".join(line for line in run.stdout.splitlines() if line.startswith(("|", "  iteration"))))
-    if run.returncode not in (0, 1):
+    print("\n".join(line for line in run.stdout.splitlines() if line.startswith(keep)))
+    if run.returncode:
         print(run.stderr[-3000:])
     return run.returncode
 
@@ -170,17 +170,6 @@ def run_swap(python: str, folder: Path, env: dict[str, str], data: Path, half: s
            "--epochs", str(epochs), "--seed", str(seed), "--project", str(folder / "swap")]
     print("running:", " ".join(cmd), flush=True)
     return subprocess.run(cmd, env=env, cwd=folder).returncode
-
-
-def run_sample_probe(python: str, folder: Path, env: dict[str, str], data: Path, seed: int) -> int:
-    """benchmarks/yolov5_sample_probe.py in v7.0's environment (needs this repository's requirements there)."""
-    cmd = [python, str(ROOT / "benchmarks" / "yolov5_sample_probe.py"), "--data", str(data), "--seed", str(seed)]
-    print("running:", " ".join(cmd), flush=True)
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=folder)
-    print("\n".join(line for line in run.stdout.splitlines() if line.startswith("|")))
-    if run.returncode:
-        print(run.stderr[-3000:])
-    return run.returncode
 
 
 def main() -> int:
@@ -206,9 +195,13 @@ def main() -> int:
         elif args.task == "val":
             run_val(args.yolov5_python, folder, env, data, args.weights.resolve(), args.repeats)
         elif args.task == "schedule":
-            return run_schedule_probe(args.yolov5_python, folder, env, args.epochs or 30)
+            # exit code 1: some iteration differs
+            return run_probe(args.yolov5_python, folder, env, "yolov5_schedule_probe.py",
+                             ["--epochs", str(args.epochs or 30), "--workdir", str(folder / "probe")],
+                             keep=("|", "  iteration"))
         elif args.task == "samples":
-            return run_sample_probe(args.yolov5_python, folder, env, data, args.seed)
+            return run_probe(args.yolov5_python, folder, env, "yolov5_sample_probe.py",
+                             ["--data", str(data), "--seed", str(args.seed)])
         else:
             half = args.task.removeprefix("swap-")
             return run_swap(args.yolov5_python, folder, env, data, half, args.epochs or 30, args.seed)
