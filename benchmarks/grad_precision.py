@@ -2,12 +2,15 @@
 
     python benchmarks/grad_precision.py                      # yolov5n, batch 32 x 256 px, embedded sample
     python benchmarks/grad_precision.py --imgsz 640 --batch-size 16 --layouts trainer channels-last
+    python benchmarks/grad_precision.py --weights ../shared/fixtures/yolov5n-neu-det-v7.pt --layouts trainer bf16
 
-One training batch (mosaics from the data set's train split), one freshly initialised model; for each layout
+One training batch (mosaics from the data set's train split), one freshly initialised model (or a checkpoint's
+trained weights, ``--weights``); for each layout
 the loss and all parameter gradients are computed in float32 and compared, as one vector, with the same
 computation in float64 (NCHW). Layouts: ``nchw``; ``channels-last`` (the whole model); ``trainer`` (what the
 trainer uses: :func:`utils.torch_utils.training_memory_format`); ``compiled`` (what the trainer uses with
-``--compile``: channels-last + torch.compile).
+``--compile``: channels-last + torch.compile); ``bf16`` (what the trainer uses with ``--bf16``: channels-last,
+bfloat16 autocast, loss in float32).
 The step time is the median of ``--repeats`` forward+backward passes (run this alone: the VM's speed drifts).
 """
 
@@ -26,12 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models.yolo import build_model  # noqa: E402
+from utils.checkpoint import load_checkpoint  # noqa: E402
 from utils.config import DEFAULT_HYP, load_hyp  # noqa: E402
 from utils.data import create_dataloader, load_data_config  # noqa: E402
 from utils.loss import ComputeLoss, scale_loss_gains  # noqa: E402
-from utils.torch_utils import training_memory_format  # noqa: E402
+from utils.torch_utils import float_outputs, training_memory_format  # noqa: E402
 
-LAYOUTS = ("nchw", "channels-last", "trainer", "compiled")
+LAYOUTS = ("nchw", "channels-last", "trainer", "compiled", "bf16")
 
 
 def loss_function(model: torch.nn.Module, hyp: dict, imgsz: int) -> ComputeLoss:
@@ -57,7 +61,15 @@ def layout_model(model: torch.nn.Module, layout: str, imgsz: int, batch_size: in
         return model, model, torch.contiguous_format
     if layout == "channels-last":
         return model.to(memory_format=torch.channels_last), model, torch.channels_last
-    memory_format = training_memory_format(model, imgsz, batch_size, compiled=layout == "compiled")
+    if layout == "bf16":
+        model = model.to(memory_format=torch.channels_last)
+
+        def autocast_forward(images: torch.Tensor):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return float_outputs(model(images))
+
+        return model, autocast_forward, torch.channels_last
+    memory_format = training_memory_format(model, imgsz, batch_size, throughout=layout == "compiled")
     return model, (torch.compile(model) if layout == "compiled" else model), memory_format
 
 
@@ -69,6 +81,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS[:3]), choices=LAYOUTS)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--weights", default=None, help="start from this checkpoint's weights (its cfg and nc)")
     args = parser.parse_args()
     torch.manual_seed(0)
     hyp = load_hyp(DEFAULT_HYP)
@@ -76,7 +89,10 @@ def main() -> None:
     loader, _ = create_dataloader(data["train"], args.imgsz, args.batch_size, 32, hyp=hyp, augment=True, seed=0)
     images, targets = next(iter(loader))[:2]
     images = images.float() / 255
-    model = build_model(args.cfg, nc=int(data["nc"])).train()
+    if args.weights:  # loaded for inference: switch gradients back on
+        model = load_checkpoint(args.weights).model.train().requires_grad_(True)
+    else:
+        model = build_model(args.cfg, nc=int(data["nc"])).train()
     reference_model = copy.deepcopy(model).double()
     reference, _ = step(reference_model, reference_model, loss_function(reference_model, hyp, args.imgsz),
                         images.double(), targets.double())
@@ -93,8 +109,9 @@ def main() -> None:
             grads, elapsed = step(*run)
             errors[layout] = ((grads - reference).norm() / reference.norm()).item()
             seconds[layout].append(elapsed)
-    print(f"{args.cfg}, batch {images.shape[0]} x {args.imgsz} px, {torch.get_num_threads()} threads; gradient error "
-          "= |g - g_float64| / |g_float64| over all parameters at initialisation")
+    print(f"{args.weights or args.cfg}, batch {images.shape[0]} x {args.imgsz} px, {torch.get_num_threads()} threads; "
+          "gradient error = |g - g_float64| / |g_float64| over all parameters "
+          f"{'at these weights' if args.weights else 'at initialisation'}")
     for layout in runs:
         print(f"{layout:>14}: gradient error {errors[layout]:.1e}, step {statistics.median(seconds[layout]):.3f} s "
               f"(median of {args.repeats}, layouts interleaved)")

@@ -2,6 +2,7 @@
 
     python benchmarks/train_speed.py --epochs 30            # yolov5n.yaml from scratch on NEU-DET, img 256
     python benchmarks/train_speed.py --epochs 30 --compile  # the same with torch.compile
+    python benchmarks/train_speed.py --epochs 30 --bf16     # the same with bfloat16 autocast (train.py --bf16)
 
 Prints seconds per epoch (training and validation separately), training images/s, peak memory and the final
 metrics. The YOLOv5 v7.0 reference on this kind of 2-core CPU: ~57 s/epoch including val, 2.3 GB peak RSS,
@@ -55,12 +56,14 @@ def main(argv: list[str] | None = None, task_class: type[DetectTask] = DetectTas
     parser.add_argument("--cache", default=None)
     parser.add_argument("--seed", type=int, default=0, help="the recipe: 0")
     parser.add_argument("--compile", action="store_true", help="train with torch.compile (train.py --compile)")
+    parser.add_argument("--bf16", action="store_true", help="train with bfloat16 autocast (train.py --bf16)")
     parser.add_argument("--project", default=str(ROOT / "runs" / "bench"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     cfg = TrainConfig(cfg=args.cfg, data=args.data, epochs=args.epochs, imgsz=args.imgsz,
                       batch_size=args.batch_size, workers=args.workers, device="cpu", seed=args.seed, cache=args.cache,
-                      project=args.project, name="train_speed", noplots=True, compile=args.compile)
+                      project=args.project, name="train_speed", noplots=True, compile=args.compile,
+                      bf16=args.bf16)
     task = task_class(cfg)
     timer = EpochTimer()
     callbacks = default_callbacks()
@@ -75,8 +78,10 @@ def main(argv: list[str] | None = None, task_class: type[DetectTask] = DetectTas
     per_epoch = [e - s for s, e in zip(starts, ends)]
     train_time = sum(e - s for s, e in zip(starts, train_ends))
     n_train = len(task.train_dataset)
+    options = "".join(f", {name}" for name, on in (("bfloat16 autocast", args.bf16), ("torch.compile", args.compile))
+                      if on)
     print(f"| recipe | {args.cfg} scratch, img {args.imgsz}, batch {args.batch_size}, workers {args.workers}, "
-          f"{args.epochs} epochs, CPU |")
+          f"{args.epochs} epochs, CPU{options} |")
     print(f"| s/epoch incl. val (median) | {sorted(per_epoch)[len(per_epoch) // 2]:.1f} |")
     train_epochs = [e - s for s, e in zip(starts, train_ends)]
     print(f"| training images/s (training loop only, all epochs) | {n_train * len(per_epoch) / train_time:.1f} |")

@@ -49,6 +49,6 @@ def test_compiled_training_runs_channels_last_throughout():
     """Under torch.compile Inductor generates its own BatchNorm (exact in any layout), so nothing stays NCHW."""
     model = DetectionModel("yolov5n.yaml", nc=6).train()
     assert training_memory_format(copy.deepcopy(model), 256, 32) == torch.contiguous_format
-    assert training_memory_format(model, 256, 32, compiled=True) == torch.channels_last
+    assert training_memory_format(model, 256, 32, throughout=True) == torch.channels_last
     assert all(m.weight.is_contiguous(memory_format=torch.channels_last)
                for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1))

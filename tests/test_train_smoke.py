@@ -65,6 +65,54 @@ def test_training_loss_falls_and_best_validates(tmp_path):
     assert metrics["n_images"] == 12 and 0.0 <= metrics["mAP50-95"] <= metrics["mAP50"] <= 1.0
 
 
+class DtypeProbe:
+    """Records the dtypes a training step sees: the first convolution's output and the head's outputs as the
+    loss receives them (after the trainer's cast), plus the dtypes of the weights after the optimizer step."""
+
+    def __init__(self) -> None:
+        self.conv_out: set[torch.dtype] = set()
+        self.loss_inputs: set[torch.dtype] = set()
+        self.weights: set[torch.dtype] = set()
+
+    def on_pretrain_routine_end(self, trainer) -> None:
+        first_conv = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d))
+        first_conv.register_forward_hook(lambda _m, _i, out: self.conv_out.add(out.dtype))
+        loss_fn = trainer.loss_fn
+
+        def recording_loss(preds, batch):
+            self.loss_inputs.update(p.dtype for p in preds)
+            return loss_fn(preds, batch)
+
+        trainer.loss_fn = recording_loss
+
+    def on_train_batch_end(self, trainer) -> None:
+        self.weights.update(p.dtype for p in trainer.model.parameters())
+        self.weights.update(p.dtype for p in trainer.ema.ema.parameters())
+
+
+def test_bf16_training_autocasts_convolutions_and_loss_falls(tmp_path):
+    """--bf16 (CPU mixed precision): convolutions run in bfloat16, weights and EMA stay float32, and the smoke
+    recipe's losses fall as in float32."""
+    from utils.callbacks import default_callbacks
+    from utils.engine import fit
+    from utils.training import make_task
+
+    no_augment = ["mosaic=0", "fliplr=0", "hsv_h=0", "hsv_s=0", "hsv_v=0", "translate=0", "scale=0"]
+    cfg = _config(tmp_path, "bf16", epochs=15, bf16=True, noplots=True,
+                  hyp_override=["warmup_epochs=0", "nbs=8", "lr0=0.02", *no_augment])
+    probe, callbacks = DtypeProbe(), default_callbacks()
+    callbacks.add_logger(probe)
+    fit(make_task(cfg), cfg, callbacks)
+    assert probe.conv_out == {torch.bfloat16}
+    assert probe.loss_inputs == {torch.float32}
+    assert probe.weights == {torch.float32}
+    rows = _results(tmp_path / "bf16")
+    for part in ("box", "cls"):
+        losses = [float(row[f"train/{part}"]) for row in rows]
+        assert _fitted_drop(losses) > 0.07, (part, losses)
+    assert float(rows[-1]["val/box"]) < float(rows[0]["val/box"]), "the validation box loss did not fall"
+
+
 def _fitted_drop(values: list[float]) -> float:
     """Relative fall of the least-squares line through per-epoch values, from the first epoch to the last.
 

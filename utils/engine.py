@@ -38,7 +38,9 @@ from utils.optim import SAM, build_optimizer, lr_lambda, scheduled_factor, warmu
 from utils.paths import increment_path
 from utils.tasks.base import Task
 from utils.torch_utils import (
+    cpu_has_native_bf16,
     de_parallel,
+    float_outputs,
     seed_everything,
     select_device,
     set_inplace_activations,
@@ -62,6 +64,9 @@ class Trainer:
         self.callbacks = callbacks or default_callbacks()
         self.rank, self.local_rank, self.world_size = distributed_context()
         self.device = self._init_device()
+        self.bf16 = bool(cfg.bf16)
+        if self.bf16 and self.device.type == "cpu" and not cpu_has_native_bf16():
+            LOGGER.warning("--bf16: this CPU has neither AVX512-BF16 nor AMX, bfloat16 is emulated and slower")
         self.hyp = load_hyp(cfg.hyp, cfg.hyp_override)
         if cfg.label_smoothing:
             self.hyp["label_smoothing"] = cfg.label_smoothing
@@ -105,7 +110,7 @@ class Trainer:
         self.model = self.task.build_model().to(self.device)
         # before the EMA copy, so that it matches; DDP ranks each see batch_size // world_size images
         self.memory_format = training_memory_format(self.model, cfg.imgsz, max(cfg.batch_size // self.world_size, 1),
-                                                    compiled=cfg.compile)
+                                                    throughout=cfg.compile or self.bf16)
         if self.device.type == "cpu":
             set_inplace_activations(self.model, False)
         self.train_loader, self.val_loader = self.task.build_loaders(self.model)
@@ -130,8 +135,9 @@ class Trainer:
         self.lf = lr_lambda(self.epochs, hyp["lrf"], cfg.cos_lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            lr_lambda=lambda e: scheduled_factor(self.lf, e))
-        self.amp = self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.amp = self.device.type == "cuda" or self.bf16
+        self.amp_dtype = torch.bfloat16 if self.bf16 else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and not self.bf16)  # bfloat16 needs no scaling
         self.ema = ModelEMA(self.model) if self.is_main else None
         self.static_frozen = frozen_layer_indices(self.model, cfg.freeze)
 
@@ -206,10 +212,15 @@ class Trainer:
         # so nothing pending outlives the epoch and last.pt holds all an exact resume needs.
         return mean_loss
 
-    def _forward_backward(self, batch: dict[str, Any]) -> torch.Tensor:
-        with torch.autocast(self.device.type, enabled=self.amp):
+    def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward pass under autocast (CUDA AMP, or ``--bf16``) and the loss; a bfloat16 forward's outputs are
+        cast to float32 first, so that the loss's sums and IoUs keep float32 precision."""
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
             preds = self.forward_model(batch["images"])
-            loss, items = self.loss_fn(preds, batch)
+            return self.loss_fn(float_outputs(preds) if self.bf16 else preds, batch)
+
+    def _forward_backward(self, batch: dict[str, Any]) -> torch.Tensor:
+        loss, items = self._loss(batch)
         if self.world_size > 1:
             loss = loss * self.world_size  # DDP averages gradients across ranks
         self.scaler.scale(loss).backward()
@@ -230,8 +241,7 @@ class Trainer:
         """SAM: gradients at the perturbed weights replace the ones at the current weights."""
         self.sam.perturb()
         self.optimizer.zero_grad()
-        with torch.autocast(self.device.type, enabled=self.amp):
-            loss, _ = self.loss_fn(self.forward_model(batch["images"]), batch)
+        loss, _ = self._loss(batch)
         loss.backward()
         self.sam.restore()
 

@@ -110,20 +110,41 @@ def fastest_memory_format(model: nn.Module) -> torch.memory_format:
 CHANNELS_LAST_BN_MAX_VALUES = 2**16
 
 
-def training_memory_format(model: nn.Module, imgsz: int, batch_size: int, compiled: bool = False,
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN computes bfloat16 natively here (AVX512-BF16 or AMX); elsewhere it emulates it, slowly."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
+def float_outputs(outputs):
+    """``outputs`` (a tensor, or lists, tuples and dicts of them) with floating tensors in float32: the loss of a
+    bfloat16-autocast forward is computed in float32, so that its sums and IoUs keep float32's precision."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.float() if outputs.is_floating_point() else outputs
+    if isinstance(outputs, dict):
+        return {key: float_outputs(value) for key, value in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(float_outputs(value) for value in outputs)
+    return outputs
+
+
+def training_memory_format(model: nn.Module, imgsz: int, batch_size: int, throughout: bool = False,
                            ) -> torch.memory_format:
     """Put a model in its training layout and return the layout its input batches should have.
 
     On the CPU: channels-last (a yolov5n step ~1.35x faster than NCHW), except the top-level layers at high
     resolution, whose BatchNorm would see more than ``CHANNELS_LAST_BN_MAX_VALUES`` values per channel at this
     batch and image size; they stay NCHW, where BatchNorm statistics and gradients are as exact as float32
-    allows (see the comment above). A model that will run under torch.compile (``compiled``) goes channels-last
-    throughout: Inductor generates its own BatchNorm, exact in any layout, and the step is ~4 % faster than with
-    the NCHW stem (0.75 s against 0.78 s, benchmarks/grad_precision.py). Other devices keep the contiguous layout.
+    allows (see the comment above). ``throughout`` puts the whole model channels-last: under torch.compile
+    Inductor generates its own BatchNorm, exact in any layout (a step ~4 % faster than with the NCHW stem,
+    0.75 s against 0.78 s, benchmarks/grad_precision.py); under bfloat16 autocast float32 exactness is moot.
+    Other devices keep the contiguous layout.
     """
     memory_format = fastest_memory_format(model)
     layers = getattr(model, "model", None)
-    if compiled or memory_format != torch.channels_last or not isinstance(layers, nn.Sequential):
+    if throughout or memory_format != torch.channels_last or not isinstance(layers, nn.Sequential):
         return memory_format
     nchw = [pixels is not None and batch_size * pixels > CHANNELS_LAST_BN_MAX_VALUES
             for pixels in layer_output_pixels(model, imgsz)]
