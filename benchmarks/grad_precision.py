@@ -61,16 +61,16 @@ def layout_model(model: torch.nn.Module, layout: str, imgsz: int, batch_size: in
         return model, model, torch.contiguous_format
     if layout == "channels-last":
         return model.to(memory_format=torch.channels_last), model, torch.channels_last
+    memory_format = training_memory_format(model, imgsz, batch_size, throughout=layout in ("compiled", "bf16"))
+    if layout == "compiled":
+        return model, torch.compile(model), memory_format
     if layout == "bf16":
-        model = model.to(memory_format=torch.channels_last)
-
         def autocast_forward(images: torch.Tensor):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 return float_outputs(model(images))
 
-        return model, autocast_forward, torch.channels_last
-    memory_format = training_memory_format(model, imgsz, batch_size, throughout=layout == "compiled")
-    return model, (torch.compile(model) if layout == "compiled" else model), memory_format
+        return model, autocast_forward, memory_format
+    return model, model, memory_format
 
 
 def main() -> None:

@@ -64,8 +64,7 @@ class Trainer:
         self.callbacks = callbacks or default_callbacks()
         self.rank, self.local_rank, self.world_size = distributed_context()
         self.device = self._init_device()
-        self.bf16 = bool(cfg.bf16)
-        if self.bf16 and self.device.type == "cpu" and not cpu_has_native_bf16():
+        if cfg.bf16 and self.device.type == "cpu" and not cpu_has_native_bf16():
             LOGGER.warning("--bf16: this CPU has neither AVX512-BF16 nor AMX, bfloat16 is emulated and slower")
         self.hyp = load_hyp(cfg.hyp, cfg.hyp_override)
         if cfg.label_smoothing:
@@ -110,7 +109,7 @@ class Trainer:
         self.model = self.task.build_model().to(self.device)
         # before the EMA copy, so that it matches; DDP ranks each see batch_size // world_size images
         self.memory_format = training_memory_format(self.model, cfg.imgsz, max(cfg.batch_size // self.world_size, 1),
-                                                    throughout=cfg.compile or self.bf16)
+                                                    throughout=cfg.compile or cfg.bf16)
         if self.device.type == "cpu":
             set_inplace_activations(self.model, False)
         self.train_loader, self.val_loader = self.task.build_loaders(self.model)
@@ -135,9 +134,9 @@ class Trainer:
         self.lf = lr_lambda(self.epochs, hyp["lrf"], cfg.cos_lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            lr_lambda=lambda e: scheduled_factor(self.lf, e))
-        self.amp = self.device.type == "cuda" or self.bf16
-        self.amp_dtype = torch.bfloat16 if self.bf16 else torch.float16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and not self.bf16)  # bfloat16 needs no scaling
+        self.amp = self.device.type == "cuda" or cfg.bf16
+        self.amp_dtype = torch.bfloat16 if cfg.bf16 else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and not cfg.bf16)  # bfloat16 needs no scaling
         self.ema = ModelEMA(self.model) if self.is_main else None
         self.static_frozen = frozen_layer_indices(self.model, cfg.freeze)
 
@@ -217,7 +216,7 @@ class Trainer:
         cast to float32 first, so that the loss's sums and IoUs keep float32 precision."""
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
             preds = self.forward_model(batch["images"])
-            return self.loss_fn(float_outputs(preds) if self.bf16 else preds, batch)
+            return self.loss_fn(float_outputs(preds) if self.cfg.bf16 else preds, batch)
 
     def _forward_backward(self, batch: dict[str, Any]) -> torch.Tensor:
         loss, items = self._loss(batch)
