@@ -1,11 +1,31 @@
-"""Process exit for the short-lived command-line scripts (val.py, detect.py)."""
+"""What every command-line script shares: user errors as one line, and a fast process exit."""
 
 from __future__ import annotations
 
 import atexit
 import os
 import sys
+from collections.abc import Callable
 from typing import NoReturn
+
+from utils.errors import UserError
+
+TRACEBACK_ENV = "YOLOKIT_TRACEBACK"  # set to 1 to see the traceback behind an `error: ...` line
+
+
+def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """Run a script's ``main``; a :class:`UserError` becomes ``error: ...`` on stderr and exit status 2.
+
+    Internal errors propagate with their traceback. ``YOLOKIT_TRACEBACK=1`` re-raises user errors too.
+    """
+    try:
+        return main(argv)
+    except UserError as exc:
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
 
 def exit_without_teardown(code: int) -> NoReturn:
