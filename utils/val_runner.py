@@ -80,7 +80,7 @@ def run_validation(weights: str, data: str, imgsz: int = 640, batch_size: int = 
         raise ValueError(f"--task {task}: {data_cfg['yaml_file']} has no '{split}' split; add '{split}: <folder or "
                          f".txt list>' to it" + (" or validate with --task val" if split != "val" else ""))
     stride = max(info["stride"], 32)
-    # v7.0's rectangular batches wherever the input size is free (PyTorch, exports with --dynamic-hw); fixed-size
+    # v7.0's rectangular batches wherever the input size is free (PyTorch, exports with --dynamic); fixed-size
     # artifacts get square, unpadded batches of their own size, as v7.0 does for every exported model
     rect = isinstance(predictor, torch.nn.Module) or bool(getattr(predictor, "dynamic_hw", False))
     loader, _ = create_dataloader(data_cfg[split], imgsz, batch_size, stride, augment=False, pad=0.5 if rect else 0.0,
