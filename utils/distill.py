@@ -111,6 +111,12 @@ def check_distill_flags(cfg: TrainConfig) -> None:
         raise UserError(f"--distill-weight {cfg.distill_weight}: must be > 0 (1.0 = the task loss's own scale)")
     if not cfg.distill_temperature > 0:
         raise UserError(f"--distill-temperature {cfg.distill_temperature}: must be > 0 (e.g. 4)")
+    from utils.config import TrainConfig
+
+    default = TrainConfig()
+    if not cfg.teacher and (cfg.distill_weight, cfg.distill_temperature) != (default.distill_weight,
+                                                                             default.distill_temperature):
+        LOGGER.warning("--distill-weight / --distill-temperature have no effect without --teacher")
 
 
 def load_teacher(path: str | Path, device: torch.device, memory_format: torch.memory_format) -> nn.Module:
