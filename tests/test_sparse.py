@@ -157,6 +157,11 @@ def test_sparse_run_switches_gammas_off_and_logs_them(tmp_path):
     assert plain_share < initial_share + 0.03, (initial_share, plain_share)
     assert sparse_share > plain_share + 0.15, (plain_share, sparse_share)
 
+    # every checkpoint says how sparse it was trained (best.pt holds no training state): prune_slim.py reads it
+    for run, expected in ((plain, 0.0), (sparse, strength)):
+        for name in ("best.pt", "last.pt"):
+            assert torch.load(run / "weights" / name, weights_only=True)["sparse"] == expected
+
     rows = _rows(sparse)
     logged = [float(row[SHARE_COLUMN]) for row in rows]
     assert len(logged) == 2 and initial_share < logged[0] < logged[1]

@@ -331,7 +331,8 @@ class Trainer:
         if self.cfg.nosave and self.epoch + 1 != self.epochs:
             return
         meta = {"epoch": self.epoch, "fitness": float(self.task.fitness(self.metrics)) if self.metrics else None,
-                "metrics": {k: float(v) for k, v in self.metrics.items() if isinstance(v, (int, float))}}
+                "metrics": {k: float(v) for k, v in self.metrics.items() if isinstance(v, (int, float))},
+                "sparse": float(self.cfg.sparse)}  # prune_slim.py warns when a model was not trained sparse
         extra = self.task.checkpoint_meta() if hasattr(self.task, "checkpoint_meta") else {}
         last = save_checkpoint(self.ema.ema, self.weights_dir / "last.pt", self.train_state(), **meta, **extra)
         if is_best:
