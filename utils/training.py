@@ -67,8 +67,12 @@ def resume_config(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
 
 def run_training(cfg: TrainConfig) -> dict[str, float]:
     from utils.autobatch import resolve_batch_size
+    from utils.distill import check_distill_flags
     from utils.engine import fit
+    from utils.prune.sparsity import check_sparse_flags
 
+    check_sparse_flags(cfg)
+    check_distill_flags(cfg)
     cfg = resolve_batch_size(cfg, lambda: make_task(cfg).build_model())  # --batch-size -1: AutoBatch
     if cfg.evolve:
         from utils.evolve import evolve
