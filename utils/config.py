@@ -108,8 +108,12 @@ class TrainConfig:
     deterministic: bool = _flag(False, "force deterministic algorithms (for exact resume checks)")
     compile: bool = _flag(False, "torch.compile the training forward/backward (~1.3x per CPU step; the first run "
                                  "compiles for 1-2 min, later runs reuse the on-disk cache)")
-    bf16: bool = _flag(False, "bfloat16 mixed precision: autocast forward/backward, float32 weights, optimizer, EMA "
-                              "and validation; fast on CPUs with AVX512-BF16 or AMX (on CUDA it replaces float16 AMP)")
+    precision: str = _flag("auto", "training precision; auto: bfloat16 autocast on CPUs with AVX512-BF16 or AMX, "
+                                   "float16 AMP on CUDA, float32 elsewhere (weights, optimizer, EMA and validation "
+                                   "stay float32)", choices=["auto", "bf16", "fp16", "fp32"])
+    bf16: bool = _flag(False, "--precision bf16: bfloat16 autocast also where it is not the default (a CPU that "
+                              "emulates it, slower; on CUDA instead of float16 AMP)")
+    fp32: bool = _flag(False, "--precision fp32: train in float32, no mixed precision", aliases=("--no-amp",))
     heads_mode: str = _flag("joint", "multi-head classifiers: joint or sequential", choices=["joint", "sequential"])
     head_weights: list[float] = _flag(None, "multi-head loss weights, one per head", nargs="+", type=float)
     head_balance: str = _flag("none", "dynamic multi-head loss balancing", choices=["none", "uncertainty"])

@@ -36,10 +36,10 @@ from utils.ema import ModelEMA
 from utils.freeze import apply_trainable, freeze_batchnorm_stats, frozen_layer_indices, layer_index
 from utils.optim import SAM, build_optimizer, lr_lambda, scheduled_factor, warmup_step
 from utils.paths import increment_path
+from utils.precision import requested_precision, resolve_precision, with_precision
 from utils.prune.sparsity import SparseTraining
 from utils.tasks.base import Task
 from utils.torch_utils import (
-    cpu_has_native_bf16,
     de_parallel,
     float_outputs,
     seed_everything,
@@ -65,8 +65,10 @@ class Trainer:
         self.callbacks = callbacks or default_callbacks()
         self.rank, self.local_rank, self.world_size = distributed_context()
         self.device = self._init_device()
-        if cfg.bf16 and self.device.type == "cpu" and not cpu_has_native_bf16():
-            LOGGER.warning("--bf16: this CPU has neither AVX512-BF16 nor AMX, bfloat16 is emulated and slower")
+        self.precision = resolve_precision(requested_precision(cfg), self.device)
+        self.cfg = cfg = with_precision(cfg, self.precision.name)  # opt.yaml and last.pt record what is used
+        if self.is_main:
+            LOGGER.info("precision: %s", self.precision.describe())
         self.hyp = load_hyp(cfg.hyp, cfg.hyp_override)
         if cfg.label_smoothing:
             self.hyp["label_smoothing"] = cfg.label_smoothing
@@ -114,7 +116,7 @@ class Trainer:
         self.model = self.task.build_model().to(self.device)
         # before the EMA copy, so that it matches; DDP ranks each see batch_size // world_size images
         self.memory_format = training_memory_format(self.model, cfg.imgsz, max(cfg.batch_size // self.world_size, 1),
-                                                    throughout=cfg.compile or cfg.bf16)
+                                                    throughout=cfg.compile or self.precision.name == "bf16")
         if self.device.type == "cpu":
             set_inplace_activations(self.model, False)
         self.train_loader, self.val_loader = self.task.build_loaders(self.model)
@@ -152,9 +154,8 @@ class Trainer:
         self.lf = lr_lambda(self.epochs, hyp["lrf"], cfg.cos_lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            lr_lambda=lambda e: scheduled_factor(self.lf, e))
-        self.amp = self.device.type == "cuda" or cfg.bf16
-        self.amp_dtype = torch.bfloat16 if cfg.bf16 else torch.float16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and not cfg.bf16)  # bfloat16 needs no scaling
+        self.amp, self.amp_dtype = self.precision.autocast, self.precision.autocast_dtype
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision.grad_scaling)  # bfloat16 needs no scaling
         self.ema = ModelEMA(self.model) if self.is_main else None
         self.static_frozen = frozen_layer_indices(self.model, cfg.freeze)
 
@@ -230,11 +231,11 @@ class Trainer:
         return mean_loss
 
     def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward pass under autocast (CUDA AMP, or ``--bf16``) and the loss; a bfloat16 forward's outputs are
-        cast to float32 first, so that the loss's sums and IoUs keep float32 precision."""
+        """Forward pass under autocast (unless the run trains in float32) and the loss; a bfloat16 forward's
+        outputs are cast to float32 first, so that the loss's sums and IoUs keep float32 precision."""
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
             preds = self.forward_model(batch["images"])
-            return self.loss_fn(float_outputs(preds) if self.cfg.bf16 else preds, batch)
+            return self.loss_fn(float_outputs(preds) if self.precision.name == "bf16" else preds, batch)
 
     def _forward_backward(self, batch: dict[str, Any]) -> torch.Tensor:
         loss, items = self._loss(batch)
@@ -332,6 +333,7 @@ class Trainer:
             return
         meta = {"epoch": self.epoch, "fitness": float(self.task.fitness(self.metrics)) if self.metrics else None,
                 "metrics": {k: float(v) for k, v in self.metrics.items() if isinstance(v, (int, float))},
+                "precision": self.precision.name,
                 "sparse": float(self.cfg.sparse)}  # prune_slim.py warns when a model was not trained sparse
         extra = self.task.checkpoint_meta() if hasattr(self.task, "checkpoint_meta") else {}
         last = save_checkpoint(self.ema.ema, self.weights_dir / "last.pt", self.train_state(), **meta, **extra)
