@@ -46,10 +46,13 @@ class Pruning:
       branch), reshapes by head count (attention), channel shuffles, LayerNorm over channels, grouped convs.
     * ``fixed_outputs``: sub-modules whose output channels are fixed by the task (a head's predictions);
       their input channels may still shrink.
+    * ``scalar_params``: bare ``nn.Parameter`` attributes that hold no per-channel values (BiFPN's one weight
+      per input); the trace would otherwise guess a channel dimension for them and couple it to channels.
     """
 
     whole: tuple[str, ...] = ()
     fixed_outputs: tuple[str, ...] = ()
+    scalar_params: tuple[str, ...] = ()
 
 
 PRUNE_FREELY = Pruning()

@@ -236,7 +236,8 @@ def _out_bifpn(c_in: list[int], args: list) -> int:
     return args[1] if len(args) > 1 and args[1] else c_in[0]
 
 
-@register(width_args=(0,), out=_out_bifpn, multi_input=True, aliases=("BiFPN_Add2", "BiFPN_Add3"))
+@register(width_args=(0,), out=_out_bifpn, multi_input=True, aliases=("BiFPN_Add2", "BiFPN_Add3"),
+          pruning=Pruning(scalar_params=("w",)))
 class BiFPNAdd(nn.Module):
     """EfficientDet's fast normalised fusion: ``Conv(sum_i w_i x_i / (sum_i w_i + eps))`` with ``w = relu(w')``.
 

@@ -36,17 +36,23 @@ def _batchnorms(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
 
 
-def test_prunable_batchnorms_are_all_but_the_heads():
+def test_prunable_batchnorms_follow_the_dependency_groups():
     detector = DetectionModel("yolov5n.yaml", nc=6)
     assert prunable_batchnorms(detector) == _batchnorms(detector)  # Detect holds no BatchNorm
     assert len(prunable_batchnorms(detector)) == 57  # 57 Conv blocks in yolov5n (v7.0 summary: 214 layers)
 
-    classifier = ClassificationModel("yolov5n-mcls-m.yaml")  # each head owns a Conv + C3 stage with BatchNorms
-    head_norms = _batchnorms(classifier.model[-1])
-    assert len(head_norms) > 0
-    expected = [m for m in _batchnorms(classifier) if not any(m is h for h in head_norms)]
-    assert prunable_batchnorms(classifier) == expected
-    assert len(expected) == len(_batchnorms(classifier)) - len(head_norms)
+    # a head keeps only its logits: its own Conv + C3 stage and its 1280-wide conv are prunable
+    classifier = ClassificationModel("yolov5n-mcls-m.yaml")
+    assert len(_batchnorms(classifier.model[-1])) > 0
+    assert prunable_batchnorms(classifier) == _batchnorms(classifier)
+
+    # CBAM keeps its channels (its spatial gate averages over them): the C3 outputs feeding a CBAM are not ranked
+    cbam = DetectionModel(ROOT / "models" / "zoo" / "yolov5x-p2-cbam.yaml", depth_multiple=0.33, width_multiple=0.25)
+    ranked = {id(bn) for bn in prunable_batchnorms(cbam)}
+    gated = [i - 1 for i, layer in enumerate(cbam.model) if type(layer).__name__ == "CBAM"]
+    assert len(gated) == 6
+    assert all(id(cbam.model[i].cv3.bn) not in ranked for i in gated)
+    assert id(cbam.model[0].conv.bn) in ranked and 0 < len(ranked) < len(_batchnorms(cbam))
 
 
 def test_strength_schedule():

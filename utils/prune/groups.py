@@ -15,15 +15,17 @@ and loading a pruned one (:mod:`models.channels`) never need the library.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from models.channels import SLICEABLE, is_depthwise
+from models.channels import SLICEABLE, is_depthwise, replace_module
 from models.registry import REGISTRY, ModuleSpec, Pruning
 
 Axis = Literal["out", "in"]
@@ -71,8 +73,32 @@ class _Constraints:
     reasons: dict[str, str]  # leaf path -> why (for the report)
 
 
-def analyse_channels(model: nn.Module, imgsz: int = 64) -> ChannelAnalysis:
-    """Trace ``model`` (a DetectionModel or ClassificationModel) and return its prunable channel groups."""
+def analyse_channels(model: nn.Module, imgsz: int = 64, verify: bool = True) -> ChannelAnalysis:
+    """Trace ``model`` (a DetectionModel or ClassificationModel) and return its prunable channel groups.
+
+    With ``verify`` every group is also checked numerically (:mod:`utils.prune.verify`): a group whose traced
+    channel map does not prune exactly is dropped and its layers reported as kept whole.
+    """
+    analysis = trace_channels(model, imgsz)
+    if verify and analysis.groups:
+        from utils.prune.verify import split_exact_groups
+
+        analysis.groups, failed = split_exact_groups(model, analysis.groups, _check_size(model))
+        for group in failed:
+            for layer in sorted({m.layer for m in group.members if m.axis == "out"}):
+                analysis.kept_whole.setdefault(layer, set()).add(
+                    f"channel map of {group.name} failed the exact-removal check")
+    return analysis
+
+
+def _check_size(model: nn.Module) -> int:
+    """The smallest input every layer handles: one cell at the coarsest stride (the check runs per group)."""
+    stride = getattr(model, "stride", None)
+    return max(int(stride.max()) if stride is not None else 32, 32)
+
+
+def trace_channels(model: nn.Module, imgsz: int = 64) -> ChannelAnalysis:
+    """The groups Torch-Pruning's trace finds, filtered by the registry's declarations (no numerical check)."""
     import torch_pruning as tp
 
     layers = model.model
@@ -85,11 +111,14 @@ def analyse_channels(model: nn.Module, imgsz: int = 64) -> ChannelAnalysis:
     try:
         for p in frozen:  # the trace follows autograd; loaded checkpoints often come with gradients off
             p.requires_grad_(True)
-        graph = tp.DependencyGraph().build_dependency(
-            model, example_inputs=example,
-            output_transform=_flatten_outputs, verbose=False)
-        names = {module: path for path, module in layers.named_modules()}
+        with _stubbed(model, _outermost(constraints.whole), example):
+            graph = tp.DependencyGraph().build_dependency(
+                model, example_inputs=example, output_transform=flatten_outputs, verbose=False,
+                ignored_params=declared_scalar_params(layers))
+            names = {module: path for path, module in layers.named_modules()}
         analysis = ChannelAnalysis(groups=[])
+        for path in _outermost(constraints.whole):
+            analysis.kept_whole.setdefault(int(path.split(".", 1)[0]), set()).add(constraints.reasons[path])
         for group in graph.get_all_groups(root_module_types=(nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
             _add_group(analysis, group, graph, names, constraints, layers)
     finally:
@@ -99,13 +128,61 @@ def analyse_channels(model: nn.Module, imgsz: int = 64) -> ChannelAnalysis:
     return analysis
 
 
-def _flatten_outputs(output: Any) -> list[torch.Tensor]:
+class _TraceStub(nn.Conv2d):
+    """Stands in for a kept-whole block while Torch-Pruning traces: a 1x1 conv with the block's input and output
+    channels and output size. The trace then sees one node coupling the block's inputs and outputs (every group
+    touching them is dropped, as the block's path is kept whole) and never the block's reshapes and splits,
+    which can defeat it (a channel shuffle crashes the trace)."""
+
+    def __init__(self, c_in: int, c_out: int, out_size: tuple[int, int]):
+        super().__init__(c_in, c_out, 1, bias=False)
+        self.out_size = out_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.interpolate(super().forward(x), size=self.out_size)
+
+
+@contextlib.contextmanager
+def _stubbed(model: nn.Module, paths: list[str], example: torch.Tensor) -> Iterator[None]:
+    """Replace the modules at ``paths`` (below ``model.model``) by trace stubs for the duration of the block."""
+    layers = model.model
+    shapes: dict[str, tuple[int, int, tuple[int, int]]] = {}
+
+    def recorder(path: str):
+        def record(_module, inputs, output):
+            if isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor):
+                shapes[path] = (inputs[0].shape[1], output.shape[1], tuple(output.shape[2:]))
+        return record
+
+    hooks = [layers.get_submodule(path).register_forward_hook(recorder(path)) for path in paths]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    originals = {path: layers.get_submodule(path) for path in shapes}
+    weight = example
+    for path, (c_in, c_out, size) in shapes.items():
+        stub = _TraceStub(c_in, c_out, size).to(weight.device, weight.dtype)
+        for attribute in ("i", "f", "type", "np"):  # a whole layer: the model's forward reads these
+            if hasattr(originals[path], attribute):
+                setattr(stub, attribute, getattr(originals[path], attribute))
+        replace_module(layers, path, stub)
+    try:
+        yield
+    finally:
+        for path, module in originals.items():
+            replace_module(layers, path, module)
+
+
+def flatten_outputs(output: Any) -> list[torch.Tensor]:
     """Every tensor a model returns (Detect: decoded + raw maps; multi-head classifiers: a dict)."""
     if isinstance(output, torch.Tensor):
         return [output]
     if isinstance(output, dict):
         output = list(output.values())
-    return [t for item in output for t in _flatten_outputs(item)]
+    return [t for item in output for t in flatten_outputs(item)]
 
 
 def _add_group(analysis: ChannelAnalysis, group: Any, graph: Any, names: dict, constraints: _Constraints,
@@ -147,7 +224,7 @@ def _member_problem(module: nn.Module, path: str, axis: Axis, constraints: _Cons
 
 
 def declared_constraints(layers: nn.Module) -> _Constraints:
-    """Leaf paths the registry's ``Pruning`` declarations protect, found by walking every registered block."""
+    """Module paths the registry's ``Pruning`` declarations protect, found by walking every registered block."""
     specs = {spec.cls: spec for spec in REGISTRY.specs()}
     whole: set[str] = set()
     fixed: set[str] = set()
@@ -157,17 +234,31 @@ def declared_constraints(layers: nn.Module) -> _Constraints:
         if spec is None:
             continue
         policy = _effective_policy(spec)
-        for leaf_path, leaf in block.named_modules():
-            if len(list(leaf.children())):
-                continue
-            full = f"{block_path}.{leaf_path}" if leaf_path else block_path
-            if _matches(leaf_path, policy.whole):
+        for sub_path, _ in block.named_modules():
+            full = f"{block_path}.{sub_path}" if sub_path else block_path
+            if _matches(sub_path, policy.whole):
                 whole.add(full)
-                reasons.setdefault(full, f"{spec.name} keeps its channels ({_where(block_path, leaf_path)})")
-            if _matches(leaf_path, policy.fixed_outputs):
+                reasons.setdefault(full, f"{spec.name} keeps its channels ({full})")
+            if _matches(sub_path, policy.fixed_outputs):
                 fixed.add(full)
                 reasons.setdefault(full, f"{spec.name} outputs are fixed by the task")
     return _Constraints(frozenset(whole), frozenset(fixed), reasons)
+
+
+def _outermost(paths: frozenset[str]) -> list[str]:
+    """The paths none of whose parents is in ``paths`` (a kept-whole block, not each of its parts)."""
+    return sorted(p for p in paths if not any(p.startswith(f"{q}.") for q in paths))
+
+
+def declared_scalar_params(layers: nn.Module) -> list[nn.Parameter]:
+    """The bare parameters blocks declare free of channels (``Pruning.scalar_params``)."""
+    specs = {spec.cls: spec for spec in REGISTRY.specs()}
+    found = []
+    for block in layers.modules():
+        spec = specs.get(type(block))
+        if spec is not None:
+            found += [getattr(block, name) for name in spec.pruning.scalar_params]
+    return found
 
 
 def _effective_policy(spec: ModuleSpec) -> Pruning:

@@ -37,43 +37,43 @@ HISTOGRAM_TAG = "sparsity/gamma"
 PLOT_NAME = "bn_gamma.png"
 
 
-def prunable_batchnorms(model: nn.Module) -> list[nn.BatchNorm2d]:
-    """The BatchNorm2d layers whose channels the pruning tools may remove (their gammas are what slimming ranks).
+def prunable_batchnorm_paths(model: nn.Module) -> list[str]:
+    """Paths (below ``model.model``) of the BatchNorms in the model's prunable channel groups.
 
-    Provisional definition: every BatchNorm2d of the model except those inside a layer whose registry spec
-    declares ``coupling="head"`` (Detect, Classify, MultiHeadClassify: their outputs are fixed by the task).
-    The dependency-graph selection of the pruning core replaces this body; the signature stays.
+    These are exactly the gammas ``prune_slim.py`` ranks: the dependency analysis of :mod:`utils.prune.groups`
+    leaves out the heads' outputs and every channel coupled to a block the registry keeps whole.
     """
-    from models.registry import REGISTRY
+    from utils.prune.groups import analyse_channels, batchnorm_members
 
-    layers = getattr(model, "model", None)
-    if not isinstance(layers, nn.Sequential):  # not a parse_model network: nothing is known to be a head
-        return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    spec_of_class = {spec.cls: spec for spec in REGISTRY.specs()}
-    norms: list[nn.BatchNorm2d] = []
-    for layer in layers:
-        block = layer[0] if type(layer) is nn.Sequential and len(layer) else layer  # outer repeats: n x block
-        spec = spec_of_class.get(type(block))
-        if spec is None and getattr(layer, "type", ""):
-            name = str(layer.type).rsplit(".", 1)[-1]
-            spec = REGISTRY.get(name) if name in REGISTRY else None
-        if spec is not None and spec.coupling == "head":
-            continue
-        norms.extend(m for m in layer.modules() if isinstance(m, nn.BatchNorm2d))
-    return norms
+    layers = model.model
+    analysis = analyse_channels(model)
+    paths = {member.path for group in analysis.groups for member, _ in batchnorm_members(group, layers)}
+    return sorted(paths, key=_layer_order(layers))
 
 
-def gamma_values(model: nn.Module) -> torch.Tensor:
+def _layer_order(layers: nn.Module):
+    order = {path: i for i, (path, _) in enumerate(layers.named_modules())}
+    return lambda path: order[path]
+
+
+def prunable_batchnorms(model: nn.Module, paths: list[str] | None = None) -> list[nn.BatchNorm2d]:
+    """The BatchNorm2d layers whose channels the pruning tools may remove (``paths`` from an earlier call on a
+    model of the same structure, e.g. the training model for its EMA copy, saves the analysis)."""
+    paths = prunable_batchnorm_paths(model) if paths is None else paths
+    return [model.model.get_submodule(path) for path in paths]
+
+
+def gamma_values(model: nn.Module, paths: list[str] | None = None) -> torch.Tensor:
     """All prunable gammas of ``model`` as one flat float32 CPU tensor (signed)."""
-    norms = prunable_batchnorms(model)
+    norms = prunable_batchnorms(model, paths)
     if not norms:
         return torch.zeros(0)
     return torch.cat([bn.weight.detach().float().flatten().cpu() for bn in norms])
 
 
-def small_gamma_share(model: nn.Module, threshold: float = SMALL_GAMMA) -> float:
+def small_gamma_share(model: nn.Module, threshold: float = SMALL_GAMMA, paths: list[str] | None = None) -> float:
     """Share of the prunable gammas with |gamma| < ``threshold`` (0 when the model has none)."""
-    values = gamma_values(model)
+    values = gamma_values(model, paths)
     return float((values.abs() < threshold).float().mean()) if values.numel() else 0.0
 
 
@@ -121,7 +121,8 @@ class SparseTraining:
 
     def __init__(self, model: nn.Module, strength: float, decay: str = "none"):
         self.strength, self.decay = strength, decay
-        self.gammas = [bn.weight for bn in prunable_batchnorms(model)]
+        self.paths = prunable_batchnorm_paths(model)  # the EMA copy has the same structure and paths
+        self.gammas = [bn.weight for bn in prunable_batchnorms(model, self.paths)]
         LOGGER.info("--sparse %g (decay %s): L1 on %d BatchNorm gammas in %d layers", strength, decay,
                     sum(g.numel() for g in self.gammas), len(self.gammas))
 
@@ -131,33 +132,30 @@ class SparseTraining:
         add_l1_subgradient(self.gammas, strength)
         return strength
 
-    @staticmethod
-    def epoch_row(model: nn.Module) -> dict[str, float]:
+    def epoch_row(self, model: nn.Module) -> dict[str, float]:
         """results.csv / TensorBoard scalars of ``model`` (the EMA): the share of small gammas."""
-        return {SHARE_COLUMN: small_gamma_share(model)}
+        return {SHARE_COLUMN: small_gamma_share(model, paths=self.paths)}
 
-    @staticmethod
-    def epoch_histograms(model: nn.Module) -> dict[str, torch.Tensor]:
-        return {HISTOGRAM_TAG: gamma_values(model)}
+    def epoch_histograms(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return {HISTOGRAM_TAG: gamma_values(model, self.paths)}
 
-    @staticmethod
-    def plot(model: nn.Module, save_dir: str | Path) -> Path:
+    def plot(self, model: nn.Module, save_dir: str | Path) -> Path:
         """The final |gamma| distribution of ``model`` (the saved EMA) as ``bn_gamma.png`` in ``save_dir``."""
-        return plot_gamma_distribution(gamma_values(model), Path(save_dir) / PLOT_NAME)
+        return plot_gamma_distribution(gamma_values(model, self.paths), Path(save_dir) / PLOT_NAME)
 
 
 def plot_gamma_distribution(values: torch.Tensor, path: Path) -> Path:
     """Histogram of |gamma| on a log axis (slimming's zeros span decades) with the 0.01 line, and the sorted
     |gamma| curve that a global pruning threshold cuts."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     magnitudes = np.sort(values.abs().numpy())
     share = float((magnitudes < SMALL_GAMMA).mean()) if magnitudes.size else 0.0
-    fig, (hist, curve) = plt.subplots(1, 2, figsize=(10, 3.6))
+    figure = Figure(figsize=(10, 3.6))
+    FigureCanvasAgg(figure)
+    hist, curve = figure.subplots(1, 2)
     floor = 1e-6
     bins = np.logspace(math.log10(floor), math.log10(max(float(magnitudes.max(initial=1.0)), 1.0) * 1.1), 60)
     hist.hist(np.clip(magnitudes, floor, None), bins=bins, color="tab:blue")
@@ -169,7 +167,6 @@ def plot_gamma_distribution(values: torch.Tensor, path: Path) -> Path:
     curve.plot(np.linspace(0, 100, magnitudes.size), magnitudes, color="tab:blue")
     curve.axhline(SMALL_GAMMA, color="tab:red", linestyle="--")
     curve.set(xlabel="channels, sorted (%)", ylabel="|gamma|", title="sorted |gamma| (global threshold view)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
     return path

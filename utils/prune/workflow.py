@@ -23,11 +23,12 @@ from utils.prune.groups import ChannelAnalysis, analyse_channels, batchnorm_memb
 from utils.prune.io import check_writable, save_pruned
 from utils.prune.plan import Plan
 from utils.prune.report import format_layer_table, format_totals, model_size
+from utils.prune.sparsity import SMALL_GAMMA
 from utils.prune.surgery import prune_model
 
 LOGGER = logging.getLogger(__name__)
 
-SPARSE_SHARE_WARNING = 0.05  # below this share of |gamma| < 0.01, the model was most likely not trained --sparse
+SPARSE_SHARE_WARNING = 0.05  # below this share of |gamma| < 0.01 a model was most likely not trained --sparse
 
 
 @dataclass(frozen=True)
@@ -96,9 +97,9 @@ def analyse(model: nn.Module) -> ChannelAnalysis:
 
 def sparse_share(model: nn.Module, analysis: ChannelAnalysis) -> float:
     """Share of the prunable BatchNorm scales below 0.01 (large after ``train.py --sparse``)."""
-    gammas = [bn.weight.detach().abs() for g in analysis.groups for _, bn in batchnorm_members(g, model.model)]
-    values = torch.cat(gammas)
-    return float((values < 0.01).float().mean())
+    norms = {id(bn): bn for g in analysis.groups for _, bn in batchnorm_members(g, model.model)}
+    values = torch.cat([bn.weight.detach().abs().flatten() for bn in norms.values()])
+    return float((values < SMALL_GAMMA).float().mean())
 
 
 def run_slim(opts: PruneOptions, global_percent: float | None, remain_ratio: float | None) -> PruneResult:
