@@ -110,6 +110,8 @@ class TrainConfig:
                                  "compiles for 1-2 min, later runs reuse the on-disk cache)")
     bf16: bool = _flag(False, "bfloat16 mixed precision: autocast forward/backward, float32 weights, optimizer, EMA "
                               "and validation; fast on CPUs with AVX512-BF16 or AMX (on CUDA it replaces float16 AMP)")
+    qat: bool = _flag(False, "quantization-aware training (torchao): fine-tune --weights with INT8 fake quantization, "
+                             "in float32; export the result with export.py --include onnx --int8 (docs/deploy.md)")
     heads_mode: str = _flag("joint", "multi-head classifiers: joint or sequential", choices=["joint", "sequential"])
     head_weights: list[float] = _flag(None, "multi-head loss weights, one per head", nargs="+", type=float)
     head_balance: str = _flag("none", "dynamic multi-head loss balancing", choices=["none", "uncertainty"])

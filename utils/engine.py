@@ -113,6 +113,11 @@ class Trainer:
         if self.device.type == "cpu":
             set_inplace_activations(self.model, False)
         self.train_loader, self.val_loader = self.task.build_loaders(self.model)
+        if cfg.qat:  # fold BN, insert fake quantizers, calibrate on training batches (utils/quant/qat.py)
+            from utils.quant.qat import prepare_for_training
+
+            self.model = prepare_for_training(self.model, self.train_loader, self.task.preprocess, self.device)
+            self.memory_format = torch.contiguous_format
         if self.world_size > 1:
             self.train_loader = distributed_loader(self.train_loader, self.world_size, self.rank, cfg.seed)
         self._init_optimization()
@@ -134,7 +139,7 @@ class Trainer:
         self.lf = lr_lambda(self.epochs, hyp["lrf"], cfg.cos_lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            lr_lambda=lambda e: scheduled_factor(self.lf, e))
-        self.amp = self.device.type == "cuda" or cfg.bf16
+        self.amp = (self.device.type == "cuda" or cfg.bf16) and not cfg.qat  # QAT trains in float32
         self.amp_dtype = torch.bfloat16 if cfg.bf16 else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and not cfg.bf16)  # bfloat16 needs no scaling
         self.ema = ModelEMA(self.model) if self.is_main else None
