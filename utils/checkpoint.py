@@ -120,6 +120,14 @@ def load_checkpoint(path: str | Path, fuse: bool = False) -> LoadedCheckpoint:
     return loaded
 
 
+def checkpoint_quantization(path: str | Path) -> dict[str, Any] | None:
+    """The quantization recipe a yolo-kit checkpoint was trained with (QAT), else None; loads nothing else."""
+    data = _torch_load_safely(Path(path))
+    if isinstance(data, dict) and data.get("format") == FORMAT:
+        return data.get("quantization")
+    return None
+
+
 def _from_legacy_pickle(data: dict, path: Path) -> LoadedCheckpoint:
     model = (data.get("ema") or data["model"]).float()
     names = getattr(model, "names", None)

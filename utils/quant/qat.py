@@ -99,7 +99,7 @@ class QATDetector(nn.Module):
     def __init__(self, graph: torch.fx.GraphModule, decoder: nn.Module, yaml: dict, names: list[str],
                  stride: torch.Tensor, recipe: dict[str, Any]):
         super().__init__()
-        self.graph = graph
+        self.body = graph
         self.decoder = decoder
         self.model = [decoder]  # not registered twice: ``model[-1]`` is what the loss and checkpoint code read
         self.yaml = yaml
@@ -110,7 +110,7 @@ class QATDetector(nn.Module):
         self._graph_training = True
 
     def forward(self, images: torch.Tensor) -> Any:
-        raw = list(self.graph(images))
+        raw = list(self.body(images))
         if self.training:
             return raw
         bs = images.shape[0]
@@ -130,10 +130,10 @@ class QATDetector(nn.Module):
         self.training = mode  # nn.Module.train would call the graph's train(), which torchao forbids
         self.decoder.train(mode)
         if mode != self._graph_training:
-            setattr(self.graph, _EXPORTED_TRAINING_ATTR, self._graph_training)  # a deepcopy may have dropped it
-            (move_exported_model_to_train if mode else move_exported_model_to_eval)(self.graph)
+            setattr(self.body, _EXPORTED_TRAINING_ATTR, self._graph_training)  # a deepcopy may have dropped it
+            (move_exported_model_to_train if mode else move_exported_model_to_eval)(self.body)
             self._graph_training = mode
-        self.graph.apply(enable_observer if mode else disable_observer)
+        self.body.apply(enable_observer if mode else disable_observer)
         return self
 
 
@@ -192,13 +192,13 @@ def calibrate(model: QATDetector, batches: Iterable[torch.Tensor]) -> int:
     from torchao.quantization.pt2e import disable_fake_quant, enable_fake_quant, enable_observer
 
     model.eval()
-    model.graph.apply(disable_fake_quant)
-    model.graph.apply(enable_observer)
+    model.body.apply(disable_fake_quant)
+    model.body.apply(enable_observer)
     seen = 0
     for images in batches:
         model(images)
         seen += images.shape[0]
-    model.graph.apply(enable_fake_quant)
+    model.body.apply(enable_fake_quant)
     model.train()
     if not seen:
         raise UserError("--qat: no calibration images (the training loader is empty)")
@@ -257,6 +257,6 @@ def quantized_graph(model: QATDetector) -> nn.Module:
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     copied = copy.deepcopy(model).eval()
-    copied.graph = convert_pt2e(copied.graph)
+    copied.body = convert_pt2e(copied.body)
     copied.export_decoded_only = True
     return copied
