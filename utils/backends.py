@@ -179,13 +179,14 @@ class OpenVINOBackend(Backend):
 
     format = "openvino"
 
-    def __init__(self, weights: Path, device: str = "cpu", fp16: bool = False, threads: int | None = None):
+    def __init__(self, weights: Path, device: str = "cpu", fp16: bool = False, threads: int | None = None,
+                 cpu_default_precision: bool = False):
         import openvino
 
         super().__init__(weights, read_metadata(weights), device, fp16)
         # an IR folder, or an .onnx file that OpenVINO reads directly (INT8 ONNX whose measured runtime it is)
         xml = Path(weights) if Path(weights).suffix == ".onnx" else _single_file(Path(weights), "*.xml")
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f16" if fp16 else "f32"}
+        config: dict[str, Any] = {} if cpu_default_precision else {"INFERENCE_PRECISION_HINT": "f16" if fp16 else "f32"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         core = openvino.Core()
