@@ -194,7 +194,8 @@ def _export_qat(model: nn.Module, images: torch.Tensor, names: list[str], option
     metadata.opset, metadata.quantization = QDQ_OPSET, dict(model.quantization)
     done = {"onnx_int8": export_qdq_onnx(model, images, paths["onnx_int8"], metadata, options.dynamic,
                                          options.dynamic_hw)}
-    record_cpu_runtime(done["onnx_int8"])
+    images, reference = _runtime_check(model, options)
+    record_cpu_runtime(done["onnx_int8"], images, reference)
     if "openvino" in options.include:
         from utils.export.openvino import export_openvino
 
@@ -243,8 +244,19 @@ def _quantize(model: nn.Module, onnx_file: Path, out: Path, options: ExportOptio
     files = image_files(options.data, "train")[: options.calib_images]
     keep = sensitive_layers(model, files, options.imgsz, options.int8_keep) if options.int8_keep else []
     quantized = quantize_onnx_int8(onnx_file, out, files, options.imgsz, keep_layers=keep)
-    record_cpu_runtime(quantized)
+    record_cpu_runtime(quantized, *_runtime_check(model, options))
     return quantized
+
+
+def _runtime_check(model: nn.Module, options: ExportOptions) -> tuple[torch.Tensor | None, Any]:
+    """Real images (--data val, else the embedded sample) and ``model``'s outputs on them, for choosing a runtime
+    that reproduces the model (see utils/export/runtime.py); (None, None) when there are no images."""
+    sample = Path(__file__).resolve().parents[2] / "data" / "neu-det-sample" / "images" / "val"
+    images = sample_images(options.data or sample, options.imgsz, 8)
+    if images is None or model_task(model) != "detect":
+        return None, None
+    with torch.no_grad():
+        return images, model(images)
 
 
 def sensitive_layers(model: nn.Module, files: list[Path], imgsz: tuple[int, int], keep: int,

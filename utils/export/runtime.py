@@ -5,8 +5,10 @@ sits on every output (its own ``quantize_static`` graphs), while OpenVINO runs b
 TensorRT one (conv inputs and weights only, the QAT export) as INT8 convolutions; which one wins also depends
 on the CPU (VNNI, AMX). So export.py times both on the artifact itself (batch of the artifact, its image size,
 alternating, median of a few runs) and records ``cpu_runtime``; :func:`utils.backends.load_backend` then opens
-the file with that runtime, and val.py / detect.py need no extra flag. Without OpenVINO nothing is measured and
-ONNX Runtime is used.
+the file with that runtime, and val.py / detect.py need no extra flag. Speed only counts among runtimes whose
+outputs match the model the file came from (on real images): OpenVINO 2026.4 runs the QAT graph (symmetric INT8
+on conv inputs) with a score error of 0.25 where ONNX Runtime stays within 0.05. Without OpenVINO nothing is
+measured and ONNX Runtime is used.
 """
 
 from __future__ import annotations
@@ -61,11 +63,51 @@ def time_cpu_runtimes(onnx_file: str | Path, runs: int = 7, threads: int | None 
     return {name: round(statistics.median(values), 2) for name, values in times.items()}
 
 
-def record_cpu_runtime(onnx_file: str | Path, runs: int = 7, threads: int | None = None) -> str:
-    """Time the runtimes on ``onnx_file`` and write the fastest into its sidecar (``cpu_runtime``)."""
+def score_errors(onnx_file: str | Path, images, reference) -> dict[str, float]:
+    """Max |objectness x class score - reference| of each available runtime on ``images`` (a detector's decoded
+    output): a runtime that computes the INT8 graph differently from the model it came from shows up here."""
+    from utils.backends import ONNXRuntimeBackend, OpenVINOBackend
+
+    classes = {"onnxruntime": ONNXRuntimeBackend}
+    try:
+        import openvino  # noqa: F401
+
+        classes["openvino"] = OpenVINOBackend
+    except ImportError:
+        pass
+    expected = reference[..., 4:5] * reference[..., 5:]
+    errors = {}
+    for name, cls in classes.items():
+        output = cls(Path(onnx_file))(images)
+        errors[name] = round(float((output[..., 4:5] * output[..., 5:] - expected).abs().max()), 4)
+    return errors
+
+
+def eligible_runtimes(errors: dict[str, float], floor: float = 0.05) -> list[str]:
+    """Runtimes whose score error is at most twice the best one's (or ``floor``): INT8 rounding differs a little
+    between correct runtimes, a runtime that mis-executes the graph differs a lot."""
+    best = min(errors.values())
+    return [name for name, error in errors.items() if error <= max(2 * best, floor)]
+
+
+def record_cpu_runtime(onnx_file: str | Path, images=None, reference=None, runs: int = 7,
+                       threads: int | None = None) -> str:
+    """Time the runtimes on ``onnx_file`` and write the fastest into its sidecar (``cpu_runtime``).
+
+    With ``images`` and the source model's ``reference`` outputs (detectors), only runtimes that reproduce the
+    model qualify (:func:`eligible_runtimes`); their errors go into the sidecar too.
+    """
     timings = time_cpu_runtimes(onnx_file, runs, threads)
-    fastest = min(timings, key=timings.get)
     metadata = read_metadata(onnx_file)
+    candidates = list(timings)
+    if images is not None and reference is not None and metadata.get("task") == "detect":
+        errors = score_errors(onnx_file, images, reference)
+        candidates = [name for name in eligible_runtimes(errors) if name in timings] or ["onnxruntime"]
+        metadata["cpu_runtime_score_error"] = errors
+        if set(candidates) != set(timings):
+            LOGGER.warning("%s: %s left out, its outputs differ from the model's (max score error %s)",
+                           Path(onnx_file).name, sorted(set(timings) - set(candidates)), errors)
+    fastest = min(candidates, key=timings.get)
     metadata["cpu_runtime"] = fastest
     metadata["cpu_runtime_ms"] = timings
     write_metadata(onnx_file, metadata)
