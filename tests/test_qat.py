@@ -146,7 +146,7 @@ def test_sensitivity_ignores_activations_shared_across_layers():
     for module in shared.modules():
         if isinstance(getattr(module, "act", None), torch.nn.SiLU):
             module.act = one_silu
-    images = _val_images(2)
+    images = _val_images(1)
     by_layer_own = {s.layer: s.error for s in measure_layer_sensitivity(own, images)}
     by_layer_shared = {s.layer: s.error for s in measure_layer_sensitivity(shared, images)}
     assert sorted(by_layer_own) == list(range(24))
