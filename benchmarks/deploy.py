@@ -30,18 +30,23 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from utils.backends import Backend, load_backend  # noqa: E402
+from utils.backends import Backend, ONNXRuntimeBackend, OpenVINOBackend, load_backend  # noqa: E402
 from utils.boxes import non_max_suppression  # noqa: E402
-from utils.export import ExportOptions, run_export  # noqa: E402
+from utils.checkpoint import load_checkpoint  # noqa: E402
+from utils.export import ExportOptions, prepare_for_export, run_export, sensitive_layers  # noqa: E402
 from utils.export.common import image_files, letterbox_tensor  # noqa: E402
 from utils.export.quantize import quantize_onnx_int8  # noqa: E402
 
 LOGGER = logging.getLogger("benchmarks.deploy")
-BACKENDS = ("pytorch", "onnx", "onnx-int8", "onnx-int8-coarse", "openvino", "ncnn")
-PRECISION = {"pytorch": "fp32", "onnx": "fp32", "onnx-int8": "int8 (QDQ)", "onnx-int8-coarse": "int8, stride 32 fp32",
-             "openvino": "fp32", "ncnn": "fp32"}
-RUNTIME = {"pytorch": "PyTorch eager", "onnx": "ONNX Runtime", "onnx-int8": "ONNX Runtime",
-           "onnx-int8-coarse": "ONNX Runtime", "openvino": "OpenVINO", "ncnn": "NCNN"}
+BACKENDS = ("pytorch", "onnx", "openvino", "openvino-bf16", "ncnn", "onnx-int8", "openvino-int8", "onnx-int8-keep",
+            "openvino-int8-keep", "onnx-int8-qat", "openvino-int8-qat")
+INT8 = {"onnx-int8": "int8 PTQ", "openvino-int8": "int8 PTQ", "onnx-int8-keep": "int8 PTQ, sensitive layers fp32",
+        "openvino-int8-keep": "int8 PTQ, sensitive layers fp32", "onnx-int8-qat": "int8 QAT",
+        "openvino-int8-qat": "int8 QAT"}
+PRECISION = {"pytorch": "fp32", "onnx": "fp32", "openvino": "fp32 (f32 hint)",
+             "openvino-bf16": "fp32 IR, bf16 (default hint)", "ncnn": "fp32", **INT8}
+RUNTIME = {name: ("PyTorch eager" if name == "pytorch" else "NCNN" if name == "ncnn"
+                  else "OpenVINO" if name.startswith("openvino") else "ONNX Runtime") for name in BACKENDS}
 
 
 def cpu_model() -> str:
@@ -55,19 +60,40 @@ def cpu_model() -> str:
 
 
 def export_artifacts(weights: Path, data: Path, imgsz: int, work: Path, calib_images: int,
-                     backends: list[str]) -> dict[str, Path]:
-    """Dynamic-batch ONNX, the INT8 copies among ``backends``, OpenVINO and NCNN (batch 1), all at ``imgsz``."""
+                     backends: list[str], keep: int = 3, qat_weights: Path | None = None) -> dict[str, Path]:
+    """Dynamic-batch ONNX, the INT8 copies among ``backends`` (PTQ, PTQ with the ``keep`` most sensitive layers
+    FP32, the QAT checkpoint's QDQ export), OpenVINO and NCNN (batch 1), all at ``imgsz``."""
     folder = work / f"img{imgsz}"
     options = ExportOptions(weights=weights, include=("onnx", "openvino", "ncnn"), imgsz=(imgsz, imgsz),
                             dynamic_batch=True, simplify=True, output_dir=folder, exist_ok=True)  # a rerun's --workdir
     artifacts = run_export(options)
+    artifacts["openvino-bf16"] = artifacts["openvino"]
     calibration = image_files(data, "train")[:calib_images]
-    for name, keep_coarse in (("onnx-int8", False), ("onnx-int8-coarse", True)):
-        if name in backends:  # each calibration takes tens of seconds and GBs of RAM
-            artifacts[name] = quantize_onnx_int8(artifacts["onnx"], folder / f"model_{name}.onnx", calibration,
-                                                 keep_coarse_fp32=keep_coarse)
+    if {"onnx-int8", "openvino-int8"} & set(backends):  # each calibration takes tens of seconds and GBs of RAM
+        artifacts["onnx-int8"] = quantize_onnx_int8(artifacts["onnx"], folder / "model_int8.onnx", calibration)
+    if {"onnx-int8-keep", "openvino-int8-keep"} & set(backends):
+        model = prepare_for_export(load_checkpoint(weights).model)
+        layers = sensitive_layers(model, calibration, (imgsz, imgsz), keep)
+        artifacts["onnx-int8-keep"] = quantize_onnx_int8(artifacts["onnx"], folder / "model_int8_keep.onnx",
+                                                         calibration, keep_layers=layers)
+    if qat_weights and {"onnx-int8-qat", "openvino-int8-qat"} & set(backends):
+        qat = run_export(ExportOptions(weights=qat_weights, include=("onnx",), imgsz=(imgsz, imgsz), int8=True,
+                                       dynamic=True, output_dir=folder / "qat"))
+        artifacts["onnx-int8-qat"] = qat["onnx_int8"]
+    for name in ("openvino-int8", "openvino-int8-keep", "openvino-int8-qat"):
+        if name.replace("openvino", "onnx") in artifacts:
+            artifacts[name] = artifacts[name.replace("openvino", "onnx")]  # OpenVINO reads the QDQ ONNX itself
     artifacts["pytorch"] = weights
     return artifacts
+
+
+def open_backend(name: str, artifact: Path, threads: int) -> Backend:
+    """The runtime the row names, whatever the sidecar prefers (load_backend's choice is what val.py uses)."""
+    if name.startswith("openvino"):
+        return OpenVINOBackend(artifact, threads=threads, cpu_default_precision=name == "openvino-bf16")
+    if name.startswith("onnx"):
+        return ONNXRuntimeBackend(artifact, threads=threads)
+    return load_backend(artifact, threads=threads)
 
 
 def timed(fn: Callable, *args):
@@ -76,18 +102,22 @@ def timed(fn: Callable, *args):
     return result, (time.perf_counter() - start) * 1e3
 
 
-def measure_latency(backend: Backend, files: list[Path], imgsz: int, batch: int, runs: int) -> dict[str, float]:
-    """Median ms per batch of each stage over ``runs`` batches (after one warm-up batch)."""
-    stages: dict[str, list[float]] = {"pre": [], "infer": [], "nms": []}
+def measure_latency(backends: dict[str, Backend], files: list[Path], imgsz: int, batch: int,
+                    runs: int) -> dict[str, dict[str, float]]:
+    """Median ms per batch of each stage and backend over ``runs`` rounds (after one warm-up round); each round
+    runs every backend once on the same images, so a busy or quiet moment of a shared machine hits all alike."""
+    stages = {name: {"pre": [], "infer": [], "nms": []} for name in backends}
     for run in range(runs + 1):
         chunk = [files[(run * batch + i) % len(files)] for i in range(batch)]
-        images, pre_ms = timed(lambda c: torch.stack([letterbox_tensor(f, (imgsz, imgsz)) for f in c]), chunk)
-        output, infer_ms = timed(backend, images)
-        _, nms_ms = timed(non_max_suppression, output, 0.25, 0.45)
-        if run:  # the first batch is a warm-up
-            for stage, value in zip(stages, (pre_ms, infer_ms, nms_ms)):
-                stages[stage].append(value)
-    return {stage: statistics.median(values) for stage, values in stages.items()}
+        for name, backend in backends.items():
+            images, pre_ms = timed(lambda c: torch.stack([letterbox_tensor(f, (imgsz, imgsz)) for f in c]), chunk)
+            output, infer_ms = timed(backend, images)
+            _, nms_ms = timed(non_max_suppression, output, 0.25, 0.45)
+            if run:  # the first round is a warm-up
+                for stage, value in zip(("pre", "infer", "nms"), (pre_ms, infer_ms, nms_ms)):
+                    stages[name][stage].append(value)
+    return {name: {stage: statistics.median(v) for stage, v in values.items()} | {"infer_min": min(values["infer"])}
+            for name, values in stages.items()}
 
 
 def measure_map(backend: Backend, data: Path, imgsz: int, batch: int) -> dict[str, float] | None:
@@ -107,18 +137,26 @@ def measure_map(backend: Backend, data: Path, imgsz: int, batch: int) -> dict[st
 
 
 def markdown_table(rows: list[dict], threads: int) -> str:
-    header = ("| backend | precision | imgsz | batch | threads | pre-process ms | inference ms | NMS ms "
-              "| inference ms/img | speed-up vs eager | mAP@.5 | mAP@.5:.95 |")
+    header = ("| backend | precision | imgsz | batch | threads | pre-process ms | inference ms (median / min) | NMS ms "
+              "| inference ms/img | speed-up vs eager | vs fastest non-INT8 | mAP@.5 | mAP@.5:.95 |")
     lines = [f"Device: {cpu_model()} ({threads} threads per runtime), torch {torch.__version__}", "",
-             header, "|" + "---|" * 12]
+             header, "|" + "---|" * 13]
     eager = {(r["imgsz"], r["batch"]): r["infer"] for r in rows if r["backend"] == "pytorch"}
+    fastest: dict[tuple[int, int], float] = {}
     for r in rows:
-        speedup = eager.get((r["imgsz"], r["batch"]), float("nan")) / r["infer"]
+        if r["backend"] not in INT8:
+            key = (r["imgsz"], r["batch"])
+            fastest[key] = min(fastest.get(key, float("inf")), r["infer"])
+    for r in rows:
+        key = (r["imgsz"], r["batch"])
+        speedup = eager.get(key, float("nan")) / r["infer"]
+        versus = fastest.get(key, float("nan")) / r["infer"]
         map50 = f"{r['mAP50']:.4f}" if r.get("mAP50") is not None else "-"
         map5095 = f"{r['mAP50-95']:.4f}" if r.get("mAP50-95") is not None else "-"
         lines.append(f"| {RUNTIME[r['backend']]} | {PRECISION[r['backend']]} | {r['imgsz']} | {r['batch']} | {threads} "
-                     f"| {r['pre']:.1f} | {r['infer']:.1f} | {r['nms']:.2f} | {r['infer'] / r['batch']:.1f} "
-                     f"| {speedup:.2f}x | {map50} | {map5095} |")
+                     f"| {r['pre']:.1f} | {r['infer']:.1f} / {r['infer_min']:.1f} | {r['nms']:.2f} "
+                     f"| {r['infer'] / r['batch']:.1f} "
+                     f"| {speedup:.2f}x | {versus:.2f}x | {map50} | {map5095} |")
     return "\n".join(lines)
 
 
@@ -132,6 +170,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=20, help="timed batches per configuration")
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     parser.add_argument("--calib-images", type=int, default=300)
+    parser.add_argument("--int8-keep", type=int, default=3, help="PTQ rows 'sensitive layers fp32': how many")
+    parser.add_argument("--qat-weights", type=Path, help="QAT checkpoint of the same model (train.py --qat)")
     parser.add_argument("--map-imgsz", type=int, default=256, help="image size of the mAP runs (0: no mAP)")
     parser.add_argument("--map-batch", type=int, default=8)
     parser.add_argument("--workdir", type=Path, help="keep exported artifacts here (default: a temp folder)")
@@ -153,14 +193,17 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> list[dict]:
     files = image_files(args.data, "val")
     rows = []
     for imgsz in args.imgsz:
-        artifacts = export_artifacts(args.weights, args.data, imgsz, work, args.calib_images, args.backends)
-        for name in args.backends:
-            backend = load_backend(artifacts[name], threads=args.threads)
-            scores = measure_map(backend, args.data, imgsz, args.map_batch) if imgsz == args.map_imgsz else None
-            for batch in args.batch:
-                latency = measure_latency(backend, files, imgsz, batch, args.runs)
-                rows.append({"backend": name, "imgsz": imgsz, "batch": batch, **latency, **(scores or {})})
-                LOGGER.warning("%s imgsz %d batch %d: %s %s", name, imgsz, batch, latency, scores or "")
+        artifacts = export_artifacts(args.weights, args.data, imgsz, work, args.calib_images, args.backends,
+                                     args.int8_keep, args.qat_weights)
+        backends = {name: open_backend(name, artifacts[name], args.threads)
+                    for name in args.backends if name in artifacts}
+        scores = {name: measure_map(backend, args.data, imgsz, args.map_batch) if imgsz == args.map_imgsz else None
+                  for name, backend in backends.items()}
+        for batch in args.batch:
+            latency = measure_latency(backends, files, imgsz, batch, args.runs)
+            for name in backends:
+                rows.append({"backend": name, "imgsz": imgsz, "batch": batch, **latency[name], **(scores[name] or {})})
+                LOGGER.warning("%s imgsz %d batch %d: %s %s", name, imgsz, batch, latency[name], scores[name] or "")
     return rows
 
 

@@ -538,15 +538,27 @@ def test_tensorrt_engine_matches_pytorch(fixture_artifacts, fixture_images, fixt
     assert (output - fixture_reference).abs().max() <= 1e-2
 
 
-def test_int8_keeps_the_stride32_layers_in_fp32(tmp_path):
-    """The coarsest-map rule picks exactly yolov5n's stride-32 layers: backbone 7-9, head 10 and 21-23, and the
-    P5 output conv of Detect (24)."""
+def test_int8_keep_leaves_the_chosen_layers_fp32(tmp_path):
+    """--int8-keep's layers (here 8 and 9) keep float weights on every Conv; all other backbone/neck convs read
+    INT8 weights through DequantizeLinear."""
+    import onnx
+
     from models.yolo import DetectionModel
+    from utils.export.common import image_files
     from utils.export.onnx import export_onnx
-    from utils.export.quantize import coarsest_map_nodes
+    from utils.export.quantize import quantize_onnx_int8
 
     model = prepare_for_export(DetectionModel(ROOT / "models" / "yolov5n.yaml", nc=6))
     meta = ExportMetadata(format="onnx", task="detect", stride=32, imgsz=[128, 128], batch=1, names=list("abcdef"))
     file = export_onnx(model, torch.rand(1, 3, 128, 128), tmp_path / "n.onnx", meta)
-    layers = {int(name.split("/")[1].split(".")[1]) for name in coarsest_map_nodes(file)}
-    assert layers == {7, 8, 9, 10, 21, 22, 23, 24}
+    out = quantize_onnx_int8(file, tmp_path / "q.onnx", image_files(SAMPLE_YAML, "train")[:8], keep_layers=[8, 9])
+    graph = onnx.load(str(out)).graph
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    quantized_weight = {n.name.split("/")[1]: producers.get(n.input[1]) == "DequantizeLinear"
+                        for n in graph.node if n.op_type == "Conv" and n.name.startswith("/model.")}
+    layers = {int(key.split(".")[1]) for key in quantized_weight}
+    assert {8, 9} < layers
+    for layer in layers - {24}:  # 24: Detect's output convs stay FP32 in every INT8 graph
+        expected = layer not in (8, 9)
+        assert all(v == expected for k, v in quantized_weight.items() if int(k.split(".")[1]) == layer), layer
+    assert read_metadata(out)["fp32_layers"] == [8, 9]

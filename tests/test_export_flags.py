@@ -96,24 +96,6 @@ def test_dynamic_and_dynamic_batch_exclude_each_other(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pt"]
 
 
-def test_int8_keeps_stride32_layers_of_a_dynamic_graph(tmp_path):
-    """--int8-keep-coarse finds the same stride-32 layers in a graph with free height and width (measured at the
-    export size) as in a fixed-size one."""
-    from models.yolo import DetectionModel
-    from utils.export.common import prepare_for_export
-    from utils.export.onnx import export_onnx
-    from utils.export.quantize import coarsest_map_nodes
-
-    model = prepare_for_export(DetectionModel(ROOT / "models" / "yolov5n.yaml", nc=6))
-    meta = ExportMetadata(format="onnx", task="detect", stride=32, imgsz=[128, 128], batch=1, names=list("abcdef"))
-    fixed = export_onnx(model, torch.rand(1, 3, 128, 128), tmp_path / "fixed.onnx", meta)
-    free = export_onnx(model, torch.rand(1, 3, 128, 128), tmp_path / "free.onnx", meta, dynamic=ALL_AXES)
-    assert _onnx_input_dims(free) == ["batch", 3, "height", "width"]
-    assert coarsest_map_nodes(free) == []  # shape inference alone cannot measure a free graph
-    expected = coarsest_map_nodes(fixed)
-    assert len(expected) > 8 and coarsest_map_nodes(free, (128, 128)) == expected
-
-
 # ----------------------------------------------------------------------------- TensorRT profiles
 def test_tensorrt_default_profile_is_v7s(caplog):
     """v7.0 builds a --dynamic engine for batch 1 .. --batch-size, optimised at half of it, at the export size."""

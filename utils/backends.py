@@ -179,12 +179,14 @@ class OpenVINOBackend(Backend):
 
     format = "openvino"
 
-    def __init__(self, weights: Path, device: str = "cpu", fp16: bool = False, threads: int | None = None):
+    def __init__(self, weights: Path, device: str = "cpu", fp16: bool = False, threads: int | None = None,
+                 cpu_default_precision: bool = False):
         import openvino
 
         super().__init__(weights, read_metadata(weights), device, fp16)
-        xml = _single_file(Path(weights), "*.xml")
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f16" if fp16 else "f32"}
+        # an IR folder, or an .onnx file that OpenVINO reads directly (INT8 ONNX whose measured runtime it is)
+        xml = Path(weights) if Path(weights).suffix == ".onnx" else _single_file(Path(weights), "*.xml")
+        config: dict[str, Any] = {} if cpu_default_precision else {"INFERENCE_PRECISION_HINT": "f16" if fp16 else "f32"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         core = openvino.Core()
@@ -316,6 +318,21 @@ def load_backend(weights: str | Path, device: str = "cpu", fp16: bool = False,
     if not path.exists():
         raise FileNotFoundError(f"{path} not found")
     cls = backend_class(path)
+    if cls is ONNXRuntimeBackend and torch.device(device).type == "cpu" and _prefers_openvino(path):
+        cls = OpenVINOBackend
     if cls in (ONNXRuntimeBackend, OpenVINOBackend, NCNNBackend):
         return cls(path, device=device, fp16=fp16, threads=threads)
     return cls(path, device=device, fp16=fp16)
+
+
+def _prefers_openvino(onnx_file: Path) -> bool:
+    """Whether export measured OpenVINO as this ONNX's fastest CPU runtime (INT8 files, ``cpu_runtime`` in the
+    sidecar; see utils/export/runtime.py) and OpenVINO is installed here."""
+    if read_metadata(onnx_file).get("cpu_runtime") != "openvino":
+        return False
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        LOGGER.info("%s runs fastest on OpenVINO, which is not installed: using ONNX Runtime", onnx_file)
+        return False
+    return True

@@ -150,6 +150,14 @@ def load_checkpoint(path: str | Path, fuse: bool = False) -> LoadedCheckpoint:
     return loaded
 
 
+def checkpoint_quantization(path: str | Path) -> dict[str, Any] | None:
+    """The quantization recipe a yolo-kit checkpoint was trained with (QAT), else None; loads nothing else."""
+    data = _torch_load_safely(Path(path))
+    if isinstance(data, dict) and data.get("format") == FORMAT:
+        return data.get("quantization")
+    return None
+
+
 def _from_legacy_pickle(data: dict, path: Path) -> LoadedCheckpoint:
     model = (data.get("ema") or data["model"]).float()
     names = getattr(model, "names", None)
@@ -166,8 +174,13 @@ def _from_legacy_pickle(data: dict, path: Path) -> LoadedCheckpoint:
 def _from_our_format(data: dict, path: Path) -> LoadedCheckpoint:
     from models.yolo import build_model
 
-    model = build_model(data["yaml"])
-    load_state_strict(model, data["state_dict"], path)
+    if data.get("quantization"):  # quantization-aware training: float model + the same preparation + tensors
+        from utils.quant.qat import rebuild_qat_model
+
+        model = rebuild_qat_model(data, str(path))
+    else:
+        model = build_model(data["yaml"])
+        load_state_strict(model, data["state_dict"], path)
     model.names = list(data.get("names") or model.names)
     meta = {k: v for k, v in data.items() if k not in {"state_dict", "train_state"}}
     return LoadedCheckpoint(model, path, "yolo-kit", meta, data)
@@ -225,6 +238,7 @@ def checkpoint_dict(model: nn.Module, train_state: dict | None = None, **meta: A
         "versions": library_versions(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "train_state": train_state,
+        **({"quantization": bare.quantization} if getattr(bare, "quantization", None) else {}),
         **meta,
     }
 

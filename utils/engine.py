@@ -120,6 +120,11 @@ class Trainer:
         if self.device.type == "cpu":
             set_inplace_activations(self.model, False)
         self.train_loader, self.val_loader = self.task.build_loaders(self.model)
+        if cfg.qat:  # fold BN, insert fake quantizers, calibrate on training batches (utils/quant/qat.py)
+            from utils.quant.qat import prepare_for_training
+
+            self.model = prepare_for_training(self.model, self.train_loader, self.task.preprocess, self.device)
+            self.memory_format = torch.contiguous_format
         if self.world_size > 1:
             self.train_loader = distributed_loader(self.train_loader, self.world_size, self.rank, cfg.seed)
         self._init_optimization()

@@ -71,6 +71,10 @@ def requested_precision(cfg: Any) -> str:
         asked[f"--precision {cfg.precision}"] = cfg.precision
     if len(set(asked.values())) > 1:
         raise UserError(f"{' and '.join(asked)} ask for different training precisions: give only one of them")
+    if getattr(cfg, "qat", False):  # fake quantization trains in float32
+        if set(asked.values()) - {"fp32"}:
+            raise UserError(f"--qat trains in float32 (fake quantization): drop {' and '.join(asked)}")
+        return "fp32"
     return next(iter(asked.values()), "auto")
 
 

@@ -94,6 +94,10 @@ def run_training(cfg: TrainConfig) -> dict[str, float]:
     check_distill_flags(cfg)
     requested_precision(cfg)  # contradictory precision flags fail before anything loads
     cfg = with_default_model(cfg)
+    if cfg.qat:
+        from utils.quant.qat import check_qat_flags
+
+        check_qat_flags(cfg)
     cfg = resolve_batch_size(cfg, lambda: make_task(cfg).build_model())  # --batch-size -1: AutoBatch
     if cfg.evolve:
         from utils.evolve import evolve
@@ -103,4 +107,9 @@ def run_training(cfg: TrainConfig) -> dict[str, float]:
     if cfg.resume:
         cfg, state = resume_config(cfg)
     task = make_task(cfg)
+    if cfg.qat and task.name != "detect":
+        from utils.errors import UserError
+
+        raise UserError(f"--qat: {cfg.cfg or cfg.weights} is a classifier; quantization-aware training supports "
+                        "detectors only (classifiers: export.py --int8 gives post-training INT8)")
     return fit(task, cfg, resume_state=state)

@@ -79,7 +79,7 @@ class ExportOptions:
     int8: bool = False
     data: Path | None = None
     calib_images: int = 300
-    int8_keep_coarse: bool = False
+    int8_keep: int = 0
     workspace: float = 4.0
     nms: bool = False
     nms_settings: NMSSettings = field(default_factory=NMSSettings)
@@ -158,15 +158,39 @@ def check_options(options: ExportOptions, device: torch.device) -> None:
                                 "export FP32 (OpenVINO/NCNN --half only store FP16 weights and work on CPU)")
     if options.int8 and options.nms:
         raise ExportOptionError("--int8 with --nms is not supported: quantize the plain graph and run NMS outside")
-    if options.int8 and not options.data:
+    if options.int8_keep < 0 or (options.int8_keep and not options.int8):
+        raise ExportOptionError("--int8-keep N takes N >= 0 and goes with --int8")
+    if _qat_recipe(options.weights):
+        _check_qat_export(options)
+    elif options.int8 and not options.data:
         raise ExportOptionError("--int8 needs --data (a data YAML whose train images calibrate the quantization)")
-    if options.int8 and {"torchscript", "ncnn"} & set(options.include):
+    elif options.int8 and {"torchscript", "ncnn"} & set(options.include):
         raise ExportOptionError("--int8 applies to onnx, openvino and engine only")
     check_overwrite(options)
     if "engine" in options.include:
         from utils.export.tensorrt import import_tensorrt
 
         import_tensorrt()
+
+
+def _qat_recipe(weights: Path) -> dict[str, Any] | None:
+    from utils.checkpoint import checkpoint_quantization
+
+    return checkpoint_quantization(weights)
+
+
+def _check_qat_export(options: ExportOptions) -> None:
+    """A quantization-aware-trained checkpoint exports its INT8 graph (QDQ ONNX, OpenVINO IR, TensorRT engine)."""
+    other = sorted(set(options.include) - {"onnx", "openvino", "engine"})
+    if other:
+        raise ValueError(f"{options.weights} is a quantization-aware-trained checkpoint: it exports to onnx, openvino "
+                         f"and engine (INT8), not {', '.join(other)}")
+    if options.nms or options.half or options.int8_keep:
+        raise ValueError(f"{options.weights} is a quantization-aware-trained checkpoint: --nms, --half and "
+                         "--int8-keep do not apply (its INT8 graph is fixed by training)")
+    if not options.int8:
+        LOGGER.info("%s was trained with fake quantization: exporting its INT8 graph (as with --int8)",
+                    options.weights)
 
 
 def _metadata(model: nn.Module, names: list[str], options: ExportOptions, fmt: str, precision: str,
@@ -203,13 +227,15 @@ def run_export(options: ExportOptions) -> dict[str, Path]:
     paths = artifact_paths(Path(options.weights), options.output_dir)
     paths["onnx"].parent.mkdir(parents=True, exist_ok=True)
     images = torch.zeros(options.batch_size, 3, *options.imgsz)
+    if getattr(model, "quantization", None):
+        return _export_qat(prepared, images, names, options, paths)
     done: dict[str, Path] = {}
     if "torchscript" in options.include:
         done["torchscript"] = _export_torchscript(prepared, images, names, options, device, paths["torchscript"])
     if {"onnx", "engine"} & set(options.include) or (options.int8 and "openvino" in options.include):
         done["onnx"] = _export_onnx(prepared, images, names, options, device, paths["onnx"])
     if options.int8 and "onnx" in done:
-        done["onnx_int8"] = _quantize(done["onnx"], paths["onnx_int8"], options)
+        done["onnx_int8"] = _quantize(prepared, done["onnx"], paths["onnx_int8"], options)
     if "openvino" in options.include:
         done["openvino"] = _export_openvino(prepared, images, names, options, paths["openvino"], done)
     if "ncnn" in options.include:
@@ -219,6 +245,30 @@ def run_export(options: ExportOptions) -> dict[str, Path]:
         done["ncnn"] = export_ncnn(prepared, images, paths["ncnn"], metadata, half=options.half)
     if "engine" in options.include:
         done["engine"] = _build_engine(done["onnx"], paths["engine"], options)
+    return done
+
+
+def _export_qat(model: nn.Module, images: torch.Tensor, names: list[str], options: ExportOptions,
+                paths: dict[str, Path]) -> dict[str, Path]:
+    """QDQ ONNX (then OpenVINO IR / TensorRT engine built from it) of a quantization-aware-trained detector."""
+    from utils.export.qdq import QDQ_OPSET, export_qdq_onnx
+    from utils.export.runtime import record_cpu_runtime
+
+    metadata = _metadata(model, names, options, "onnx", "int8", options.batch_size)
+    metadata.opset, metadata.quantization = QDQ_OPSET, dict(model.quantization)
+    axes = options.dynamic_axes()
+    done = {"onnx_int8": export_qdq_onnx(model, images, paths["onnx_int8"], metadata, "batch" in axes,
+                                         "height" in axes)}
+    images, reference = _runtime_check(model, options)
+    record_cpu_runtime(done["onnx_int8"], images, reference)
+    if "openvino" in options.include:
+        from utils.export.openvino import export_openvino
+
+        ov_metadata = _metadata(model, names, options, "openvino", "int8", options.batch_size)
+        ov_metadata.quantization = metadata.quantization
+        done["openvino"] = export_openvino(model, images, paths["openvino"], ov_metadata, onnx_file=done["onnx_int8"])
+    if "engine" in options.include:
+        done["engine"] = _build_engine(done["onnx_int8"], paths["engine"], options, calibrate=False)
     return done
 
 
@@ -251,11 +301,39 @@ def _on_device(model: nn.Module, images: torch.Tensor, device: torch.device, hal
     return (model.half(), images.half()) if half else (model, images)
 
 
-def _quantize(onnx_file: Path, out: Path, options: ExportOptions) -> Path:
+def _quantize(model: nn.Module, onnx_file: Path, out: Path, options: ExportOptions) -> Path:
     from utils.export.quantize import quantize_onnx_int8
+    from utils.export.runtime import record_cpu_runtime
 
     files = image_files(options.data, "train")[: options.calib_images]
-    return quantize_onnx_int8(onnx_file, out, files, options.imgsz, keep_coarse_fp32=options.int8_keep_coarse)
+    keep = sensitive_layers(model, files, options.imgsz, options.int8_keep) if options.int8_keep else []
+    quantized = quantize_onnx_int8(onnx_file, out, files, options.imgsz, keep_layers=keep)
+    record_cpu_runtime(quantized, *_runtime_check(model, options))
+    return quantized
+
+
+def _runtime_check(model: nn.Module, options: ExportOptions) -> tuple[torch.Tensor | None, Any]:
+    """Real images (--data val, else the embedded sample) and ``model``'s outputs on them, for choosing a runtime
+    that reproduces the model (see utils/export/runtime.py); (None, None) when there are no images."""
+    sample = Path(__file__).resolve().parents[2] / "data" / "neu-det-sample" / "images" / "val"
+    images = sample_images(options.data or sample, options.imgsz, 8)
+    if images is None or model_task(model) != "detect":
+        return None, None
+    with torch.no_grad():
+        return images, model(images)
+
+
+def sensitive_layers(model: nn.Module, files: list[Path], imgsz: tuple[int, int], keep: int,
+                     images: int = 8) -> list[int]:
+    """The ``keep`` layers whose INT8 rounding alone costs the most at the head, measured on ``images`` of the
+    calibration files (the ranking is logged)."""
+    from utils.export.common import letterbox_tensor
+    from utils.quant.sensitivity import format_sensitivity, measure_layer_sensitivity
+
+    batch = torch.stack([letterbox_tensor(f, imgsz) for f in files[:images]])
+    ranking = measure_layer_sensitivity(model, batch)
+    LOGGER.info("%s", format_sensitivity(ranking, keep))
+    return sorted(item.layer for item in ranking[:keep])
 
 
 def _export_openvino(model: nn.Module, images: torch.Tensor, names: list[str], options: ExportOptions,
@@ -275,7 +353,7 @@ def _plain_onnx(done: dict[str, Path], options: ExportOptions) -> Path | None:
     return None
 
 
-def _build_engine(onnx_file: Path, engine_file: Path, options: ExportOptions) -> Path:
+def _build_engine(onnx_file: Path, engine_file: Path, options: ExportOptions, calibrate: bool = True) -> Path:
     from utils.export.tensorrt import ShapeProfile, build_engine, default_profile
 
     profile = None
@@ -283,8 +361,9 @@ def _build_engine(onnx_file: Path, engine_file: Path, options: ExportOptions) ->
         default = default_profile(options.imgsz, options.batch_size)
         profile = ShapeProfile(min=options.min_shape or default.min, opt=options.opt_shape or default.opt,
                                max=options.max_shape or default.max)
-    calibration = image_files(options.data, "train")[: options.calib_images] if options.int8 else []
-    return build_engine(onnx_file, engine_file, options.half, options.int8, options.workspace, profile, calibration)
+    calibration = image_files(options.data, "train")[: options.calib_images] if options.int8 and calibrate else []
+    int8 = options.int8 or not calibrate  # a QDQ ONNX builds as INT8 from its own scales
+    return build_engine(onnx_file, engine_file, options.half, int8, options.workspace, profile, calibration)
 
 
 def compare_with_pytorch(options: ExportOptions, artifacts: dict[str, Path],

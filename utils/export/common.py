@@ -55,6 +55,7 @@ class ExportMetadata:
     opset: int | None = None
     nms: dict[str, Any] | None = None
     engine: dict[str, Any] | None = None
+    quantization: dict[str, Any] | None = None
     toolkit: str = f"{TOOLKIT_NAME} {TOOLKIT_VERSION}"
     torch: str = torch.__version__
     created: str = field(default_factory=lambda: datetime.datetime.now().isoformat(timespec="seconds"))

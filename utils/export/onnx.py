@@ -135,7 +135,7 @@ def export_onnx(model: nn.Module, images: torch.Tensor, file: str | Path, metada
     onnx.checker.check_model(graph)
     if simplify:
         graph = simplify_onnx(graph)
-    _embed_metadata(graph, metadata)
+    embed_metadata(graph, metadata)
     onnx.save(graph, str(file))
     write_metadata(file, metadata)
     LOGGER.info("ONNX saved to %s (opset %d)", file, opset)
@@ -168,7 +168,7 @@ def simplify_onnx(graph: onnx.ModelProto) -> onnx.ModelProto:
     return onnxslim.slim(graph)
 
 
-def _embed_metadata(graph, metadata: ExportMetadata) -> None:
+def embed_metadata(graph, metadata: ExportMetadata) -> None:
     """Also keep stride/names in the ONNX file itself, for tools that only see the .onnx."""
     del graph.metadata_props[:]
     for key in ("task", "stride", "names", "imgsz", "batch", "precision"):

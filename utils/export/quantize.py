@@ -5,10 +5,8 @@ Calibration feeds real training images letterboxed exactly like the validation l
 box-decoding tail of the Detect head (sigmoid, grid/anchor arithmetic, concat of pixel boxes with [0, 1]
 scores) is kept in FP32: one 8-bit scale cannot cover both 0..640 pixels and 0..1 scores.
 
-Optionally (``keep_coarse_fp32``) the layers on the coarsest feature map stay FP32 too (stride 32: the end of
-the backbone with SPPF, and the PAN's P5 path). On NEU-DET's yolov5n they hold most of the INT8 loss (mAP@.5
--1.8 points -> -0.3), but also about a third of the FLOPs (wide channels), so on a 2-core x86 CPU the
-mixed graph is no faster than FP32: an accuracy/speed trade-off to choose, not a default.
+Optionally (``keep_layers``, from ``export.py --int8-keep N``) whole YAML layers stay FP32: the N whose
+INT8 rounding alone costs most at the head, measured per model by :mod:`utils.quant.sensitivity`.
 """
 
 from __future__ import annotations
@@ -78,37 +76,19 @@ def decode_tail_nodes(model_path: str | Path) -> list[str]:
             and (node.op_type == "Conv" or _downstream_of_conv(node, graph))]
 
 
-def coarsest_map_nodes(model_path: str | Path, imgsz: tuple[int, int] | None = None) -> list[str]:
-    """Names of the nodes whose 4-D output has the smallest spatial size in the graph (the stride-32 layers).
-
-    Uses ONNX shape inference, so it needs a static height and width: a graph exported with free ones
-    (``--dynamic``) is measured at ``imgsz`` (its export size). Without either nothing is found and the whole
-    graph is quantized (logged).
-    """
+def layer_nodes(model_path: str | Path, layers: Sequence[int]) -> list[str]:
+    """Names of the ONNX nodes traced inside YAML layers ``layers`` (the exporter names them ``/model.<i>/...``)."""
+    if not layers:
+        return []
     import onnx
 
-    model = onnx.load(str(model_path))
-    if imgsz is not None:
-        _pin_input_size(model, imgsz)
-    model = onnx.shape_inference.infer_shapes(model)
-    spatial: dict[str, tuple[int, int]] = {}
-    for value in list(model.graph.value_info) + list(model.graph.output):
-        dims = value.type.tensor_type.shape.dim
-        if len(dims) == 4 and dims[2].HasField("dim_value") and dims[3].HasField("dim_value"):
-            spatial[value.name] = (dims[2].dim_value, dims[3].dim_value)
-    if not spatial:
-        LOGGER.warning("INT8: no static feature-map shapes (dynamic height/width?): every layer is quantized")
-        return []
-    smallest = min(spatial.values(), key=lambda hw: hw[0] * hw[1])
-    return [node.name for node in model.graph.node if node.output and spatial.get(node.output[0]) == smallest]
-
-
-def _pin_input_size(model, imgsz: tuple[int, int]) -> None:
-    """Give the image input's free axes fixed sizes (batch 1, ``imgsz``) so shape inference can measure maps."""
-    dims = model.graph.input[0].type.tensor_type.shape.dim
-    for index, size in ((0, 1), (2, imgsz[0]), (3, imgsz[1])):
-        if len(dims) == 4 and not dims[index].HasField("dim_value"):
-            dims[index].dim_value = size
+    prefixes = tuple(f"/model.{int(i)}/" for i in layers)
+    names = [node.name for node in onnx.load(str(model_path)).graph.node if node.name.startswith(prefixes)]
+    missing = [i for i, p in zip(layers, prefixes) if not any(n.startswith(p) for n in names)]
+    if missing:
+        raise ValueError(f"{model_path}: no ONNX nodes named /model.<i>/ for layers {missing}; export it with "
+                         "export.py (the TorchScript exporter's node names)")
+    return names
 
 
 def _downstream_of_conv(node, graph) -> bool:
@@ -129,7 +109,7 @@ def _downstream_of_conv(node, graph) -> bool:
 def quantize_onnx_int8(onnx_in: str | Path, onnx_out: str | Path, calibration_files: Sequence[str | Path],
                        imgsz: tuple[int, int] | None = None, per_channel: bool = True,
                        max_calibration_megapixels: float = 20.0, method: str = "minmax",
-                       keep_coarse_fp32: bool = False) -> Path:
+                       keep_layers: Sequence[int] = ()) -> Path:
     """Write a QDQ INT8 copy of ``onnx_in`` calibrated on ``calibration_files``; sidecar gets precision int8.
 
     Activations are unsigned 8-bit (SiLU outputs are mostly positive), weights signed 8-bit per channel.
@@ -152,15 +132,16 @@ def quantize_onnx_int8(onnx_in: str | Path, onnx_out: str | Path, calibration_fi
         raise ValueError(f"calibration method {method!r}: choose from {', '.join(methods)}")
     reader = LetterboxCalibrationReader(calibration_files, size, "images", batch)
     tail = decode_tail_nodes(onnx_in)
-    coarse = coarsest_map_nodes(onnx_in, size) if keep_coarse_fp32 else []
-    excluded = sorted(set(tail) | set(coarse))
-    LOGGER.info("INT8: calibrating on %d images; FP32 kept for %d decode and %d stride-32 nodes",
-                len(calibration_files), len(tail), len(coarse))
+    kept = layer_nodes(onnx_in, keep_layers)
+    excluded = sorted(set(tail) | set(kept))
+    LOGGER.info("INT8: calibrating on %d images; FP32 kept for %d decode nodes and %d nodes of layers %s",
+                len(calibration_files), len(tail), len(kept), list(keep_layers))
     quantize_static(str(onnx_in), str(onnx_out), reader, quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
                     calibrate_method=methods[method], nodes_to_exclude=excluded)
     metadata["precision"] = "int8"
     metadata["calibration_images"] = len(calibration_files)
+    metadata["fp32_layers"] = sorted(int(i) for i in keep_layers)
     write_metadata(onnx_out, metadata)
     return onnx_out
 

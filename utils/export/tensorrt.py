@@ -135,7 +135,7 @@ def build_engine(onnx_file: str | Path, engine_file: str | Path, half: bool = Fa
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     _add_profile(builder, network, config, profile)
     precision = _set_precision(trt, builder, config, half, int8)
-    if int8:
+    if int8 and calibration_files:  # an explicitly quantized (QDQ) ONNX carries its own scales
         size = tuple(metadata["imgsz"])
         batch = profile.opt[0] if profile else int(metadata["batch"])
         cache = Path(calibration_cache or engine_file.with_suffix(".cache"))

@@ -60,6 +60,11 @@ class DetectTask:
             load_torchvision_backbone(model, cfg.weights)
         elif cfg.weights:
             source = load_checkpoint(cfg.weights).model
+            if getattr(source, "quantization", None):
+                from utils.errors import UserError
+
+                raise UserError(f"--weights {cfg.weights} is a quantization-aware-trained checkpoint; continue its run "
+                                "with --resume (its last.pt), or start from the float checkpoint it came from")
             model = DetectionModel(cfg.cfg or source.yaml, **sizes)
             transfer_weights(model, source.state_dict(), cfg.weights, exclude=("anchor",) if cfg.cfg else ())
         else:

@@ -1,0 +1,116 @@
+"""Which CPU runtime runs an INT8 ONNX fastest, measured once at export and written into its sidecar.
+
+An INT8 ONNX is not fast everywhere: ONNX Runtime only turns QDQ pairs into integer kernels when a quantizer
+sits on every output (its own ``quantize_static`` graphs), while OpenVINO runs both that placement and the
+TensorRT one (conv inputs and weights only, the QAT export) as INT8 convolutions; which one wins also depends
+on the CPU (VNNI, AMX). So export.py times both on the artifact itself (batch of the artifact, its image size,
+alternating, median of a few runs) and records ``cpu_runtime``; :func:`utils.backends.load_backend` then opens
+the file with that runtime, and val.py / detect.py need no extra flag. Speed only counts among runtimes whose
+outputs match the model the file came from (on real images): OpenVINO 2026.4 runs the QAT graph (symmetric INT8
+on conv inputs) with a score error of 0.25 where ONNX Runtime stays within 0.05. Without OpenVINO nothing is
+measured and ONNX Runtime is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from utils.export.common import read_metadata, write_metadata
+
+LOGGER = logging.getLogger(__name__)
+
+RUNTIMES = ("onnxruntime", "openvino")
+
+
+def _runners(onnx_file: Path, images: np.ndarray, threads: int | None) -> dict:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    runners = {"onnxruntime": lambda: session.run(None, {name: images})}
+    try:
+        import openvino
+    except ImportError:
+        return runners
+    config = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+    request = openvino.Core().compile_model(str(onnx_file), "CPU", config).create_infer_request()
+    runners["openvino"] = lambda: request.infer({0: images})
+    return runners
+
+
+def time_cpu_runtimes(onnx_file: str | Path, runs: int = 7, threads: int | None = None) -> dict[str, float]:
+    """Median ms per call of each available runtime on zeros of the artifact's input shape, alternating."""
+    onnx_file = Path(onnx_file)
+    metadata = read_metadata(onnx_file)
+    height, width = metadata["imgsz"]
+    images = np.zeros((int(metadata.get("batch") or 1), 3, height, width), dtype=np.float32)
+    runners = _runners(onnx_file, images, threads)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for run in range(runs + 1):
+        for name, runner in runners.items():
+            start = time.perf_counter()
+            runner()
+            if run:  # the first call of each is a warm-up
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: round(statistics.median(values), 2) for name, values in times.items()}
+
+
+def score_errors(onnx_file: str | Path, images, reference) -> dict[str, float]:
+    """Max |objectness x class score - reference| of each available runtime on ``images`` (a detector's decoded
+    output): a runtime that computes the INT8 graph differently from the model it came from shows up here."""
+    from utils.backends import ONNXRuntimeBackend, OpenVINOBackend
+
+    classes = {"onnxruntime": ONNXRuntimeBackend}
+    try:
+        import openvino  # noqa: F401
+
+        classes["openvino"] = OpenVINOBackend
+    except ImportError:
+        pass
+    expected = reference[..., 4:5] * reference[..., 5:]
+    errors = {}
+    for name, cls in classes.items():
+        output = cls(Path(onnx_file))(images)
+        errors[name] = round(float((output[..., 4:5] * output[..., 5:] - expected).abs().max()), 4)
+    return errors
+
+
+def eligible_runtimes(errors: dict[str, float], floor: float = 0.05) -> list[str]:
+    """Runtimes whose score error is at most twice the best one's (or ``floor``): INT8 rounding differs a little
+    between correct runtimes, a runtime that mis-executes the graph differs a lot."""
+    best = min(errors.values())
+    return [name for name, error in errors.items() if error <= max(2 * best, floor)]
+
+
+def record_cpu_runtime(onnx_file: str | Path, images=None, reference=None, runs: int = 7,
+                       threads: int | None = None) -> str:
+    """Time the runtimes on ``onnx_file`` and write the fastest into its sidecar (``cpu_runtime``).
+
+    With ``images`` and the source model's ``reference`` outputs (detectors), only runtimes that reproduce the
+    model qualify (:func:`eligible_runtimes`); their errors go into the sidecar too.
+    """
+    timings = time_cpu_runtimes(onnx_file, runs, threads)
+    metadata = read_metadata(onnx_file)
+    candidates = list(timings)
+    if images is not None and reference is not None and metadata.get("task") == "detect":
+        errors = score_errors(onnx_file, images, reference)
+        candidates = [name for name in eligible_runtimes(errors) if name in timings] or ["onnxruntime"]
+        metadata["cpu_runtime_score_error"] = errors
+        if set(candidates) != set(timings):
+            LOGGER.warning("%s: %s left out, its outputs differ from the model's (max score error %s)",
+                           Path(onnx_file).name, sorted(set(timings) - set(candidates)), errors)
+    fastest = min(candidates, key=timings.get)
+    metadata["cpu_runtime"] = fastest
+    metadata["cpu_runtime_ms"] = timings
+    write_metadata(onnx_file, metadata)
+    LOGGER.info("%s: CPU runtime %s (median ms per batch: %s)", Path(onnx_file).name, fastest,
+                ", ".join(f"{k} {v}" for k, v in timings.items()))
+    return fastest
