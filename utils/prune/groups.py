@@ -87,7 +87,7 @@ def analyse_channels(model: nn.Module, imgsz: int = 64, verify: bool = True) -> 
         for group in failed:
             for layer in sorted({m.layer for m in group.members if m.axis == "out"}):
                 analysis.kept_whole.setdefault(layer, set()).add(
-                    f"channel map of {group.name} failed the exact-removal check")
+                    f"traced channel map of {group.name} failed the consistency checks")
     return analysis
 
 
@@ -208,6 +208,14 @@ def _add_group(analysis: ChannelAnalysis, group: Any, graph: Any, names: dict, c
         return
     root = members[0]
     analysis.groups.append(ChannelGroup(root.path, int(root.root.max()) + 1, tuple(members)))
+
+
+def uniform_map(roots: torch.Tensor) -> bool:
+    """Each group channel a member holds sits at the same number of its positions (a concatenation's inputs
+    each hold only part of a group's channels, but every channel they hold the same number of times)."""
+    counts = torch.bincount(roots)
+    present = counts[counts > 0]
+    return bool((present == present[0]).all())
 
 
 def _member_problem(module: nn.Module, path: str, axis: Axis, constraints: _Constraints) -> str:

@@ -16,7 +16,7 @@ import logging
 import torch
 from torch import nn
 
-from utils.prune.groups import ChannelGroup, batchnorm_members, flatten_outputs
+from utils.prune.groups import ChannelGroup, batchnorm_members, flatten_outputs, uniform_map
 from utils.prune.surgery import prune_model
 
 LOGGER = logging.getLogger(__name__)
@@ -43,13 +43,13 @@ def split_exact_groups(model: nn.Module, groups: list[ChannelGroup], imgsz: int
 
 
 def _drop_overlapping(groups: list[ChannelGroup]) -> tuple[list[ChannelGroup], list[ChannelGroup]]:
-    """Structural checks before the numerical one. In a consistent map every group channel occupies the same
-    number of positions in each member, and no two groups claim the same channel of a leaf; a trace that merged
-    two paths breaks one of these (drop the groups involved)."""
+    """Structural checks before the numerical one. In a consistent map each group channel a member holds
+    occupies the same number of its positions, and no two groups claim the same channel of a leaf; a trace that
+    merged two paths breaks one of these (drop the groups involved)."""
     owner: dict[tuple[str, str, int], int] = {}
     clashing: set[int] = set()
     for number, group in enumerate(groups):
-        if not all(_uniform(member.root, group.size) for member in group.members):
+        if not all(uniform_map(member.root) for member in group.members):
             clashing.add(number)
         for member in group.members:
             for position in member.index.unique().tolist():
@@ -58,11 +58,6 @@ def _drop_overlapping(groups: list[ChannelGroup]) -> tuple[list[ChannelGroup], l
                     clashing |= {owner[key], number}
     return ([g for i, g in enumerate(groups) if i not in clashing],
             [g for i, g in enumerate(groups) if i in clashing])
-
-
-def _uniform(roots: torch.Tensor, size: int) -> bool:
-    counts = torch.bincount(roots, minlength=size)
-    return bool((counts == counts[0]).all()) and int(counts[0]) > 0
 
 
 def _removal_is_exact(model: nn.Module, groups: list[ChannelGroup], numbers, image: torch.Tensor) -> bool:

@@ -1,0 +1,165 @@
+"""The pruning workflow end to end on the embedded sample (issue 23): sparse training, prune_slim.py,
+prune_eagleeye.py, a distilled fine-tune of the pruned model, val.py and an ONNX export; and the tools' errors."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import prune_eagleeye
+import prune_slim
+import train
+import val
+from utils.checkpoint import load_checkpoint
+from utils.cli import run_cli
+from utils.prune.cost import CostModel
+from utils.prune.groups import analyse_channels
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = str(ROOT / "data" / "neu-det-sample.yaml")
+IMG = "128"
+
+
+@pytest.fixture(scope="module")
+def sparse_run(tmp_path_factory) -> Path:
+    """yolov5n trained 2 epochs with --sparse on the sample (what prune_slim.py expects)."""
+    project = tmp_path_factory.mktemp("prune-e2e")
+    code = run_cli(train.main, ["--cfg", "yolov5n.yaml", "--data", SAMPLE, "--imgsz", IMG, "--epochs", "2",
+                                "--batch-size", "8", "--workers", "0", "--sparse", "1e-3", "--noplots",
+                                "--project", str(project), "--name", "sparse", "--noautoanchor"])
+    assert code == 0
+    return project / "sparse" / "weights" / "best.pt"
+
+
+def test_slim_prunes_to_the_budget_and_fine_tunes_with_a_teacher(sparse_run, tmp_path, capsys):
+    path = tmp_path / "slim.yaml"
+    code = run_cli(prune_slim.main, ["--weights", str(sparse_run), "--data", SAMPLE, "--imgsz", IMG,
+                                     "--remain-ratio", "0.6", "--path", str(path), "--workers", "0"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "layer  module" in out and "parameters" in out and "pruned model before fine-tuning: mAP@.5" in out
+
+    pruned = load_checkpoint(path.with_suffix(".pt")).model
+    original = load_checkpoint(sparse_run).model
+    assert yaml.safe_load(path.read_text())["pruned"]["widths"] == pruned.yaml["pruned"]["widths"]
+    analysis = analyse_channels(original)
+    cost = CostModel(original, analysis.groups, int(IMG))
+    kept = _measured_ratio(original, pruned, int(IMG))
+    assert kept <= 0.6 and kept > 0.3
+    for module in pruned.modules():  # every cut width is a multiple of 8 (the default --round 8)
+        if isinstance(module, torch.nn.BatchNorm2d):
+            assert module.num_features % 8 == 0
+    assert cost.full > 0
+
+    # fine-tune: --cfg pruned.yaml --weights pruned.pt, distilled from the unpruned model
+    project = tmp_path / "runs"
+    code = run_cli(train.main, ["--cfg", str(path), "--weights", str(path.with_suffix(".pt")), "--data", SAMPLE,
+                                "--imgsz", IMG, "--epochs", "1", "--batch-size", "8", "--workers", "0",
+                                "--teacher", str(sparse_run), "--noplots", "--project", str(project),
+                                "--name", "ft", "--noautoanchor"])
+    assert code == 0
+    best = project / "ft" / "weights" / "best.pt"
+    rows = list(csv.DictReader((project / "ft" / "results.csv").open()))
+    assert float(rows[-1]["train/distill"]) > 0
+    fine_tuned = load_checkpoint(best).model
+    assert [p.shape for p in fine_tuned.parameters()] == [p.shape for p in pruned.parameters()]
+
+    assert run_cli(val.main, ["--weights", str(best), "--data", SAMPLE, "--img", IMG, "--workers", "0",
+                              "--project", str(tmp_path / "val"), "--noplots"]) == 0
+    from utils.export import ExportOptions, run_export
+
+    onnx_file = run_export(ExportOptions(weights=best, include=("onnx",), imgsz=(int(IMG), int(IMG)),
+                                         output_dir=tmp_path / "export"))["onnx"]
+    unpruned = run_export(ExportOptions(weights=sparse_run, include=("onnx",), imgsz=(int(IMG), int(IMG)),
+                                        output_dir=tmp_path / "export-unpruned"))["onnx"]
+    assert onnx_file.stat().st_size < 0.75 * unpruned.stat().st_size
+
+
+def _measured_ratio(original: torch.nn.Module, pruned: torch.nn.Module, imgsz: int) -> float:
+    from tests.test_prune import measured_macs
+
+    return measured_macs(pruned, imgsz) / measured_macs(original, imgsz)
+
+
+def test_eagleeye_writes_every_candidate_and_keeps_the_best(sparse_run, tmp_path):
+    path = tmp_path / "ee.yaml"
+    code = run_cli(prune_eagleeye.main, ["--weights", str(sparse_run), "--data", SAMPLE, "--imgsz", IMG,
+                                         "--remain-ratio", "0.5", "--delta", "0.05", "--max-iter", "3",
+                                         "--calib-batches", "1", "--batch-size", "8", "--score-images", "12",
+                                         "--path", str(path), "--workers", "0", "--noval"])
+    assert code == 0
+    rows = list(csv.DictReader(path.with_name("ee_candidates.csv").open()))
+    assert len(rows) == 3
+    assert all(abs(float(r["flops_ratio"]) - 0.5) <= 0.05 for r in rows)
+    assert path.with_name("ee_candidates.png").stat().st_size > 5000
+    best = max(rows, key=lambda r: float(r["score"]))
+    meta = load_checkpoint(path.with_suffix(".pt")).meta
+    assert meta["pruned"]["best_candidate"] == int(best["candidate"])
+    original = load_checkpoint(sparse_run).model
+    pruned = load_checkpoint(path.with_suffix(".pt")).model
+    assert abs(_measured_ratio(original, pruned, int(IMG)) - float(best["flops_ratio"])) < 1e-6
+
+
+def _digest(folder: Path) -> str:
+    sha = hashlib.sha256()
+    for file in sorted(folder.rglob("*")):
+        if file.is_file():
+            sha.update(file.name.encode())
+            sha.update(file.read_bytes())
+    return sha.hexdigest()
+
+
+@pytest.mark.parametrize("tool,args,message", [
+    (prune_eagleeye, ["--remain-ratio", "1.5"], "--remain-ratio 1.5: expected a share"),
+    (prune_eagleeye, ["--remain-ratio", "0.5", "--delta", "0"], "--delta 0.0"),
+    (prune_eagleeye, ["--remain-ratio", "0.05", "--delta", "0.01", "--min-keep", "0.9"], "cannot be met"),
+    (prune_slim, ["--global-percent", "0"], "--global-percent 0.0: expected a share"),
+    (prune_slim, ["--remain-ratio", "0.05", "--min-keep", "0.9"], "--remain-ratio 0.05"),
+    (prune_slim, ["--global-percent", "0.3", "--round", "0"], "--round 0"),
+])
+def test_bad_flags_end_in_one_line(sparse_run, tmp_path, capsys, tool, args, message):
+    data_before = _digest(ROOT / "data" / "neu-det-sample")
+    code = run_cli(tool.main, ["--weights", str(sparse_run), "--data", SAMPLE, "--imgsz", IMG,
+                               "--path", str(tmp_path / "p.yaml"), "--workers", "0", *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "p.yaml").exists() and not (tmp_path / "p.pt").exists()
+    assert _digest(ROOT / "data" / "neu-det-sample") == data_before
+
+
+def test_existing_result_is_not_replaced(sparse_run, tmp_path, capsys):
+    target = tmp_path / "p.yaml"
+    target.write_text("# mine\n")
+    code = run_cli(prune_slim.main, ["--weights", str(sparse_run), "--data", SAMPLE, "--global-percent", "0.3",
+                                     "--path", str(target)])
+    assert code == 2 and "already exists; pass --exist-ok" in capsys.readouterr().err
+    assert target.read_text() == "# mine\n"
+
+
+def test_slimming_a_model_not_trained_sparse_warns(tmp_path, caplog):
+    """The v7.0 fixture was trained without --sparse: slimming it works but says it is weak."""
+    from conftest import shared_path
+
+    fixture = shared_path("fixtures", "yolov5n-neu-det-v7.pt")
+    code = run_cli(prune_slim.main, ["--weights", str(fixture), "--data", SAMPLE, "--imgsz", IMG,
+                                     "--global-percent", "0.3", "--path", str(tmp_path / "p.yaml"), "--noval"])
+    assert code == 0
+    assert "looks trained without --sparse" in caplog.text
+
+
+def test_teacher_with_other_classes_is_refused(sparse_run, tmp_path, capsys):
+    other = tmp_path / "other.pt"
+    from models.yolo import DetectionModel
+    from utils.checkpoint import save_checkpoint
+
+    save_checkpoint(DetectionModel("yolov5n.yaml", nc=3), other)
+    code = run_cli(train.main, ["--cfg", "yolov5n.yaml", "--data", SAMPLE, "--imgsz", IMG, "--epochs", "1",
+                                "--teacher", str(other), "--project", str(tmp_path), "--workers", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "error:" in err and "3" in err and "6" in err
