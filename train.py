@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from utils.cli import run_cli
 from utils.config import TrainConfig, parse_train_args
 from utils.training import run_training
 
@@ -24,4 +25,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

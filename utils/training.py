@@ -7,9 +7,9 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from utils.config import TrainConfig
+from utils.errors import FlagError, MissingFileError
+from utils.flags import check_train_config
 from utils.paths import latest_run
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ def make_task(cfg: TrainConfig) -> Task:
     source: Any = cfg.cfg
     if not source:
         if not cfg.weights:
-            raise ValueError("give --cfg (a model YAML) and/or --weights (a checkpoint)")
+            raise FlagError("give --cfg (a model YAML) and/or --weights (a checkpoint)")
         from utils.checkpoint import load_checkpoint
 
         source = load_checkpoint(cfg.weights).model
@@ -47,16 +47,19 @@ def resume_config(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
     if path.is_dir():
         path = path / "weights" / "last.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"--resume: {path} not found")
-    state = torch.load(path, map_location="cpu", weights_only=True).get("train_state")
+        raise MissingFileError(f"--resume: {path} not found")
+    from utils.checkpoint import CheckpointError, read_checkpoint
+
+    data = read_checkpoint(path)
+    state = data.get("train_state") if isinstance(data, dict) else None
     if not state:
-        raise ValueError(f"--resume: {path} holds no training state (best.pt files do not; use last.pt)")
+        raise CheckpointError(f"--resume: {path} holds no training state (best.pt files do not; use last.pt)")
     saved = TrainConfig(**{**state["cfg"], "resume": None})
     saved = dataclasses.replace(saved, project=str(path.parents[2]), name=path.parents[1].name, exist_ok=True)
     finished = state["epoch"] + 1 >= state["epochs"]
     if finished and not cfg.extend:
-        raise SystemExit(f"{path}: training finished ({state['epochs']} epochs); nothing to resume. "
-                         f"Use --resume {path} --extend N to train N more epochs.")
+        raise FlagError(f"--resume {path}: training finished ({state['epochs']} epochs); nothing to resume. "
+                        f"Use --resume {path} --extend N to train N more epochs.")
     if cfg.extend:
         saved = dataclasses.replace(saved, epochs=state["epochs"] + cfg.extend)
     if cfg.device:
@@ -69,6 +72,7 @@ def run_training(cfg: TrainConfig) -> dict[str, float]:
     from utils.autobatch import resolve_batch_size
     from utils.engine import fit
 
+    check_train_config(cfg)  # before anything loads: a bad flag leaves no run folder behind
     cfg = resolve_batch_size(cfg, lambda: make_task(cfg).build_model())  # --batch-size -1: AutoBatch
     if cfg.evolve:
         from utils.evolve import evolve

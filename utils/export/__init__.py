@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from utils.errors import FlagError, MissingFileError
 from utils.export.common import (
     ExportMetadata,
     MetadataError,
@@ -87,18 +88,18 @@ def check_options(options: ExportOptions, device: torch.device) -> None:
     """Fail before any work when the flags cannot be satisfied, with a message saying what to change."""
     unknown = [f for f in options.include if f not in FORMATS]
     if unknown:
-        raise ValueError(f"--include {unknown}: unknown format; choose from {', '.join(FORMATS)}")
+        raise FlagError(f"--include {unknown}: unknown format; choose from {', '.join(FORMATS)}")
     if not Path(options.weights).is_file():
-        raise FileNotFoundError(f"weights file {options.weights} not found")
+        raise MissingFileError(f"weights file {options.weights} not found")
     if options.half and device.type != "cuda" and {"torchscript", "onnx"} & set(options.include):
-        raise ValueError("--half exports FP16 TorchScript/ONNX and needs a CUDA device (--device 0); on CPU export "
+        raise FlagError("--half exports FP16 TorchScript/ONNX and needs a CUDA device (--device 0); on CPU export "
                          "FP32 (OpenVINO/NCNN --half only store FP16 weights and work on CPU)")
     if options.int8 and options.nms:
-        raise ValueError("--int8 with --nms is not supported: quantize the plain graph and run NMS outside")
+        raise FlagError("--int8 with --nms is not supported: quantize the plain graph and run NMS outside")
     if options.int8 and not options.data:
-        raise ValueError("--int8 needs --data (a data YAML whose train images calibrate the quantization)")
+        raise FlagError("--int8 needs --data (a data YAML whose train images calibrate the quantization)")
     if options.int8 and {"torchscript", "ncnn"} & set(options.include):
-        raise ValueError("--int8 applies to onnx, openvino and engine only")
+        raise FlagError("--int8 applies to onnx, openvino and engine only")
     if "engine" in options.include:
         from utils.export.tensorrt import import_tensorrt
 
@@ -128,12 +129,21 @@ def load_for_export(weights: Path) -> tuple[nn.Module, list[str]]:
 
 
 def run_export(options: ExportOptions) -> dict[str, Path]:
-    """Export ``options.weights`` to every format in ``options.include``; returns format -> artifact path."""
+    """Export ``options.weights`` to every format in ``options.include``; returns format -> artifact path.
+
+    ``options.imgsz`` is rounded up to a multiple of the model's largest stride first (logged), as train.py,
+    val.py and detect.py do, so the caller's comparison images match the artifacts.
+    """
+    from utils.flags import check_img_size
     from utils.torch_utils import select_device
 
     device = select_device(options.device)
     check_options(options, device)
     model, names = load_for_export(Path(options.weights))
+    if options.nms and model_task(model) != "detect":
+        raise FlagError(f"--nms: {options.weights} is a classifier; NMS inside the graph applies to detectors only")
+    stride = max(int(model_stride(model)), 32)
+    options.imgsz = tuple(check_img_size(size, stride) for size in options.imgsz)
     prepared = prepare_for_export(model)
     paths = artifact_paths(Path(options.weights), options.output_dir)
     paths["onnx"].parent.mkdir(parents=True, exist_ok=True)
