@@ -62,7 +62,7 @@ def bad(tmp_path_factory) -> SimpleNamespace:
 
     root = tmp_path_factory.mktemp("bad")
     data = root / "neu-det-sample"
-    shutil.copytree(SAMPLE, data)
+    shutil.copytree(SAMPLE, data, ignore=shutil.ignore_patterns("*.cache", "*.npy"))
     head = f"path: {data}\ntrain: images/train\nval: images/val\n"
     yamls = {
         "data_ok.yaml": head + f"names: {NAMES}\n",

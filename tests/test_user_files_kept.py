@@ -35,7 +35,7 @@ def _truncated_copy(tmp_path: Path) -> tuple[Path, Path]:
     """A copy of the sample's val split whose first image lost the last 30 % of its bytes (and its end marker)."""
     data = tmp_path / "set"
     shutil.copytree(SAMPLE / "images" / "val", data / "images" / "val")
-    shutil.copytree(SAMPLE / "labels" / "val", data / "labels" / "val")
+    shutil.copytree(SAMPLE / "labels" / "val", data / "labels" / "val", ignore=shutil.ignore_patterns("*.cache"))
     victim = sorted((data / "images" / "val").glob("*.jpg"))[0]
     raw = victim.read_bytes()
     victim.write_bytes(raw[: int(len(raw) * 0.7)])

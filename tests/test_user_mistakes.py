@@ -25,7 +25,7 @@ NAMES = ["crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale",
 
 def _copy_sample(tmp_path: Path) -> Path:
     data = tmp_path / "data"
-    shutil.copytree(SAMPLE, data)
+    shutil.copytree(SAMPLE, data, ignore=shutil.ignore_patterns("*.cache", "*.npy"))
     (tmp_path / "data.yaml").write_text(f"path: {data}\ntrain: images/train\nval: images/val\nnames: {NAMES}\n")
     return tmp_path / "data.yaml"
 

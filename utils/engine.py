@@ -109,6 +109,7 @@ class Trainer:
         seed_everything(cfg.seed + self.rank, cfg.deterministic)
         self.task.save_dir = self.save_dir
         self.model = self.task.build_model().to(self.device)
+        self.static_frozen = frozen_layer_indices(self.model, cfg.freeze)  # a bad --freeze fails before data loads
         # before the EMA copy, so that it matches; DDP ranks each see batch_size // world_size images
         self.memory_format = training_memory_format(self.model, cfg.imgsz, max(cfg.batch_size // self.world_size, 1),
                                                     throughout=cfg.compile or cfg.bf16)
@@ -140,7 +141,6 @@ class Trainer:
         self.amp_dtype = torch.bfloat16 if cfg.bf16 else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and not cfg.bf16)  # bfloat16 needs no scaling
         self.ema = ModelEMA(self.model) if self.is_main else None
-        self.static_frozen = frozen_layer_indices(self.model, cfg.freeze)
 
     def _wrap_ddp(self) -> None:
         if self.cfg.sync_bn and self.device.type == "cuda":
