@@ -1,11 +1,13 @@
 """Export a detector to TorchScript, ONNX, OpenVINO, NCNN or a TensorRT engine (YOLOv5 v7.0 flags).
 
     python export.py --weights yolov5n.pt --include onnx openvino --imgsz 256 --dynamic --simplify
+    python export.py --weights yolov5n.pt --include onnx --dynamic-batch  # free batch, fixed 640 x 640
     python export.py --weights yolov5n.pt --include onnx --nms          # NMS inside the ONNX graph
     python export.py --weights yolov5n.pt --include onnx --int8 --data data/neu-det-sample.yaml
 
-Unlike YOLOv5, a failed export is an error (non-zero exit), not a log line. After exporting, the outputs of
-every artifact are compared with PyTorch on real images and the max absolute difference is printed.
+Unlike YOLOv5, a failed export is an error (non-zero exit), not a log line, and an existing artifact is not
+overwritten without --exist-ok. After exporting, the outputs of every artifact are compared with PyTorch on
+real images and the max absolute difference is printed.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -32,8 +35,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--include", nargs="+", default=["torchscript"], help=f"formats: {', '.join(FORMATS)}")
     parser.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640], help="h w (or one size)")
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--dynamic", action="store_true", help="dynamic batch axis (ONNX/OpenVINO/TensorRT)")
-    parser.add_argument("--dynamic-hw", action="store_true", help="also dynamic height/width (ONNX/OpenVINO)")
+    parser.add_argument("--dynamic", action="store_true",
+                        help="as YOLOv5 v7.0: dynamic batch, height and width (ONNX/OpenVINO; TensorRT: a profile of "
+                             "batch 1..--batch-size at --imgsz; TorchScript: batch only)")
+    parser.add_argument("--dynamic-batch", action="store_true",
+                        help="dynamic batch only, height and width fixed at --imgsz (ONNX/OpenVINO/TensorRT/"
+                             "TorchScript), e.g. for engines built with trtexec for one input size")
+    parser.add_argument("--dynamic-hw", action="store_true", help="deprecated alias of --dynamic")
+    parser.add_argument("--exist-ok", action="store_true",
+                        help="replace artifacts that already exist (default: refuse and leave them as they are)")
     parser.add_argument("--simplify", action="store_true", help="simplify the ONNX graph with onnxslim")
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--half", action="store_true", help="FP16 (TorchScript/ONNX need --device 0)")
@@ -56,6 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-compare", action="store_true", help="skip the comparison with PyTorch")
     args = parser.parse_args(argv)
     check_export_args(args)
+    if args.dynamic_hw:  # earlier, --dynamic freed only the batch and --dynamic-hw added height and width
+        warnings.warn("--dynamic-hw is deprecated: --dynamic now frees batch, height and width as in YOLOv5 v7.0; "
+                      "use --dynamic (or --dynamic-batch for the batch alone)", FutureWarning, stacklevel=2)
+        args.dynamic = True
     return args
 
 
@@ -64,16 +78,17 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
     include = tuple(f.lower() for name in args.include for f in name.split(","))
     nms = NMSSettings(args.conf_thres, args.iou_thres, args.max_det)
     return ExportOptions(weights=args.weights, include=include, imgsz=imgsz, batch_size=args.batch_size,
-                         dynamic=args.dynamic, dynamic_hw=args.dynamic_hw, simplify=args.simplify, opset=args.opset,
+                         dynamic=args.dynamic, dynamic_batch=args.dynamic_batch, simplify=args.simplify,
+                         opset=args.opset,
                          half=args.half, int8=args.int8, data=args.data, calib_images=args.calib_images,
                          int8_keep_coarse=args.int8_keep_coarse,
                          workspace=args.workspace, nms=args.nms, nms_settings=nms, device=str(args.device),
                          min_shape=args.min_shape, opt_shape=args.opt_shape, max_shape=args.max_shape,
-                         output_dir=args.output_dir)
+                         output_dir=args.output_dir, exist_ok=args.exist_ok)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Export, then report max |artifact - PyTorch|; exceptions propagate (non-zero exit)."""
+    """Export, then report max |artifact - PyTorch|; a user's mistake raises :class:`utils.errors.UserError`."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     options = options_from_args(args)

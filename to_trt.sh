@@ -9,10 +9,12 @@
 #
 # --int8 needs a calibration cache (--calib) made by `export.py --include engine --int8 --data ...` on a
 # machine with the same TensorRT major version, because trtexec cannot read images for calibration.
+# Without --shapes, an ONNX exported with --dynamic or --dynamic-batch gets YOLOv5 v7.0's profile from its
+# sidecar: batch 1 / batch//2 / batch (export.py --batch-size) at the export image size.
 set -euo pipefail
 
 usage() {
-    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
     echo "options: --onnx FILE --output FILE [--fp16] [--int8 --calib CACHE] [--shapes MIN OPT MAX]"
     echo "         [--workspace MiB] [--input-name images] [--trtexec PATH]"
 }
@@ -38,10 +40,25 @@ while [[ $# -gt 0 ]]; do
 done
 
 [[ -n "$onnx" && -f "$onnx" ]] || { echo "to_trt.sh: --onnx FILE is required and must exist (got '$onnx')" >&2; exit 2; }
+[[ -f "$onnx.json" ]] || { echo "to_trt.sh: $onnx.json (the export sidecar) is missing; export with export.py first" >&2; exit 2; }
 [[ -n "$output" ]] || output="${onnx%.onnx}.engine"
 [[ -x "$trtexec" ]] || { echo "to_trt.sh: trtexec not found at '$trtexec' (install TensorRT or pass --trtexec)" >&2; exit 2; }
 if [[ $int8 -eq 1 && ( -z "$calib" || ! -f "$calib" ) ]]; then
     echo "to_trt.sh: --int8 needs an existing calibration cache: --calib FILE" >&2; exit 2
+fi
+
+if [[ -z "$min_shape" ]]; then  # a dynamic ONNX without --shapes: v7.0's profile (trtexec alone would pick 1x3x1x1)
+    shapes="$(ONNX="$onnx" python3 -c '
+import json, os
+meta = json.load(open(os.environ["ONNX"] + ".json"))
+if meta.get("dynamic"):
+    (height, width), batch = meta["imgsz"], int(meta["batch"])
+    print(" ".join(f"{n}x3x{height}x{width}" for n in (1, max(1, batch // 2), batch)))
+')"
+    if [[ -n "$shapes" ]]; then
+        read -r min_shape opt_shape max_shape <<<"$shapes"
+        echo "to_trt.sh: $onnx has dynamic axes and no --shapes were given: profile min $min_shape opt $opt_shape max $max_shape"
+    fi
 fi
 
 cmd=("$trtexec" "--onnx=$onnx" "--saveEngine=$output" "--memPoolSize=workspace:${workspace}M")
@@ -83,7 +100,9 @@ except FileNotFoundError:
     raise SystemExit(f"to_trt.sh: {onnx}.json (the export sidecar) is missing; export with export.py first")
 shape = lambda s: [int(v) for v in s.split("x")] if s else None
 profile = {"min": shape(os.environ["MIN"]), "opt": shape(os.environ["OPT"]), "max": shape(os.environ["MAX"])}
-meta.update(format="engine", precision=os.environ["PRECISION"],
+free = [axis for i, axis in ((0, "batch"), (2, "height"), (3, "width"))
+        if profile["min"] and profile["min"][i] != profile["max"][i]]  # what the engine accepts, not the ONNX
+meta.update(format="engine", precision=os.environ["PRECISION"], dynamic=free,
             profile=profile if profile["min"] else None,
             engine={"tensorrt": os.environ["TRT"], "gpu": os.environ["GPU"], "compute_capability": os.environ["CAP"]},
             created=datetime.datetime.now().isoformat(timespec="seconds"), built_with="to_trt.sh")

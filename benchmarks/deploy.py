@@ -59,7 +59,7 @@ def export_artifacts(weights: Path, data: Path, imgsz: int, work: Path, calib_im
     """Dynamic-batch ONNX, the INT8 copies among ``backends``, OpenVINO and NCNN (batch 1), all at ``imgsz``."""
     folder = work / f"img{imgsz}"
     options = ExportOptions(weights=weights, include=("onnx", "openvino", "ncnn"), imgsz=(imgsz, imgsz),
-                            dynamic=True, simplify=True, output_dir=folder)
+                            dynamic_batch=True, simplify=True, output_dir=folder, exist_ok=True)  # a rerun's --workdir
     artifacts = run_export(options)
     calibration = image_files(data, "train")[:calib_images]
     for name, keep_coarse in (("onnx-int8", False), ("onnx-int8-coarse", True)):

@@ -19,6 +19,18 @@ against v7.0's objects and loop; it needs this repository's requirements importa
 swap-data / swap-loop: benchmarks/yolov5_swap.py there, 30 epochs by default (our trainer on v7.0's training data
 set / v7.0's train.py on ours), printing the final metrics. samples: benchmarks/yolov5_sample_probe.py there (v7.0's
 training samples against ours with v7.0's random draws replayed into our loader; a minute).
+
+The environment: a venv that sees this repository's venv (torch and the other shared packages come from there,
+nothing large is downloaded), plus the package itself without its pinned dependencies, the one module it imports
+from ultralytics, and the three libraries it needs that this repository does not (roboflow and huggingface_hub
+are stood in for at run time, see above):
+
+    python3.11 -m venv /work/v7venv
+    echo "$PWD/.venv/lib/python3.11/site-packages" > /work/v7venv/lib/python3.11/site-packages/yolokit-venv.pth
+    /work/v7venv/bin/pip install --no-deps yolov5==7.0.14 ultralytics==8.4.190
+    /work/v7venv/bin/pip install pandas seaborn gitpython
+    python benchmarks/yolov5_baseline.py --yolov5-python /work/v7venv/bin/python --epochs 1 \
+        --data data/neu-det-sample.yaml   # a check: 1 epoch on the embedded sample
 """
 
 from __future__ import annotations

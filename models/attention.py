@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.registry import out_same, register
+from models.registry import KEEP_WHOLE, out_same, register
 
 __all__ = ["CBAM", "SE", "ChannelAttention", "SKAttention", "SpatialAttention", "SqueezeExcite"]
 
@@ -79,7 +79,7 @@ class SpatialAttention(nn.Module):
         return torch.sigmoid(self.conv(descriptor))
 
 
-@register(width_args=(0,), out=out_same, coupling="tied")
+@register(width_args=(0,), out=out_same, coupling="tied", pruning=KEEP_WHOLE)  # spatial gate averages channels
 class CBAM(nn.Module):
     """Convolutional Block Attention Module (Woo et al. 2018): channel gate, then spatial gate.
 
@@ -98,7 +98,7 @@ class CBAM(nn.Module):
         return x * self.spatial_attention(x)
 
 
-@register(width_args=(0,), out=out_same, coupling="tied")
+@register(width_args=(0,), out=out_same, coupling="tied", pruning=KEEP_WHOLE)  # grouped convs, LayerNorm
 class SKAttention(nn.Module):
     """Selective-kernel attention (Li et al. 2019, SKNet): branches with different receptive fields are
     fused by a softmax over branches, computed per channel from the pooled sum.

@@ -21,7 +21,7 @@ from torch import nn
 from models.activations import make_activation
 from models.attention import SqueezeExcite
 from models.common import C3, Conv
-from models.registry import register
+from models.registry import KEEP_WHOLE, register
 
 __all__ = [
     "C3Ghost",
@@ -110,7 +110,7 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.view(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
 
 
-@register(width_args=(), aliases=("Shuffle_Block", "ShuffleNetV2_InvertedResidual"))
+@register(width_args=(), aliases=("Shuffle_Block", "ShuffleNetV2_InvertedResidual"), pruning=KEEP_WHOLE)
 class ShuffleBlock(nn.Module):
     """ShuffleNetV2 unit (Ma et al. 2018). Stride 1: split channels in half, transform one half, concat,
     shuffle. Stride 2: both branches see the whole input and each yields half the output channels.

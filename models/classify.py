@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from models.common import C3, Conv, autopad
-from models.registry import BuildContext, ModuleSpec, make_divisible, out_none, register
+from models.registry import BuildContext, ModuleSpec, Pruning, make_divisible, out_none, register
 from models.yaml_config import ModelConfigError, load_model_yaml
 from models.yolo import BaseModel, parse_model
 from utils.torch_utils import initialize_weights
@@ -143,7 +143,8 @@ def _bind_classify(spec: ModuleSpec, c_in: list[int], args: list, ctx: BuildCont
     return [c1, *args], 1
 
 
-@register(c1=False, width_args=(), out=out_none, coupling="head", multi_input=True, bind_fn=_bind_classify)
+@register(c1=False, width_args=(), out=out_none, coupling="head", multi_input=True, bind_fn=_bind_classify,
+          pruning=Pruning(fixed_outputs=("linear",)))
 class Classify(nn.Module):
     """v7.0 classification head: Conv to 1280, global average pool, dropout, linear -> (b, nc) logits.
 
@@ -278,7 +279,8 @@ class HeadBranch(nn.Module):
         return self.tail(self.features(x) if len(self.features) else x)
 
 
-@register(c1=False, width_args=(), out=out_none, coupling="head", multi_input=True, bind_fn=_bind_multihead)
+@register(c1=False, width_args=(), out=out_none, coupling="head", multi_input=True, bind_fn=_bind_multihead,
+          pruning=Pruning(fixed_outputs=("branches.*.tail.linear", "branches.*.tail.classifier")))
 class MultiHeadClassify(nn.Module):
     """Several classifiers on shared features; returns ``{head_name: logits (b, nc_k)}`` in heads order.
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from models.activations import make_activation
 from models.registry import (
+    KEEP_WHOLE,
     REGISTRY,
     BuildContext,
     ModuleSpec,
@@ -207,7 +208,7 @@ def _out_expand(c_in, args) -> int:
     return c_in[0] // args[0] ** 2
 
 
-@register(c1=False, width_args=(), out=_out_contract, coupling="tied")
+@register(c1=False, width_args=(), out=_out_contract, coupling="tied", pruning=KEEP_WHOLE)
 class Contract(nn.Module):
     """Space-to-depth by ``gain``: (b, c, h, w) -> (b, c*g*g, h/g, w/g)."""
 
@@ -222,7 +223,7 @@ class Contract(nn.Module):
         return x.view(b, c * g * g, h // g, w // g)
 
 
-@register(c1=False, width_args=(), out=_out_expand, coupling="tied")
+@register(c1=False, width_args=(), out=_out_expand, coupling="tied", pruning=KEEP_WHOLE)
 class Expand(nn.Module):
     """Depth-to-space by ``gain``, the inverse of :class:`Contract`."""
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from models.registry import BuildContext, ModuleSpec, out_none, register
+from models.registry import BuildContext, ModuleSpec, Pruning, out_none, register
 
 
 def _bind_detect(spec: ModuleSpec, c_in: list[int], args: list, ctx: BuildContext, n: int):
@@ -23,7 +23,8 @@ def _bind_detect(spec: ModuleSpec, c_in: list[int], args: list, ctx: BuildContex
     return [nc, anchors, list(c_in), *rest], 1
 
 
-@register(c1=False, width_args=(), out=out_none, coupling="head", multi_input=True, bind_fn=_bind_detect)
+@register(c1=False, width_args=(), out=out_none, coupling="head", multi_input=True, bind_fn=_bind_detect,
+          pruning=Pruning(fixed_outputs=("m",)))
 class Detect(nn.Module):
     """Per-level 1x1 convs predicting ``na`` anchors x (xywh, objectness, nc classes).
 

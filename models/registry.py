@@ -7,7 +7,8 @@ A YAML row is ``[from, n, Module, args]``. What differs between blocks is only *
 * whether the depth repeat ``n`` is handed to the constructor (``repeat="inner"``: C3, BottleneckCSP),
   repeats the whole block (``"outer"``) or is meaningless (``"fixed"``),
 * how the output channel count follows (``out``),
-* how the block couples channels, for the pruning tools (``coupling``).
+* how the block couples channels (``coupling``) and which of its channels the pruning tools must keep
+  (``pruning``).
 
 Each block declares this once with :func:`register`; ``parse_model`` reads the declarations and never lists
 classes. Adding a block therefore means one class plus one decorator.
@@ -30,6 +31,29 @@ Repeat = Literal["inner", "outer", "fixed"]
 #   "concat" output is the concatenation of the inputs
 #   "head"   a prediction head; its outputs are fixed by the task
 Coupling = Literal["free", "tied", "concat", "head"]
+
+
+@dataclass(frozen=True)
+class Pruning:
+    """Which channels of a block channel pruning (:mod:`utils.prune`) must keep.
+
+    The couplings *between* channels (residual adds, concatenations, depthwise convs, gates) are found by
+    tracing the model; what a trace cannot see is declared here, once per block:
+
+    * ``whole``: sub-modules (dotted paths relative to the block, ``*`` wildcards; ``""`` is the whole block)
+      none of whose channels may be removed, nor any channel coupled to them. For blocks whose forward
+      depends on the channel count beyond the weights' shapes: reductions over channels (CBAM's spatial
+      branch), reshapes by head count (attention), channel shuffles, LayerNorm over channels, grouped convs.
+    * ``fixed_outputs``: sub-modules whose output channels are fixed by the task (a head's predictions);
+      their input channels may still shrink.
+    """
+
+    whole: tuple[str, ...] = ()
+    fixed_outputs: tuple[str, ...] = ()
+
+
+PRUNE_FREELY = Pruning()
+KEEP_WHOLE = Pruning(whole=("",))
 
 
 def make_divisible(x: float, divisor: int = 8) -> int:
@@ -79,6 +103,7 @@ class ModuleSpec:
     coupling: Coupling = "free"
     multi_input: bool = False
     bind_fn: Callable[[ModuleSpec, list[int], list, BuildContext, int], tuple[list, int]] | None = None
+    pruning: Pruning = PRUNE_FREELY
 
     def bind(self, c_in: list[int], args: list, ctx: BuildContext, n: int) -> tuple[list, int]:
         """Turn YAML args into constructor args; returns ``(ctor_args, n_outer)``.
@@ -156,6 +181,7 @@ def register(
     coupling: Coupling = "free",
     multi_input: bool = False,
     bind_fn: Callable | None = None,
+    pruning: Pruning = PRUNE_FREELY,
 ) -> Callable[[type[nn.Module]], type[nn.Module]]:
     """Class decorator: declare how a block is built from a YAML row (see module docstring)."""
 
@@ -170,6 +196,7 @@ def register(
             coupling=coupling,
             multi_input=multi_input,
             bind_fn=bind_fn,
+            pruning=pruning,
         )
         REGISTRY.add(spec, aliases)
         return cls

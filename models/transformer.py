@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.common import C3, Conv
-from models.registry import register
+from models.registry import KEEP_WHOLE, Pruning, register
 
 __all__ = [
     "C3STR",
@@ -50,7 +50,7 @@ class TransformerLayer(nn.Module):
         return self.fc2(self.fc1(x)) + x
 
 
-@register(repeat="fixed")
+@register(repeat="fixed", pruning=KEEP_WHOLE)  # heads split the channels; the output reshape uses c2
 class TransformerBlock(nn.Module):
     """Global self-attention over all pixels of a map: optional 1x1 Conv to ``c2``, learnable position term."""
 
@@ -217,7 +217,7 @@ class SwinStage(nn.Module):
         return self.blocks(x)
 
 
-@register(repeat="inner")
+@register(repeat="inner", pruning=Pruning(whole=("m",)))  # Swin: LayerNorm over channels, heads split them
 class C3STR(C3):
     """C3 with a Swin stage (window 8, shifted every other block) as the bottleneck stack (seed 004's C3STR).
 

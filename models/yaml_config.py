@@ -12,6 +12,8 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from utils.errors import UserError
 from utils.paths import find_file
 from utils.user_files import load_user_yaml
@@ -102,3 +104,33 @@ def check_model_numbers(cfg: dict) -> None:
         if is_class_count and value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                                      or value < 1):
             raise ModelConfigError(f"{where}: {key} (number of classes) must be an integer >= 1, got {value!r}")
+
+
+def dump_model_yaml(cfg: dict, header: str = "") -> str:
+    """A model YAML in YOLOv5's layout: settings first, one ``[from, n, module, args]`` row per line.
+
+    Used to write pruned models; ``load_model_yaml`` reads the text back to an equal dict.
+    """
+    lines = [f"# {line}" if line else "#" for line in header.splitlines()]
+    for key, value in cfg.items():
+        if key == "yaml_file":
+            continue
+        if key in {"backbone", "head", "anchors"} and isinstance(value, list):
+            lines.append(f"{key}:")
+            lines += [f"  - {_flow(row)}" for row in value]
+        elif isinstance(value, dict):
+            lines.append(f"{key}:")
+            lines += [f"  {_flow(k)}:{_nested(v)}" for k, v in value.items()]
+        else:
+            lines.append(f"{key}: {_flow(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _nested(value: Any) -> str:
+    if isinstance(value, dict):
+        return "".join(f"\n    {_flow(k)}: {_flow(v)}" for k, v in value.items())
+    return f" {_flow(value)}"
+
+
+def _flow(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6, sort_keys=False).strip().removesuffix("\n...")

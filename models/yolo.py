@@ -22,6 +22,7 @@ import models.attention
 import models.backbones
 import models.transformer  # noqa: F401
 from models.activations import activation_scope, parse_activation
+from models.channels import apply_widths
 from models.common import Conv, DWConv
 from models.heads import Detect
 from models.registry import REGISTRY, BuildContext
@@ -99,7 +100,21 @@ def parse_model(cfg: dict, ch: list[int]) -> tuple[nn.Sequential, list[int]]:
             LOGGER.info("%3s%18s%3s%10.0f  %-40s%-30s", i, f, depth, module.np, module.type, ctor_args)
             layers.append(module)
             channels.append(c_out)
-    return nn.Sequential(*layers), sorted(set(save))
+    layers = nn.Sequential(*layers)
+    _apply_pruned_widths(layers, cfg.get("pruned"), where)
+    return layers, sorted(set(save))
+
+
+def _apply_pruned_widths(layers: nn.Sequential, pruned: dict | None, where: str) -> None:
+    """A pruned model's YAML lists the leaves whose widths the pruning tools changed (see models/channels.py)."""
+    if pruned is None:
+        return
+    if not isinstance(pruned, dict) or not isinstance(pruned.get("widths", {}), dict):
+        raise ModelConfigError(f"{where}: 'pruned' must be a mapping with a 'widths' table")
+    try:
+        apply_widths(layers, pruned.get("widths", {}), where)
+    except ValueError as exc:
+        raise ModelConfigError(str(exc)) from None
 
 
 def _check_geometry(module: nn.Module, where: str) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import types
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ import torch
 from models.yolo import DetectionModel
 from utils.checkpoint import (
     CheckpointError,
+    legacy_allow_list,
     load_checkpoint,
     save_atomic,
     save_checkpoint,
@@ -54,8 +57,71 @@ def test_v7_reference_nms(fixtures_dir):
 def test_safe_loader_refuses_unknown_class(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"model": argparse.Namespace(x=1)}, path)  # a class outside the allow-list
-    with pytest.raises(CheckpointError, match="refused to unpickle"):
+    with pytest.raises(CheckpointError, match=r"evil\.pt: refused to unpickle: it names argparse\.Namespace,"):
         load_checkpoint(path)
+
+
+def _save_under_fake_module(monkeypatch, path, dotted_name: str, value, payload) -> None:
+    """torch.save ``payload`` while ``value`` is importable as ``dotted_name``, so the pickle names exactly that
+    path (the way a file made by other code would). The fake modules are gone again once the test ends."""
+    module_name, attribute = dotted_name.rsplit(".", 1)
+    parts = module_name.split(".")
+    for depth in range(1, len(parts) + 1):
+        name = ".".join(parts[:depth])
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    value.__module__, value.__qualname__ = module_name, attribute
+    setattr(sys.modules[module_name], attribute, value)
+    torch.save(payload, path)
+
+
+@pytest.mark.parametrize("dotted_name", ["yolov5x.models.yolo.DetectionModel", "yolov5.models.yolo.detection.Model",
+                                         "yolov5.models.common.Conv.Conv", "ultralytics.models.yolo.DetectionModel"])
+def test_look_alike_class_paths_are_refused(monkeypatch, tmp_path, dotted_name):
+    """Only the exact module paths of a clone (models.*) and of the PyPI package (yolov5.models.*) are mapped."""
+    look_alike = type("LookAlike", (torch.nn.Module,), {})
+    path = tmp_path / "look-alike.pt"
+    _save_under_fake_module(monkeypatch, path, dotted_name, look_alike, {"model": look_alike()})
+    assert dotted_name in torch.serialization.get_unsafe_globals_in_checkpoint(path)  # the pickle names it
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(path)
+    message = str(refused.value)
+    assert f"refused to unpickle: it names {dotted_name}, outside the allow-list" in message
+
+
+@pytest.mark.parametrize("dotted_name", ["yolov5.models.common.os.system", "yolov5.models.yolo.torch.load",
+                                         "models.common.subprocess.run", "yolov5.models.common.C3.forward"])
+def test_functions_reached_through_mapped_modules_are_refused_and_never_called(monkeypatch, tmp_path, dotted_name):
+    """A pickle that calls a function named under a mapped module (REDUCE on a GLOBAL) is refused before
+    anything is looked up or called, and the message names only the refused global, not the allowed layers."""
+    calls = []
+
+    def spy(*args):
+        calls.append(args)
+
+    class Call:
+        def __reduce__(self):
+            return spy, ("echo pwned",)
+
+    path = tmp_path / "function.pt"
+    payload = {"model": torch.nn.Conv2d(1, 1, 1), "hook": Call()}
+    _save_under_fake_module(monkeypatch, path, dotted_name, spy, payload)
+    with pytest.raises(CheckpointError, match=rf"it names {dotted_name.replace('.', '[.]')}, outside") as refused:
+        load_checkpoint(path)
+    assert "Conv2d" not in str(refused.value)
+    assert calls == []
+
+
+def test_mapped_names_are_exact_yolov5_class_paths():
+    """Every name the allow-list accepts is a class under our modules, torch.nn, or v7.0's two modules with or
+    without the package prefix; no module, function or wildcard."""
+    import inspect
+
+    for item in legacy_allow_list():
+        cls, name = item if isinstance(item, tuple) else (item, f"{item.__module__}.{item.__qualname__}")
+        assert inspect.isclass(cls) and issubclass(cls, torch.nn.Module), name
+        module, class_name = name.rsplit(".", 1)
+        assert class_name == cls.__name__ or (class_name, cls.__name__) == ("Model", "DetectionModel"), name
+        assert module.startswith(("models.", "torch.nn.")) or module in {"yolov5.models.common", "yolov5.models.yolo"}
 
 
 def test_missing_weights_message(tmp_path):

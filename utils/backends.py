@@ -70,7 +70,7 @@ class Backend:
         if self.imgsz and not self.dynamic_hw and tuple(images.shape[2:]) != self.imgsz:
             raise ValueError(f"{self.weights} was exported for {self.imgsz[0]}x{self.imgsz[1]} inputs, got "
                              f"{images.shape[2]}x{images.shape[3]}: letterbox to that size or re-export with "
-                             "--imgsz (or --dynamic-hw for ONNX/OpenVINO)")
+                             "--imgsz (or --dynamic for ONNX/OpenVINO)")
 
     def _forward_in_chunks(self, images: torch.Tensor) -> list[torch.Tensor]:
         total = images.shape[0]

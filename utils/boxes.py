@@ -128,7 +128,10 @@ def box_iou(box1: Array, box2: Array) -> Array:
     top_left = lib.maximum(box1[:, None, :2], box2[:, :2])
     bottom_right = lib.minimum(box1[:, None, 2:], box2[:, 2:])
     inter = (bottom_right - top_left).clip(min=0).prod(2)
-    return inter / (area1[:, None] + area2 - inter)
+    if lib is torch:
+        return inter / (area1[:, None] + area2 - inter)
+    with np.errstate(invalid="ignore", divide="ignore"):  # two empty boxes: NaN, as torchvision (never a match)
+        return inter / (area1[:, None] + area2 - inter)
 
 
 def _load_torchvision_kernels() -> None:

@@ -77,7 +77,7 @@ class CSVLogger:
 
 
 class TensorBoardLogger:
-    """TensorBoard scalars (losses, metrics, lr) per epoch in ``save_dir``."""
+    """TensorBoard scalars (losses, metrics, lr) and the trainer's histograms per epoch in ``save_dir``."""
 
     def __init__(self) -> None:
         self.writer = None
@@ -93,6 +93,9 @@ class TensorBoardLogger:
         for key, value in trainer.epoch_row().items():
             if key != "epoch" and isinstance(value, (int, float)):
                 self.writer.add_scalar(key, value, trainer.epoch)
+        for tag, values in getattr(trainer, "epoch_histograms", dict)().items():
+            if values.numel():
+                self.writer.add_histogram(tag, values, trainer.epoch)
         self.writer.flush()
 
     def on_train_end(self, trainer: Trainer) -> None:

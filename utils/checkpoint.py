@@ -1,9 +1,11 @@
 """Checkpoints: safe loading of YOLOv5 v7.0 pickles, our own plain-data format, atomic writes, transfer.
 
-* v7.0 ``.pt`` files pickle whole modules (``models.yolo.DetectionModel``, ``models.common.C3`` ...). They are
-  loaded with ``torch.load(weights_only=True)`` inside :func:`torch.serialization.safe_globals` holding an
-  allow-list made from our registry and the ``torch.nn`` classes those models use: a pickle naming any
-  other class is refused with the class named, never loaded with a blanket ``weights_only=False``.
+* v7.0 ``.pt`` files pickle whole modules (``models.yolo.DetectionModel``, ``models.common.C3`` ...); the PyPI
+  ``yolov5`` package pickles the same classes under its package path (``yolov5.models.yolo.DetectionModel``).
+  They are loaded with ``torch.load(weights_only=True)`` inside :func:`torch.serialization.safe_globals` holding
+  an allow-list that maps those exact dotted names onto our classes, plus the ``torch.nn`` classes the models
+  use: a pickle naming any other global is refused with the global named, never loaded with a blanket
+  ``weights_only=False``.
 * Our format holds only tensors and plain Python data: ``state_dict`` + the resolved model YAML + metadata +
   training-state slots. It loads with the default safe loader and no allow-list.
 """
@@ -39,6 +41,12 @@ _TORCH_NN_CLASSES = (
 )
 
 
+# Where YOLOv5 v7.0's model code lives in the pickles users bring: a clone of ultralytics/yolov5 (``models.*``)
+# and the PyPI package ``yolov5`` (``yolov5.models.*``, e.g. 7.0.14). Only these exact prefixes are mapped.
+LEGACY_MODULE_PREFIXES = ("", "yolov5.")
+_HEAD_CLASSES = {"Detect", "Segment", "Classify"}  # in v7.0's models/yolo.py; the other blocks: models/common.py
+
+
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read or does not fit the model; the message names the file."""
 
@@ -55,13 +63,17 @@ class LoadedCheckpoint:
 
 
 def legacy_allow_list() -> list:
-    """(class, pickled dotted name) pairs allowed when unpickling v7.0 checkpoints.
+    """(class, pickled dotted name) pairs allowed when unpickling YOLOv5 checkpoints.
 
-    Blocks are allowed under the module path v7.0 pickled them with (``models.common`` / ``models.yolo``),
-    whatever file of ours defines them now.
+    Blocks are allowed under the module paths YOLOv5 pickled them with (``models.common`` / ``models.yolo``, and
+    the same under the PyPI package's ``yolov5.`` prefix), whatever file of ours defines them now, and under our
+    own module path. The unpickler looks each global up by its exact dotted name in this list and never imports
+    anything, so a look-alike (``yolov5x.models.yolo.DetectionModel``) or a function reached through a mapped
+    module (``yolov5.models.common.os.system``) is not found and the file is refused.
     """
     import models.classify  # registers Classify / MultiHeadClassify
     import models.yolo  # noqa: F401  (imports every block module, filling the registry)
+    from models.classify import ClassificationModel
     from models.registry import REGISTRY
     from models.yolo import DetectionModel
 
@@ -69,27 +81,43 @@ def legacy_allow_list() -> list:
     for cls in REGISTRY.classes():
         if cls.__module__.startswith("torch."):
             continue
-        legacy_module = "models.yolo" if cls.__name__ in {"Detect", "Segment", "Classify"} else "models.common"
-        allowed.append((cls, f"{legacy_module}.{cls.__name__}"))
         allowed.append((cls, f"{cls.__module__}.{cls.__name__}"))
-    allowed.append((DetectionModel, "models.yolo.DetectionModel"))
-    allowed.append((DetectionModel, "models.yolo.Model"))
-    from models.classify import ClassificationModel
-
-    allowed.append((ClassificationModel, "models.yolo.ClassificationModel"))
+        legacy_module = "models.yolo" if cls.__name__ in _HEAD_CLASSES else "models.common"
+        allowed += [(cls, f"{prefix}{legacy_module}.{cls.__name__}") for prefix in LEGACY_MODULE_PREFIXES]
+    for prefix in LEGACY_MODULE_PREFIXES:
+        allowed.append((DetectionModel, f"{prefix}models.yolo.DetectionModel"))
+        allowed.append((DetectionModel, f"{prefix}models.yolo.Model"))
+        allowed.append((ClassificationModel, f"{prefix}models.yolo.ClassificationModel"))
     return allowed
 
 
+def _allowed_names(allow_list: list) -> set[str]:
+    """The dotted names an allow-list accepts: the given name of a (class, name) pair, else the class's own."""
+    return {item[1] if isinstance(item, tuple) else f"{item.__module__}.{item.__qualname__}" for item in allow_list}
+
+
 def _torch_load_safely(path: Path) -> Any:
+    allow_list = legacy_allow_list()
     try:
-        with torch.serialization.safe_globals(legacy_allow_list()):
+        with torch.serialization.safe_globals(allow_list):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        refused = _refused_globals(path, _allowed_names(allow_list))
+        culprit = f"it names {', '.join(refused)}" if refused else f"the unpickler stopped: {exc}"
         raise CheckpointError(
-            f"{path}: refused to unpickle: it references classes outside the allow-list ({exc}). "
-            f"Globals in file: {unsafe}. Only YOLOv5-family models and our own checkpoints can be loaded."
+            f"{path}: refused to unpickle: {culprit}, outside the allow-list. Only YOLOv5 models (v7.0 classes "
+            f"saved by a clone of ultralytics/yolov5 or by the PyPI 'yolov5' package), torch.nn layers and "
+            f"yolo-kit checkpoints load; nothing else is unpickled (weights_only=True)"
         ) from None
+
+
+def _refused_globals(path: Path, allowed: set[str]) -> list[str]:
+    """The globals the pickle names that the allow-list lacks (empty if the file cannot be scanned)."""
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # a legacy (non-zip) or damaged file: the unpickler's own message is reported instead
+        return []
+    return sorted(name for name in found if name not in allowed)
 
 
 _OFFICIAL_WEIGHTS = re.compile(r"yolov5[nsmlx]6?(-cls|-seg)?\.pt")
@@ -131,7 +159,7 @@ def read_checkpoint(path: str | Path) -> Any:
 
 
 def load_checkpoint(path: str | Path, fuse: bool = False) -> LoadedCheckpoint:
-    """Load our format or a YOLOv5 v7.0 pickle into an eval-mode float model."""
+    """Load our format or a YOLOv5 v7.0 pickle (a clone's or the PyPI package's) into an eval-mode float model."""
     path = Path(path)
     data = read_checkpoint(path)
     if isinstance(data, dict) and data.get("format") == FORMAT:
@@ -151,8 +179,10 @@ def _from_legacy_pickle(data: dict, path: Path) -> LoadedCheckpoint:
     names = getattr(model, "names", None)
     if isinstance(names, dict):
         names = [names[k] for k in sorted(names)]
+    source = (f"yolov5 package {data['yolov5pip_version']} pickle" if data.get("yolov5pip_version")
+              else "yolov5 v7.0 pickle")
     meta = {"names": list(names or []), "stride": model.stride.tolist(), "yaml": getattr(model, "yaml", {}),
-            "epoch": data.get("epoch"), "date": data.get("date"), "source": "yolov5 v7.0 pickle"}
+            "epoch": data.get("epoch"), "date": data.get("date"), "source": source}
     model.names = meta["names"]
     return LoadedCheckpoint(model, path, "yolov5-v7-pickle", meta, data)
 

@@ -147,12 +147,24 @@ class TrainConfig:
     deterministic: bool = _flag(False, "force deterministic algorithms (for exact resume checks)")
     compile: bool = _flag(False, "torch.compile the training forward/backward (~1.3x per CPU step; the first run "
                                  "compiles for 1-2 min, later runs reuse the on-disk cache)")
-    bf16: bool = _flag(False, "bfloat16 mixed precision: autocast forward/backward, float32 weights, optimizer, EMA "
-                              "and validation; fast on CPUs with AVX512-BF16 or AMX (on CUDA it replaces float16 AMP)")
+    precision: str = _flag("auto", "training precision; auto: bfloat16 autocast on CPUs with AVX512-BF16 or AMX, "
+                                   "float16 AMP on CUDA, float32 elsewhere (weights, optimizer, EMA and validation "
+                                   "stay float32)", choices=["auto", "bf16", "fp16", "fp32"])
+    bf16: bool = _flag(False, "--precision bf16: bfloat16 autocast also where it is not the default (a CPU that "
+                              "emulates it, slower; on CUDA instead of float16 AMP)")
+    fp32: bool = _flag(False, "--precision fp32: train in float32, no mixed precision", aliases=("--no-amp",))
     heads_mode: str = _flag("joint", "multi-head classifiers: joint or sequential", choices=["joint", "sequential"])
     head_weights: list[float] = _flag(None, "multi-head loss weights, one per head", nargs="+", type=float)
     head_balance: str = _flag("none", "dynamic multi-head loss balancing", choices=["none", "uncertainty"])
     finetune_epochs: int = _flag(0, "sequential mode: final joint fine-tune epochs at lr x 0.1")
+    sparse: float = _flag(0.0, "Network Slimming sparse training: add S*sign(gamma) to the gradients of the prunable "
+                               "BatchNorm weights each optimizer step (e.g. 1e-4; 0 = off), before prune_slim.py")
+    sparse_decay: str = _flag("none", "lower --sparse over training to 10%% of S (linear or cosine in the epoch)",
+                              choices=["none", "linear", "cos"])
+    teacher: str = _flag("", "knowledge distillation from this trained model (.pt, e.g. the unpruned parent of a "
+                             "pruned student): same classes, and for detectors the same strides and anchors")
+    distill_weight: float = _flag(1.0, "weight of the --teacher distillation loss (1 = the task loss's scale)")
+    distill_temperature: float = _flag(4.0, "softmax temperature of --teacher distillation for classifiers")
     max_batches: int = _flag(0, "debug: stop each epoch after this many batches (0 = all)")
     local_rank: int = _flag(-1, "set by torchrun; do not modify")
 

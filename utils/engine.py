@@ -37,9 +37,10 @@ from utils.errors import UserError
 from utils.freeze import apply_trainable, freeze_batchnorm_stats, frozen_layer_indices, layer_index
 from utils.optim import SAM, build_optimizer, lr_lambda, scheduled_factor, warmup_step
 from utils.paths import increment_path, remove_unused_run_dir, set_aside_earlier_run
+from utils.precision import requested_precision, resolve_precision, with_precision
+from utils.prune.sparsity import SparseTraining
 from utils.tasks.base import Task
 from utils.torch_utils import (
-    cpu_has_native_bf16,
     de_parallel,
     float_outputs,
     seed_everything,
@@ -65,8 +66,10 @@ class Trainer:
         self.callbacks = callbacks or default_callbacks()
         self.rank, self.local_rank, self.world_size = distributed_context()
         self.device = self._init_device()
-        if cfg.bf16 and self.device.type == "cpu" and not cpu_has_native_bf16():
-            LOGGER.warning("--bf16: this CPU has neither AVX512-BF16 nor AMX, bfloat16 is emulated and slower")
+        self.precision = resolve_precision(requested_precision(cfg), self.device)
+        self.cfg = cfg = with_precision(cfg, self.precision.name)  # opt.yaml and last.pt record what is used
+        if self.is_main:
+            LOGGER.info("precision: %s", self.precision.describe())
         self.hyp = load_hyp(cfg.hyp, cfg.hyp_override)
         if cfg.label_smoothing:
             self.hyp["label_smoothing"] = cfg.label_smoothing
@@ -74,7 +77,11 @@ class Trainer:
         self.epoch, self.start_epoch, self.epochs = 0, 0, cfg.epochs
         self.best_fitness, self.best_epoch = -math.inf, -1
         self.metrics: dict[str, float] = {}
-        self.train_loss = torch.zeros(len(task.loss_names))
+        # results.csv / progress-bar loss columns: the task's, plus the --teacher distillation term
+        self.loss_names = (*task.loss_names, "distill") if cfg.teacher else tuple(task.loss_names)
+        self.train_loss = torch.zeros(len(self.loss_names))
+        self.sparse: SparseTraining | None = None
+        self.distillation: Any = None  # utils.distill.Distillation under --teacher
         self.last_opt_step = -1
         self.epoch_lrs: list[float] = []
         self.resume_state: dict[str, Any] | None = None
@@ -112,7 +119,7 @@ class Trainer:
         self.static_frozen = frozen_layer_indices(self.model, cfg.freeze)  # a bad --freeze fails before data loads
         # before the EMA copy, so that it matches; DDP ranks each see batch_size // world_size images
         self.memory_format = training_memory_format(self.model, cfg.imgsz, max(cfg.batch_size // self.world_size, 1),
-                                                    throughout=cfg.compile or cfg.bf16)
+                                                    throughout=cfg.compile or self.precision.name == "bf16")
         if self.device.type == "cpu":
             set_inplace_activations(self.model, False)
         self.train_loader, self.val_loader = self.task.build_loaders(self.model)
@@ -125,7 +132,20 @@ class Trainer:
             self._wrap_ddp()
         self.forward_model = compiled(self.model) if cfg.compile else self.model
         self.loss_fn = self.task.criterion(de_parallel(self.model))
+        self._init_pruning_aids()
         self.callbacks.run("on_pretrain_routine_end", self)
+
+    def _init_pruning_aids(self) -> None:
+        """--sparse (Network Slimming's L1 on BN gammas) and --teacher (distillation added to the task loss)."""
+        cfg = self.cfg
+        if cfg.sparse:
+            self.sparse = SparseTraining(de_parallel(self.model), cfg.sparse, cfg.sparse_decay)
+        if cfg.teacher:
+            from utils.distill import build_distillation
+
+            self.distillation = build_distillation(self.task, de_parallel(self.model), cfg, self.device,
+                                                   self.memory_format)
+            self.loss_fn = self.distillation.wrap(self.loss_fn)
 
     def _init_optimization(self) -> None:
         cfg, hyp = self.cfg, self.hyp
@@ -137,9 +157,8 @@ class Trainer:
         self.lf = lr_lambda(self.epochs, hyp["lrf"], cfg.cos_lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            lr_lambda=lambda e: scheduled_factor(self.lf, e))
-        self.amp = self.device.type == "cuda" or cfg.bf16
-        self.amp_dtype = torch.bfloat16 if cfg.bf16 else torch.float16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and not cfg.bf16)  # bfloat16 needs no scaling
+        self.amp, self.amp_dtype = self.precision.autocast, self.precision.autocast_dtype
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision.grad_scaling)  # bfloat16 needs no scaling
         self.ema = ModelEMA(self.model) if self.is_main else None
 
     def _wrap_ddp(self) -> None:
@@ -202,7 +221,7 @@ class Trainer:
         loader = self.train_loader
         n_batches = len(loader) if not self.cfg.max_batches else min(len(loader), self.cfg.max_batches)
         warmup_iters = max(round(self.hyp["warmup_epochs"] * n_batches), 100) if self.hyp["warmup_epochs"] else -1
-        mean_loss = torch.zeros(len(self.task.loss_names))
+        mean_loss = torch.zeros(len(self.loss_names))
         bar = tqdm(enumerate(loader), total=n_batches, disable=not self.is_main,
                    bar_format="{l_bar}{bar:10}{r_bar}")
         self.optimizer.zero_grad()
@@ -231,11 +250,11 @@ class Trainer:
         return mean_loss
 
     def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward pass under autocast (CUDA AMP, or ``--bf16``) and the loss; a bfloat16 forward's outputs are
-        cast to float32 first, so that the loss's sums and IoUs keep float32 precision."""
+        """Forward pass under autocast (unless the run trains in float32) and the loss; a bfloat16 forward's
+        outputs are cast to float32 first, so that the loss's sums and IoUs keep float32 precision."""
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
             preds = self.forward_model(batch["images"])
-            return self.loss_fn(float_outputs(preds) if self.cfg.bf16 else preds, batch)
+            return self.loss_fn(float_outputs(preds) if self.precision.name == "bf16" else preds, batch)
 
     def _forward_backward(self, batch: dict[str, Any]) -> torch.Tensor:
         loss, items = self._loss(batch)
@@ -249,6 +268,8 @@ class Trainer:
         if self.sam is not None:
             self._sam_second_pass(batch)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.hyp["grad_clip"])
+        if self.sparse is not None:  # after clipping: the L1 term keeps its exact strength S
+            self.sparse.apply(self.epoch, self.epochs)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad()
@@ -265,7 +286,7 @@ class Trainer:
 
     def _progress_text(self, mean_loss: torch.Tensor, batch: dict[str, Any]) -> str:
         mem = f"{torch.cuda.memory_reserved() / 1e9:.3g}G" if self.device.type == "cuda" else "cpu"
-        losses = " ".join(f"{name} {value:.4g}" for name, value in zip(self.task.loss_names, mean_loss.tolist()))
+        losses = " ".join(f"{name} {value:.4g}" for name, value in zip(self.loss_names, mean_loss.tolist()))
         extra = f" inst {batch['n_instances']}" if "n_instances" in batch else ""
         return f"{self.epoch}/{self.epochs - 1} {mem} {losses}{extra} size {batch['images'].shape[-1]}"
 
@@ -283,12 +304,18 @@ class Trainer:
     def epoch_row(self) -> dict[str, Any]:
         """One results.csv row: epoch, training losses, validation metrics, learning rates."""
         row: dict[str, Any] = {"epoch": self.epoch}
-        row.update({f"train/{n}": float(v) for n, v in zip(self.task.loss_names, self.train_loss.tolist())})
+        row.update({f"train/{n}": float(v) for n, v in zip(self.loss_names, self.train_loss.tolist())})
         for key, value in self.metrics.items():  # the task's validation losses come already named "val/..."
             if isinstance(value, (int, float)):
                 row[key if key.startswith("val/") else f"metrics/{key}"] = float(value)
+        if self.sparse is not None and self.ema is not None:
+            row.update(self.sparse.epoch_row(self.ema.ema))
         row.update({f"lr/pg{j}": float(lr) for j, lr in enumerate(self.epoch_lrs)})
         return row
+
+    def epoch_histograms(self) -> dict[str, torch.Tensor]:
+        """TensorBoard histograms of the epoch: the EMA's prunable BN gammas under --sparse."""
+        return self.sparse.epoch_histograms(self.ema.ema) if self.sparse is not None and self.ema is not None else {}
 
     def _should_stop(self) -> bool:
         patience = self.cfg.patience or math.inf  # 0 disables early stopping, as in v7.0
@@ -325,7 +352,9 @@ class Trainer:
         if self.cfg.nosave and self.epoch + 1 != self.epochs:
             return
         meta = {"epoch": self.epoch, "fitness": float(self.task.fitness(self.metrics)) if self.metrics else None,
-                "metrics": {k: float(v) for k, v in self.metrics.items() if isinstance(v, (int, float))}}
+                "metrics": {k: float(v) for k, v in self.metrics.items() if isinstance(v, (int, float))},
+                "precision": self.precision.name,
+                "sparse": float(self.cfg.sparse)}  # prune_slim.py warns when a model was not trained sparse
         extra = self.task.checkpoint_meta() if hasattr(self.task, "checkpoint_meta") else {}
         last = save_checkpoint(self.ema.ema, self.weights_dir / "last.pt", self.train_state(), **meta, **extra)
         if is_best:
@@ -352,6 +381,8 @@ class Trainer:
             if best.exists() and self.val_loader is not None and hasattr(self.task, "final_validation"):
                 self.metrics = self.task.final_validation(best, self.val_loader, self.save_dir,
                                                           plots=not self.cfg.noplots)
+            if self.sparse is not None and not self.cfg.noplots:
+                self.sparse.plot(self.ema.ema, self.save_dir)
             self.callbacks.run("on_train_end", self)
             LOGGER.info("%d epochs completed; results saved to %s", self.epoch - self.start_epoch + 1,
                         self.save_dir)

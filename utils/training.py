@@ -11,11 +11,17 @@ from utils.config import TrainConfig
 from utils.errors import FlagError, MissingFileError
 from utils.flags import check_train_config
 from utils.paths import latest_run
+from utils.precision import requested_precision, resumed_precision, with_precision
+from utils.torch_utils import select_device
 
 if TYPE_CHECKING:
     from utils.tasks.base import Task
 
 LOGGER = logging.getLogger(__name__)
+
+# YOLOv5 v7.0 starts from yolov5s.pt when neither --cfg nor --weights is given, which it downloads; nothing is
+# downloaded here, so the default is the smallest model of the family, trained from scratch.
+DEFAULT_MODEL = "yolov5n.yaml"
 
 
 def make_task(cfg: TrainConfig) -> Task:
@@ -64,15 +70,34 @@ def resume_config(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
         saved = dataclasses.replace(saved, epochs=state["epochs"] + cfg.extend)
     if cfg.device:
         saved = dataclasses.replace(saved, device=cfg.device)
-    LOGGER.info("resuming %s from epoch %d of %d", path, state["epoch"] + 1, saved.epochs)
+    if requested_precision(cfg) != "auto":
+        LOGGER.warning("--resume continues in the precision the run trained in; the precision flags are ignored")
+    precision, how = resumed_precision(state["cfg"], select_device(saved.device))
+    saved = with_precision(saved, precision)
+    LOGGER.info("resuming %s from epoch %d of %d, %s", path, state["epoch"] + 1, saved.epochs, how)
     return saved, state
+
+
+def with_default_model(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the default model when it names none (no --cfg, --weights or --resume), saying so."""
+    if cfg.cfg or cfg.weights or cfg.resume:
+        return cfg
+    LOGGER.info("model: %s from scratch (no --cfg or --weights given; YOLOv5's default, a pretrained yolov5s.pt, "
+                "would need a download: give --weights yolov5s.pt where you have it)", DEFAULT_MODEL)
+    return dataclasses.replace(cfg, cfg=DEFAULT_MODEL)
 
 
 def run_training(cfg: TrainConfig) -> dict[str, float]:
     from utils.autobatch import resolve_batch_size
+    from utils.distill import check_distill_flags
     from utils.engine import fit
+    from utils.prune.sparsity import check_sparse_flags
 
     check_train_config(cfg)  # before anything loads: a bad flag leaves no run folder behind
+    check_sparse_flags(cfg)
+    check_distill_flags(cfg)
+    requested_precision(cfg)  # contradictory precision flags fail before anything loads
+    cfg = with_default_model(cfg)
     cfg = resolve_batch_size(cfg, lambda: make_task(cfg).build_model())  # --batch-size -1: AutoBatch
     if cfg.evolve:
         from utils.evolve import evolve

@@ -139,7 +139,7 @@ def run_validation(weights: str, data: str, imgsz: int = 640, batch_size: int = 
     stride = max(info["stride"], 32)
     imgsz = check_img_size(imgsz, stride)
     check_artifact_size(predictor, imgsz, weights)
-    # v7.0's rectangular batches wherever the input size is free (PyTorch, exports with --dynamic-hw); fixed-size
+    # v7.0's rectangular batches wherever the input size is free (PyTorch, exports with --dynamic); fixed-size
     # artifacts get square, unpadded batches of their own size, as v7.0 does for every exported model
     rect = isinstance(predictor, torch.nn.Module) or bool(getattr(predictor, "dynamic_hw", False))
     loader, _ = create_dataloader(data_cfg[split], imgsz, batch_size, stride, augment=False, pad=0.5 if rect else 0.0,

@@ -49,6 +49,7 @@ class ValidationOptions:
     # training criterion (raw maps, normalised targets) -> (total, loss items); with a PyTorch model the mean
     # items per batch come back as "val_loss" (v7.0's val/box_loss, val/obj_loss, val/cls_loss)
     compute_loss: Callable[[list[torch.Tensor], torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    progress: bool = True  # a progress bar over the batches (off for the pruning search's many short runs)
 
 
 Predictor = Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor] | None]]
@@ -118,7 +119,7 @@ def validate_detector(predictor: torch.nn.Module | Callable, loader: Iterable, n
     loss_sum, loss_batches = None, 0
     json_rows: list[dict] = []
     streams = opts.streams or (cpu_streams(device) if is_module else 1)  # exported backends thread themselves
-    batches = tqdm(loader, desc="val", bar_format="{l_bar}{bar:10}{r_bar}")
+    batches = tqdm(loader, desc="val", bar_format="{l_bar}{bar:10}{r_bar}", disable=not opts.progress)
     work = partial(_predict_batch, predict, device, opts)
     results = pipelined(batches, work, streams)
     for batch_index, ((images, _, paths, shapes), (detections, targets, letterboxed_shape, stage_times,

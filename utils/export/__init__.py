@@ -2,6 +2,8 @@
 
 ``export.py`` is a thin CLI over :func:`run_export`; each format lives in its own module. Errors are raised,
 never logged-and-skipped, so a failed export gives a non-zero exit code (unlike YOLOv5, which carries on).
+An artifact (or sidecar) that already exists is not replaced unless ``exist_ok`` is set: the check runs
+before anything is loaded or written, so a refused export leaves every file as it was.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from utils.errors import FlagError, MissingFileError
+from utils.errors import UserError
 from utils.export.common import (
     ExportMetadata,
     MetadataError,
@@ -35,9 +37,30 @@ LOGGER = logging.getLogger(__name__)
 
 FORMATS = ("torchscript", "onnx", "openvino", "ncnn", "engine")
 
-__all__ = ["FORMATS", "ExportMetadata", "ExportOptions", "MetadataError", "NMSSettings", "artifact_paths",
-           "compare_with_pytorch", "focus_to_conv", "metadata_path", "parse_shape", "prepare_for_export",
-           "read_metadata", "run_export", "write_metadata"]
+__all__ = [
+    "FORMATS",
+    "ExportMetadata",
+    "ExportOptionError",
+    "ExportOptions",
+    "MetadataError",
+    "NMSSettings",
+    "artifact_paths",
+    "compare_with_pytorch",
+    "focus_to_conv",
+    "metadata_path",
+    "parse_shape",
+    "planned_outputs",
+    "prepare_for_export",
+    "read_metadata",
+    "run_export",
+    "write_metadata",
+]
+
+ALL_AXES = ("batch", "height", "width")
+
+
+class ExportOptionError(UserError, ValueError):
+    """Export flags that cannot be satisfied (or would overwrite the user's files); the message says what to do."""
 
 
 @dataclass
@@ -48,8 +71,8 @@ class ExportOptions:
     include: tuple[str, ...] = ("torchscript",)
     imgsz: tuple[int, int] = (640, 640)
     batch_size: int = 1
-    dynamic: bool = False
-    dynamic_hw: bool = False
+    dynamic: bool = False  # YOLOv5 v7.0's --dynamic: batch, height and width
+    dynamic_batch: bool = False  # batch only, height and width fixed at imgsz
     simplify: bool = False
     opset: int = DEFAULT_OPSET
     half: bool = False
@@ -65,6 +88,13 @@ class ExportOptions:
     opt_shape: tuple[int, ...] | None = None
     max_shape: tuple[int, ...] | None = None
     output_dir: Path | None = None
+    exist_ok: bool = False  # replace artifacts that already exist
+
+    def dynamic_axes(self) -> tuple[str, ...]:
+        """The free input axes of ONNX/OpenVINO artifacts (TorchScript keeps only the batch, NCNN none)."""
+        if self.dynamic:
+            return ALL_AXES
+        return ("batch",) if self.dynamic_batch else ()
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -84,22 +114,55 @@ def artifact_paths(weights: Path, output_dir: Path | None = None) -> dict[str, P
             "ncnn": folder / f"{stem}_ncnn_model", "engine": folder / f"{stem}.engine"}
 
 
+def planned_outputs(options: ExportOptions) -> list[Path]:
+    """Every file or folder :func:`run_export` will write for ``options``: artifacts and their JSON sidecars."""
+    include = set(options.include)
+    paths = artifact_paths(Path(options.weights), options.output_dir)
+    names = [name for name in ("torchscript", "openvino", "ncnn", "engine") if name in include]
+    if {"onnx", "engine"} & include or (options.int8 and "openvino" in include):
+        names.append("onnx")  # the engine and INT8 OpenVINO are built from the ONNX export, written beside them
+        if options.int8:
+            names.append("onnx_int8")
+    outputs = []
+    for name in names:
+        artifact = paths[name]
+        outputs.append(artifact)
+        if name not in {"openvino", "ncnn"}:  # folders carry their sidecar inside
+            outputs.append(metadata_path(artifact))
+    return outputs
+
+
+def check_overwrite(options: ExportOptions) -> None:
+    """Refuse to replace existing artifacts or sidecars unless ``exist_ok`` (YOLOv5 v7.0 overwrote silently)."""
+    existing = [str(path) for path in planned_outputs(options) if path.exists()]
+    if existing and not options.exist_ok:
+        raise ExportOptionError(f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; pass "
+                                f"--exist-ok to replace {'it' if len(existing) == 1 else 'them'}, or --output-dir "
+                                "DIR to export elsewhere")
+    for path in existing:
+        LOGGER.warning("replacing %s (--exist-ok)", path)
+
+
 def check_options(options: ExportOptions, device: torch.device) -> None:
     """Fail before any work when the flags cannot be satisfied, with a message saying what to change."""
     unknown = [f for f in options.include if f not in FORMATS]
     if unknown:
-        raise FlagError(f"--include {unknown}: unknown format; choose from {', '.join(FORMATS)}")
+        raise ExportOptionError(f"--include {unknown}: unknown format; choose from {', '.join(FORMATS)}")
     if not Path(options.weights).is_file():
-        raise MissingFileError(f"weights file {options.weights} not found")
+        raise ExportOptionError(f"weights file {options.weights} not found; pass --weights PATH to a .pt checkpoint")
+    if options.dynamic and options.dynamic_batch:
+        raise ExportOptionError("--dynamic (batch, height and width, as YOLOv5 v7.0) and --dynamic-batch (batch "
+                                "only) exclude each other: pass one")
     if options.half and device.type != "cuda" and {"torchscript", "onnx"} & set(options.include):
-        raise FlagError("--half exports FP16 TorchScript/ONNX and needs a CUDA device (--device 0); on CPU export "
-                         "FP32 (OpenVINO/NCNN --half only store FP16 weights and work on CPU)")
+        raise ExportOptionError("--half exports FP16 TorchScript/ONNX and needs a CUDA device (--device 0); on CPU "
+                                "export FP32 (OpenVINO/NCNN --half only store FP16 weights and work on CPU)")
     if options.int8 and options.nms:
-        raise FlagError("--int8 with --nms is not supported: quantize the plain graph and run NMS outside")
+        raise ExportOptionError("--int8 with --nms is not supported: quantize the plain graph and run NMS outside")
     if options.int8 and not options.data:
-        raise FlagError("--int8 needs --data (a data YAML whose train images calibrate the quantization)")
+        raise ExportOptionError("--int8 needs --data (a data YAML whose train images calibrate the quantization)")
     if options.int8 and {"torchscript", "ncnn"} & set(options.include):
-        raise FlagError("--int8 applies to onnx, openvino and engine only")
+        raise ExportOptionError("--int8 applies to onnx, openvino and engine only")
+    check_overwrite(options)
     if "engine" in options.include:
         from utils.export.tensorrt import import_tensorrt
 
@@ -108,7 +171,8 @@ def check_options(options: ExportOptions, device: torch.device) -> None:
 
 def _metadata(model: nn.Module, names: list[str], options: ExportOptions, fmt: str, precision: str,
               batch: int) -> ExportMetadata:
-    dynamic = (["batch"] if options.dynamic else []) + (["height", "width"] if options.dynamic_hw else [])
+    axes = options.dynamic_axes()
+    dynamic = {"ncnn": [], "torchscript": [a for a in axes if a == "batch"]}.get(fmt, list(axes))
     nms = None
     if options.nms and fmt == "onnx":
         nms = {"conf_thres": options.nms_settings.conf_thres, "iou_thres": options.nms_settings.iou_thres,
@@ -141,7 +205,8 @@ def run_export(options: ExportOptions) -> dict[str, Path]:
     check_options(options, device)
     model, names = load_for_export(Path(options.weights))
     if options.nms and model_task(model) != "detect":
-        raise FlagError(f"--nms: {options.weights} is a classifier; NMS inside the graph applies to detectors only")
+        raise ExportOptionError(f"--nms: {options.weights} is a classifier; NMS inside the graph applies to detectors "
+                                "only")
     stride = max(int(model_stride(model)), 32)
     options.imgsz = tuple(check_img_size(size, stride) for size in options.imgsz)
     prepared = prepare_for_export(model)
@@ -161,7 +226,6 @@ def run_export(options: ExportOptions) -> dict[str, Path]:
         from utils.export.ncnn import export_ncnn
 
         metadata = _metadata(prepared, names, options, "ncnn", "fp16" if options.half else "fp32", 1)
-        metadata.dynamic = []
         done["ncnn"] = export_ncnn(prepared, images, paths["ncnn"], metadata, half=options.half)
     if "engine" in options.include:
         done["engine"] = _build_engine(done["onnx"], paths["engine"], options)
@@ -186,8 +250,7 @@ def _export_onnx(model: nn.Module, images: torch.Tensor, names: list[str], optio
     metadata = _metadata(model, names, options, "onnx", precision, options.batch_size)
     model, images = _on_device(model, images, device, precision == "fp16")
     nms = options.nms_settings if options.nms else None
-    return export_onnx(model, images, file, metadata, options.opset, options.dynamic, options.dynamic_hw,
-                       options.simplify, nms)
+    return export_onnx(model, images, file, metadata, options.opset, options.dynamic_axes(), options.simplify, nms)
 
 
 def _on_device(model: nn.Module, images: torch.Tensor, device: torch.device, half: bool):
@@ -212,8 +275,7 @@ def _export_openvino(model: nn.Module, images: torch.Tensor, names: list[str], o
     precision = "int8" if options.int8 else ("fp16" if options.half else "fp32")
     metadata = _metadata(model, names, options, "openvino", precision, options.batch_size)
     source = done.get("onnx_int8") if options.int8 else _plain_onnx(done, options)
-    return export_openvino(model, images, folder, metadata, options.half, options.dynamic, options.dynamic_hw,
-                           onnx_file=source)
+    return export_openvino(model, images, folder, metadata, options.half, options.dynamic_axes(), onnx_file=source)
 
 
 def _plain_onnx(done: dict[str, Path], options: ExportOptions) -> Path | None:
@@ -224,14 +286,13 @@ def _plain_onnx(done: dict[str, Path], options: ExportOptions) -> Path | None:
 
 
 def _build_engine(onnx_file: Path, engine_file: Path, options: ExportOptions) -> Path:
-    from utils.export.tensorrt import ShapeProfile, build_engine
+    from utils.export.tensorrt import ShapeProfile, build_engine, default_profile
 
-    height, width = options.imgsz
     profile = None
-    if options.dynamic or options.dynamic_hw:
-        default_max = (max(options.batch_size, 1), 3, height, width)
-        profile = ShapeProfile(min=options.min_shape or (1, 3, height, width),
-                               opt=options.opt_shape or default_max, max=options.max_shape or default_max)
+    if options.dynamic_axes():  # v7.0: a batch profile at the export size; --min/opt/max-shape override it
+        default = default_profile(options.imgsz, options.batch_size)
+        profile = ShapeProfile(min=options.min_shape or default.min, opt=options.opt_shape or default.opt,
+                               max=options.max_shape or default.max)
     calibration = image_files(options.data, "train")[: options.calib_images] if options.int8 else []
     return build_engine(onnx_file, engine_file, options.half, options.int8, options.workspace, profile, calibration)
 

@@ -12,6 +12,7 @@ and batch stays dynamic. The selected (image, class, box) triples are scattered 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -114,19 +115,20 @@ def _xywh_to_xyxy(xywh: torch.Tensor) -> torch.Tensor:
 
 
 def export_onnx(model: nn.Module, images: torch.Tensor, file: str | Path, metadata: ExportMetadata,
-                opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, dynamic_hw: bool = False,
-                simplify: bool = False, nms: NMSSettings | None = None) -> Path:
+                opset: int = DEFAULT_OPSET, dynamic: Sequence[str] = (), simplify: bool = False,
+                nms: NMSSettings | None = None) -> Path:
     """Export a prepared detector/classifier to ``file``; returns the path (sidecar written beside it).
 
-    ``images`` fixes the traced shape and dtype (FP16 only on CUDA: the caller checks). ``nms`` wraps a
-    detector in :class:`EndToEndDetector`.
+    ``images`` fixes the traced shape and dtype (FP16 only on CUDA: the caller checks). ``dynamic`` names the
+    free input axes ("batch", "height", "width"; v7.0's ``--dynamic`` is all three). ``nms`` wraps a detector
+    in :class:`EndToEndDetector`.
     """
     import onnx
 
     file = Path(file)
     module = EndToEndDetector(model, len(metadata.names), nms) if nms is not None else model
     output_names = ["detections", "num_dets"] if nms is not None else ["output0"]
-    axes = _dynamic_axes(output_names, dynamic_batch, dynamic_hw, nms is not None)
+    axes = _dynamic_axes(output_names, dynamic, detector_boxes=nms is None and metadata.task == "detect")
     torch.onnx.export(module, (images,), str(file), dynamo=False, opset_version=opset, input_names=["images"],
                       output_names=output_names, dynamic_axes=axes or None, do_constant_folding=True)
     graph = onnx.load(str(file))
@@ -140,16 +142,22 @@ def export_onnx(model: nn.Module, images: torch.Tensor, file: str | Path, metada
     return file
 
 
-def _dynamic_axes(output_names: list[str], dynamic_batch: bool, dynamic_hw: bool, nms: bool) -> dict:
+def _dynamic_axes(output_names: list[str], dynamic: Sequence[str], detector_boxes: bool) -> dict:
+    """``torch.onnx.export``'s dynamic axes: the named input axes, every output's batch, and (free height and
+    width) the box count of a detector's decoded output, as YOLOv5 v7.0 names them."""
+    unknown = set(dynamic) - {"batch", "height", "width"}
+    if unknown:
+        raise ValueError(f"unknown dynamic axes {sorted(unknown)}")
     axes: dict[str, dict[int, str]] = {}
-    if dynamic_batch:
+    if "batch" in dynamic:
         axes["images"] = {0: "batch"}
         for name in output_names:
             axes[name] = {0: "batch"}
-    if dynamic_hw:
-        axes.setdefault("images", {}).update({2: "height", 3: "width"})
-        if not nms:
-            axes.setdefault(output_names[0], {}).update({1: "anchors"})
+    for index, axis in ((2, "height"), (3, "width")):
+        if axis in dynamic:
+            axes.setdefault("images", {})[index] = axis
+    if detector_boxes and {"height", "width"} & set(dynamic):
+        axes.setdefault(output_names[0], {})[1] = "anchors"
     return axes
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -21,9 +22,11 @@ LOGGER = logging.getLogger(__name__)
 
 
 def export_openvino(model: nn.Module, images: torch.Tensor, folder: str | Path, metadata: ExportMetadata,
-                    half: bool = False, dynamic_batch: bool = False, dynamic_hw: bool = False,
-                    onnx_file: str | Path | None = None) -> Path:
-    """Write the IR into ``folder``; reuses ``onnx_file`` when given (it must be a plain, NMS-free export)."""
+                    half: bool = False, dynamic: Sequence[str] = (), onnx_file: str | Path | None = None) -> Path:
+    """Write the IR into ``folder``; reuses ``onnx_file`` when given (it must be a plain, NMS-free export).
+
+    ``dynamic`` names the free input axes, as for :func:`utils.export.onnx.export_onnx` (the IR keeps the ONNX
+    graph's shapes, so a reused ``onnx_file`` must have been exported with the same axes)."""
     import openvino as ov
 
     folder = Path(folder)
@@ -31,7 +34,7 @@ def export_openvino(model: nn.Module, images: torch.Tensor, folder: str | Path, 
     stem = folder.name.removesuffix("_openvino_model") or "model"
     with tempfile.TemporaryDirectory(prefix="ov-export-") as tmp:
         source = Path(onnx_file) if onnx_file else export_onnx(
-            model, images, Path(tmp) / f"{stem}.onnx", metadata, DEFAULT_OPSET, dynamic_batch, dynamic_hw)
+            model, images, Path(tmp) / f"{stem}.onnx", metadata, DEFAULT_OPSET, dynamic)
         ov_model = ov.convert_model(str(source))
         ov.save_model(ov_model, str(folder / f"{stem}.xml"), compress_to_fp16=half)
     write_metadata(folder, metadata)

@@ -78,15 +78,19 @@ def decode_tail_nodes(model_path: str | Path) -> list[str]:
             and (node.op_type == "Conv" or _downstream_of_conv(node, graph))]
 
 
-def coarsest_map_nodes(model_path: str | Path) -> list[str]:
+def coarsest_map_nodes(model_path: str | Path, imgsz: tuple[int, int] | None = None) -> list[str]:
     """Names of the nodes whose 4-D output has the smallest spatial size in the graph (the stride-32 layers).
 
-    Uses ONNX shape inference, so it needs static height and width; with ``--dynamic-hw`` nothing is found and
-    the whole graph is quantized (logged).
+    Uses ONNX shape inference, so it needs a static height and width: a graph exported with free ones
+    (``--dynamic``) is measured at ``imgsz`` (its export size). Without either nothing is found and the whole
+    graph is quantized (logged).
     """
     import onnx
 
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(model_path)))
+    model = onnx.load(str(model_path))
+    if imgsz is not None:
+        _pin_input_size(model, imgsz)
+    model = onnx.shape_inference.infer_shapes(model)
     spatial: dict[str, tuple[int, int]] = {}
     for value in list(model.graph.value_info) + list(model.graph.output):
         dims = value.type.tensor_type.shape.dim
@@ -97,6 +101,14 @@ def coarsest_map_nodes(model_path: str | Path) -> list[str]:
         return []
     smallest = min(spatial.values(), key=lambda hw: hw[0] * hw[1])
     return [node.name for node in model.graph.node if node.output and spatial.get(node.output[0]) == smallest]
+
+
+def _pin_input_size(model, imgsz: tuple[int, int]) -> None:
+    """Give the image input's free axes fixed sizes (batch 1, ``imgsz``) so shape inference can measure maps."""
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    for index, size in ((0, 1), (2, imgsz[0]), (3, imgsz[1])):
+        if len(dims) == 4 and not dims[index].HasField("dim_value"):
+            dims[index].dim_value = size
 
 
 def _downstream_of_conv(node, graph) -> bool:
@@ -140,7 +152,7 @@ def quantize_onnx_int8(onnx_in: str | Path, onnx_out: str | Path, calibration_fi
         raise ValueError(f"calibration method {method!r}: choose from {', '.join(methods)}")
     reader = LetterboxCalibrationReader(calibration_files, size, "images", batch)
     tail = decode_tail_nodes(onnx_in)
-    coarse = coarsest_map_nodes(onnx_in) if keep_coarse_fp32 else []
+    coarse = coarsest_map_nodes(onnx_in, size) if keep_coarse_fp32 else []
     excluded = sorted(set(tail) | set(coarse))
     LOGGER.info("INT8: calibrating on %d images; FP32 kept for %d decode and %d stride-32 nodes",
                 len(calibration_files), len(tail), len(coarse))

@@ -35,6 +35,23 @@ class ShapeProfile:
     def to_dict(self) -> dict[str, list[int]]:
         return {"min": list(self.min), "opt": list(self.opt), "max": list(self.max)}
 
+    def dynamic_axes(self) -> list[str]:
+        """The input axes this profile leaves free (min differs from max): what the engine really accepts."""
+        return [axis for index, axis in ((0, "batch"), (2, "height"), (3, "width"))
+                if self.min[index] != self.max[index]]
+
+
+def default_profile(imgsz: tuple[int, int], batch_size: int) -> ShapeProfile:
+    """YOLOv5 v7.0's ``--dynamic`` engine profile: batch 1 .. ``batch_size`` (optimised for half of it) at the
+    export size. Height and width stay fixed even though the ONNX allows others; ``--min/opt/max-shape``
+    (or ``to_trt.sh --shapes``) open them."""
+    height, width = imgsz
+    if batch_size <= 1:
+        LOGGER.warning("TensorRT --dynamic: the profile's largest batch is --batch-size (1); pass --batch-size N "
+                       "for batches of up to N")
+    return ShapeProfile(min=(1, 3, height, width), opt=(max(1, batch_size // 2), 3, height, width),
+                        max=(batch_size, 3, height, width))
+
 
 def import_tensorrt() -> Any:
     """The ``tensorrt`` module, or a RuntimeError telling the user to build on the device."""
@@ -128,7 +145,7 @@ def build_engine(onnx_file: str | Path, engine_file: str | Path, half: bool = Fa
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_file} (see the log above)")
     engine_file.write_bytes(bytes(serialized))
     metadata.update(format="engine", precision=precision, engine=device_description(),
-                    profile=profile.to_dict() if profile else None)
+                    profile=profile.to_dict() if profile else None, dynamic=profile.dynamic_axes() if profile else [])
     write_metadata(engine_file, metadata)
     return engine_file
 

@@ -50,3 +50,8 @@ class Task(Protocol):
 
     def epoch_plan(self, epoch: int, epochs: int) -> EpochPlan:
         """Which parameters train this epoch (freezing schedules, sequential heads)."""
+
+    def distill_criterion(self, model: nn.Module) -> Callable[[Any, Any, dict[str, Any]], tuple[torch.Tensor,
+                                                                                                torch.Tensor]]:
+        """``--teacher``: ``fn(student preds, teacher's raw preds, batch) -> (loss to add, value to log)``, the
+        loss on the task loss's scale (see utils/distill.py)."""

@@ -423,6 +423,24 @@ class ClassifyTask:
 
         return loss_fn
 
+    def distill_criterion(self, model: nn.Module) -> Callable[[Any, Any, dict[str, Any]], tuple[torch.Tensor,
+                                                                                                torch.Tensor]]:
+        """``--teacher``: temperature-scaled KL per head (utils/distill.py), weighted like the task's head losses
+        and only for the heads trained now; the teacher's heads are taken in order. Returns ``(loss x n / 64, as
+        the task's loss, batch-mean value to log)``."""
+        from utils.distill import classification_distill_loss
+
+        temperature = float(self.cfg.distill_temperature)
+
+        def criterion(preds, teacher_preds, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+            student = as_head_dict(preds, self.heads)
+            teacher = list(teacher_preds.values()) if isinstance(teacher_preds, dict) else [teacher_preds]
+            weights = [float(w) if k in self.active_heads else 0.0 for k, w in enumerate(self.head_weights.tolist())]
+            loss = classification_distill_loss(student, teacher, weights, temperature)
+            return loss * batch["n"] / NOMINAL_BATCH, loss
+
+        return criterion
+
     def validate(self, model: nn.Module, loader: DataLoader, save_dir: Path, plots: bool) -> dict[str, float]:
         """Precise-BN recalibration of ``model`` (the EMA, which is then saved) on training batches, then metrics."""
         recalibrate_batchnorm(model, self.train_loader, self.bn_recalibration_batches, self.device)

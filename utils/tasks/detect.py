@@ -155,6 +155,22 @@ class DetectTask:
         compute = self._loss(model)
         return lambda preds, batch: compute(preds, batch["targets"])
 
+    def distill_criterion(self, model: nn.Module) -> Callable[[Any, Any, dict[str, Any]], tuple[torch.Tensor,
+                                                                                                torch.Tensor]]:
+        """``--teacher``: output distillation with this model's loss gains and level balance (utils/distill.py);
+        returns ``(loss x batch size, as the YOLOv5 loss, per-image value to log)``."""
+        from utils.distill import detection_distill_loss
+        from utils.loss import objectness_balance
+
+        head = model.model[-1]
+        gains, balance = scale_loss_gains(self.hyp, head.nc, head.nl, self.imgsz), objectness_balance(head.nl)
+
+        def criterion(preds, teacher_preds, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+            loss = detection_distill_loss(preds, teacher_preds, gains, balance, head.nc)
+            return loss * preds[0].shape[0], loss
+
+        return criterion
+
     def validate(self, model: nn.Module, loader: DataLoader, save_dir: Path, plots: bool) -> dict[str, float]:
         """Validate a Conv+BN-fused copy (the EMA model itself keeps training-time structure).
 

@@ -1,0 +1,45 @@
+"""EagleEye: search random layer widths within a FLOPs budget, keep the candidate that scores best after
+adaptive BatchNorm, and write it as a pruned model.
+
+    python prune_eagleeye.py --weights best.pt --data data.yaml --remain-ratio 0.5 --max-iter 200 --path pruned.yaml
+    python train.py --cfg pruned.yaml --weights pruned.pt --data data.yaml --teacher best.pt    # fine-tune
+
+Writes pruned.yaml, pruned.pt, pruned_candidates.csv (every candidate's widths, FLOPs share, score) and
+pruned_candidates.png (score against FLOPs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from prune_slim import add_common_args, options
+from utils.cli import run_cli
+from utils.prune.eagleeye import SearchSettings
+from utils.prune.workflow import run_eagleeye
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument("--remain-ratio", type=float, required=True, help="share of the FLOPs to keep (0-1)")
+    parser.add_argument("--delta", type=float, default=0.02, help="accepted FLOPs band: remain-ratio +- delta")
+    parser.add_argument("--max-iter", type=int, default=200, help="candidates to score")
+    parser.add_argument("--spread", type=float, default=0.25, help="per-layer keep ratios vary by +- this")
+    parser.add_argument("--calib-batches", type=int, default=8, help="training batches for adaptive BN")
+    parser.add_argument("--score-images", type=int, default=128, help="validation images that score a candidate")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    args = parse_args(argv)
+    settings = SearchSettings(remain_ratio=args.remain_ratio, delta=args.delta, max_iter=args.max_iter,
+                              min_keep=args.min_keep, multiple=args.round, spread=args.spread, seed=args.seed)
+    run_eagleeye(options(args), settings, args.calib_batches, args.score_images)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,189 @@
+"""Network Slimming sparse training (issue 23): which gammas are penalised, the exact gradient term, its decay,
+and a short --sparse run on the embedded sample that switches gammas off, logged in results.csv, TensorBoard
+and bn_gamma.png."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import train
+from models.classify import ClassificationModel
+from models.yolo import DetectionModel
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.cli import run_cli
+from utils.config import TrainConfig
+from utils.engine import fit
+from utils.prune.sparsity import (
+    SHARE_COLUMN,
+    add_l1_subgradient,
+    prunable_batchnorms,
+    small_gamma_share,
+    sparsity_strength,
+)
+from utils.training import make_task
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "neu-det-sample.yaml"
+
+
+def _batchnorms(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def test_prunable_batchnorms_are_all_but_the_heads():
+    detector = DetectionModel("yolov5n.yaml", nc=6)
+    assert prunable_batchnorms(detector) == _batchnorms(detector)  # Detect holds no BatchNorm
+    assert len(prunable_batchnorms(detector)) == 57  # 57 Conv blocks in yolov5n (v7.0 summary: 214 layers)
+
+    classifier = ClassificationModel("yolov5n-mcls-m.yaml")  # each head owns a Conv + C3 stage with BatchNorms
+    head_norms = _batchnorms(classifier.model[-1])
+    assert len(head_norms) > 0
+    expected = [m for m in _batchnorms(classifier) if not any(m is h for h in head_norms)]
+    assert prunable_batchnorms(classifier) == expected
+    assert len(expected) == len(_batchnorms(classifier)) - len(head_norms)
+
+
+def test_strength_schedule():
+    assert sparsity_strength(1e-3, "none", 7, 10) == 1e-3
+    assert sparsity_strength(1e-3, "linear", 0, 5) == pytest.approx(1e-3)
+    assert sparsity_strength(1e-3, "linear", 1, 5) == pytest.approx(1e-3 * (1 - 0.9 * 0.25))
+    assert sparsity_strength(1e-3, "linear", 4, 5) == pytest.approx(1e-4)
+    assert sparsity_strength(1e-3, "cos", 1, 5) == pytest.approx(1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi / 4))))
+    assert sparsity_strength(1e-3, "cos", 2, 5) == pytest.approx(1e-3 * 0.55)
+    assert sparsity_strength(1e-3, "cos", 4, 5) == pytest.approx(1e-4)
+
+
+def test_l1_subgradient_is_added_exactly():
+    gamma = nn.Parameter(torch.tensor([0.5, -0.25, 0.0, 2.0]))
+    gamma.grad = torch.tensor([0.1, 0.1, 0.1, -0.3])
+    frozen = nn.Parameter(torch.tensor([1.0]))  # no gradient (frozen layer): left alone
+    add_l1_subgradient([gamma, frozen], 0.01)
+    assert torch.equal(gamma.grad, torch.tensor([0.1, 0.1, 0.1, -0.3]) + torch.tensor([0.01, -0.01, 0.0, 0.01]))
+    assert frozen.grad is None
+
+
+class FirstStepGrads:
+    """Gradients and weights as the optimizer's first step sees them (after the trainer's hooks)."""
+
+    def __init__(self) -> None:
+        self.grads: dict[str, torch.Tensor] = {}
+        self.weights: dict[str, torch.Tensor] = {}
+
+    def on_pretrain_routine_end(self, trainer) -> None:
+        model = trainer.model
+
+        def record(_optimizer, _args, _kwargs) -> None:
+            if not self.grads:
+                for name, p in model.named_parameters():
+                    self.weights[name] = p.detach().clone()
+                    if p.grad is not None:
+                        self.grads[name] = p.grad.detach().clone()
+
+        trainer.optimizer.register_step_pre_hook(record)
+
+
+def _start_checkpoint(path: Path) -> Path:
+    """yolov5n (6 classes) whose prunable gammas are spread uniformly over [0, 0.2), as gammas of a trained
+    network spread: a short run can then show which of them the L1 term pushes below 0.01."""
+    torch.manual_seed(0)
+    model = DetectionModel("yolov5n.yaml", nc=6)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for bn in prunable_batchnorms(model):
+            bn.weight.copy_(torch.rand(bn.weight.shape, generator=generator) * 0.2)
+    return save_checkpoint(model, path)
+
+
+def _run(tmp_path: Path, start: Path, name: str, sparse: float, **overrides) -> tuple[Path, FirstStepGrads]:
+    # nbs=8: one optimizer step per batch of 8, 3 batches per epoch; no warm-up, so the steps use lr0 = 0.01
+    cfg = TrainConfig(weights=str(start), data=str(SAMPLE), imgsz=64, batch_size=8, epochs=2, max_batches=3, workers=0,
+                      device="cpu", project=str(tmp_path), name=name, exist_ok=True, seed=0, noautoanchor=True,
+                      noval=True, sparse=sparse,
+                      hyp_override=["warmup_epochs=0", "nbs=8"], **overrides)
+    from utils.callbacks import default_callbacks
+
+    probe, callbacks = FirstStepGrads(), default_callbacks()
+    callbacks.add_logger(probe)
+    fit(make_task(cfg), cfg, callbacks)
+    return tmp_path / name, probe
+
+
+def _rows(run: Path) -> list[dict[str, str]]:
+    with (run / "results.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_sparse_run_switches_gammas_off_and_logs_them(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    start = _start_checkpoint(tmp_path / "start.pt")
+    student = load_checkpoint(start).model
+    prunable = {id(bn.weight) for bn in prunable_batchnorms(student)}
+    gamma_names = [name for name, p in student.named_parameters() if id(p) in prunable]
+    assert len(gamma_names) == 57
+
+    def share(checkpoint: Path) -> float:  # |gamma| < 0.01 among the prunable gammas saved in a checkpoint
+        state = torch.load(checkpoint, weights_only=True)["state_dict"]
+        values = torch.cat([state[name].flatten() for name in gamma_names])
+        return float((values.abs() < 0.01).float().mean())
+
+    initial_share = share(start)
+    assert initial_share == pytest.approx(small_gamma_share(student))
+    strength = 0.25
+    plain, plain_probe = _run(tmp_path, start, "plain", 0.0, noplots=True)
+    sparse, sparse_probe = _run(tmp_path, start, "sparse", strength)
+
+    # The first optimizer step of both runs sees the same task gradients (same seed, same start): --sparse adds
+    # exactly S * sign(gamma) to the prunable gammas' gradients and changes nothing else.
+    assert set(plain_probe.grads) == set(sparse_probe.grads) and set(gamma_names) <= set(sparse_probe.grads)
+    for name, grad in sparse_probe.grads.items():
+        assert torch.equal(plain_probe.weights[name], sparse_probe.weights[name]), name
+        if name in gamma_names:
+            expected = plain_probe.grads[name] + strength * torch.sign(sparse_probe.weights[name])
+            torch.testing.assert_close(grad, expected, rtol=0, atol=1e-6)
+            assert not torch.equal(grad, plain_probe.grads[name])
+        else:
+            assert torch.equal(grad, plain_probe.grads[name]), name
+
+    # 6 steps at lr 0.01: the L1 term drives a quarter of the gammas below 0.01, the plain run none more
+    plain_share, sparse_share = share(plain / "weights" / "last.pt"), share(sparse / "weights" / "last.pt")
+    assert initial_share == pytest.approx(0.0532, abs=0.002)  # U[0, 0.2): ~5 % below 0.01
+    assert plain_share < initial_share + 0.03, (initial_share, plain_share)
+    assert sparse_share > plain_share + 0.15, (plain_share, sparse_share)
+
+    # every checkpoint says how sparse it was trained (best.pt holds no training state): prune_slim.py reads it
+    for run, expected in ((plain, 0.0), (sparse, strength)):
+        for name in ("best.pt", "last.pt"):
+            assert torch.load(run / "weights" / name, weights_only=True)["sparse"] == expected
+
+    rows = _rows(sparse)
+    logged = [float(row[SHARE_COLUMN]) for row in rows]
+    assert len(logged) == 2 and initial_share < logged[0] < logged[1]
+    assert logged[1] == pytest.approx(sparse_share, abs=1e-6)  # the saved (EMA) model's share
+    assert SHARE_COLUMN not in _rows(plain)[0]
+    events = EventAccumulator(str(next(sparse.glob("events.out.tfevents.*"))), size_guidance={"histograms": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars(SHARE_COLUMN)] == [0, 1]
+    histograms = events.Histograms("sparsity/gamma")
+    assert [h.step for h in histograms] == [0, 1]
+    assert histograms[-1].histogram_value.num == sum(bn.weight.numel() for bn in prunable_batchnorms(student))
+    assert (sparse / "bn_gamma.png").stat().st_size > 10_000
+    assert not (plain / "bn_gamma.png").exists()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--sparse=-1e-4"], "--sparse -0.0001: the L1 strength on BatchNorm gammas must be >= 0"),
+    (["--sparse", "nan"], "--sparse nan"),
+])
+def test_bad_sparse_flag_is_one_line_error(tmp_path, capsys, flags, message):
+    argv = ["--cfg", "yolov5n.yaml", "--data", str(SAMPLE), "--device", "cpu", "--project", str(tmp_path), *flags]
+    assert run_cli(train.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not list(tmp_path.iterdir()), "nothing may be created before the flags are checked"
