@@ -152,6 +152,8 @@ def read_checkpoint(path: str | Path) -> Any:
         return _torch_load_safely(path)
     except PermissionError:
         raise UnreadableFileError(f"{path}: not readable (permission denied); fix its permissions") from None
+    except UserError:  # already says what is wrong (e.g. a refused class in the pickle)
+        raise
     except _NOT_A_CHECKPOINT as exc:
         reason = (str(exc).splitlines() or [""])[0][:120] or type(exc).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason}); it may be truncated (an "
