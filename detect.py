@@ -10,13 +10,14 @@ import argparse
 import logging
 import sys
 
-from utils.cli import exit_without_teardown
+from utils.cli import UserArgumentParser, exit_without_teardown, run_cli
 from utils.config import ROOT, add_inference_args
+from utils.flags import check_inference_args
 from utils.predict import run_prediction
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = UserArgumentParser(description=__doc__.splitlines()[0])
     add_inference_args(parser, "detect")
     parser.add_argument("--source", default=str(ROOT / "data" / "neu-det-sample" / "images" / "val"),
                         help="file, folder, glob, video or .txt list")
@@ -41,9 +42,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    run_prediction(**vars(parse_args(argv)))
+    args = parse_args(argv)
+    check_inference_args(args, "detect")
+    run_prediction(**vars(args))
     return 0
 
 
 if __name__ == "__main__":
-    exit_without_teardown(main())  # every output is written and closed by now
+    exit_without_teardown(run_cli(main))  # every output is written and closed by now

@@ -22,14 +22,15 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from utils.cli import run_cli  # noqa: E402
+from utils.cli import UserArgumentParser, run_cli  # noqa: E402
 from utils.export import FORMATS, ExportOptions, NMSSettings, compare_with_pytorch, comparison_images, parse_shape  # noqa: E402
+from utils.flags import check_export_args  # noqa: E402
 
 SAMPLE_IMAGES = ROOT / "data" / "neu-det-sample" / "images" / "val"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = UserArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", type=Path, required=True, help="checkpoint .pt")
     parser.add_argument("--include", nargs="+", default=["torchscript"], help=f"formats: {', '.join(FORMATS)}")
     parser.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640], help="h w (or one size)")
@@ -64,8 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-dir", type=Path, help="where artifacts go (default: beside --weights)")
     parser.add_argument("--no-compare", action="store_true", help="skip the comparison with PyTorch")
     args = parser.parse_args(argv)
-    if len(args.imgsz) not in (1, 2):
-        parser.error("--imgsz takes one size or height and width")
+    check_export_args(args)
     if args.dynamic_hw:  # earlier, --dynamic freed only the batch and --dynamic-hw added height and width
         warnings.warn("--dynamic-hw is deprecated: --dynamic now frees batch, height and width as in YOLOv5 v7.0; "
                       "use --dynamic (or --dynamic-batch for the batch alone)", FutureWarning, stacklevel=2)

@@ -15,13 +15,13 @@ import logging
 import sys
 
 from prune_slim import add_common_args, options
-from utils.cli import run_cli
+from utils.cli import UserArgumentParser, run_cli
 from utils.prune.eagleeye import SearchSettings
 from utils.prune.workflow import run_eagleeye
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = UserArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--remain-ratio", type=float, required=True, help="share of the FLOPs to keep (0-1)")
     parser.add_argument("--delta", type=float, default=0.02, help="accepted FLOPs band: remain-ratio +- delta")

@@ -15,7 +15,7 @@ import argparse
 import logging
 import sys
 
-from utils.cli import run_cli
+from utils.cli import UserArgumentParser, run_cli
 from utils.prune.workflow import PruneOptions, run_slim
 
 
@@ -41,7 +41,7 @@ def options(args: argparse.Namespace) -> PruneOptions:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = UserArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     budget = parser.add_mutually_exclusive_group(required=True)
     budget.add_argument("--global-percent", type=float, help="share of all prunable channels to cut (0-1)")

@@ -12,13 +12,14 @@ import argparse
 import logging
 import sys
 
-from utils.cli import exit_without_teardown
+from utils.cli import UserArgumentParser, exit_without_teardown, run_cli
 from utils.config import DEFAULT_DATA, add_inference_args
+from utils.flags import check_inference_args
 from utils.val_runner import run_validation
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = UserArgumentParser(description=__doc__.splitlines()[0])
     add_inference_args(parser, "val")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="data-set YAML")
     parser.add_argument("--batch-size", "--batch", type=int, default=32, help="batch size")
@@ -38,9 +39,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    run_validation(**vars(parse_args(argv)))
+    args = parse_args(argv)
+    check_inference_args(args, "val")
+    run_validation(**vars(args))
     return 0
 
 
 if __name__ == "__main__":
-    exit_without_teardown(main())  # every output is written and closed by now
+    exit_without_teardown(run_cli(main))  # every output is written and closed by now

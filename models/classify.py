@@ -413,7 +413,7 @@ class ClassificationModel(BaseModel):
         self.eval()
         try:
             with torch.no_grad():
-                self.forward(torch.zeros(1, ch, side, side))
+                self.probe_forward(torch.zeros(1, ch, side, side))
         finally:
             for hook in hooks:
                 hook.remove()

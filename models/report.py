@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from utils.cli import UserArgumentParser
+from utils.flags import at_least, check_img_size, positive
 from utils.torch_utils import count_parameters, model_gflops
 
 LOGGER = logging.getLogger(__name__)
@@ -149,7 +151,7 @@ def format_report(model: nn.Module, imgsz: int, report: Roofline) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Print a model's layer table, profile and roofline")
+    parser = UserArgumentParser(description="Print a model's layer table, profile and roofline")
     parser.add_argument("--cfg", default="yolov5s.yaml", help="model YAML (path or name in models/)")
     parser.add_argument("--nc", type=int, default=None, help="override the number of classes")
     parser.add_argument("--depth-multiple", type=float, default=None, help="override depth_multiple")
@@ -162,16 +164,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_report_args(args: argparse.Namespace) -> None:
+    """Every numeric flag in its domain before the model is built."""
+    at_least("--nc", args.nc, 1)
+    positive("--depth-multiple", args.depth_multiple)
+    positive("--width-multiple", args.width_multiple)
+    at_least("--imgsz", args.imgsz, 1)
+    positive("--peak-gflops", args.peak_gflops)
+    positive("--bandwidth-gbs", args.bandwidth_gbs)
+
+
 def main(argv: list[str] | None = None) -> int:
     from models.yaml_config import load_model_yaml
     from models.yolo import build_model
 
     args = parse_args(argv)
+    check_report_args(args)
     cfg = load_model_yaml(args.cfg)
     for key in ("depth_multiple", "width_multiple"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     model = build_model(cfg, nc=args.nc).eval()
+    if hasattr(model.model[-1], "anchors"):  # detectors run at multiples of their largest stride only
+        args.imgsz = check_img_size(args.imgsz, max(int(model.stride.max()), 32))
     report = roofline(model, args.imgsz, 2 if args.half_bytes else 4, args.peak_gflops, args.bandwidth_gbs)
     print(format_report(model, args.imgsz, report))
     if args.profile:

@@ -14,13 +14,15 @@ from typing import Any
 
 import yaml
 
+from utils.errors import UserError
 from utils.paths import find_file
+from utils.user_files import load_user_yaml
 
 MODELS_DIR = Path(__file__).resolve().parent
 _CONSTANTS = {"None": None, "True": True, "False": False}
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UserError, ValueError):
     """A model YAML that cannot be built; the message names the file and layer."""
 
 
@@ -37,10 +39,7 @@ def load_model_yaml(cfg: str | Path | dict) -> dict:
     if isinstance(cfg, dict):
         return copy.deepcopy(cfg)
     path = find_model_yaml(cfg)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ModelConfigError(f"{path}: not valid YAML: {exc}") from exc
+    data = load_user_yaml(path, "model config", ModelConfigError)
     if not isinstance(data, dict):
         raise ModelConfigError(f"{path}: expected a mapping with 'backbone' and 'head'")
     data["yaml_file"] = str(path)
@@ -76,14 +75,35 @@ def layer_rows(cfg: dict) -> list[tuple[str, list]]:
     for section in ("backbone", "head"):
         if section not in cfg:
             raise ModelConfigError(f"{where}: missing '{section}' section")
+        if not isinstance(cfg[section] or [], list):
+            raise ModelConfigError(f"{where}: '{section}' must be a list of [from, n, module, args] rows")
         for row in cfg[section] or []:
             index = len(rows)
             if not isinstance(row, list) or len(row) != 4:
                 raise ModelConfigError(f"{where}: layer {index}: expected [from, n, module, args], got {row!r}")
             if not isinstance(row[3], list):
                 raise ModelConfigError(f"{where}: layer {index}: args must be a list, got {row[3]!r}")
+            repeats = row[1]
+            if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+                raise ModelConfigError(f"{where}: layer {index} ({row[2]}): repeat count n must be an integer >= 1, "
+                                       f"got {repeats!r}")
             rows.append((section, row))
     return rows
+
+
+def check_model_numbers(cfg: dict) -> None:
+    """``depth_multiple`` / ``width_multiple`` must be numbers > 0 and class counts (``nc``, ``nc1``...)
+    integers >= 1: anything else would build a model of the wrong size without a word."""
+    where = cfg.get("yaml_file", "<dict>")
+    for key in ("depth_multiple", "width_multiple"):
+        value = cfg.get(key, 1.0)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise ModelConfigError(f"{where}: {key} must be a number greater than 0, got {value!r}")
+    for key, value in cfg.items():
+        is_class_count = key == "nc" or (key.startswith("nc") and key[2:].isdigit())
+        if is_class_count and value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                                     or value < 1):
+            raise ModelConfigError(f"{where}: {key} (number of classes) must be an integer >= 1, got {value!r}")
 
 
 def dump_model_yaml(cfg: dict, header: str = "") -> str:

@@ -21,12 +21,19 @@ from torch import nn
 import models.attention
 import models.backbones
 import models.transformer  # noqa: F401
-from models.activations import activation_scope
+from models.activations import activation_scope, parse_activation
 from models.channels import apply_widths
 from models.common import Conv, DWConv
 from models.heads import Detect
 from models.registry import REGISTRY, BuildContext
-from models.yaml_config import ModelConfigError, layer_rows, load_model_yaml, model_symbols, resolve_arg
+from models.yaml_config import (
+    ModelConfigError,
+    check_model_numbers,
+    layer_rows,
+    load_model_yaml,
+    model_symbols,
+    resolve_arg,
+)
 from utils.torch_utils import fuse_conv_and_bn, initialize_weights, model_summary
 
 LOGGER = logging.getLogger(__name__)
@@ -59,6 +66,12 @@ def parse_model(cfg: dict, ch: list[int]) -> tuple[nn.Sequential, list[int]]:
     Every block is bound through its registry spec: the builder knows no class by name.
     """
     where = cfg.get("yaml_file", "<dict>")
+    check_model_numbers(cfg)
+    if cfg.get("activation"):
+        try:
+            parse_activation(cfg["activation"])
+        except (ValueError, SyntaxError) as exc:
+            raise ModelConfigError(f"{where}: activation: {exc}") from None
     symbols = model_symbols(cfg)
     ctx = BuildContext(cfg.get("depth_multiple", 1.0), cfg.get("width_multiple", 1.0), symbols)
     LOGGER.info("%3s%18s%3s%10s  %-40s%-30s", "", "from", "n", "params", "module", "arguments")
@@ -73,13 +86,14 @@ def parse_model(cfg: dict, ch: list[int]) -> tuple[nn.Sequential, list[int]]:
             c_in = [channels[j] for j in sources] if i else [ch[0]]
             args = _resolve_args(raw_args, symbols, where, i)
             depth = max(round(n * ctx.depth_multiple), 1) if n > 1 else n
-            try:
+            try:  # a constructor only turns the row's numbers into parameters: its errors are the row's
                 ctor_args, n_outer = spec.bind(c_in, args, ctx, depth)
                 module = _build_layer(spec, ctor_args, n_outer)
-            except (TypeError, ValueError, IndexError) as exc:
+            except (TypeError, ValueError, IndexError, RuntimeError) as exc:
                 raise ModelConfigError(
                     f"{where}: layer {i} ({name} {raw_args}): {exc}; expected {spec.signature()}"
                 ) from exc
+            _check_geometry(module, f"{where}: layer {i} ({name} {raw_args})")
             c_out = spec.out_channels(c_in, ctor_args)
             _annotate(module, i, f, name, spec)
             save.extend(a for j, a in zip([f] if isinstance(f, int) else f, sources) if j != -1)
@@ -101,6 +115,25 @@ def _apply_pruned_widths(layers: nn.Sequential, pruned: dict | None, where: str)
         apply_widths(layers, pruned.get("widths", {}), where)
     except ValueError as exc:
         raise ModelConfigError(str(exc)) from None
+
+
+def _check_geometry(module: nn.Module, where: str) -> None:
+    """Kernels, strides and channel counts of a built layer must be >= 1: a 0 would only fail inside the first
+    forward pass, with a message from the convolution library instead of the YAML row."""
+    for sub in module.modules():
+        sizes: dict[str, tuple] = {}
+        if isinstance(sub, nn.modules.conv._ConvNd):
+            sizes = {"kernel": sub.kernel_size, "stride": sub.stride, "dilation": sub.dilation,
+                     "channels": (sub.in_channels, sub.out_channels)}
+        elif isinstance(sub, (nn.MaxPool2d, nn.AvgPool2d)):
+            sizes = {"kernel": _pair(sub.kernel_size), "stride": _pair(sub.stride)}
+        for what, values in sizes.items():
+            if any(int(v) < 1 for v in values):
+                raise ModelConfigError(f"{where}: {what} {tuple(values)} of {type(sub).__name__} must be >= 1")
+
+
+def _pair(value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
 def _resolve_args(raw_args: list, symbols: dict, where: str, index: int) -> list:
@@ -129,6 +162,22 @@ class BaseModel(nn.Module):
             if layer.f != -1:
                 x = outputs[layer.f] if isinstance(layer.f, int) else [x if j == -1 else outputs[j] for j in layer.f]
             x = layer(x)
+            outputs.append(x if layer.i in self.save else None)
+        return x
+
+    def probe_forward(self, x: torch.Tensor):
+        """:meth:`forward` for the build-time dry run: a layer whose inputs do not fit together (a YAML row
+        reading the wrong layers) is named with its file and index instead of failing deep inside torch."""
+        outputs: list[torch.Tensor | None] = []
+        for layer in self.model:
+            if layer.f != -1:
+                x = outputs[layer.f] if isinstance(layer.f, int) else [x if j == -1 else outputs[j] for j in layer.f]
+            try:
+                x = layer(x)
+            except RuntimeError as exc:
+                where = self.yaml.get("yaml_file") or "<dict>"
+                raise ModelConfigError(f"{where}: layer {layer.i} ({layer.type.rsplit('.', 1)[-1]}, from {layer.f}) "
+                                       f"cannot run on its inputs: {exc}") from exc
             outputs.append(x if layer.i in self.save else None)
         return x
 
@@ -177,7 +226,7 @@ class DetectionModel(BaseModel):
         head.inplace = self.inplace
         self.train()
         with torch.no_grad():
-            maps = self.forward(torch.zeros(1, ch, side, side))
+            maps = self.probe_forward(torch.zeros(1, ch, side, side))
         head.stride = torch.tensor([side / m.shape[-2] for m in maps])
         head.anchors /= head.stride.view(-1, 1, 1)
         _check_anchor_order(head)
@@ -228,5 +277,6 @@ def _last_module_name(cfg: dict) -> str:
 
 if __name__ == "__main__":
     from models.report import main
+    from utils.cli import run_cli
 
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -103,6 +103,7 @@ def make_corrupt_set(root: Path) -> Path:
 
 def test_corrupt_files_reported_and_skipped(tmp_path, caplog):
     images = make_corrupt_set(tmp_path / "set")
+    truncated = (images / "trunc.jpg").read_bytes()
     with caplog.at_level(logging.WARNING, logger="utils.data.scan"):
         result = scan_dataset(list_image_files(images), nc=6, cache_dir=tmp_path / "cache")
     report = result.report
@@ -111,8 +112,10 @@ def test_corrupt_files_reported_and_skipped(tmp_path, caplog):
     assert report.issues_for("text.jpg")[0].kind == "corrupt_image"
     assert "trunc.jpg" in names and report.repaired == 1
     assert "repaired" in report.issues_for("trunc.jpg")[0].detail
-    assert cv2.imread(str(images / "trunc.jpg")) is not None
-    assert (images / "trunc.jpg").read_bytes()[-2:] == b"\xff\xd9"
+    repaired = Path(result.im_files[names.index("trunc.jpg")])
+    assert (tmp_path / "cache" / "repaired") in repaired.parents  # the copy lives in the cache folder ...
+    assert cv2.imread(str(repaired)) is not None and repaired.read_bytes()[-2:] == b"\xff\xd9"
+    assert (images / "trunc.jpg").read_bytes() == truncated  # ... and the user's file is left as it was
     expected = {"columns": 1, "non_numeric": 2, "class_ge_nc": 1, "out_of_range": 1, "zero_size": 1,
                 "duplicate": 1, "class_id": 0}
     assert {k: report.rows_dropped[k] for k in expected} == expected

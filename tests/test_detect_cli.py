@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from detect import main as detect_main
+from utils.errors import FlagError
 from utils.predict import run_prediction
 
 
@@ -182,8 +183,10 @@ def test_view_img_without_gui_opencv_says_what_to_install(tmp_path):
     """requirements.txt installs the headless OpenCV: --view-img fails at once, naming the package to swap."""
     if "NONE" not in cv2.getBuildInformation().split("GUI:")[1].split("\n")[0]:
         pytest.skip("this OpenCV has a GUI backend, so --view-img is allowed")
-    with pytest.raises(RuntimeError, match="pip install opencv-python"):
-        detect_main(["--weights", str(tmp_path / "never-loaded.pt"), "--view-img"])
+    weights = tmp_path / "never-loaded.pt"
+    weights.write_text("not a checkpoint: loading it would fail with another error")
+    with pytest.raises(FlagError, match="pip install opencv-python"):
+        detect_main(["--weights", str(weights), "--view-img"])
 
 
 def test_view_img_shows_each_annotated_frame(fixtures_dir, neu_det_yaml, tmp_path, monkeypatch):

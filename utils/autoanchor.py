@@ -9,7 +9,6 @@ CLI (anchor clustering for a data set): ``python -m utils.autoanchor --data data
 
 from __future__ import annotations
 
-import argparse
 import logging
 from typing import TYPE_CHECKING
 
@@ -17,6 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
+
+from utils.cli import UserArgumentParser, run_cli
+from utils.errors import DataConfigError
+from utils.flags import at_least, positive
 
 if TYPE_CHECKING:
     from utils.data.detect import DetectionDataset
@@ -104,16 +107,22 @@ def check_anchors(dataset: DetectionDataset, model: nn.Module, thr: float = 4.0,
 def main(argv: list[str] | None = None) -> int:
     from utils.data import create_dataloader, load_data_config
 
-    parser = argparse.ArgumentParser(description="Cluster anchors for a data set (k-means + genetic)")
+    parser = UserArgumentParser(description="Cluster anchors for a data set (k-means + genetic)")
     parser.add_argument("--data", required=True)
     parser.add_argument("--imgsz", type=int, default=640)
     parser.add_argument("--n", type=int, default=9, help="number of anchors (levels x anchors per level)")
     parser.add_argument("--thr", type=float, default=4.0, help="anchor_t")
     parser.add_argument("--generations", type=int, default=1000)
     args = parser.parse_args(argv)
+    at_least("--imgsz", args.imgsz, 1)
+    at_least("--n", args.n, 1)
+    positive("--thr", args.thr)
+    at_least("--generations", args.generations, 0)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     data = load_data_config(args.data)
-    _, dataset = create_dataloader(data["train"], args.imgsz, 1, 32, augment=False)
+    if not data.get("train"):
+        raise DataConfigError(f"{data['yaml_file']}: no 'train' split to cluster anchors on")
+    _, dataset = create_dataloader(data["train"], args.imgsz, 1, 32, augment=False, nc=data["nc"])
     wh = label_sizes(dataset, args.imgsz, jitter=False)
     anchors = kmean_anchors(wh, args.n, args.thr, args.generations)
     bpr, aat = anchor_fit(wh, anchors, args.thr)
@@ -123,4 +132,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

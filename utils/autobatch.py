@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from utils.config import TrainConfig
+from utils.errors import FlagError
 from utils.torch_utils import model_input_channels, select_device
 
 LOGGER = logging.getLogger(__name__)
@@ -32,9 +33,9 @@ def resolve_batch_size(cfg: TrainConfig, build_model: Callable[[], nn.Module]) -
     if cfg.batch_size > 0:
         return cfg
     if cfg.batch_size != -1:
-        raise ValueError(f"--batch-size {cfg.batch_size}: give a positive batch size, or -1 for AutoBatch")
+        raise FlagError(f"--batch-size {cfg.batch_size}: give a positive batch size, or -1 for AutoBatch")
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise ValueError("--batch-size -1 (AutoBatch) sizes one GPU; with DDP give the total batch size")
+        raise FlagError("--batch-size -1 (AutoBatch) sizes one GPU; with DDP give the total batch size")
     device = select_device(cfg.device)
     if device.type != "cuda":
         LOGGER.info("AutoBatch: no CUDA device, using the CPU default --batch-size %d", DEFAULT_BATCH)

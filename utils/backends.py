@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from utils.errors import FlagError, MissingFileError
 from utils.export.common import model_stride, model_task, read_metadata
 from utils.torch_utils import fastest_memory_format
 
@@ -288,7 +289,7 @@ class TensorRTBackend(Backend):
 def _single_file(folder: Path, pattern: str) -> Path:
     matches = sorted(folder.glob(pattern))
     if len(matches) != 1:
-        raise FileNotFoundError(f"{folder}: expected exactly one {pattern} file, found {[m.name for m in matches]}")
+        raise MissingFileError(f"{folder}: expected exactly one {pattern} file, found {[m.name for m in matches]}")
     return matches[0]
 
 
@@ -300,11 +301,11 @@ def backend_class(weights: str | Path) -> type[Backend]:
             return OpenVINOBackend
         if any(path.glob("*.param")):
             return NCNNBackend
-        raise ValueError(f"{path}: a folder artifact must hold an OpenVINO .xml or an NCNN .param file")
+        raise FlagError(f"{path}: a folder artifact must hold an OpenVINO .xml or an NCNN .param file")
     by_suffix = {".pt": PyTorchBackend, ".torchscript": TorchScriptBackend, ".onnx": ONNXRuntimeBackend,
                  ".engine": TensorRTBackend}
     if path.suffix not in by_suffix:
-        raise ValueError(f"{path}: unknown artifact type; expected {', '.join(by_suffix)} or an export folder")
+        raise FlagError(f"{path}: unknown artifact type; expected {', '.join(by_suffix)} or an export folder")
     return by_suffix[path.suffix]
 
 
@@ -316,7 +317,7 @@ def load_backend(weights: str | Path, device: str = "cpu", fp16: bool = False,
     """
     path = Path(weights)
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found")
+        raise MissingFileError(f"{path} not found")
     cls = backend_class(path)
     if cls is ONNXRuntimeBackend and torch.device(device).type == "cpu" and _prefers_openvino(path):
         cls = OpenVINOBackend

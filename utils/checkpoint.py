@@ -18,6 +18,7 @@ import os
 import pickle
 import re
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from utils.errors import UserError
+from utils.errors import MissingFileError, UnreadableFileError, UserError
 
 LOGGER = logging.getLogger(__name__)
 
@@ -132,12 +133,37 @@ def missing_weights_message(path: Path) -> str:
     return message
 
 
+# What torch.load raises on a file that is not a checkpoint (empty, text, truncated, another archive).
+_NOT_A_CHECKPOINT = (EOFError, KeyError, IndexError, ValueError, RuntimeError, UnicodeDecodeError, zipfile.BadZipFile)
+
+
+def read_checkpoint(path: str | Path) -> Any:
+    """The unpickled contents of a user's ``.pt`` (allow-listed); anything that is not one is a CheckpointError."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file; give the .pt file (e.g. "
+                              f"{path / 'weights' / 'best.pt'})")
+    if not path.is_file():
+        raise MissingFileError(missing_weights_message(path))
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty (0 bytes), probably an interrupted copy or save; use "
+                              f"another checkpoint (e.g. last.pt or best.pt of the run)")
+    try:
+        return _torch_load_safely(path)
+    except PermissionError:
+        raise UnreadableFileError(f"{path}: not readable (permission denied); fix its permissions") from None
+    except UserError:  # already says what is wrong (e.g. a refused class in the pickle)
+        raise
+    except _NOT_A_CHECKPOINT as exc:
+        reason = (str(exc).splitlines() or [""])[0][:120] or type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason}); it may be truncated (an "
+                              f"interrupted copy or save) or another kind of file") from exc
+
+
 def load_checkpoint(path: str | Path, fuse: bool = False) -> LoadedCheckpoint:
     """Load our format or a YOLOv5 v7.0 pickle (a clone's or the PyPI package's) into an eval-mode float model."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(missing_weights_message(path))
-    data = _torch_load_safely(path)
+    data = read_checkpoint(path)
     if isinstance(data, dict) and data.get("format") == FORMAT:
         loaded = _from_our_format(data, path)
     elif isinstance(data, dict) and isinstance(data.get("ema") or data.get("model"), nn.Module):
@@ -258,6 +284,20 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete the ``.<name>.pt.*.tmp`` files :func:`save_atomic` leaves when a process is killed mid-save.
+
+    Call where no save can be in flight (a run's setup, before training or resuming in ``folder``).
+    """
+    stale = sorted(Path(folder).glob(".*.pt.*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        LOGGER.info("removed %d incomplete checkpoint file(s) left by an interrupted save in %s: %s", len(stale),
+                    folder, ", ".join(p.name for p in stale))
+    return stale
 
 
 def save_checkpoint(model: nn.Module, path: str | Path, train_state: dict | None = None, **meta: Any) -> Path:

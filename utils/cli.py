@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import os
 import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from utils.errors import UserError
+from utils.errors import FlagError, UserError
 
 TRACEBACK_ENV = "YOLOKIT_TRACEBACK"  # set to 1 to see the traceback behind an `error: ...` line
 
@@ -26,6 +27,14 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"error: {message}", file=sys.stderr)
         return 2
+
+
+class UserArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes (unknown flag, ``--epochs abc``) are a :class:`FlagError`: one ``error:`` line
+    and exit status 2 like every other user error, instead of argparse's usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        raise FlagError(f"{message} (see {self.prog} --help)")
 
 
 def exit_without_teardown(code: int) -> NoReturn:

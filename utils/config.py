@@ -11,7 +11,10 @@ from typing import Any
 
 import yaml
 
+from utils.cli import UserArgumentParser
+from utils.errors import UserError
 from utils.paths import find_file
+from utils.user_files import load_user_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT / "data" / "neu-det-sample.yaml"
@@ -31,7 +34,20 @@ HYP_DEFAULTS: dict[str, Any] = {
 }
 
 
-class HypError(ValueError):
+# Domains of the numeric hyperparameters as interval text; a value outside would crash later (nbs 0 divides by
+# zero) or silently train something else (a probability of 1.5).
+HYP_DOMAINS: dict[str, str] = {
+    **dict.fromkeys(("mosaic", "mixup", "copy_paste", "fliplr", "flipud", "iou_t", "hsv_h", "hsv_s", "hsv_v",
+                     "translate", "momentum", "warmup_momentum"), "[0, 1]"),
+    **dict.fromkeys(("label_smoothing", "dropout"), "[0, 1)"),
+    **dict.fromkeys(("lr0", "lrf", "anchor_t", "grad_clip", "cls_pw", "obj_pw"), "(0, inf)"),
+    **dict.fromkeys(("weight_decay", "warmup_epochs", "warmup_bias_lr", "box", "cls", "obj", "fl_gamma", "scale",
+                     "perspective", "sam_rho", "crop_scale_min"), "[0, inf)"),
+    "nbs": "[1, inf)", "anchors": "[1, inf)",
+}
+
+
+class HypError(UserError, ValueError):
     """A hyp YAML with an unknown key or a bad value."""
 
 
@@ -40,14 +56,25 @@ def load_hyp(path: str | Path | None = None, overrides: list[str] | None = None)
     hyp = dict(HYP_DEFAULTS)
     if path:
         path = find_file(path, ROOT / "data", "hyp file")  # bare names: the shipped ones in data/hyps/
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        loaded = load_user_yaml(path, "hyp file", HypError) or {}
+        if not isinstance(loaded, dict):
+            raise HypError(f"{path}: expected a mapping of hyperparameters (lr0: 0.01, ...), got a "
+                           f"{type(loaded).__name__}")
         _update_hyp(hyp, loaded, str(path))
     for item in overrides or []:
         key, _, value = item.partition("=")
         if not _:
             raise HypError(f"--hyp-override '{item}': expected key=value")
-        _update_hyp(hyp, {key.strip(): yaml.safe_load(value)}, "--hyp-override")
+        _update_hyp(hyp, {key.strip(): _override_value(value, item)}, "--hyp-override")
     return hyp
+
+
+def _override_value(value: str, item: str) -> Any:
+    """The YAML value of one ``--hyp-override key=value`` (``0.01``, ``true``, ``ciou``)."""
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise HypError(f"--hyp-override '{item}': the value is not a YAML scalar") from None
 
 
 def _update_hyp(hyp: dict, new: dict, source: str) -> None:
@@ -57,7 +84,19 @@ def _update_hyp(hyp: dict, new: dict, source: str) -> None:
         default = HYP_DEFAULTS[key]
         if isinstance(default, (int, float)) and not isinstance(default, bool) and not isinstance(value, (int, float)):
             raise HypError(f"{source}: hyperparameter '{key}' must be a number, got {value!r}")
+        _check_hyp_domain(key, value, source)
         hyp[key] = value
+
+
+def _check_hyp_domain(key: str, value: Any, source: str) -> None:
+    if key not in HYP_DOMAINS or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    domain = HYP_DOMAINS[key]
+    low, high = (float(v) for v in domain[1:-1].split(","))
+    above = value >= low if domain[0] == "[" else value > low
+    below = value <= high if domain[-1] == "]" else value < high
+    if not (above and below):
+        raise HypError(f"{source}: hyperparameter '{key}' is {value!r}; it must lie in {domain}")
 
 
 def _flag(default: Any, help: str, **kwargs: Any) -> Any:
@@ -141,7 +180,7 @@ class TrainConfig:
 
 def build_parser(config_cls: type = TrainConfig, description: str = "") -> argparse.ArgumentParser:
     """An argparse parser with one flag per dataclass field (plus yolov5's aliases)."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = UserArgumentParser(description=description)
     for f in dataclasses.fields(config_cls):
         meta = dict(f.metadata)
         aliases = meta.pop("aliases", ())

@@ -30,12 +30,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from utils.callbacks import Callbacks, default_callbacks
-from utils.checkpoint import load_state_strict, save_checkpoint
+from utils.checkpoint import load_state_strict, remove_stale_temp_files, save_checkpoint
 from utils.config import TrainConfig, load_hyp
 from utils.ema import ModelEMA
+from utils.errors import UserError
 from utils.freeze import apply_trainable, freeze_batchnorm_stats, frozen_layer_indices, layer_index
 from utils.optim import SAM, build_optimizer, lr_lambda, scheduled_factor, warmup_step
-from utils.paths import increment_path
+from utils.paths import increment_path, remove_unused_run_dir, set_aside_earlier_run
 from utils.precision import requested_precision, resolve_precision, with_precision
 from utils.prune.sparsity import SparseTraining
 from utils.tasks.base import Task
@@ -107,13 +108,15 @@ class Trainer:
         if not (cfg.exist_ok or self.resume_state or self.world_size > 1):  # DDP ranks must agree on one folder
             self.save_dir = increment_path(self.save_dir)
         self.weights_dir = self.save_dir / "weights"
+        self.created_save_dir = not self.save_dir.exists()
         if self.is_main:
-            self.weights_dir.mkdir(parents=True, exist_ok=True)
+            self._prepare_run_dir()
             (self.save_dir / "hyp.yaml").write_text(yaml.safe_dump(self.hyp, sort_keys=False))
             (self.save_dir / "opt.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         seed_everything(cfg.seed + self.rank, cfg.deterministic)
         self.task.save_dir = self.save_dir
         self.model = self.task.build_model().to(self.device)
+        self.static_frozen = frozen_layer_indices(self.model, cfg.freeze)  # a bad --freeze fails before data loads
         # before the EMA copy, so that it matches; DDP ranks each see batch_size // world_size images
         self.memory_format = training_memory_format(self.model, cfg.imgsz, max(cfg.batch_size // self.world_size, 1),
                                                     throughout=cfg.compile or self.precision.name == "bf16")
@@ -162,7 +165,6 @@ class Trainer:
         self.amp, self.amp_dtype = self.precision.autocast, self.precision.autocast_dtype
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision.grad_scaling)  # bfloat16 needs no scaling
         self.ema = ModelEMA(self.model) if self.is_main else None
-        self.static_frozen = frozen_layer_indices(self.model, cfg.freeze)
 
     def _wrap_ddp(self) -> None:
         if self.cfg.sync_bn and self.device.type == "cuda":
@@ -171,8 +173,25 @@ class Trainer:
         self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
 
     # ------------------------------------------------------------------ loop
+    def _prepare_run_dir(self) -> None:
+        """Create the run folder; in an existing one, set an earlier run's results aside (--exist-ok) and drop
+        temp files of an interrupted checkpoint save (--resume)."""
+        if not (self.created_save_dir or self.resume_state):
+            moved = set_aside_earlier_run(self.save_dir)
+            if moved is not None:
+                LOGGER.warning("--exist-ok: %s held an earlier run; its results.csv, TensorBoard events and weights "
+                               "were moved to %s so that this run neither mixes with nor overwrites them (plots "
+                               "and YAMLs are rewritten)", self.save_dir, moved)
+        self.weights_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(self.weights_dir)
+
     def fit(self) -> dict[str, float]:
-        self.setup()
+        try:
+            self.setup()
+        except UserError:  # a mistake found while loading: leave no empty run folder behind
+            if self.is_main and self.created_save_dir:
+                remove_unused_run_dir(self.save_dir)
+            raise
         LOGGER.info("Logging results to %s; training for %d epochs", self.save_dir, self.epochs)
         for epoch in range(self.start_epoch, self.epochs):
             self.epoch = epoch
@@ -304,7 +323,8 @@ class Trainer:
         return self.sparse.epoch_histograms(self.ema.ema) if self.sparse is not None and self.ema is not None else {}
 
     def _should_stop(self) -> bool:
-        stop = self.epoch - self.best_epoch >= self.cfg.patience if self.is_main else False
+        patience = self.cfg.patience or math.inf  # 0 disables early stopping, as in v7.0
+        stop = self.epoch - self.best_epoch >= patience if self.is_main else False
         if stop:
             LOGGER.info("early stop: no improvement for %d epochs (best epoch %d)", self.cfg.patience,
                         self.best_epoch)

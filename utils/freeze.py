@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 from torch import nn
 
+from utils.errors import FlagError
+
 
 def frozen_layer_indices(model: nn.Module, spec: list[str] | None) -> set[int]:
     """``['10']`` -> layers 0..9 (YOLOv5 semantics), ``['backbone']`` -> the YAML's backbone section,
@@ -17,8 +19,16 @@ def frozen_layer_indices(model: nn.Module, spec: list[str] | None) -> set[int]:
     try:
         numbers = [int(x) for x in spec]
     except ValueError:
-        raise ValueError(f"--freeze expects N, 'backbone' or layer indices, got {spec}") from None
-    return set(range(numbers[0])) if len(numbers) == 1 else set(numbers)
+        raise FlagError(f"--freeze expects N, 'backbone' or layer indices, got {spec}") from None
+    n_layers = len(model.model)
+    frozen = set(range(numbers[0])) if len(numbers) == 1 else set(numbers)
+    beyond = sorted(i for i in frozen if not 0 <= i < n_layers) if len(numbers) > 1 else []
+    if beyond:
+        raise FlagError(f"--freeze {' '.join(spec)}: the model has layers 0-{n_layers - 1}, not {beyond}")
+    if frozen >= set(range(n_layers)):
+        raise FlagError(f"--freeze {' '.join(spec)} freezes all {n_layers} layers: nothing would train; freeze "
+                        f"fewer (the backbone is layers 0-{len(model.backbone_indices()) - 1})")
+    return frozen
 
 
 def layer_index(param_name: str) -> int | None:
@@ -63,7 +73,7 @@ def parse_freeze_schedule(spec: str | None) -> int | None:
         return None
     kind, _, k = spec.partition(":")
     if kind != "alternate" or not k.isdigit() or int(k) < 2:
-        raise ValueError(f"--freeze-schedule expects alternate:K with K >= 2, got '{spec}'")
+        raise FlagError(f"--freeze-schedule expects alternate:K with K >= 2, got '{spec}'")
     return int(k)
 
 

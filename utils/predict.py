@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from utils.boxes import non_max_suppression, scale_boxes, xyxy2xywh
+from utils.errors import FlagError
 from utils.feature_maps import capture_feature_maps, save_feature_maps
-from utils.paths import increment_path
+from utils.flags import check_img_size
 from utils.plots import class_name, draw_detections
 from utils.sources import Frame, expand_source, iterate_frames
 from utils.torch_utils import select_device, time_sync
@@ -70,30 +71,30 @@ def run_prediction(weights: str, source: str, imgsz: int = 640, conf_thres: floa
     ``visualize`` writes every layer's feature maps per frame to ``save_dir/<stem>/`` (.pt weights only);
     ``view_img`` shows each annotated frame in a window (OpenCV with a GUI backend and a display).
     """
-    from utils.val_runner import load_predictor
+    from utils.val_runner import RunDir, check_artifact_size, load_predictor
 
     if view_img:
         check_display()
 
     torch_device = select_device(device)
     predictor, info = load_predictor(weights, torch_device, half)
-    save_dir = Path(project) / name if exist_ok else increment_path(Path(project) / name)
-    save_dir.mkdir(parents=True, exist_ok=True)
     files = expand_source(source)
+    run_dir = RunDir(project, name, exist_ok)
     if info["task"] == "classify":
-        from utils.tasks.classify import predict_images, write_predictions_csv
-
-        rows = predict_images(predictor, files, imgsz, info.get("heads"))
-        if save_csv:
-            write_predictions_csv(rows, save_dir / "predictions.csv")
-        return rows
+        outputs = OutputOptions(run_dir.create(), [], save_txt, save_conf, nosave=nosave,
+                                line_thickness=line_thickness, view_img=view_img)
+        return classify_source(predictor, files, imgsz, info.get("heads"), outputs, save_csv, vid_stride)
     is_torch = isinstance(predictor, torch.nn.Module)
     _check_pytorch_only_options(is_torch, augment, visualize)
     nms = partial(non_max_suppression, conf_thres=conf_thres, iou_thres=iou_thres, classes=classes,
                   agnostic=agnostic_nms, multi_label=multi_label, max_det=max_det)
-    outputs = OutputOptions(save_dir, info["names"] or _names_from_data(data), save_txt, save_conf, save_crop,
-                            nosave, line_thickness, hide_labels, hide_conf, visualize, view_img)
+    names = info["names"] or _names_from_data(data)
     stride = max(info["stride"], 32)
+    imgsz = check_img_size(imgsz, stride)
+    check_artifact_size(predictor, imgsz, weights)
+    outputs = OutputOptions(run_dir.create(), names, save_txt, save_conf, save_crop, nosave, line_thickness,
+                            hide_labels, hide_conf, visualize, view_img)
+    save_dir = outputs.save_dir
     sink = VideoSink()
     results = []
     for frame in iterate_frames(files, vid_stride):
@@ -103,6 +104,58 @@ def run_prediction(weights: str, source: str, imgsz: int = 640, conf_thres: floa
     sink.close()
     LOGGER.info("results saved to %s", save_dir)
     return results
+
+
+def classify_source(predictor: Any, files: list[Path], imgsz: int, heads: Sequence[dict] | None,
+                    outputs: OutputOptions, save_csv: bool = False, vid_stride: int = 1) -> list[dict[str, Any]]:
+    """detect.py on a classifier: each head's top class per image (or video frame), in the log, drawn on the
+    saved image (unless --nosave), in ``labels/<stem>.txt`` (--save-txt) and ``predictions.csv`` (--save-csv)."""
+    from utils.tasks.classify import classify_images, write_predictions_csv
+
+    frames = list(iterate_frames(files, vid_stride))
+    rows = classify_images(predictor, ((_frame_name(f), f.image) for f in frames), imgsz, heads)
+    sink = VideoSink()
+    for frame, row in zip(frames, rows):
+        text = classification_text(row)
+        LOGGER.info("%s: %s", _frame_name(frame), text)
+        if outputs.save_txt:
+            path = outputs.save_dir / "labels" / f"{_output_stem(frame)}.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(f"{line}\n" for line in text.split(", ")), encoding="utf-8")
+        if not outputs.nosave:
+            annotated = draw_classification(frame.image.copy(), text.split(", "), outputs.line_thickness)
+            if frame.is_video:
+                sink.write(frame, annotated, outputs.save_dir / f"{frame.path.stem}.mp4")
+            else:
+                cv2.imwrite(str(outputs.save_dir / frame.path.name), annotated)
+    sink.close()
+    if save_csv:
+        write_predictions_csv(rows, outputs.save_dir / "predictions.csv")
+    LOGGER.info("%d images classified; results saved to %s", len(rows), outputs.save_dir)
+    return rows
+
+
+def classification_text(row: dict[str, Any]) -> str:
+    """``'color red 0.93, type shirt 0.71'``: each head's top class and confidence from a prediction row."""
+    heads = [key for key in row if key != "path" and not key.endswith(("_index", "_conf"))]
+    return ", ".join(f"{head} {row[head]} {row[f'{head}_conf']:.2f}" for head in heads)
+
+
+def draw_classification(image: np.ndarray, lines: Sequence[str], thickness: int = 2) -> np.ndarray:
+    """Each line of text in the top-left corner, white on a dark band (legible on any image)."""
+    scale = max(max(image.shape[0], image.shape[1]) / 640, 0.35)
+    height = max(int(22 * scale), 12)
+    for k, line in enumerate(lines):
+        y = height * (k + 1)
+        (w, _), _ = cv2.getTextSize(line, cv2.FONT_HERSHEY_SIMPLEX, 0.6 * scale, max(thickness - 1, 1))
+        cv2.rectangle(image, (0, y - height + 2), (w + 6, y + 4), (40, 40, 40), -1)
+        cv2.putText(image, line, (3, y), cv2.FONT_HERSHEY_SIMPLEX, 0.6 * scale, (255, 255, 255),
+                    max(thickness - 1, 1), cv2.LINE_AA)
+    return image
+
+
+def _frame_name(frame: Frame) -> str:
+    return str(frame.path) + (f":{frame.frame}" if frame.is_video else "")
 
 
 @dataclass(frozen=True)
@@ -148,21 +201,21 @@ def _detect_frame(predictor, frame: Frame, imgsz: int, stride: int, device: torc
 def check_display() -> None:
     """--view-img needs OpenCV built with a GUI backend and, on Linux, a display; say which is missing."""
     if re.search(r"GUI:\s+NONE", cv2.getBuildInformation()):
-        raise RuntimeError("--view-img needs OpenCV with a GUI backend; requirements.txt installs "
+        raise FlagError("--view-img needs OpenCV with a GUI backend; requirements.txt installs "
                            "opencv-python-headless, which has none (pip install opencv-python to get one). "
                            "Annotated images and videos are saved in the run folder either way.")
     if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-        raise RuntimeError("--view-img needs a display: neither DISPLAY nor WAYLAND_DISPLAY is set. "
+        raise FlagError("--view-img needs a display: neither DISPLAY nor WAYLAND_DISPLAY is set. "
                            "Annotated images and videos are saved in the run folder either way.")
 
 
 def _check_pytorch_only_options(is_torch: bool, augment: bool, visualize: bool) -> None:
     if augment and not is_torch:
-        raise ValueError("--augment needs PyTorch weights (.pt); exported models run one pass")
+        raise FlagError("--augment needs PyTorch weights (.pt); exported models run one pass")
     if visualize and not is_torch:
-        raise ValueError("--visualize needs PyTorch weights (.pt): exported models do not expose their layers")
+        raise FlagError("--visualize needs PyTorch weights (.pt): exported models do not expose their layers")
     if visualize and augment:
-        raise ValueError("--visualize draws one plain forward pass; drop --augment")
+        raise FlagError("--visualize draws one plain forward pass; drop --augment")
 
 
 def _output_stem(frame: Frame) -> str:

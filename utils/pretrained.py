@@ -33,10 +33,12 @@ import torch
 from torch import nn
 
 from models.backbones import ConvBNHswish, EfficientStem, MBConv, MobileNetV3Block, ShuffleBlock, ShuffleStem
+from utils.errors import FlagError, MissingFileError, UserError
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["ARCHS", "TransferResult", "build_key_map", "load_torchvision_backbone"]
+__all__ = ["ARCHS", "BackboneMismatchError", "TransferResult", "arch_from_file_name", "build_key_map",
+           "load_torchvision_backbone"]
 
 BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 # BatchNorm eps each torchvision model was trained with; our builder sets 1e-3 everywhere (YOLOv5's value).
@@ -47,6 +49,10 @@ TORCHVISION_BN_EPS = {
     "efficientnet_b0": 1e-5,
 }
 ARCHS = tuple(TORCHVISION_BN_EPS)
+
+
+class BackboneMismatchError(UserError, ValueError):
+    """A torchvision state_dict that does not fit the model's backbone (the message names both keys)."""
 
 
 @dataclass
@@ -89,7 +95,7 @@ def _blocks_after_stem(model: nn.Module, stem_cls: type, arch: str) -> tuple[lis
     blocks = list(_backbone_blocks(model))
     prefix, stem = blocks[0]
     if not isinstance(stem, stem_cls):
-        raise ValueError(f"{arch}: backbone layer 0 must be {stem_cls.__name__}, got {type(stem).__name__}")
+        raise BackboneMismatchError(f"{arch}: backbone layer 0 must be {stem_cls.__name__}, got {type(stem).__name__}")
     return blocks, prefix
 
 
@@ -100,7 +106,7 @@ def _mobilenet_v3_map(model: nn.Module, source: dict[str, torch.Tensor]) -> dict
     n_source = _count_indexed(source, r"features\.(\d+)\.block\.") - 1  # features.1 .. features.n
     ours = [(p, b) for p, b in blocks[1:] if isinstance(b, MobileNetV3Block)]
     if len(ours) < n_source:
-        raise ValueError(f"mobilenet_v3: the file has {n_source} inverted residuals, the model's backbone "
+        raise BackboneMismatchError(f"mobilenet_v3: the file has {n_source} inverted residuals, the model's backbone "
                          f"{len(ours)}; the YAML does not reproduce this torchvision layout")
     for i, (prefix, block) in enumerate(ours[:n_source], start=1):
         parts = [("expand", not isinstance(block.expand, nn.Identity)), ("dw", True),
@@ -123,11 +129,12 @@ def _shufflenet_v2_map(model: nn.Module, source: dict[str, torch.Tensor]) -> dic
     units = [f"stage{s}.{k}" for s in (2, 3, 4) for k in range(_count_indexed(source, rf"stage{s}\.(\d+)\."))]
     ours = [(p, b) for p, b in blocks[1:] if isinstance(b, ShuffleBlock)]
     if len(ours) < len(units):
-        raise ValueError(f"shufflenet_v2: the file has {len(units)} units, the model's backbone {len(ours)}")
+        raise BackboneMismatchError(f"shufflenet_v2: the file has {len(units)} units, the model's backbone {len(ours)}")
     for unit, (dst, block) in zip(units, ours):
         source_stride = 2 if f"{unit}.branch1.0.weight" in source else 1
         if source_stride != block.stride:
-            raise ValueError(f"shufflenet_v2: {unit} has stride {source_stride} but {dst} has {block.stride}")
+            raise BackboneMismatchError(f"shufflenet_v2: {unit} has stride {source_stride} but {dst} has "
+                                        f"{block.stride}")
         for branch, names in (("branch1", _SHUFFLE_BRANCH1), ("branch2", _SHUFFLE_BRANCH2)):
             if branch == "branch1" and block.stride == 1:
                 continue
@@ -145,7 +152,8 @@ def _efficientnet_b0_map(model: nn.Module, source: dict[str, torch.Tensor]) -> d
     units = [f"features.{s}.{b}" for s, size in stage_sizes.items() for b in range(size)]
     ours = [(p, b) for p, b in blocks[1:] if isinstance(b, MBConv)]
     if len(ours) < len(units):
-        raise ValueError(f"efficientnet_b0: the file has {len(units)} MBConvs, the model's backbone {len(ours)}")
+        raise BackboneMismatchError(f"efficientnet_b0: the file has {len(units)} MBConvs, the model's backbone "
+                                    f"{len(ours)}")
     for unit, (dst, block) in zip(units, ours):
         expands = not isinstance(block.expand, nn.Identity)
         names = ["expand", "dw", None, "project"] if expands else ["dw", None, "project"]  # None: B0's SE
@@ -172,20 +180,33 @@ def _count_indexed(source: dict[str, torch.Tensor], pattern: str) -> int:
 def build_key_map(model: nn.Module, source: dict[str, torch.Tensor], arch: str) -> dict[str, str]:
     """torchvision key -> our key for every tensor of ``arch`` our backbone has a counterpart for."""
     if arch not in MAPPERS:
-        raise ValueError(f"unsupported arch '{arch}'; supported: {', '.join(ARCHS)}")
+        raise BackboneMismatchError(f"unsupported arch '{arch}'; supported: {', '.join(ARCHS)}")
     return MAPPERS[arch](model, source)
 
 
 def _read_state_dict(pth_path: Path, arch: str) -> dict[str, torch.Tensor]:
     if not pth_path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{pth_path} not found. This tool never downloads weights: on a machine with internet run\n"
             f"  torch.save(torchvision.models.{arch}(weights='IMAGENET1K_V1').state_dict(), '{pth_path.name}')\n"
             f"and copy the file to {pth_path.resolve()}")
-    state = torch.load(pth_path, map_location="cpu", weights_only=True)
+    from utils.checkpoint import read_checkpoint
+
+    state = read_checkpoint(pth_path)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     return state
+
+
+def arch_from_file_name(pth_path: str | Path) -> str:
+    """The torchvision architecture a ``.pth`` file is named after (``mobilenet_v3_small.pth``, also with a
+    prefix or suffix such as ``imagenet-mobilenet_v3_small-v1.pth``); train.py's ``--weights x.pth`` uses it."""
+    stem = Path(pth_path).stem.lower().replace("-", "_")
+    matches = [arch for arch in ARCHS if arch in stem]
+    if len(matches) != 1:
+        raise FlagError(f"--weights {pth_path}: name the torchvision state_dict file after its architecture, one "
+                        f"of {', '.join(f'{a}.pth' for a in ARCHS)}, so that the backbone map is known")
+    return matches[0]
 
 
 def load_torchvision_backbone(model: nn.Module, pth_path: str | Path, arch: str) -> TransferResult:
@@ -200,11 +221,11 @@ def load_torchvision_backbone(model: nn.Module, pth_path: str | Path, arch: str)
     target = model.state_dict()
     for src, dst in key_map.items():
         if src not in source:
-            raise ValueError(f"{arch}: key '{src}' expected by the layer map is missing from {pth_path}")
+            raise BackboneMismatchError(f"{arch}: key '{src}' expected by the layer map is missing from {pth_path}")
         if dst not in target:
-            raise ValueError(f"{arch}: layer map names '{dst}', which the model does not have")
+            raise BackboneMismatchError(f"{arch}: layer map names '{dst}', which the model does not have")
         if source[src].shape != target[dst].shape:
-            raise ValueError(f"{arch}: shape mismatch for '{src}' {tuple(source[src].shape)} -> '{dst}' "
+            raise BackboneMismatchError(f"{arch}: shape mismatch for '{src}' {tuple(source[src].shape)} -> '{dst}' "
                              f"{tuple(target[dst].shape)}")
     with torch.no_grad():
         for src, dst in key_map.items():

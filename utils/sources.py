@@ -11,6 +11,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from utils.errors import FlagError, MissingFileError
+from utils.user_files import read_user_text
+
 LOGGER = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"}
@@ -41,16 +44,16 @@ def expand_source(source: str | Path) -> list[Path]:
     elif path.is_file():
         files = [path]
     elif text.startswith(("http://", "https://")):
-        raise ValueError(f"--source {source}: URLs are not downloaded (no network at run time); save the image or "
+        raise FlagError(f"--source {source}: URLs are not downloaded (no network at run time); save the image or "
                          "video on a connected machine and pass its path")
     elif text.isdigit() or "://" in text:
-        raise ValueError(f"--source {source}: webcams and streams are not supported; give an image, a folder, "
+        raise FlagError(f"--source {source}: webcams and streams are not supported; give an image, a folder, "
                          "a glob, a video file or a .txt list of files")
     else:
-        raise FileNotFoundError(f"--source {source}: no such file, folder or glob")
+        raise MissingFileError(f"--source {source}: no such file, folder or glob")
     files = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES]
     if not files:
-        raise FileNotFoundError(f"--source {source}: no images or videos found "
+        raise MissingFileError(f"--source {source}: no images or videos found "
                                 f"(images: {sorted(IMAGE_SUFFIXES)}, videos: {sorted(VIDEO_SUFFIXES)})")
     return files
 
@@ -59,7 +62,7 @@ def _expand_list(list_file: Path) -> list[Path]:
     """Files named by each line of a .txt list; a relative line is looked up beside the list, then in the
     working directory (where v7.0 looks), and a line that names nothing is reported with its number."""
     files = []
-    for number, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_user_text(list_file, "--source list").splitlines(), 1):
         entry = line.strip()
         if not entry:
             continue
@@ -68,7 +71,7 @@ def _expand_list(list_file: Path) -> list[Path]:
         try:
             files.extend(expand_source(candidate))
         except FileNotFoundError as error:
-            raise FileNotFoundError(f"{list_file}:{number}: {error}") from None
+            raise MissingFileError(f"{list_file}:{number}: {error}") from None
     return files
 
 
@@ -79,7 +82,7 @@ def iterate_frames(files: list[Path], vid_stride: int = 1) -> Iterator[Frame]:
     not decoded, and the kept frames keep their index in the video.
     """
     if vid_stride < 1:
-        raise ValueError(f"--vid-stride must be at least 1, got {vid_stride}")
+        raise FlagError(f"--vid-stride must be at least 1, got {vid_stride}")
     for path in files:
         if path.suffix.lower() in VIDEO_SUFFIXES:
             yield from _video_frames(path, vid_stride)

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from utils.errors import FlagError
+
 LOGGER = logging.getLogger(__name__)
 
 
@@ -26,11 +28,13 @@ def select_device(device: str | int | torch.device = "") -> torch.device:
         return torch.device("cpu")
     if name == "mps":
         return torch.device("mps")
+    if not all(part.strip().isdigit() for part in name.split(",")):
+        raise FlagError(f"--device {device}: expected cpu, mps or CUDA device indices such as 0 or 0,1")
     if not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device} requested but CUDA is not available; use --device cpu")
+        raise FlagError(f"--device {device} requested but CUDA is not available; use --device cpu")
     index = int(name.split(",")[0])
     if index >= torch.cuda.device_count():
-        raise RuntimeError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        raise FlagError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
     return torch.device(f"cuda:{index}")
 
 

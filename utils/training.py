@@ -7,9 +7,9 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from utils.config import TrainConfig
+from utils.errors import FlagError, MissingFileError
+from utils.flags import check_train_config
 from utils.paths import latest_run
 from utils.precision import requested_precision, resumed_precision, with_precision
 from utils.torch_utils import select_device
@@ -31,7 +31,7 @@ def make_task(cfg: TrainConfig) -> Task:
     source: Any = cfg.cfg
     if not source:
         if not cfg.weights:
-            raise ValueError("give --cfg (a model YAML) and/or --weights (a checkpoint)")
+            raise FlagError("give --cfg (a model YAML) and/or --weights (a checkpoint)")
         from utils.checkpoint import load_checkpoint
 
         source = load_checkpoint(cfg.weights).model
@@ -53,16 +53,19 @@ def resume_config(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
     if path.is_dir():
         path = path / "weights" / "last.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"--resume: {path} not found")
-    state = torch.load(path, map_location="cpu", weights_only=True).get("train_state")
+        raise MissingFileError(f"--resume: {path} not found")
+    from utils.checkpoint import CheckpointError, read_checkpoint
+
+    data = read_checkpoint(path)
+    state = data.get("train_state") if isinstance(data, dict) else None
     if not state:
-        raise ValueError(f"--resume: {path} holds no training state (best.pt files do not; use last.pt)")
+        raise CheckpointError(f"--resume: {path} holds no training state (best.pt files do not; use last.pt)")
     saved = TrainConfig(**{**state["cfg"], "resume": None})
     saved = dataclasses.replace(saved, project=str(path.parents[2]), name=path.parents[1].name, exist_ok=True)
     finished = state["epoch"] + 1 >= state["epochs"]
     if finished and not cfg.extend:
-        raise SystemExit(f"{path}: training finished ({state['epochs']} epochs); nothing to resume. "
-                         f"Use --resume {path} --extend N to train N more epochs.")
+        raise FlagError(f"--resume {path}: training finished ({state['epochs']} epochs); nothing to resume. "
+                        f"Use --resume {path} --extend N to train N more epochs.")
     if cfg.extend:
         saved = dataclasses.replace(saved, epochs=state["epochs"] + cfg.extend)
     if cfg.device:
@@ -90,6 +93,7 @@ def run_training(cfg: TrainConfig) -> dict[str, float]:
     from utils.engine import fit
     from utils.prune.sparsity import check_sparse_flags
 
+    check_train_config(cfg)  # before anything loads: a bad flag leaves no run folder behind
     check_sparse_flags(cfg)
     check_distill_flags(cfg)
     requested_precision(cfg)  # contradictory precision flags fail before anything loads

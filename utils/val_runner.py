@@ -8,6 +8,9 @@ from typing import Any
 
 import torch
 
+from utils.checkpoint import CheckpointError
+from utils.errors import DataConfigError, FlagError
+from utils.flags import check_img_size
 from utils.paths import increment_path
 from utils.torch_utils import select_device
 from utils.validate import ValidationOptions, format_results, validate_detector
@@ -40,13 +43,65 @@ def load_predictor(weights: str, device: torch.device, half: bool) -> tuple[Any,
             from models.classify import heads_of
 
             heads = heads_of(model)
+        nc = int(model.model[-1].nc) if task == "detect" else None
         return model, {"names": loaded.meta.get("names") or model.names, "stride": int(model.stride.max()),
-                       "task": task, "heads": heads}
+                       "task": task, "heads": heads, "nc": nc}
     from utils.backends import load_backend
 
     backend = load_backend(weights, device=str(device), fp16=half)
     return backend, {"names": list(backend.names), "stride": int(backend.stride), "task": backend.task,
-                     "heads": getattr(backend, "heads", None)}
+                     "heads": getattr(backend, "heads", None), "nc": len(backend.names) or None}
+
+
+class RunDir:
+    """``project/name`` (or the next free ``name2``, ``name3``... without ``exist_ok``), made only when a script
+    is ready to write there: a mistake found while loading leaves no empty folder behind."""
+
+    def __init__(self, project: str | Path, name: str, exist_ok: bool):
+        self.path = Path(project) / name
+        self.exist_ok = exist_ok
+
+    def create(self) -> Path:
+        path = self.path if self.exist_ok else increment_path(self.path)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def data_names_for(info: dict[str, Any], data_cfg: dict[str, Any], weights: str, single_cls: bool) -> list[str]:
+    """The class names to score and print: the data set's, once the model is known to predict as many classes.
+
+    A detector trained on other data is refused (YOLOv5 v7.0 refuses it too) instead of being scored against
+    labels whose ids mean other classes; with ``--single-cls`` every class is one and any model fits.
+    """
+    if single_cls:
+        return ["item"]
+    names = list(data_cfg["names"])
+    model_nc = info.get("nc")
+    if model_nc is not None and model_nc != len(names):
+        raise CheckpointError(f"{weights} predicts {model_nc} classes but {data_cfg['yaml_file']} has {len(names)} "
+                              f"(nc: {len(names)}): it was trained on other data. Pass the --data it was trained on, "
+                              "or --single-cls to score boxes whatever their class")
+    model_names = [str(n) for n in info.get("names") or []]
+    if model_names and model_names != names:
+        LOGGER.info("class names from %s (the model calls them %s)", data_cfg["yaml_file"], ", ".join(model_names))
+    return names
+
+
+def check_classifier_heads(model_heads: list[dict], data_heads: list[dict], weights: str, data: Any) -> None:
+    """A classifier is scored only on data with its heads and class counts (else ids would mean other classes)."""
+    model_shape = [(h["name"], len(h["names"])) for h in model_heads or []]
+    data_shape = [(h["name"], len(h["names"])) for h in data_heads]
+    if model_shape and [n for _, n in model_shape] != [n for _, n in data_shape]:
+        raise CheckpointError(f"{weights} classifies {model_shape} (head, classes) but {data} has {data_shape}: it "
+                              "was trained on other data; pass the --data it was trained on")
+
+
+def check_artifact_size(predictor: Any, imgsz: int, weights: str) -> None:
+    """An export with a fixed input size runs at that size only; another --imgsz is refused before loading data."""
+    fixed = getattr(predictor, "imgsz", None)
+    if fixed and not getattr(predictor, "dynamic_hw", False) and tuple(fixed) != (imgsz, imgsz):
+        raise FlagError(f"--imgsz {imgsz}: {weights} was exported for {fixed[0]}x{fixed[1]} inputs; pass --imgsz "
+                        f"{fixed[0]} or re-export with that --imgsz (or --dynamic-hw for ONNX/OpenVINO)")
 
 
 def _split(task: str) -> str:
@@ -67,27 +122,30 @@ def run_validation(weights: str, data: str, imgsz: int = 640, batch_size: int = 
         conf_thres, iou_thres, noplots, save_json, cocoeval = 0.25, 0.45, True, False, False
     torch_device = select_device(device)
     predictor, info = load_predictor(weights, torch_device, half)
-    save_dir = Path(project) / name if exist_ok else increment_path(Path(project) / name)
-    save_dir.mkdir(parents=True, exist_ok=True)
+    info["weights"] = weights
+    run_dir = RunDir(project, name, exist_ok)
     if info["task"] == "classify":
         if augment:
-            raise ValueError("--augment (test-time augmentation) is for detectors; this is a classifier")
-        return run_classifier_validation(predictor, info, data, imgsz, batch_size, workers, save_dir, not noplots,
+            raise FlagError("--augment (test-time augmentation) is for detectors; this is a classifier")
+        return run_classifier_validation(predictor, info, data, imgsz, batch_size, workers, run_dir, not noplots,
                                          torch_device, split=_split(task))
     data_cfg = load_data_config(data)
     split = _split(task)
     if not data_cfg.get(split):
-        raise ValueError(f"--task {task}: {data_cfg['yaml_file']} has no '{split}' split; add '{split}: <folder or "
-                         f".txt list>' to it" + (" or validate with --task val" if split != "val" else ""))
+        raise DataConfigError(f"--task {task}: {data_cfg['yaml_file']} has no '{split}' split; add '{split}: <folder "
+                              f"or .txt list>' to it" + (" or validate with --task val" if split != "val" else ""))
+    names = data_names_for(info, data_cfg, weights, single_cls)
+    nc = len(names)
     stride = max(info["stride"], 32)
+    imgsz = check_img_size(imgsz, stride)
+    check_artifact_size(predictor, imgsz, weights)
     # v7.0's rectangular batches wherever the input size is free (PyTorch, exports with --dynamic); fixed-size
     # artifacts get square, unpadded batches of their own size, as v7.0 does for every exported model
     rect = isinstance(predictor, torch.nn.Module) or bool(getattr(predictor, "dynamic_hw", False))
     loader, _ = create_dataloader(data_cfg[split], imgsz, batch_size, stride, augment=False, pad=0.5 if rect else 0.0,
-                                  rect=rect,
-                                  workers=workers, shuffle=False, single_cls=single_cls, prefix=f"{split}: ")
-    nc = 1 if single_cls else int(data_cfg["nc"])
-    names = info["names"] or list(data_cfg["names"])
+                                  rect=rect, workers=workers, shuffle=False, single_cls=single_cls,
+                                  prefix=f"{split}: ", nc=int(data_cfg["nc"]))
+    save_dir = run_dir.create()
     options = ValidationOptions(conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det, single_cls=single_cls,
                                 half=half, augment=augment, plots=not noplots, save_dir=save_dir, save_txt=save_txt,
                                 save_conf=save_conf, save_json=save_json or cocoeval, names=names,
@@ -107,13 +165,16 @@ def run_validation(weights: str, data: str, imgsz: int = 640, batch_size: int = 
 
 
 def run_classifier_validation(predictor: Any, info: dict[str, Any], data: str, imgsz: int, batch_size: int,
-                              workers: int, save_dir: Path, plots: bool, device: torch.device,
+                              workers: int, run_dir: RunDir, plots: bool, device: torch.device,
                               split: str = "val") -> dict[str, Any]:
     """Top-1/top-5 per head, per-class accuracy and confusion-matrix PNGs for a classifier (any backend)."""
-    from utils.data.classify import create_split_loader
+    from utils.data.classify import create_split_loader, load_classify_data
     from utils.tasks.classify import format_classifier_results, validate_classifier
 
-    loader, _ = create_split_loader(data, split, imgsz, batch_size, workers=workers)
+    data_cfg = load_classify_data(data)
+    check_classifier_heads(info["heads"], data_cfg.heads, info.get("weights", "the weights"), data_cfg.yaml_file)
+    loader, _ = create_split_loader(data_cfg, split, imgsz, batch_size, workers=workers)
+    save_dir = run_dir.create()
     if not isinstance(predictor, torch.nn.Module):
         predictor = BackendModule(predictor)
     metrics = validate_classifier(predictor, loader, info["heads"], device=device, save_dir=save_dir, plots=plots)

@@ -45,11 +45,13 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-import yaml
 from torch.utils.data import DataLoader, Dataset
 
 from utils.data.augment import augment_hsv
+from utils.data.config import parse_class_count
 from utils.data.workers import init_worker
+from utils.errors import DataConfigError, MissingFileError
+from utils.user_files import load_user_yaml
 
 LOGGER = logging.getLogger(__name__)
 
@@ -87,11 +89,9 @@ class ClassifyData:
 def load_classify_data(path: str | Path) -> ClassifyData:
     """Read a classification data YAML: heads (with class names) and the label sources of every split."""
     yaml_file = Path(path).expanduser().resolve()
-    if not yaml_file.is_file():
-        raise FileNotFoundError(f"data YAML {yaml_file} not found")
-    raw = yaml.safe_load(yaml_file.read_text(encoding="utf-8")) or {}
+    raw = load_user_yaml(yaml_file, "data YAML", DataConfigError) or {}
     if not isinstance(raw, dict):
-        raise ValueError(f"{yaml_file}: expected a mapping with train/val and heads (or names)")
+        raise DataConfigError(f"{yaml_file}: expected a mapping with train/val and heads (or names)")
     root = Path(str(raw.get("path") or ".")).expanduser()
     root = (root if root.is_absolute() else yaml_file.parent / root).resolve()
     heads = _raw_heads(raw, yaml_file)
@@ -108,20 +108,24 @@ def _raw_heads(raw: dict, yaml_file: Path) -> list[dict[str, Any]]:
         heads = []
         for k, entry in enumerate(raw["heads"]):
             if not isinstance(entry, dict) or "name" not in entry:
-                raise ValueError(f"{yaml_file}: heads[{k}] must be a mapping with 'name' and 'names'")
-            heads.append(dict(entry, names=_names_list(entry.get("names"), entry.get("nc"))))
+                raise DataConfigError(f"{yaml_file}: heads[{k}] must be a mapping with 'name' and 'names'")
+            heads.append(dict(entry, names=_names_list(entry.get("names"), entry.get("nc"), yaml_file)))
         if len({h["name"] for h in heads}) != len(heads):
-            raise ValueError(f"{yaml_file}: head names must be unique")
+            raise DataConfigError(f"{yaml_file}: head names must be unique")
         return heads
-    return [{"name": "class", "names": _names_list(raw.get("names"), raw.get("nc"))}]
+    return [{"name": "class", "names": _names_list(raw.get("names"), raw.get("nc"), yaml_file)}]
 
 
-def _names_list(names: Any, nc: Any) -> list[str] | None:
+def _names_list(names: Any, nc: Any, yaml_file: Path) -> list[str] | None:
     if isinstance(names, dict):
-        return [str(names[k]) for k in sorted(names)]
-    if names is not None:
+        return [str(names[k]) for k in sorted(names, key=str)]
+    if isinstance(names, list | tuple):
+        if not names:
+            raise DataConfigError(f"{yaml_file}: 'names' is empty; list one name per class")
         return [str(n) for n in names]
-    return [str(i) for i in range(int(nc))] if nc is not None else None
+    if names is not None:
+        raise DataConfigError(f"{yaml_file}: 'names' must be a list or a dict, got {type(names).__name__}")
+    return [str(i) for i in range(parse_class_count(nc, yaml_file))] if nc is not None else None
 
 
 def _split_sources(raw: dict, heads: list[dict], split: str, root: Path, yaml_file: Path) -> list[LabelSource]:
@@ -147,12 +151,12 @@ def _make_source(entry: Any, head_ids: list[int], layout: str | None, root: Path
     path = Path(str(entry)).expanduser()
     path = (path if path.is_absolute() else root / path).resolve()
     if not path.exists():
-        raise FileNotFoundError(f"{yaml_file}: '{split}: {entry}' -> {path} does not exist")
+        raise MissingFileError(f"{yaml_file}: '{split}: {entry}' -> {path} does not exist")
     layout = layout or detect_layout(path)
     if layout not in LAYOUTS:
-        raise ValueError(f"{yaml_file}: layout '{layout}' unknown; use one of {LAYOUTS}")
+        raise DataConfigError(f"{yaml_file}: layout '{layout}' unknown; use one of {LAYOUTS}")
     if layout != "fields" and len(head_ids) != 1:
-        raise ValueError(f"{yaml_file}: '{split}: {entry}' is a '{layout}' source, which labels one head, but "
+        raise DataConfigError(f"{yaml_file}: '{split}: {entry}' is a '{layout}' source, which labels one head, but "
                          f"{len(head_ids)} heads would read it; give those heads their own sources")
     return LabelSource(path, head_ids, layout)
 
@@ -174,7 +178,8 @@ def _fill_folder_names(heads: list[dict], sources: dict[str, list[LabelSource]],
             continue
         folders = [s.root for split in SPLITS for s in sources[split] if k in s.heads and s.layout == "folder"]
         if not folders:
-            raise ValueError(f"{yaml_file}: head '{head['name']}' has no 'names' and no class folders to read them")
+            raise DataConfigError(f"{yaml_file}: head '{head['name']}' has no 'names' and no class folders to read "
+                                  "them")
         head["names"] = sorted(p.name for p in folders[0].iterdir() if p.is_dir())
 
 
@@ -381,7 +386,7 @@ class ClassificationDataset(Dataset):
     def __init__(self, samples: list[tuple[str, list[int]]], imgsz: int, augment: bool = False,
                  hyp: dict[str, Any] | None = None, cache: str | None = None, seed: int = 0):
         if not samples:
-            raise ValueError("no usable images for this split (see the skipped-file warnings above)")
+            raise MissingFileError("no usable images for this split (see the skipped-file warnings above)")
         self.paths = [p for p, _ in samples]
         self.targets = torch.tensor([t for _, t in samples], dtype=torch.long)
         self.imgsz = imgsz
@@ -452,7 +457,7 @@ def create_split_loader(data: ClassifyData | str | Path, split: str, imgsz: int,
     """Loader of one split of a data YAML (what val.py needs: ``validate_classifier(model, loader, heads)``)."""
     data = data if isinstance(data, ClassifyData) else load_classify_data(data)
     if not data.sources.get(split):
-        raise ValueError(f"{data.yaml_file}: no '{split}' images (heads: {data.head_names})")
+        raise DataConfigError(f"{data.yaml_file}: no '{split}' images (heads: {data.head_names})")
     samples, _ = split_samples(data, split, prefix=f"{split}: ")
     return create_classify_loader(samples, imgsz, batch_size, augment, hyp, workers, shuffle=augment, seed=seed,
                                   cache=cache)

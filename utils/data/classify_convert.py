@@ -35,7 +35,10 @@ from pathlib import Path
 
 import yaml
 
+from utils.cli import UserArgumentParser, run_cli
 from utils.data.classify import IMAGE_SUFFIXES, verify_image
+from utils.errors import FlagError, MissingFileError
+from utils.flags import existing_path
 
 LOGGER = logging.getLogger(__name__)
 SPLIT_NAMES = ("train", "val", "test")
@@ -83,7 +86,7 @@ def assign_splits(groups: dict[tuple, list], fractions: Sequence[float], seed: i
     Stratifying by group keeps every class combination in every split it is large enough for.
     """
     if len(fractions) not in (2, 3) or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-        raise ValueError(f"--split needs 2 or 3 non-negative fractions summing to 1, got {list(fractions)}")
+        raise FlagError(f"--split needs 2 or 3 non-negative fractions summing to 1, got {list(fractions)}")
     rng = random.Random(seed)
     splits: dict[str, list] = {name: [] for name in SPLIT_NAMES[: len(fractions)]}
     for key in sorted(groups):
@@ -128,12 +131,12 @@ def convert_multilabel(src: str | Path, out: str | Path, fractions: Sequence[flo
     src, out = Path(src), Path(out)
     images, _ = scan_tree(src, strip_prefixes)
     if not images:
-        raise ValueError(f"no readable images in class folders under {src}")
+        raise MissingFileError(f"no readable images in class folders under {src}")
     depth = max(len(im.levels) for im in images)
     names = [sorted({im.levels[d] for im in images if len(im.levels) > d}) for d in range(depth)]
     head_names = list(head_names or [f"level{d + 1}" for d in range(depth)])
     if len(head_names) != depth:
-        raise ValueError(f"--heads: {len(head_names)} names for a tree {depth} levels deep")
+        raise FlagError(f"--heads: {len(head_names)} names for a tree {depth} levels deep")
 
     def labels_of(im: TreeImage) -> list[int]:
         return [names[d].index(im.levels[d]) if d < len(im.levels) else -1 for d in range(depth)]
@@ -168,7 +171,7 @@ def convert_singlelabel(src: str | Path, out: str | Path, fractions: Sequence[fl
         classes[im.path] = name
     names = sorted(set(classes.values()))
     if not names:
-        raise ValueError(f"no images under {src} have a folder at level {level}")
+        raise FlagError(f"--level {level}: no images under {src} have a folder at level {level}")
     groups: dict[tuple, list] = defaultdict(list)
     for im in images:
         if im.path in classes:
@@ -184,7 +187,7 @@ def convert_singlelabel(src: str | Path, out: str | Path, fractions: Sequence[fl
             return f"{index:05d}_{labels[0]}_{im.path.suffix.lower()}"
         extra = {"heads": [{"name": "class", "names": names}]}
     else:
-        raise ValueError(f"--layout must be folder or flat, got '{layout}'")
+        raise FlagError(f"--layout must be folder or flat, got '{layout}'")
     _write(splits, out, file_name, copy_mode)
     spec = {"path": ".", **{s: f"images/{s}" for s in splits if splits[s]}, **extra}
     return _write_yaml(out, spec, f"single-label set from {src}, class = folder level {level}, layout {layout}")
@@ -206,7 +209,7 @@ def _write_yaml(out: Path, spec: dict, comment: str) -> Path:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = UserArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=["multilabel", "singlelabel"])
     parser.add_argument("--src", required=True, help="root of the nested class-folder tree")
     parser.add_argument("--out", required=True, help="output data-set folder (images/<split>, data.yaml)")
@@ -223,10 +226,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     args = parse_args(argv)
+    existing_path("--src", args.src, "folder")
     mode = "symlink" if args.symlink else "copy"
     if args.mode == "multilabel":
         convert_multilabel(args.src, args.out, args.split, args.seed, args.heads, not args.keep_prefixes, mode)
     else:
+        if args.level != "leaf" and not args.level.isdigit():
+            raise FlagError(f"--level {args.level}: give a folder level (1 = top) or 'leaf'")
         level = args.level if args.level == "leaf" else int(args.level)
         convert_singlelabel(args.src, args.out, args.split, args.seed, level, args.layout, not args.keep_prefixes,
                             mode)
@@ -234,4 +240,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

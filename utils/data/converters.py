@@ -17,7 +17,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from utils.cli import UserArgumentParser, run_cli
 from utils.data.scan import img2label_paths, list_image_files, read_label_file
+from utils.errors import DataConfigError, FlagError
+from utils.flags import at_least, existing_path, fraction
+from utils.user_files import read_user_text
 
 LOGGER = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -34,16 +38,21 @@ def _clip01(*values: float) -> tuple[float, ...]:
 
 # --------------------------------------------------------------------------- VOC
 def _voc_objects(xml_file: Path, include_difficult: bool) -> tuple[tuple[float, float], list[tuple]]:
-    root = ET.parse(xml_file).getroot()
-    size = root.find("size")
-    width, height = float(size.findtext("width", "0")), float(size.findtext("height", "0"))
-    objects = []
-    for obj in root.iter("object"):
-        if not include_difficult and int(obj.findtext("difficult", "0") or 0) == 1:
-            continue
-        box = obj.find("bndbox")
-        coords = tuple(float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
-        objects.append((obj.findtext("name", "").strip(), *coords))
+    try:
+        root = ET.parse(xml_file).getroot()
+        size = root.find("size")
+        width = float(size.findtext("width", "0")) if size is not None else 0.0
+        height = float(size.findtext("height", "0")) if size is not None else 0.0
+        objects = []
+        for obj in root.iter("object"):
+            if not include_difficult and int(obj.findtext("difficult", "0") or 0) == 1:
+                continue
+            box = obj.find("bndbox")
+            coords = tuple(float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+            objects.append((obj.findtext("name", "").strip(), *coords))
+    except (ET.ParseError, AttributeError, TypeError, ValueError) as exc:
+        raise DataConfigError(f"{xml_file}: not a VOC annotation (<size>, <object><bndbox> with numbers): {exc}"
+                              ) from None
     return (width, height), objects
 
 
@@ -95,7 +104,14 @@ def coco_to_yolo(json_file: str | Path, out_dir: str | Path) -> list[str]:
     Category ids (sparse in COCO: 1..90) map to contiguous indices in id order; ``iscrowd`` annotations and
     boxes without area are skipped; image sizes come from the JSON's ``images`` entries.
     """
-    coco = json.loads(Path(json_file).read_text(encoding="utf-8"))
+    try:
+        return _coco_to_yolo(json.loads(read_user_text(json_file, "--json")), out_dir)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        raise DataConfigError(f"{json_file}: not a COCO detection JSON (images, annotations, categories): "
+                              f"{type(exc).__name__} {exc}") from None
+
+
+def _coco_to_yolo(coco: dict, out_dir: str | Path) -> list[str]:
     categories = sorted(coco.get("categories", []), key=lambda c: c["id"])
     class_of = {c["id"]: i for i, c in enumerate(categories)}
     rows: dict[int, list] = {img["id"]: [] for img in coco["images"]}
@@ -200,7 +216,7 @@ def make_subset(images: str | Path | list, out_dir: str | Path, n: int, class_id
 
 # --------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="YOLO label converters and split tools")
+    parser = UserArgumentParser(description="YOLO label converters and split tools")
     sub = parser.add_subparsers(dest="command", required=True)
     voc = sub.add_parser("voc2yolo", help="VOC XML folder -> YOLO txt folder")
     voc.add_argument("--xml", required=True)
@@ -226,8 +242,33 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Inputs exist and numbers are in their domain before anything is read or written."""
+    for flag in ("xml", "json", "images", "data"):
+        existing_path(f"--{flag}", getattr(args, flag, None), "file or folder")
+    if args.command == "split":
+        for value in args.fractions:
+            fraction("--fractions", value)
+        if len(args.fractions) not in (2, 3) or abs(sum(args.fractions) - 1) > 1e-6:
+            raise FlagError(f"--fractions {' '.join(map(str, args.fractions))}: give 2 or 3 fractions summing to 1")
+        if args.counts and not _valid_counts(args.counts):
+            raise FlagError(f"--counts {args.counts}: expected JSON like '{{\"0\": [40, 10, 0]}}'")
+    if args.command == "subset":
+        at_least("--n", args.n, 1)
+        at_least("--class-id", args.class_id, 0)
+
+
+def _valid_counts(text: str) -> bool:
+    try:
+        counts = json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(counts, dict) and all(isinstance(v, list) and len(v) in (2, 3) for v in counts.values())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _check_args(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "voc2yolo":
         print("names:", voc_to_yolo(args.xml, args.out, args.names, args.include_difficult))
@@ -246,6 +287,8 @@ def _subset_cli(args: argparse.Namespace) -> None:
     from utils.data.config import load_data_config
 
     data = load_data_config(args.data)
+    if args.class_id is not None and args.class_id >= data["nc"]:
+        raise FlagError(f"--class-id {args.class_id}: {args.data} has {data['nc']} classes (ids 0-{data['nc'] - 1})")
     written = make_subset(data["train"], args.out, args.n, args.class_id, args.seed)
     names = [data["names"][args.class_id]] if args.class_id is not None else data["names"]
     config = {"path": str(Path(args.out).resolve()), "train": "images/train", "val": data.get("val"),
@@ -257,4 +300,4 @@ def _subset_cli(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -8,9 +8,11 @@ Validation reproduces v7.0 exactly (same sort, rectangular batch shapes, resize 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
+import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,19 +36,29 @@ from utils.data.augment import (
     mosaic4,
     random_perspective,
 )
-from utils.data.scan import ScanReport, cache_location, is_writable_dir, list_image_files, scan_dataset
+from utils.data.scan import (
+    ScanReport,
+    cache_location,
+    file_signature,
+    is_writable_dir,
+    list_image_files,
+    scan_dataset,
+)
 from utils.data.workers import init_worker
+from utils.errors import FlagError, MissingFileError, UserError
 
 LOGGER = logging.getLogger(__name__)
 
 CACHE_MODES = (None, "ram", "ram-jpeg", "disk")
+NPY_KEY_LENGTH = 10
+_NPY_PATTERN = re.compile(rf"(?P<image>.+)\.[0-9a-f]{{{NPY_KEY_LENGTH}}}\.npy")
 JPEG_CACHE_QUALITY = 95
 MEMORY_SAFETY_MARGIN = 0.1  # refuse a cache that would leave less than 10% headroom of the available memory
 SIZE_SAMPLE = 16  # images decoded to estimate a cache's size
 DEFAULT_HYP = Path(__file__).resolve().parents[2] / "data" / "hyps" / "hyp.scratch-low.yaml"
 
 
-class CacheSizeError(RuntimeError):
+class CacheSizeError(UserError, RuntimeError):
     """Raised before filling an image cache that would not fit in memory (or on disk)."""
 
 
@@ -125,7 +137,7 @@ class DetectionDataset(Dataset):
                  single_cls: bool = False, stride: int = 32, pad: float = 0.0, prefix: str = "", seed: int = 0,
                  nc: int | None = None, cache_dir: str | Path | None = None):
         if cache not in CACHE_MODES:
-            raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+            raise FlagError(f"--cache {cache}: choose one of ram, ram-jpeg, disk")
         self.img_size, self.augment, self.rect, self.stride = img_size, augment, rect, stride
         self.hyp = self._complete_hyp(hyp) if augment else (hyp or {})
         self.image_weights = image_weights
@@ -139,7 +151,7 @@ class DetectionDataset(Dataset):
         self.fast_ops = True
         scan = scan_dataset(list_image_files(path), nc=nc, cache_dir=cache_dir, prefix=prefix)
         if not scan.im_files:
-            raise FileNotFoundError(f"{prefix}no usable images in {path}: {scan.report.summary()}")
+            raise MissingFileError(f"{prefix}no usable images in {path}: {scan.report.summary()}")
         self.report: ScanReport = scan.report
         self.im_files, self.label_files = scan.im_files, scan.label_files
         self.labels, self.shapes = scan.labels, scan.shapes
@@ -242,8 +254,7 @@ class DetectionDataset(Dataset):
 
     def _cache_entry(self, i: int) -> tuple[Any, tuple[int, int]] | None:
         if self.cache == "disk":
-            if not self._npy_files[i].exists() or (os.path.getmtime(self._npy_files[i])
-                                                   < os.path.getmtime(self.im_files[i])):
+            if not self._npy_files[i].exists():  # the name holds the image's signature: existing means current
                 self._write_npy(i)
             return None
         if self.cache == "ram-jpeg":
@@ -266,6 +277,7 @@ class DetectionDataset(Dataset):
     def _fill_cache(self, mode: str) -> None:
         if mode == "disk":
             self._npy_files = [self._npy_path(f) for f in self.im_files]
+            remove_outdated_npy(self.im_files, self._npy_files)
         need = self.estimate_cache_bytes(mode)
         self._check_room(mode, need)
         LOGGER.info("%scaching %d images (%s, about %.2f GB)", self.prefix, self.n, mode, need / 1e9)
@@ -276,13 +288,19 @@ class DetectionDataset(Dataset):
             self._ram = entries
 
     def _npy_path(self, im_file: str) -> Path:
-        """``x.npy`` beside the image (v7.0), or in a cache folder when the image folder is read-only."""
+        """``x.jpg.<signature>.npy`` beside the image (v7.0 writes ``x.npy`` there), or in a cache folder when
+        the image folder is read-only.
+
+        The whole file name and the image's signature (size, mtime, ctime, inode) are part of the name, so
+        ``x.jpg`` and ``x.png``, or an image and the file that later replaced it, never share a cache entry.
+        """
         path = Path(im_file)
+        name = npy_name(path.name, file_signature(im_file))
         if self.cache_dir is None and is_writable_dir(path.parent):
-            return path.with_suffix(".npy")
+            return path.with_name(name)
         folder = cache_location(path.parent, "-npy", self.cache_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        return folder / f"{path.stem}.npy"
+        return folder / name
 
     def estimate_cache_bytes(self, mode: str) -> int:
         """Bytes a cache mode will take, extrapolated from up to SIZE_SAMPLE evenly spread images."""
@@ -373,6 +391,31 @@ class DetectionDataset(Dataset):
             lb[:, 0] = i
         stacked = torch.from_numpy(np.stack([im.numpy() for im in images], 0))
         return stacked, torch.cat(labels, 0), paths, shapes
+
+
+def npy_name(image_name: str, signature: str) -> str:
+    """Disk-cache file name of one version of one image (see ``DetectionDataset._npy_path``)."""
+    return f"{image_name}.{hashlib.md5(signature.encode()).hexdigest()[:NPY_KEY_LENGTH]}.npy"
+
+
+def remove_outdated_npy(im_files: list[str], npy_files: list[Path]) -> int:
+    """Delete disk-cache files of earlier versions of these images (the image changed since it was cached).
+
+    Only names this cache writes (``<image name>.<key>.npy`` for an image of this data set) are considered;
+    one listing per folder.
+    """
+    current = set(npy_files)
+    wanted = {(npy.parent, Path(im).name) for im, npy in zip(im_files, npy_files)}
+    removed = 0
+    for folder in {npy.parent for npy in npy_files}:
+        for entry in folder.iterdir():
+            match = _NPY_PATTERN.fullmatch(entry.name)
+            if match and (folder, match["image"]) in wanted and entry not in current:
+                entry.unlink(missing_ok=True)
+                removed += 1
+    if removed:
+        LOGGER.info("disk cache: %d .npy files of images that changed since they were cached removed", removed)
+    return removed
 
 
 def create_dataloader(path: str | Path | list, imgsz: int, batch_size: int, stride: int, hyp: dict | None = None,

@@ -6,7 +6,6 @@ sane. Drawing uses cv2 only (cv2.putText, no font download).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 from pathlib import Path
@@ -15,8 +14,11 @@ import cv2
 import numpy as np
 import torch
 
+from utils.cli import UserArgumentParser, run_cli
 from utils.data.config import load_data_config
 from utils.data.detect import DEFAULT_HYP, DetectionDataset, load_hyp
+from utils.errors import FlagError
+from utils.flags import at_least
 
 COLOURS = [(56, 56, 255), (151, 157, 255), (31, 112, 255), (29, 178, 255), (49, 210, 207), (10, 249, 72),
            (23, 204, 146), (134, 219, 61), (52, 147, 26), (187, 212, 0), (168, 153, 44), (255, 194, 0)]
@@ -52,6 +54,9 @@ def write_preview(data_yaml: str | Path, out: str | Path, hyp: str | Path = DEFA
                   imgsz: int = 640, seed: int = 0, split: str = "train") -> Path:
     """Draw ``n`` augmented samples of ``split`` into a PNG grid; returns the written path."""
     data = load_data_config(data_yaml)
+    if not data.get(split):
+        raise FlagError(f"--split {split}: {data['yaml_file']} has no '{split}' entry; use one of "
+                        f"{', '.join(k for k in ('train', 'val', 'test') if data.get(k))}")
     dataset = DetectionDataset(data[split], imgsz, batch_size=n, augment=True, hyp=load_hyp(hyp), seed=seed,
                                nc=data["nc"])
     order = np.random.default_rng(seed).permutation(len(dataset))[:n]
@@ -64,7 +69,7 @@ def write_preview(data_yaml: str | Path, out: str | Path, hyp: str | Path = DEFA
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="PNG grid of augmented training samples with their boxes")
+    parser = UserArgumentParser(description="PNG grid of augmented training samples with their boxes")
     parser.add_argument("--data", required=True)
     parser.add_argument("--hyp", default=str(DEFAULT_HYP))
     parser.add_argument("--n", type=int, default=16)
@@ -73,10 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="train")
     parser.add_argument("--out", default="preview.png")
     args = parser.parse_args(argv)
+    at_least("--n", args.n, 1)
+    at_least("--imgsz", args.imgsz, 1)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     print(write_preview(args.data, args.out, args.hyp, args.n, args.imgsz, args.seed, args.split))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -7,7 +7,6 @@ thresholds (area 32^2 and 96^2 pixels on ~640 px COCO images) scaled by imgsz / 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 from collections import defaultdict
@@ -16,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from utils.cli import UserArgumentParser, run_cli
 from utils.data.config import SPLIT_KEYS, load_data_config
 from utils.data.scan import list_image_files, scan_dataset
+from utils.flags import at_least
 
 PERCENTILES = (5, 25, 50, 75, 95)
 COCO_SMALL, COCO_MEDIUM, COCO_REFERENCE_SIZE = 32, 96, 640
@@ -119,15 +120,16 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Data-set statistics and leakage check")
+    parser = UserArgumentParser(description="Data-set statistics and leakage check")
     parser.add_argument("--data", required=True, help="data YAML")
     parser.add_argument("--imgsz", type=int, default=640, help="training size (long side) for box sizes")
     parser.add_argument("--cache-dir", help="where scan caches go (default: beside the labels, or the user cache)")
     args = parser.parse_args(argv)
+    at_least("--imgsz", args.imgsz, 1)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     print_report(dataset_report(args.data, args.imgsz, args.cache_dir))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

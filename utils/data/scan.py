@@ -3,10 +3,13 @@
 The scan never raises on bad data: unreadable images are skipped, bad label rows are dropped, and every
 problem is reported *by file* (logged through ``logging`` and returned in a :class:`ScanReport` that tests and
 tools can inspect). The result is cached in ``<labels dir>.cache`` (or a per-user cache folder when the data
-folder is read-only) and reused while a hash of all image/label paths, sizes and mtimes is unchanged.
+folder is read-only) and reused while a hash of all image/label paths and file signatures (size, mtime, ctime,
+inode) is unchanged. Nothing the user put in the data set is ever modified: a truncated JPEG is repaired into a
+copy in the cache folder, and that copy is used instead.
 
 Label rules (yolov5 v7.0 behaviour, made lenient per row instead of dropping the whole image):
 
+* label files are UTF-8, a leading byte-order mark is ignored;
 * a row is ``class cx cy w h`` with normalised coordinates; rows with another column count (e.g. polygon
   segments) are dropped as ``columns``;
 * non-numeric / NaN / inf values -> ``non_numeric``; negative or fractional class ids -> ``class_id``;
@@ -34,6 +37,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from utils.errors import MissingFileError
+from utils.user_files import read_user_text
 
 LOGGER = logging.getLogger(__name__)
 
@@ -64,7 +70,7 @@ class ScanReport:
     missing: int = 0  # no label file -> background image
     empty: int = 0  # empty label file -> background image
     corrupt: int = 0  # images skipped
-    repaired: int = 0  # truncated JPEGs re-saved
+    repaired: int = 0  # truncated JPEGs decoded leniently; a copy in the cache folder is used
     instances: int = 0  # boxes kept
     rows_clipped: int = 0  # rows within COORD_TOLERANCE of [0, 1], clipped
     rows_dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ROW_REASONS, 0))
@@ -125,16 +131,16 @@ def list_image_files(sources: str | Path | list | tuple) -> list[str]:
         elif path.is_file():
             files.append(str(path))
         else:
-            raise FileNotFoundError(f"{path} does not exist: give an image folder, a .txt list of images or a list")
+            raise MissingFileError(f"{path} does not exist: give an image folder, a .txt list of images or a list")
     images = sorted(f for f in files if f.rsplit(".", 1)[-1].lower() in IMG_FORMATS)
     if not images:
-        raise FileNotFoundError(f"no images ({', '.join(IMG_FORMATS)}) found in {sources}")
+        raise MissingFileError(f"no images ({', '.join(IMG_FORMATS)}) found in {sources}")
     return images
 
 
 def _read_image_list(list_file: Path) -> list[str]:
     parent = list_file.resolve().parent
-    lines = [line.strip() for line in list_file.read_text(encoding="utf-8").splitlines()]
+    lines = [line.strip() for line in read_user_text(list_file, "image list").splitlines()]
     return [str(p if (p := Path(line)).is_absolute() else (parent / p).resolve()) for line in lines if line]
 
 
@@ -179,15 +185,25 @@ def cache_location(folder: Path, suffix: str, cache_dir: str | Path | None = Non
     return root / f"{folder.name}-{tag}{suffix}"
 
 
+def file_signature(path: str | Path) -> str:
+    """What identifies one version of a file without reading it: size, mtime, ctime and inode.
+
+    mtime alone is not enough: ``cp -p``, ``rsync -t`` or ``touch -r`` give another file (or an edited one) the
+    old mtime, and a label edit often keeps the size. The ctime cannot be set by the user and changes with
+    every write, and a replaced file has a new inode, so two different files never share a signature.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "-"
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
+
+
 def files_hash(paths: list[str]) -> str:
-    """md5 of paths + sizes + mtimes: changes whenever a file is added, removed, replaced or edited."""
+    """md5 of paths + file signatures: changes whenever a file is added, removed, replaced or edited."""
     digest = hashlib.md5()
     for path in paths:
-        try:
-            st = os.stat(path)
-            digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except OSError:
-            digest.update(f"{path}\0-\n".encode())
+        digest.update(f"{path}\0{file_signature(path)}\n".encode())
     return digest.hexdigest()
 
 
@@ -211,11 +227,11 @@ class ImageCheck:
     grey: bool = False
 
 
-def verify_image(im_file: str, repair_dir: Path | None) -> ImageCheck:
+def verify_image(im_file: str, repair_dir: Path) -> ImageCheck:
     """Open and verify one image; a JPEG missing its end marker is decoded leniently and re-saved.
 
-    ``repair_dir`` None means repair in place (v7.0 behaviour); otherwise the repaired copy is written there so
-    a read-only data set is never touched.
+    The repaired copy is written to ``repair_dir`` (a cache folder) and used in place of the original, which is
+    never touched: v7.0 re-saved the user's file in place, silently changing the data set.
     """
     try:
         with Image.open(im_file) as img:
@@ -264,7 +280,7 @@ def _has_jpeg_end_marker(im_file: str) -> bool:
         return f.read() == b"\xff\xd9"
 
 
-def _repair_jpeg(im_file: str, shape: tuple[int, int], repair_dir: Path | None) -> ImageCheck:
+def _repair_jpeg(im_file: str, shape: tuple[int, int], repair_dir: Path) -> ImageCheck:
     """Decode what is there (libjpeg fills the missing part grey) and re-save it through PIL at quality 100."""
     raw = np.fromfile(im_file, dtype=np.uint8)
     decoded = cv2.imdecode(raw, cv2.IMREAD_COLOR)  # applies EXIF orientation, so the saved copy is upright
@@ -272,16 +288,17 @@ def _repair_jpeg(im_file: str, shape: tuple[int, int], repair_dir: Path | None) 
         decoded = cv2.imdecode(np.concatenate((raw, np.frombuffer(b"\xff\xd9", np.uint8))), cv2.IMREAD_COLOR)
     if decoded is None:
         return ImageCheck(False, issue=FileIssue(im_file, "corrupt_image", "truncated JPEG, not decodable"))
-    target = Path(im_file)
-    if repair_dir is not None:
-        repair_dir.mkdir(parents=True, exist_ok=True)
-        target = repair_dir / f"{hashlib.md5(im_file.encode()).hexdigest()[:12]}_{target.name}"
+    key = hashlib.md5(f"{im_file}\0{file_signature(im_file)}".encode()).hexdigest()[:12]  # one per file version
+    target = repair_dir / key / Path(im_file).name  # same name: outputs named after the image keep their names
+    target.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     Image.fromarray(decoded[..., ::-1]).save(buffer, "JPEG", subsampling=0, quality=100)
-    target.write_bytes(buffer.getvalue())
+    partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")  # concurrent scans never see half a file
+    partial.write_bytes(buffer.getvalue())
+    os.replace(partial, target)
     w, h = decoded.shape[1], decoded.shape[0]
-    note = "in place" if repair_dir is None else f"as {target}"
-    issue = FileIssue(im_file, "repaired_image", f"truncated JPEG (no end marker) repaired and re-saved {note}")
+    issue = FileIssue(im_file, "repaired_image", f"truncated JPEG (no end marker) repaired; the original is left "
+                                                 f"as it is, the repaired copy {target} is used")
     return ImageCheck(True, (w, h) if (w, h) else shape, issue, str(target))
 
 
@@ -300,8 +317,8 @@ def read_label_file(lb_file: str) -> LabelCheck:
     empty = np.zeros((0, 5), dtype=np.float32)
     if not os.path.isfile(lb_file):
         return LabelCheck(empty, "missing")
-    try:
-        text = Path(lb_file).read_text(encoding="utf-8", errors="replace")
+    try:  # utf-8-sig: a byte-order mark (Windows editors) is not part of the first class id
+        text = Path(lb_file).read_text(encoding="utf-8-sig", errors="replace")
     except OSError as e:
         return LabelCheck(empty, "missing", issues=[FileIssue(lb_file, "unreadable_label", str(e))])
     rows = [line.split() for line in text.splitlines() if line.strip()]
@@ -372,11 +389,9 @@ def scan_dataset(im_files: list[str], nc: int | None = None, cache_dir: str | Pa
     labels_dir = Path(label_files[0]).parent
     cache_file = cache_location(labels_dir, ".cache", cache_dir)
     digest = files_hash(im_files + label_files)
-    result = _load_cache(cache_file, digest) if use_cache else None
+    result = _load_cache(cache_file, digest, im_files) if use_cache else None
     if result is None:
-        result = _scan_files(im_files, label_files, _repair_dir(im_files, cache_dir))
-        if result.report.repaired:  # repairs change files; hash them as they are now
-            digest = files_hash(im_files + label_files)
+        result = _scan_files(im_files, label_files, _repair_dir(cache_dir))
         if use_cache:
             _save_cache(cache_file, digest, result)
     else:
@@ -388,14 +403,12 @@ def scan_dataset(im_files: list[str], nc: int | None = None, cache_dir: str | Pa
     return result
 
 
-def _repair_dir(im_files: list[str], cache_dir: str | Path | None) -> Path | None:
-    """None (repair in place, as v7.0) when the image folder is writable, else a cache sub-folder."""
-    if is_writable_dir(Path(im_files[0]).parent):
-        return None
+def _repair_dir(cache_dir: str | Path | None) -> Path:
+    """Where repaired copies of damaged images go: never the data set, always a cache folder."""
     return (Path(cache_dir) if cache_dir is not None else user_cache_root()) / "repaired"
 
 
-def _scan_files(im_files: list[str], label_files: list[str], repair_dir: Path | None) -> ScanResult:
+def _scan_files(im_files: list[str], label_files: list[str], repair_dir: Path) -> ScanResult:
     report = ScanReport()
     kept_images, kept_labels, kept_label_files, shapes, grey = [], [], [], [], []
     workers = max(1, min(8, os.cpu_count() or 1))
@@ -463,14 +476,17 @@ def _save_cache(cache_file: Path, digest: str, result: ScanResult) -> None:
         LOGGER.warning("scan cache not saved to %s: %s", cache_file, e)
 
 
-def _load_cache(cache_file: Path, digest: str) -> ScanResult | None:
+def _load_cache(cache_file: Path, digest: str, originals: list[str]) -> ScanResult | None:
     try:
         with np.load(cache_file, allow_pickle=False) as z:
             if int(z["version"]) != CACHE_VERSION or str(z["hash"]) != digest:
                 return None
+            kept = [str(f) for f in z["im_files"]]
+            if not all(os.path.isfile(f) for f in set(kept) - set(originals)):
+                return None  # a repaired copy in the cache folder was deleted since
             counts = z["counts"]
             labels = np.split(z["labels"], np.cumsum(counts)[:-1]) if len(counts) else []
-            return ScanResult([str(f) for f in z["im_files"]], [str(f) for f in z["label_files"]],
+            return ScanResult(kept, [str(f) for f in z["label_files"]],
                               [lb.copy() for lb in labels], z["shapes"].astype(np.int64),
                               ScanReport.from_json(str(z["report"])), z["grey"].astype(bool))
     except (OSError, KeyError, ValueError, EOFError):

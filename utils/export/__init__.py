@@ -217,12 +217,22 @@ def load_for_export(weights: Path) -> tuple[nn.Module, list[str]]:
 
 
 def run_export(options: ExportOptions) -> dict[str, Path]:
-    """Export ``options.weights`` to every format in ``options.include``; returns format -> artifact path."""
+    """Export ``options.weights`` to every format in ``options.include``; returns format -> artifact path.
+
+    ``options.imgsz`` is rounded up to a multiple of the model's largest stride first (logged), as train.py,
+    val.py and detect.py do, so the caller's comparison images match the artifacts.
+    """
+    from utils.flags import check_img_size
     from utils.torch_utils import select_device
 
     device = select_device(options.device)
     check_options(options, device)
     model, names = load_for_export(Path(options.weights))
+    if options.nms and model_task(model) != "detect":
+        raise ExportOptionError(f"--nms: {options.weights} is a classifier; NMS inside the graph applies to detectors "
+                                "only")
+    stride = max(int(model_stride(model)), 32)
+    options.imgsz = tuple(check_img_size(size, stride) for size in options.imgsz)
     prepared = prepare_for_export(model)
     paths = artifact_paths(Path(options.weights), options.output_dir)
     paths["onnx"].parent.mkdir(parents=True, exist_ok=True)

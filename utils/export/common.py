@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from utils.errors import UserError
+
 LOGGER = logging.getLogger(__name__)
 
 TOOLKIT_NAME = "yolo-kit"
@@ -29,7 +31,7 @@ FOLDER_METADATA_NAME = "metadata.json"
 REQUIRED_KEYS = ("task", "stride", "imgsz", "batch", "precision", "format")
 
 
-class MetadataError(RuntimeError):
+class MetadataError(UserError, RuntimeError):
     """A sidecar that is missing, unreadable or inconsistent with its artifact."""
 
 

@@ -13,6 +13,7 @@ joint epochs at lr x 0.1 (HybridNets' final round).
 from __future__ import annotations
 
 import csv
+import itertools
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from utils.config import TrainConfig
+from utils.errors import FlagError
 from utils.tasks.base import EpochPlan
 
 LOGGER = logging.getLogger(__name__)
@@ -70,7 +72,7 @@ def sequential_phase(epoch: int, epochs: int, n_heads: int, finetune_epochs: int
     """
     main = epochs - finetune_epochs
     if main < n_heads:
-        raise ValueError(f"sequential mode needs at least one epoch per head: {epochs} epochs - "
+        raise FlagError(f"--heads-mode sequential needs at least one epoch per head: {epochs} epochs - "
                          f"{finetune_epochs} fine-tune < {n_heads} heads")
     if epoch >= main:
         return -1
@@ -229,23 +231,36 @@ def predict_images(model: nn.Module, paths: Sequence[str | Path], imgsz: int, he
 
     Row keys: ``path``, then per head ``<head>`` (class name), ``<head>_index`` and ``<head>_conf`` (softmax).
     """
+    from utils.data.classify import read_image
+
+    images = ((str(p), read_image(str(p))) for p in paths)
+    return classify_images(model, images, imgsz, heads, device, batch_size)
+
+
+def classify_images(model: nn.Module, images: Iterable[tuple[str, np.ndarray]], imgsz: int,
+                    heads: Sequence[dict] | None = None, device: torch.device | str | None = None,
+                    batch_size: int = 32) -> list[dict[str, Any]]:
+    """:func:`predict_images` for already decoded ``(name, BGR image)`` pairs (detect.py's frames)."""
     from models.classify import heads_of
-    from utils.data.classify import center_crop, read_image, to_chw_tensor
+    from utils.data.classify import center_crop, to_chw_tensor
 
     heads = list(heads or heads_of(model))
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if device is None:
+        device = next(model.parameters()).device if isinstance(model, nn.Module) else getattr(model, "device", "cpu")
     rows: list[dict[str, Any]] = []
-    was_training = model.training
-    model.eval()
+    was_training = getattr(model, "training", False)
+    if isinstance(model, nn.Module):
+        model.eval()
+    pending = iter(images)
     try:
-        for start in range(0, len(paths), batch_size):
-            chunk = [str(p) for p in paths[start:start + batch_size]]
-            batch = torch.stack([to_chw_tensor(center_crop(read_image(p), imgsz)) for p in chunk])
+        while chunk := list(itertools.islice(pending, batch_size)):
+            batch = torch.stack([to_chw_tensor(center_crop(image, imgsz)) for _, image in chunk])
             with torch.no_grad():
                 preds = as_head_dict(model(batch.to(device).float() / 255), heads)
-            rows += _prediction_rows(chunk, preds, heads)
+            rows += _prediction_rows([name for name, _ in chunk], preds, heads)
     finally:
-        model.train(was_training)
+        if isinstance(model, nn.Module):
+            model.train(was_training)
     return rows
 
 
@@ -290,6 +305,8 @@ class ClassifyTask:
         self.bn_recalibration_batches = bn_recalibration_batches
         self.train_loader = None
         self.head_weights = self._head_weights()
+        if cfg.heads_mode == "sequential" and len(self.heads) > 1:  # refuse too few epochs before training starts
+            sequential_phase(0, cfg.epochs, len(self.heads), cfg.finetune_epochs)
         self.active_heads: list[int] = list(range(len(self.heads)))
         self.hyp: dict[str, Any] = {}
         self.save_dir = Path(cfg.project) / cfg.name
@@ -300,7 +317,7 @@ class ClassifyTask:
     def _head_weights(self) -> torch.Tensor:
         weights = self.cfg.head_weights or self.data.head_weights or [1.0] * len(self.heads)
         if len(weights) != len(self.heads):
-            raise ValueError(f"--head-weights: {len(weights)} values for {len(self.heads)} heads {self.head_names}")
+            raise FlagError(f"--head-weights: {len(weights)} values for {len(self.heads)} heads {self.head_names}")
         return torch.tensor(weights, dtype=torch.float32)
 
     # ---------------------------------------------------------------- model
@@ -312,11 +329,11 @@ class ClassifyTask:
 
         cfg = self.cfg
         if not cfg.cfg and not cfg.weights:
-            raise ValueError("give --cfg (a classifier YAML, e.g. yolov5n-mcls-s.yaml) and/or --weights")
+            raise FlagError("give --cfg (a classifier YAML, e.g. yolov5n-mcls-s.yaml) and/or --weights")
         source = load_checkpoint(cfg.weights).model if cfg.weights else None
         is_detector = source is not None and hasattr(source.model[-1], "anchors")
         if is_detector and not cfg.cfg:
-            raise ValueError(f"{cfg.weights} is a detector: give --cfg with a classifier YAML to train on top of it")
+            raise FlagError(f"{cfg.weights} is a detector: give --cfg with a classifier YAML to train on top of it")
         model_yaml = load_model_yaml(cfg.cfg if cfg.cfg else source.yaml)
         if cfg.head_balance == "uncertainty":
             model_yaml["head_balance"] = "uncertainty"
@@ -332,14 +349,15 @@ class ClassifyTask:
 
     def _check_head_count(self, model_yaml: dict) -> None:
         from models.classify import is_classifier_config
+        from models.yaml_config import ModelConfigError
 
         if not is_classifier_config(model_yaml):
-            raise ValueError(f"{self.cfg.cfg or self.cfg.weights}: not a classifier (last layer must be Classify "
-                             f"or MultiHeadClassify)")
+            raise ModelConfigError(f"{self.cfg.cfg or self.cfg.weights}: not a classifier (last layer must be "
+                                   f"Classify or MultiHeadClassify)")
         rows = (model_yaml.get("backbone") or []) + (model_yaml.get("head") or [])
         if rows[-1][2] == "Classify" and len(self.heads) > 1:
-            raise ValueError(f"the data has {len(self.heads)} heads {self.head_names} but the model YAML has one "
-                             f"Classify head: use a multi-head YAML such as models/cls/yolov5n-mcls-s.yaml")
+            raise ModelConfigError(f"the data has {len(self.heads)} heads {self.head_names} but the model YAML has "
+                                   f"one Classify head: use a multi-head YAML such as models/cls/yolov5n-mcls-s.yaml")
 
     @staticmethod
     def _set_dropout(model: nn.Module, p: float) -> None:

@@ -15,6 +15,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from utils.config import TrainConfig
+from utils.errors import FlagError
+from utils.flags import check_img_size
 from utils.freeze import alternate_plan, parse_freeze_schedule
 from utils.loss import ComputeLoss, scale_loss_gains
 from utils.metrics import fitness as detection_fitness
@@ -35,7 +37,8 @@ class DetectTask:
 
         self.cfg = cfg
         self.data = load_data_config(cfg.data)
-        self.nc = 1 if cfg.single_cls else int(self.data["nc"])
+        self.data_nc = int(self.data["nc"])  # label rows with class ids beyond it are dropped (and reported)
+        self.nc = 1 if cfg.single_cls else self.data_nc
         self.names = ["item"] if cfg.single_cls else list(self.data["names"])
         self.hyp: dict[str, Any] = {}
         self.save_dir = Path(cfg.project) / cfg.name
@@ -51,13 +54,13 @@ class DetectTask:
 
         cfg = self.cfg
         if not cfg.cfg and not cfg.weights:
-            raise ValueError("give --cfg (a model YAML) and/or --weights (a checkpoint)")
+            raise FlagError("give --cfg (a model YAML) and/or --weights (a checkpoint)")
         sizes = {"nc": cfg.nc or self.nc, "depth_multiple": cfg.depth_multiple, "width_multiple": cfg.width_multiple}
         if cfg.weights and Path(cfg.weights).suffix == ".pth":
             model = DetectionModel(cfg.cfg, **sizes)
-            from utils.pretrained import load_torchvision_backbone
+            from utils.pretrained import arch_from_file_name, load_torchvision_backbone
 
-            load_torchvision_backbone(model, cfg.weights)
+            load_torchvision_backbone(model, cfg.weights, arch_from_file_name(cfg.weights))
         elif cfg.weights:
             source = load_checkpoint(cfg.weights).model
             if getattr(source, "quantization", None):
@@ -80,7 +83,7 @@ class DetectTask:
 
         cfg, hyp = self.cfg, self.hyp
         stride = max(int(model.stride.max()), 32)
-        self.imgsz = math.ceil(cfg.imgsz / stride) * stride
+        self.imgsz = check_img_size(cfg.imgsz, stride, floor=2 * stride)
         self.stride = stride
         train_loader, self.train_dataset = self.build_train_loader()
         val_loader = None
@@ -88,7 +91,7 @@ class DetectTask:
             val_loader, _ = create_dataloader(
                 self.data["val"], self.imgsz, cfg.batch_size * 2, stride, hyp=hyp, augment=False,
                 cache=cfg.cache, pad=0.5, rect=True, workers=cfg.workers, shuffle=False, seed=cfg.seed,
-                single_cls=cfg.single_cls, prefix="val: ")
+                single_cls=cfg.single_cls, prefix="val: ", nc=self.data_nc)
         self._check_anchors(model)
         # v7.0 then rounds the whole model through float16 ("pre-reduce anchor precision"), so its training
         # starts from float16-representable weights: the same seed gives the same start here. (v7.0 copies its
@@ -105,7 +108,7 @@ class DetectTask:
         return create_dataloader(
             self.data["train"], self.imgsz, cfg.batch_size, self.stride, hyp=self.hyp, augment=True, cache=cfg.cache,
             rect=cfg.rect, workers=cfg.workers, shuffle=not cfg.rect, seed=cfg.seed, single_cls=cfg.single_cls,
-            image_weights=cfg.image_weights, prefix="train: ")
+            image_weights=cfg.image_weights, prefix="train: ", nc=self.data_nc)
 
     def _report_data(self) -> None:
         """Data-set report in the log and labels.png in the run folder, before the first epoch."""
