@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 from pathlib import Path
 
 import pytest
@@ -36,12 +37,13 @@ def sparse_run(tmp_path_factory) -> Path:
     return project / "sparse" / "weights" / "best.pt"
 
 
-def test_slim_prunes_to_the_budget_and_fine_tunes_with_a_teacher(sparse_run, tmp_path, capsys):
+def test_slim_prunes_to_the_budget_and_fine_tunes_with_a_teacher(sparse_run, tmp_path, caplog):
     path = tmp_path / "slim.yaml"
-    code = run_cli(prune_slim.main, ["--weights", str(sparse_run), "--data", SAMPLE, "--imgsz", IMG,
-                                     "--remain-ratio", "0.6", "--path", str(path), "--workers", "0"])
+    with caplog.at_level(logging.INFO):
+        code = run_cli(prune_slim.main, ["--weights", str(sparse_run), "--data", SAMPLE, "--imgsz", IMG,
+                                         "--remain-ratio", "0.6", "--path", str(path), "--workers", "0"])
     assert code == 0
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "layer  module" in out and "parameters" in out and "pruned model before fine-tuning: mAP@.5" in out
 
     pruned = load_checkpoint(path.with_suffix(".pt")).model
@@ -102,7 +104,7 @@ def test_eagleeye_writes_every_candidate_and_keeps_the_best(sparse_run, tmp_path
     assert meta["pruned"]["best_candidate"] == int(best["candidate"])
     original = load_checkpoint(sparse_run).model
     pruned = load_checkpoint(path.with_suffix(".pt")).model
-    assert abs(_measured_ratio(original, pruned, int(IMG)) - float(best["flops_ratio"])) < 1e-6
+    assert abs(_measured_ratio(original, pruned, int(IMG)) - float(best["flops_ratio"])) < 1e-5  # CSV keeps 5 decimals
 
 
 def _digest(folder: Path) -> str:

@@ -121,7 +121,8 @@ def test_qat_without_torchao_is_a_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "torchao", None)  # import torchao -> ImportError
     with pytest.raises(UserError, match="pip install 'torchao"):
-        run_training(_qat_config(tmp_path, data=str(tmp_path / "no-such-data.yaml")))
+        run_training(_qat_config(tmp_path))
+    assert not (tmp_path / "qat").exists()  # refused before the run folder was made
 
 
 def test_qat_weights_cannot_seed_another_run(qat_run, tmp_path):

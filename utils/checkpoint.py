@@ -178,7 +178,7 @@ def load_checkpoint(path: str | Path, fuse: bool = False) -> LoadedCheckpoint:
 
 def checkpoint_quantization(path: str | Path) -> dict[str, Any] | None:
     """The quantization recipe a yolo-kit checkpoint was trained with (QAT), else None; loads nothing else."""
-    data = _torch_load_safely(Path(path))
+    data = read_checkpoint(path)
     if isinstance(data, dict) and data.get("format") == FORMAT:
         return data.get("quantization")
     return None

@@ -160,13 +160,13 @@ def check_options(options: ExportOptions, device: torch.device) -> None:
         raise ExportOptionError("--int8 with --nms is not supported: quantize the plain graph and run NMS outside")
     if options.int8_keep < 0 or (options.int8_keep and not options.int8):
         raise ExportOptionError("--int8-keep N takes N >= 0 and goes with --int8")
+    check_overwrite(options)  # before the checkpoint is read: refusing costs nothing
     if _qat_recipe(options.weights):
         _check_qat_export(options)
     elif options.int8 and not options.data:
         raise ExportOptionError("--int8 needs --data (a data YAML whose train images calibrate the quantization)")
     elif options.int8 and {"torchscript", "ncnn"} & set(options.include):
         raise ExportOptionError("--int8 applies to onnx, openvino and engine only")
-    check_overwrite(options)
     if "engine" in options.include:
         from utils.export.tensorrt import import_tensorrt
 
@@ -191,6 +191,8 @@ def _check_qat_export(options: ExportOptions) -> None:
     if not options.int8:
         LOGGER.info("%s was trained with fake quantization: exporting its INT8 graph (as with --int8)",
                     options.weights)
+        options.int8 = True
+        check_overwrite(options)  # the INT8 artifact was not among the plain flags' outputs
 
 
 def _metadata(model: nn.Module, names: list[str], options: ExportOptions, fmt: str, precision: str,

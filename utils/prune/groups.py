@@ -79,7 +79,8 @@ def analyse_channels(model: nn.Module, imgsz: int = 64, verify: bool = True) -> 
     With ``verify`` every group is also checked numerically (:mod:`utils.prune.verify`): a group whose traced
     channel map does not prune exactly is dropped and its layers reported as kept whole.
     """
-    analysis = trace_channels(model, imgsz)
+    with torch.enable_grad():  # the trace follows autograd; callers may sit inside torch.no_grad()
+        analysis = trace_channels(model, imgsz)
     if verify and analysis.groups:
         from utils.prune.verify import split_exact_groups
 
