@@ -51,7 +51,7 @@ class EpochTimer:
 
 
 def main(argv: list[str] | None = None, task_class: type[DetectTask] = DetectTask) -> int:
-    """Train the recipe and print the table; ``task_class`` lets benchmarks/yolov5_swap.py change the data set."""
+    """Train the recipe and print the table; ``task_class`` lets probes/yolov5_swap.py change the data set."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "neu-det" / "neu-det.yaml"))
     parser.add_argument("--cfg", default="yolov5n.yaml")

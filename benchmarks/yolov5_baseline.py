@@ -13,12 +13,14 @@ bars, to compare with benchmarks/train_speed.py run in the same hour. val: the f
 batch 32; prints the wall time of the whole command (what ``time python val.py ...`` shows), to compare with
 ours in the same hour. The package imports roboflow and huggingface_hub and downloads a font, none of which
 these runs use, so a temporary folder provides inert stand-ins, a local font and ``np.trapz`` (gone in NumPy
-2.4); torch >= 2.6 needs ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` to unpickle v7.0's checkpoints. schedule: runs
-benchmarks/yolov5_schedule_probe.py there (learning rate, momentum and optimizer steps of every iteration, ours
-against v7.0's objects and loop; it needs this repository's requirements importable in that environment too).
-swap-data / swap-loop: benchmarks/yolov5_swap.py there, 30 epochs by default (our trainer on v7.0's training data
-set / v7.0's train.py on ours), printing the final metrics. samples: benchmarks/yolov5_sample_probe.py there (v7.0's
-training samples against ours with v7.0's random draws replayed into our loader; a minute).
+2.4); torch >= 2.6 needs ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` to unpickle v7.0's checkpoints.
+The other tasks run an investigation probe from benchmarks/probes/ there (each needs this repository's requirements
+importable in that environment too; their findings are in docs/training.md). schedule:
+benchmarks/probes/yolov5_schedule_probe.py (learning rate, momentum and optimizer steps of every iteration, ours
+against v7.0's objects and loop). swap-data / swap-loop: benchmarks/probes/yolov5_swap.py, 30 epochs by default
+(our trainer on v7.0's training data set / v7.0's train.py on ours), printing the final metrics. samples:
+benchmarks/probes/yolov5_sample_probe.py (v7.0's training samples against ours with v7.0's random draws replayed
+into our loader; a minute).
 
 The environment: a venv that sees this repository's venv (torch and the other shared packages come from there,
 nothing large is downloaded), plus the package itself without its pinned dependencies, the one module it imports
@@ -165,9 +167,9 @@ def run_val(python: str, folder: Path, env: dict[str, str], data: Path, weights:
 
 def run_probe(python: str, folder: Path, env: dict[str, str], script: str, args: list[str],
               keep: tuple[str, ...] = ("|",)) -> int:
-    """benchmarks/``script`` in v7.0's environment (it needs this repository's requirements there too); prints
+    """benchmarks/probes/``script`` in v7.0's environment (it needs this repository's requirements there too); prints
     the output lines that start with ``keep`` and, when it fails, the end of its standard error."""
-    cmd = [python, str(ROOT / "benchmarks" / script), *args]
+    cmd = [python, str(ROOT / "benchmarks" / "probes" / script), *args]
     print("running:", " ".join(cmd), flush=True)
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=folder)
     print("\n".join(line for line in run.stdout.splitlines() if line.startswith(keep)))
@@ -177,8 +179,8 @@ def run_probe(python: str, folder: Path, env: dict[str, str], script: str, args:
 
 
 def run_swap(python: str, folder: Path, env: dict[str, str], data: Path, half: str, epochs: int, seed: int) -> int:
-    """benchmarks/yolov5_swap.py in v7.0's environment; its output streams through (30 epochs take ~30 min)."""
-    cmd = [python, str(ROOT / "benchmarks" / "yolov5_swap.py"), "--half", half, "--data", str(data),
+    """benchmarks/probes/yolov5_swap.py in v7.0's environment; its output streams through (30 epochs take ~30 min)."""
+    cmd = [python, str(ROOT / "benchmarks" / "probes" / "yolov5_swap.py"), "--half", half, "--data", str(data),
            "--epochs", str(epochs), "--seed", str(seed), "--project", str(folder / "swap")]
     print("running:", " ".join(cmd), flush=True)
     return subprocess.run(cmd, env=env, cwd=folder).returncode

@@ -143,7 +143,7 @@ def training_memory_format(model: nn.Module, imgsz: int, batch_size: int, throug
     batch and image size; they stay NCHW, where BatchNorm statistics and gradients are as exact as float32
     allows (see the comment above). ``throughout`` puts the whole model channels-last: under torch.compile
     Inductor generates its own BatchNorm, exact in any layout (a step ~4 % faster than with the NCHW stem,
-    0.75 s against 0.78 s, benchmarks/grad_precision.py); under bfloat16 autocast float32 exactness is moot.
+    0.75 s against 0.78 s, benchmarks/probes/grad_precision.py); under bfloat16 autocast float32 exactness is moot.
     Other devices keep the contiguous layout.
     """
     memory_format = fastest_memory_format(model)

@@ -4,7 +4,7 @@ Run by ``python benchmarks/yolov5_baseline.py --yolov5-python PY --task samples`
 PyPI ``yolov5==7.0.*``. v7.0 draws its augmentation from Python's ``random`` and ``np.random``, we from a NumPy
 Generator, so the same seed gives different mosaics. Here every random value v7.0 draws for a sample is recorded
 and replayed into our data set in its place (same mosaic partners, centre, scale, translation, HSV gains, flips),
-so the two samples must agree exactly. Statistics over many samples (benchmarks/augment_stats.py) cannot see a
+so the two samples must agree exactly. Statistics over many samples (benchmarks/probes/augment_stats.py) cannot see a
 half-pixel label offset or a change at a few pixels; this can.
 
 Checked for each sample: the label rows (class, normalised x y w h) and the RGB tensor. Printed per mode of our
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from utils.data import load_data_config  # noqa: E402
@@ -119,14 +119,14 @@ def compare(v7_set, ours: DetectionDataset, indices: list[int], seed: int) -> di
 
 
 def main() -> int:
-    from yolov5.utils.dataloaders import LoadImagesAndLabels
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="data-set YAML with an absolute path (a writable mirror)")
     parser.add_argument("--imgsz", type=int, default=256)
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    from yolov5.utils.dataloaders import LoadImagesAndLabels  # after parsing: --help works without yolov5
+
     train = load_data_config(args.data)["train"]
     hyp = yaml.safe_load(HYP.read_text())
     v7_set = LoadImagesAndLabels(train, args.imgsz, 32, augment=True, hyp=hyp, stride=32)

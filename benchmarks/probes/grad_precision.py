@@ -1,8 +1,8 @@
 """Gradient precision and step time of the CPU training layouts, against a float64 reference.
 
-    python benchmarks/grad_precision.py                      # yolov5n, batch 32 x 256 px, embedded sample
-    python benchmarks/grad_precision.py --imgsz 640 --batch-size 16 --layouts trainer channels-last
-    python benchmarks/grad_precision.py --weights ../shared/fixtures/yolov5n-neu-det-v7.pt --layouts trainer bf16
+    python benchmarks/probes/grad_precision.py                      # yolov5n, batch 32 x 256 px, embedded sample
+    python benchmarks/probes/grad_precision.py --imgsz 640 --batch-size 16 --layouts trainer channels-last
+    python benchmarks/probes/grad_precision.py --weights ../shared/fixtures/yolov5n-neu-det-v7.pt --layouts trainer bf16
 
 One training batch (mosaics from the data set's train split), one freshly initialised model (or a checkpoint's
 trained weights, ``--weights``); for each layout
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from models.yolo import build_model  # noqa: E402

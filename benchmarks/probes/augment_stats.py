@@ -1,6 +1,6 @@
 """Augmentation statistics over many training samples: ours against YOLOv5 v7.0's own loader.
 
-    python benchmarks/augment_stats.py --yolov5-python /path/to/venv-with-yolov5/bin/python --samples 7200
+    python benchmarks/probes/augment_stats.py --yolov5-python /path/to/venv-with-yolov5/bin/python --samples 7200
 
 Both data sets draw ``--samples`` training samples (mosaic, affine, HSV, flips with the default hyp) from the
 same images; each side records per sample the number of boxes, the image's mean and standard deviation and the
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from utils.config import DEFAULT_HYP  # noqa: E402
