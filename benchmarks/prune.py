@@ -48,12 +48,13 @@ def train_args(args: argparse.Namespace, epochs: int) -> list[str]:
 
 
 def stage_sparse(args: argparse.Namespace, work: Path) -> Path:
-    best = work / "train" / "sparse" / "weights" / "best.pt"
-    if not best.exists():
+    """The sparse run's last.pt: best.pt would be picked by mAP, usually an early, barely sparse epoch."""
+    last = work / "train" / "sparse" / "weights" / "last.pt"
+    if not last.exists():
         run([sys.executable, "train.py", "--weights", str(args.base), *train_args(args, args.sparse_epochs),
-             "--sparse", str(args.sparse), "--sparse-decay", "cos", "--project", str(work / "train"),
+             "--sparse", str(args.sparse), "--sparse-decay", args.sparse_decay, "--project", str(work / "train"),
              "--name", "sparse"], work / "log.txt")
-    return best
+    return last
 
 
 def variants(args: argparse.Namespace) -> list[tuple[str, float]]:
@@ -176,6 +177,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--sparse", type=float, default=5e-4, help="train.py --sparse for the slimming model")
+    parser.add_argument("--sparse-decay", default="none", choices=["none", "linear", "cos"])
     parser.add_argument("--sparse-epochs", type=int, default=15)
     parser.add_argument("--finetune-epochs", type=int, default=15)
     parser.add_argument("--max-iter", type=int, default=200, help="EagleEye candidates")
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    sparse = stage_sparse(args, work) if "sparse" in args.stages else work / "train" / "sparse" / "weights" / "best.pt"
+    sparse = stage_sparse(args, work) if "sparse" in args.stages else work / "train" / "sparse" / "weights" / "last.pt"
     if "prune" in args.stages:
         stage_prune(args, work, sparse)
     if "finetune" in args.stages:

@@ -203,3 +203,20 @@ def test_blocks_declared_whole_report_why():
         whole_layers = [i for i, layer in enumerate(model.model)
                         if any(type(m).__name__ == block for m in layer.modules())]
         assert whole_layers and set(whole_layers) & set(analysis.kept_whole)
+
+
+def test_eagleeye_scores_a_seeded_sample_spread_over_the_validation_split():
+    """Scoring on the first files would score NEU-DET's sorted val split on its first classes only."""
+    from utils.prune.evaluate import prune_data
+
+    model = build_model(MODELS / "yolov5n.yaml", nc=6)
+    sample = str(ROOT / "data" / "neu-det-sample.yaml")
+    def score_files(seed: int) -> list[str]:
+        return prune_data(model, sample, 64, 2, 1, 6, workers=0, seed=seed).score_files
+
+    first = score_files(0)
+    assert score_files(0) == first and len(first) == 6  # the same sample for the same seed
+    assert score_files(1) != first
+    sorted_first = sorted(Path(f).name for f in (ROOT / "data" / "neu-det-sample" / "images" / "val").iterdir())[:6]
+    assert sorted(Path(f).name for f in first) != sorted_first
+    assert len({Path(f).name.rsplit("_", 1)[0] for f in first}) >= 3  # several classes, not two

@@ -80,3 +80,14 @@ def test_prediction_grid_draws_only_confident_boxes(tmp_path):
     changed = np.abs(grid.astype(int) - 128).max(-1) > 40
     assert not changed[:, :64].any(), "a box at conf 0.2 was drawn"
     assert changed[:, 64 + 10].any() and changed[:, 64 + 50].any()  # left and right edges of the 0.9 box
+
+
+def test_validation_leaves_the_batches_it_scores_unchanged(sample_data_yaml, tmp_path):
+    """EagleEye scores hundreds of candidates on the same in-memory batches: labels scaled to pixels in place
+    would leave every candidate after the first scored against wrong boxes."""
+    model, loader, names, _ = _setup(sample_data_yaml, 6, tmp_path)
+    batches = list(loader)
+    before = [batch[1].clone() for batch in batches]
+    validate_detector(model, batches, 6, ValidationOptions(names=names, streams=1))
+    for targets, kept in zip([batch[1] for batch in batches], before):
+        assert torch.equal(targets, kept)

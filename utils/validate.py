@@ -166,7 +166,9 @@ def _predict_batch(predict: Callable, device: torch.device, opts: ValidationOpti
     if opts.compute_loss is not None and raw_maps is not None:  # untimed, as in v7.0
         loss_items = opts.compute_loss(raw_maps, targets)[1].cpu()
     height, width = images.shape[2:]
-    targets[:, 2:] *= torch.tensor((width, height, width, height), device=device)
+    # not in place: on the CPU ``targets`` is the loader's own tensor, and batches may be scored again (EagleEye)
+    targets = torch.cat((targets[:, :2], targets[:, 2:] * torch.tensor((width, height, width, height),
+                                                                        device=device)), 1)
     detections = non_max_suppression(preds, opts.conf_thres, opts.iou_thres, multi_label=True,
                                      agnostic=opts.single_cls, max_det=opts.max_det)
     t3 = time_sync()

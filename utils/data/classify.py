@@ -453,12 +453,16 @@ def create_classify_loader(samples: list[tuple[str, list[int]]], imgsz: int, bat
 
 def create_split_loader(data: ClassifyData | str | Path, split: str, imgsz: int, batch_size: int = 32,
                         workers: int = 0, augment: bool = False, hyp: dict[str, Any] | None = None,
-                        seed: int = 0, cache: str | None = None) -> tuple[DataLoader, ClassificationDataset]:
-    """Loader of one split of a data YAML (what val.py needs: ``validate_classifier(model, loader, heads)``)."""
+                        seed: int = 0, cache: str | None = None,
+                        shuffle: bool | None = None) -> tuple[DataLoader, ClassificationDataset]:
+    """Loader of one split of a data YAML (what val.py needs: ``validate_classifier(model, loader, heads)``).
+
+    Shuffled (seeded) when augmenting unless ``shuffle`` says otherwise."""
     data = data if isinstance(data, ClassifyData) else load_classify_data(data)
     if not data.sources.get(split):
         raise DataConfigError(f"{data.yaml_file}: no '{split}' images (heads: {data.head_names})")
     samples, _ = split_samples(data, split, prefix=f"{split}: ")
-    return create_classify_loader(samples, imgsz, batch_size, augment, hyp, workers, shuffle=augment, seed=seed,
+    shuffle = augment if shuffle is None else shuffle
+    return create_classify_loader(samples, imgsz, batch_size, augment, hyp, workers, shuffle=shuffle, seed=seed,
                                   cache=cache)
 
