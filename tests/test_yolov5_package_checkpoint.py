@@ -113,3 +113,17 @@ def test_export_onnx_runs_like_pytorch(pip_weights, tmp_path, capsys):
     line = next(x for x in capsys.readouterr().out.splitlines() if "max |output - PyTorch|" in x)
     assert float(line.split("=")[1].split()[0]) < 1e-3
     assert (tmp_path / "yolov5pip-neu-det-e3.onnx").is_file()
+
+
+def test_prune_slim_cuts_a_package_checkpoint(pip_weights, sample_data_yaml, tmp_path):
+    """The pruning tools read checkpoints through the same loader: a package .pt prunes to a plain YAML + .pt."""
+    import prune_slim
+    from utils.cli import run_cli
+
+    path = tmp_path / "pruned.yaml"
+    assert run_cli(prune_slim.main, ["--weights", str(pip_weights), "--data", str(sample_data_yaml), "--imgsz",
+                                     "128", "--global-percent", "0.3", "--path", str(path), "--noval"]) == 0
+    pruned = load_checkpoint(path.with_suffix(".pt")).model
+    original = load_checkpoint(pip_weights).model
+    assert 0 < sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in original.parameters())
+    assert pruned.names == original.names
