@@ -1,8 +1,9 @@
 """What the pruning tools need from a data set: calibration images, a quick score, and the full validation.
 
 EagleEye (Li et al., ECCV 2020) scores hundreds of pruned candidates, so the images are loaded once and kept
-as tensors: ``calibration`` (training batches, detectors with their mosaic augmentation) re-estimates BatchNorm statistics, ``score``
-ranks a candidate on a fixed validation subset, ``validate`` gives the numbers printed before fine-tuning.
+as tensors: ``calibration`` (training batches, for detectors with their mosaic augmentation) re-estimates
+BatchNorm statistics, ``score`` ranks a candidate on a fixed, seeded sample of the validation split,
+``validate`` gives the numbers printed before fine-tuning.
 """
 
 from __future__ import annotations
