@@ -87,6 +87,18 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
                          output_dir=args.output_dir, exist_ok=args.exist_ok)
 
 
+def model_parameters(weights: str | Path) -> int:
+    from utils.checkpoint import load_checkpoint
+
+    return sum(p.numel() for p in load_checkpoint(weights).model.parameters())
+
+
+def artifact_bytes(path: Path) -> int:
+    """Size on disk of a file or of a folder artifact (OpenVINO, NCNN) with everything in it."""
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Export, then report max |artifact - PyTorch|; a user's mistake raises :class:`utils.errors.UserError`."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -95,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     from utils.export import run_export
 
     artifacts = run_export(options)
+    print(f"{'model':12s} {options.weights}: {model_parameters(options.weights):,} parameters")
     for name, path in artifacts.items():
-        print(f"{name:12s} {path}")
+        print(f"{name:12s} {path} ({artifact_bytes(path) / 1e6:.2f} MB)")
     if not args.no_compare:
         images, source = comparison_images(options, SAMPLE_IMAGES)
         if images is None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+import export
 import prune_eagleeye
 import prune_slim
 import train
@@ -37,7 +38,7 @@ def sparse_run(tmp_path_factory) -> Path:
     return project / "sparse" / "weights" / "best.pt"
 
 
-def test_slim_prunes_to_the_budget_and_fine_tunes_with_a_teacher(sparse_run, tmp_path, caplog):
+def test_slim_prunes_to_the_budget_and_fine_tunes_with_a_teacher(sparse_run, tmp_path, caplog, capsys):
     path = tmp_path / "slim.yaml"
     with caplog.at_level(logging.INFO):
         code = run_cli(prune_slim.main, ["--weights", str(sparse_run), "--data", SAMPLE, "--imgsz", IMG,
@@ -73,13 +74,17 @@ def test_slim_prunes_to_the_budget_and_fine_tunes_with_a_teacher(sparse_run, tmp
 
     assert run_cli(val.main, ["--weights", str(best), "--data", SAMPLE, "--img", IMG, "--workers", "0",
                               "--project", str(tmp_path / "val"), "--noplots"]) == 0
-    from utils.export import ExportOptions, run_export
-
-    onnx_file = run_export(ExportOptions(weights=best, include=("onnx",), imgsz=(int(IMG), int(IMG)),
-                                         output_dir=tmp_path / "export"))["onnx"]
-    unpruned = run_export(ExportOptions(weights=sparse_run, include=("onnx",), imgsz=(int(IMG), int(IMG)),
-                                        output_dir=tmp_path / "export-unpruned"))["onnx"]
+    printed = {}
+    for label, weights in (("pruned", best), ("unpruned", sparse_run)):
+        capsys.readouterr()
+        assert run_cli(export.main, ["--weights", str(weights), "--include", "onnx", "--imgsz", IMG,
+                                     "--output-dir", str(tmp_path / label), "--no-compare"]) == 0
+        printed[label] = capsys.readouterr().out
+    onnx_file, unpruned = tmp_path / "pruned" / "best.onnx", tmp_path / "unpruned" / "best.onnx"
     assert onnx_file.stat().st_size < 0.75 * unpruned.stat().st_size
+    # export.py prints the parameter count and the artifact's size
+    assert f"{sum(p.numel() for p in fine_tuned.parameters()):,} parameters" in printed["pruned"]
+    assert f"({onnx_file.stat().st_size / 1e6:.2f} MB)" in printed["pruned"]
 
 
 def _measured_ratio(original: torch.nn.Module, pruned: torch.nn.Module, imgsz: int) -> float:
