@@ -89,8 +89,9 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
 
 def model_parameters(weights: str | Path) -> int:
     from utils.checkpoint import load_checkpoint
+    from utils.torch_utils import count_parameters
 
-    return sum(p.numel() for p in load_checkpoint(weights).model.parameters())
+    return count_parameters(load_checkpoint(weights).model)
 
 
 def artifact_bytes(path: Path) -> int:
