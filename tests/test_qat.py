@@ -105,14 +105,87 @@ def test_qat_export_is_qdq_int8_and_onnxruntime_matches_fake_quant(qat_run, tmp_
 
 
 def test_qat_refuses_what_it_does_not_support(tmp_path):
-    from models.yolo import build_model
     from utils.quant.qat import check_qat_flags, check_qat_supported
 
-    classifier = build_model(ROOT / "models" / "cls" / "yolov5n-mcls-s.yaml")
-    with pytest.raises(UserError, match="detectors only"):
-        check_qat_supported(classifier, "yolov5n-mcls-s.yaml")
+    headless = torch.nn.Module()
+    headless.model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3))
+    with pytest.raises(UserError, match="ends in Conv2d, neither a Detect head nor a classification head"):
+        check_qat_supported(headless, "custom.yaml")
     with pytest.raises(UserError, match="--compile, --freeze"):
         check_qat_flags(_qat_config(tmp_path, compile=True, freeze=["10"]))
+    with pytest.raises(UserError, match="--heads-mode sequential"):
+        check_qat_flags(_qat_config(tmp_path, heads_mode="sequential"))
+
+
+FASHION = ROOT.parent / "shared" / "datasets" / "fashion-color-type"
+
+
+def _fashion_subset(folder: Path, train: int = 48, val: int = 16) -> Path:
+    """A data YAML over the first images of the two-head fashion set (links, nothing copied or changed)."""
+    import yaml
+
+    if not FASHION.exists():
+        pytest.skip(f"{FASHION} not present (the ../shared folder with data sets and fixtures is absent)")
+    for split, n in (("train", train), ("val", val)):
+        for image in sorted((FASHION / "images" / split).glob("*.jpg"))[:n]:
+            link = folder / "fashion" / split / image.name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(image)
+    spec = yaml.safe_load((FASHION / "fashion-color-type.yaml").read_text())
+    spec.update(path=str(folder / "fashion"), train="train", val="val")
+    data = folder / "fashion.yaml"
+    data.write_text(yaml.safe_dump(spec))
+    return data
+
+
+def test_multihead_classifier_qat_checkpoint_exports_to_qdq_and_matches(tmp_path):
+    """--qat on a two-head classifier: the checkpoint (weights_only) rebuilds a QATClassifier with the learned
+    head balance; its QDQ ONNX quantizes every convolution and both linear layers, and ONNX Runtime's softmax
+    outputs per head stay within 0.02 of the fake-quant model's (one 8-bit step of an activation moves a logit
+    by ~1/127 of its range; the measured max is ~3e-3 on these images)."""
+    import onnx
+
+    from utils.backends import ONNXRuntimeBackend
+    from utils.checkpoint import load_checkpoint
+    from utils.export import ExportOptions, prepare_for_export, run_export
+    from utils.export.common import sample_images
+    from utils.quant.qat import QATClassifier
+    from utils.training import run_training
+
+    data = _fashion_subset(tmp_path)
+    run_training(TrainConfig(cfg="yolov5n-mcls-s.yaml", data=str(data), imgsz=64, batch_size=16, epochs=1,
+                             workers=0, device="cpu", project=str(tmp_path), name="cls", exist_ok=True, noplots=True,
+                             qat=True, head_balance="uncertainty",
+                             hyp_override=["lr0=0.001", "warmup_epochs=0", "nbs=16"]))
+    weights = tmp_path / "cls" / "weights" / "best.pt"
+    raw = torch.load(weights, map_location="cpu", weights_only=True)
+    assert raw["quantization"]["method"] == "qat" and raw["task"] == "classify"
+    assert "head_balance.log_vars" in raw["state_dict"]
+    model = load_checkpoint(weights).model
+    assert isinstance(model, QATClassifier) and [h["name"] for h in model.heads] == ["color", "type"]
+    assert not torch.equal(model.head_balance.log_vars, torch.zeros(2))  # trained with the rest
+
+    artifacts = run_export(ExportOptions(weights=weights, include=("onnx",), imgsz=(64, 64), int8=True,
+                                         output_dir=tmp_path / "export"))
+    from models.classify import ClassificationModel
+
+    graph = onnx.load(str(artifacts["onnx_int8"])).graph
+    ops = [node.op_type for node in graph.node]
+    stored = {i.name: i.data_type for i in graph.initializer}
+    int8_weights = [n for n in graph.node if n.op_type == "DequantizeLinear" and stored.get(n.input[0]) == 3]
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in ClassificationModel(raw["yaml"]).modules())
+    assert convs == 33 and ops.count("Conv") == convs and ops.count("Gemm") + ops.count("MatMul") == 2
+    assert len(int8_weights) == convs + 2  # every convolution's and both linear layers' weights stored as INT8
+    assert ops.count("QuantizeLinear") >= 25  # activations: one per distinct input tensor of those layers
+
+    images = sample_images(SAMPLE_YAML, (64, 64), 4)
+    with torch.no_grad():
+        expected = prepare_for_export(model)(images)
+    output = ONNXRuntimeBackend(artifacts["onnx_int8"])(images)
+    assert set(output) == set(expected) == {"color", "type"}
+    for head in expected:
+        assert output[head].shape == expected[head].shape
+        assert (output[head].softmax(1) - expected[head].softmax(1)).abs().max() <= 0.02, head
 
 
 def test_qat_without_torchao_is_a_clear_error(tmp_path, monkeypatch):

@@ -154,7 +154,8 @@ class TrainConfig:
                               "emulates it, slower; on CUDA instead of float16 AMP)")
     fp32: bool = _flag(False, "--precision fp32: train in float32, no mixed precision", aliases=("--no-amp",))
     qat: bool = _flag(False, "quantization-aware training (torchao): fine-tune --weights with INT8 fake quantization, "
-                             "in float32; export the result with export.py --include onnx --int8 (docs/deploy.md)")
+                             "in float32 (detectors and classifiers); export the result with export.py --include onnx "
+                             "--int8 (docs/deploy.md)")
     heads_mode: str = _flag("joint", "multi-head classifiers: joint or sequential", choices=["joint", "sequential"])
     head_weights: list[float] = _flag(None, "multi-head loss weights, one per head", nargs="+", type=float)
     head_balance: str = _flag("none", "dynamic multi-head loss balancing", choices=["none", "uncertainty"])

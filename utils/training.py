@@ -110,10 +110,4 @@ def run_training(cfg: TrainConfig) -> dict[str, float]:
     state = None
     if cfg.resume:
         cfg, state = resume_config(cfg)
-    task = make_task(cfg)
-    if cfg.qat and task.name != "detect":
-        from utils.errors import UserError
-
-        raise UserError(f"--qat: {cfg.cfg or cfg.weights} is a classifier; quantization-aware training supports "
-                        "detectors only (classifiers: export.py --int8 gives post-training INT8)")
-    return fit(task, cfg, resume_state=state)
+    return fit(make_task(cfg), cfg, resume_state=state)

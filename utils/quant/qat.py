@@ -1,6 +1,7 @@
-"""Quantization-aware training of detectors with torchao's PT2E flow, behind the usual YOLO model interface.
+"""Quantization-aware training of detectors and classifiers with torchao's PT2E flow, behind the usual YOLO model
+interface.
 
-How a detector becomes trainable with fake quantization:
+How a model becomes trainable with fake quantization:
 
 1. BatchNorm is folded into the convolutions first (frozen statistics, as TensorRT and ModelOpt's QAT do):
    the graph then holds plain biased convolutions, so eval and training mode compute the same thing and
@@ -13,11 +14,13 @@ How a detector becomes trainable with fake quantization:
    weights of every convolution, symmetric INT8);
 4. a few training batches calibrate the activation ranges before fake quantization is switched on.
 
-The captured graph returns the Detect head's raw maps (the training output); :class:`QATDetector` decodes them
-in eval mode exactly as ``Detect`` does, and exposes ``model[-1]`` (a weightless ``Detect`` holding anchors and
-strides), ``stride``, ``names`` and ``yaml``, so the loss, the EMA, validation and ``checkpoint_dict`` work
-unchanged. ``eval()`` freezes the observers (validation never moves a range); ``train()`` lets them follow the
-data again. Both also switch any BatchNorm/dropout op left in the graph (none in the YOLOv5 models).
+A detector's captured graph returns the Detect head's raw maps (the training output); :class:`QATDetector`
+decodes them in eval mode exactly as ``Detect`` does, and exposes ``model[-1]`` (a weightless ``Detect`` holding
+anchors and strides). A classifier's graph returns its logits (a dict per head for multi-head models) in both
+modes; :class:`QATClassifier` passes them through and carries ``heads`` and the uncertainty head balance, if the
+model has one. Both expose ``stride``, ``names`` and ``yaml``, so the loss, the EMA, validation and
+``checkpoint_dict`` work unchanged. ``eval()`` freezes the observers (validation never moves a range); ``train()``
+lets them follow the data again. Both also switch the graph's dropout ops (and any BatchNorm op left).
 
 A checkpoint holds only the YAML, a plain-data recipe and the state dict (weights, BN statistics, observer
 ranges, scales): :func:`rebuild_qat_model` builds the float model from the YAML, repeats steps 1-2 and loads the
@@ -58,7 +61,8 @@ def check_qat_flags(cfg: Any) -> None:
     import os
 
     conflicts = {"--compile": cfg.compile, "--freeze": cfg.freeze, "--freeze-schedule": cfg.freeze_schedule,
-                 "--evolve": cfg.evolve, "torchrun (DDP)": int(os.environ.get("WORLD_SIZE", 1)) > 1}
+                 "--evolve": cfg.evolve, "--heads-mode sequential": getattr(cfg, "heads_mode", "") == "sequential",
+                 "torchrun (DDP)": int(os.environ.get("WORLD_SIZE", 1)) > 1}
     given = [flag for flag, value in conflicts.items() if value]
     if given:
         raise UserError(f"--qat cannot be combined with {', '.join(given)}: the fake-quantized graph is one traced "
@@ -70,12 +74,13 @@ def check_qat_flags(cfg: Any) -> None:
 
 
 def check_qat_supported(model: nn.Module, source: str = "the model") -> None:
-    """Refuse, with the reason, models that QAT does not handle (only anchor-based detectors for now)."""
+    """Refuse, with the reason, models that QAT does not handle: those ending in neither a Detect head nor a
+    classification head."""
     head = model.model[-1] if hasattr(model, "model") else None
-    if head is None or not hasattr(head, "anchors"):
+    if head is None or not (hasattr(head, "anchors") or getattr(head, "is_classifier_head", False)):
         kind = type(head).__name__ if head is not None else type(model).__name__
-        raise UserError(f"--qat: {source} ends in {kind}, not a Detect head; quantization-aware training supports "
-                        "detectors only (classifiers: export with export.py --int8 for post-training INT8)")
+        raise UserError(f"--qat: {source} ends in {kind}, neither a Detect head nor a classification head; "
+                        "quantization-aware training supports detectors and classifiers only")
 
 
 def qat_recipe(stride: int) -> dict[str, Any]:
@@ -89,35 +94,22 @@ def qat_recipe(stride: int) -> dict[str, Any]:
             "stride": int(stride), "format": RECIPE_FORMAT}
 
 
-class QATDetector(nn.Module):
-    """A fake-quantized detector: the prepared torch.export graph plus the Detect decoding.
+class QATModel(nn.Module):
+    """What every fake-quantized model shares: the prepared torch.export graph (``body``), the YAML, class names,
+    strides, the recipe, and mode switching that also freezes or frees the observers."""
 
-    Training mode returns the raw per-level maps (bs, na, ny, nx, no), eval mode ``(decoded, raw)`` or, for
-    exporters, only ``decoded`` (``export_decoded_only``), like ``DetectionModel``.
-    """
-
-    def __init__(self, graph: torch.fx.GraphModule, decoder: nn.Module, yaml: dict, names: list[str],
+    def __init__(self, graph: torch.fx.GraphModule, head: nn.Module, yaml: dict, names: list[str],
                  stride: torch.Tensor, recipe: dict[str, Any]):
         super().__init__()
         self.body = graph
-        self.decoder = decoder
-        self.model = [decoder]  # not registered twice: ``model[-1]`` is what the loss and checkpoint code read
+        self.model = [head]  # not registered: ``model[-1]`` is what the loss, task and export code read
         self.yaml = yaml
         self.names = list(names)
         self.stride = stride
         self.quantization = recipe
-        self.export_decoded_only = False
         self._graph_training = True
 
-    def forward(self, images: torch.Tensor) -> Any:
-        raw = list(self.body(images))
-        if self.training:
-            return raw
-        bs = images.shape[0]
-        decoded = torch.cat([self.decoder._decode(p, i).view(bs, -1, self.decoder.no) for i, p in enumerate(raw)], 1)
-        return decoded if self.export_decoded_only else (decoded, raw)
-
-    def train(self, mode: bool = True) -> QATDetector:
+    def train(self, mode: bool = True) -> QATModel:
         """Also rewrite the graph's BatchNorm/dropout ops for the mode, and run observers only while training."""
         from torchao.quantization.pt2e import (
             disable_observer,
@@ -128,13 +120,66 @@ class QATDetector(nn.Module):
         from torchao.quantization.pt2e.export_utils import _EXPORTED_TRAINING_ATTR
 
         self.training = mode  # nn.Module.train would call the graph's train(), which torchao forbids
-        self.decoder.train(mode)
+        for child in self.children():
+            if child is not self.body:
+                child.train(mode)
         if mode != self._graph_training:
             setattr(self.body, _EXPORTED_TRAINING_ATTR, self._graph_training)  # a deepcopy may have dropped it
             (move_exported_model_to_train if mode else move_exported_model_to_eval)(self.body)
             self._graph_training = mode
         self.body.apply(enable_observer if mode else disable_observer)
         return self
+
+
+class QATDetector(QATModel):
+    """A fake-quantized detector: the graph returns the raw maps, decoded here as ``Detect`` does.
+
+    Training mode returns the raw per-level maps (bs, na, ny, nx, no), eval mode ``(decoded, raw)`` or, for
+    exporters, only ``decoded`` (``export_decoded_only``), like ``DetectionModel``.
+    """
+
+    def __init__(self, graph: torch.fx.GraphModule, decoder: nn.Module, yaml: dict, names: list[str],
+                 stride: torch.Tensor, recipe: dict[str, Any]):
+        super().__init__(graph, decoder, yaml, names, stride, recipe)
+        self.decoder = decoder
+        self.export_decoded_only = False
+
+    def forward(self, images: torch.Tensor) -> Any:
+        raw = list(self.body(images))
+        if self.training:
+            return raw
+        bs = images.shape[0]
+        decoded = torch.cat([self.decoder._decode(p, i).view(bs, -1, self.decoder.no) for i, p in enumerate(raw)], 1)
+        return decoded if self.export_decoded_only else (decoded, raw)
+
+
+class ClassifierHeadInfo(nn.Module):
+    """Weightless stand-in for a classifier's head at ``model[-1]`` (its weights live in the graph): says
+    "classification head" to the code that asks, and which heads there are."""
+
+    is_classifier_head = True
+
+    def __init__(self, heads: list[dict[str, Any]]):
+        super().__init__()
+        self.heads = heads
+
+
+class QATClassifier(QATModel):
+    """A fake-quantized classifier: logits (``{head: logits}`` for multi-head models) in both modes.
+
+    ``head_balance`` (learned per-head loss weights, ``head_balance: uncertainty``) stays a registered
+    submodule so the optimiser trains it and the checkpoint keeps it, as in ``ClassificationModel``.
+    """
+
+    def __init__(self, graph: torch.fx.GraphModule, yaml: dict, names: list[str], stride: torch.Tensor,
+                 recipe: dict[str, Any], heads: list[dict[str, Any]], head_balance: nn.Module | None = None):
+        super().__init__(graph, ClassifierHeadInfo(heads), yaml, names, stride, recipe)
+        self.heads = heads
+        if head_balance is not None:
+            self.head_balance = head_balance
+
+    def forward(self, images: torch.Tensor) -> Any:
+        return self.body(images)
 
 
 def _weightless_detect(head: nn.Module) -> nn.Module:
@@ -157,8 +202,8 @@ def _training_graph(model: nn.Module, stride: int) -> torch.fx.GraphModule:
     return torch.export.export(model, (example,), dynamic_shapes=shapes).module()
 
 
-def prepare_qat(model: nn.Module, recipe: dict[str, Any] | None = None) -> QATDetector:
-    """Fold BN, capture ``model`` (a float ``DetectionModel``) and insert fake quantizers; not calibrated yet.
+def prepare_qat(model: nn.Module, recipe: dict[str, Any] | None = None) -> QATModel:
+    """Fold BN, capture ``model`` (a float detector or classifier) and insert fake quantizers; not calibrated yet.
 
     ``model`` itself is changed (fused, training mode, NCHW layout: the graph is captured for that layout).
     """
@@ -176,9 +221,14 @@ def prepare_qat(model: nn.Module, recipe: dict[str, Any] | None = None) -> QATDe
         model.fuse()
     for parameter in model.parameters():
         parameter.requires_grad_(True)
+    head_balance = getattr(model, "head_balance", None)
+    if head_balance is not None:  # a loss weight, not part of the forward: keep it out of the captured graph
+        del model.head_balance
     graph = prepare_qat_pt2e(_training_graph(model, stride), tensorrt_quantizer())
-    return QATDetector(graph, _weightless_detect(head), _plain_yaml(model), list(getattr(model, "names", [])),
-                       torch.as_tensor(model.stride).clone(), recipe)
+    names, strides = list(getattr(model, "names", [])), torch.as_tensor(model.stride).clone()
+    if hasattr(head, "anchors"):
+        return QATDetector(graph, _weightless_detect(head), _plain_yaml(model), names, strides, recipe)
+    return QATClassifier(graph, _plain_yaml(model), names, strides, recipe, list(model.heads), head_balance)
 
 
 def _plain_yaml(model: nn.Module) -> dict:
@@ -186,7 +236,7 @@ def _plain_yaml(model: nn.Module) -> dict:
 
 
 @torch.no_grad()
-def calibrate(model: QATDetector, batches: Iterable[torch.Tensor]) -> int:
+def calibrate(model: QATModel, batches: Iterable[torch.Tensor]) -> int:
     """Set the activation ranges from ``batches`` (BatchNorm in eval mode, so nothing else changes), then switch
     fake quantization on. Returns the number of images seen."""
     from torchao.quantization.pt2e import disable_fake_quant, enable_fake_quant, enable_observer
@@ -214,7 +264,7 @@ def calibration_batches(loader: Iterable, preprocess: Any, device: torch.device,
 
 
 def prepare_for_training(model: nn.Module, loader: Iterable, preprocess: Any, device: torch.device,
-                         batches: int = 8) -> QATDetector:
+                         batches: int = 8) -> QATModel:
     """What ``train.py --qat`` does before its first epoch: prepare, calibrate on training batches, log it."""
     qat = prepare_qat(model).to(device)
     images = calibrate(qat, calibration_batches(loader, preprocess, device, batches))
@@ -227,8 +277,8 @@ def is_qat_checkpoint(data: dict[str, Any]) -> bool:
     return isinstance(data.get("quantization"), dict) and data["quantization"].get("method") == "qat"
 
 
-def rebuild_qat_model(data: dict[str, Any], source: str) -> QATDetector:
-    """The :class:`QATDetector` of a loaded checkpoint dict (our format with a ``quantization`` recipe)."""
+def rebuild_qat_model(data: dict[str, Any], source: str) -> QATModel:
+    """The :class:`QATModel` of a loaded checkpoint dict (our format with a ``quantization`` recipe)."""
     from models.yolo import build_model
     from utils.checkpoint import CheckpointError
 
@@ -251,12 +301,13 @@ def rebuild_qat_model(data: dict[str, Any], source: str) -> QATDetector:
     return qat.eval()
 
 
-def quantized_graph(model: QATDetector) -> nn.Module:
+def quantized_graph(model: QATModel) -> nn.Module:
     """An eval copy whose graph holds real INT8 weights and quantize/dequantize ops (torchao's ``convert_pt2e``:
-    BatchNorm folded into the convolutions), decoding included: what the ONNX export traces."""
+    BatchNorm folded into the convolutions), a detector's decoding included: what the ONNX export traces."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     copied = copy.deepcopy(model).eval()
     copied.body = convert_pt2e(copied.body)
-    copied.export_decoded_only = True
+    if isinstance(copied, QATDetector):
+        copied.export_decoded_only = True
     return copied
