@@ -104,6 +104,28 @@ def test_qat_export_is_qdq_int8_and_onnxruntime_matches_fake_quant(qat_run, tmp_
     assert backend.metadata["precision"] == "int8" and backend.metadata["quantization"]["method"] == "qat"
 
 
+def test_float_model_with_qat_weights_is_the_qat_model_without_rounding(qat_run, tmp_path):
+    """The plain model carrying the QAT weights (BN as identity) computes what the QAT graph computes with fake
+    quantization switched off, and saves as an ordinary float checkpoint that export.py --int8 (PTQ) takes."""
+    from torchao.quantization.pt2e import disable_fake_quant
+
+    from models.yolo import DetectionModel
+    from utils.checkpoint import load_checkpoint, save_checkpoint
+    from utils.quant.qat import float_model_with_qat_weights
+
+    qat = load_checkpoint(qat_run["weights"]).model
+    plain = float_model_with_qat_weights(qat)
+    assert type(plain) is DetectionModel and plain.names == qat.names
+    images = _val_images(2)
+    qat.body.apply(disable_fake_quant)
+    with torch.no_grad():
+        expected, got = qat(images)[0], plain(images)[0]
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+    reloaded = load_checkpoint(save_checkpoint(plain, tmp_path / "plain.pt")).model
+    with torch.no_grad():
+        assert torch.allclose(reloaded(images)[0], got, rtol=1e-4, atol=1e-3)
+
+
 def test_qat_refuses_what_it_does_not_support(tmp_path):
     from utils.quant.qat import check_qat_flags, check_qat_supported
 

@@ -311,3 +311,37 @@ def quantized_graph(model: QATModel) -> nn.Module:
     if isinstance(copied, QATDetector):
         copied.export_decoded_only = True
     return copied
+
+
+@torch.no_grad()
+def float_model_with_qat_weights(model: QATModel) -> nn.Module:
+    """The plain float model (built from the YAML) carrying the QAT-trained weights: BatchNorm was folded before
+    QAT, so each BN becomes the identity (scale 1, shift = the folded bias, statistics 0 / 1 - eps).
+
+    What this is for: a graph that other INT8 tools can quantize their own way (ONNX Runtime's static
+    quantizer puts a quantizer on every output, the placement its integer kernels need) from weights that
+    learned to live on an 8-bit grid. Activation ranges are calibrated again by that tool.
+    """
+    from models.common import Conv, DWConv
+    from models.yolo import build_model
+
+    plain = build_model(model.yaml)
+    plain.names = list(model.names)
+    trained = {k.removeprefix("body."): v for k, v in model.state_dict().items() if k.startswith("body.model.")}
+    own = plain.state_dict()
+    for name, module in plain.named_modules():
+        if not (isinstance(module, (Conv, DWConv)) and isinstance(getattr(module, "bn", None), nn.BatchNorm2d)):
+            continue
+        module.conv.weight.copy_(trained.pop(f"{name}.conv.weight"))
+        bn = module.bn
+        bn.weight.fill_(1.0)
+        bn.bias.copy_(trained.pop(f"{name}.conv.bias"))
+        bn.running_mean.zero_()
+        bn.running_var.fill_(1.0 - bn.eps)
+    for key, value in trained.items():  # convolutions outside Conv blocks (heads), linear layers
+        if key not in own or own[key].shape != value.shape:
+            raise ValueError(f"QAT weight {key} has no place in the float model built from the YAML")
+        own[key].copy_(value)
+    if hasattr(model, "head_balance"):
+        plain.head_balance.load_state_dict(model.head_balance.state_dict())
+    return plain.eval()
