@@ -53,6 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--int8-keep", type=int, default=0, metavar="N",
                         help="ONNX INT8: keep the N layers with the largest measured INT8 sensitivity in FP32 "
                              "(accuracy for speed; the ranking is printed; see docs/deploy.md)")
+    parser.add_argument("--qat-placement", choices=("tensorrt", "onnxruntime"), default="tensorrt",
+                        help="QAT checkpoints: 'tensorrt' writes the trained QDQ graph (TensorRT, OpenVINO), "
+                             "'onnxruntime' re-quantizes the trained weights with ONNX Runtime's calibrated static "
+                             "quantizer (needs --data; its fastest CPU graph)")
     parser.add_argument("--workspace", type=float, default=4.0, help="TensorRT workspace (GB)")
     parser.add_argument("--nms", action="store_true", help="end-to-end ONNX: NMS inside the graph")
     parser.add_argument("--conf-thres", type=float, default=0.25, help="--nms confidence threshold")
@@ -81,7 +85,7 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
                          dynamic=args.dynamic, dynamic_batch=args.dynamic_batch, simplify=args.simplify,
                          opset=args.opset,
                          half=args.half, int8=args.int8, data=args.data, calib_images=args.calib_images,
-                         int8_keep=args.int8_keep,
+                         int8_keep=args.int8_keep, qat_placement=args.qat_placement,
                          workspace=args.workspace, nms=args.nms, nms_settings=nms, device=str(args.device),
                          min_shape=args.min_shape, opt_shape=args.opt_shape, max_shape=args.max_shape,
                          output_dir=args.output_dir, exist_ok=args.exist_ok)

@@ -42,7 +42,7 @@ BACKENDS = ("pytorch", "onnx", "openvino", "openvino-bf16", "ncnn", "onnx-int8",
             "openvino-int8-keep", "onnx-int8-qat", "openvino-int8-qat", "onnx-int8-qat-ptq")
 INT8 = {"onnx-int8": "int8 PTQ", "openvino-int8": "int8 PTQ", "onnx-int8-keep": "int8 PTQ, sensitive layers fp32",
         "openvino-int8-keep": "int8 PTQ, sensitive layers fp32", "onnx-int8-qat": "int8 QAT",
-        "openvino-int8-qat": "int8 QAT", "onnx-int8-qat-ptq": "int8 PTQ of the QAT weights"}
+        "openvino-int8-qat": "int8 QAT", "onnx-int8-qat-ptq": "int8 QAT weights, ONNX Runtime placement"}
 PRECISION = {"pytorch": "fp32", "onnx": "fp32", "openvino": "fp32 (f32 hint)",
              "openvino-bf16": "fp32 IR, bf16 (default hint)", "ncnn": "fp32", **INT8}
 RUNTIME = {name: ("PyTorch eager" if name == "pytorch" else "NCNN" if name == "ncnn"
@@ -80,16 +80,12 @@ def export_artifacts(weights: Path, data: Path, imgsz: int, work: Path, calib_im
         qat = run_export(ExportOptions(weights=qat_weights, include=("onnx",), imgsz=(imgsz, imgsz), int8=True,
                                        dynamic=True, output_dir=folder / "qat"))
         artifacts["onnx-int8-qat"] = qat["onnx_int8"]
-    if qat_weights and "onnx-int8-qat-ptq" in backends:  # ONNX Runtime's own placement, QAT-trained weights
-        from utils.checkpoint import save_checkpoint
-        from utils.quant.qat import float_model_with_qat_weights
-
-        plain = save_checkpoint(float_model_with_qat_weights(load_checkpoint(qat_weights).model),
-                                folder / "qat_float.pt")
-        fp32 = run_export(ExportOptions(weights=plain, include=("onnx",), imgsz=(imgsz, imgsz), dynamic_batch=True,
-                                        simplify=True, output_dir=folder / "qat_float", exist_ok=True))
-        artifacts["onnx-int8-qat-ptq"] = quantize_onnx_int8(fp32["onnx"], folder / "qat_float_int8.onnx",
-                                                            calibration)
+    if qat_weights and "onnx-int8-qat-ptq" in backends:  # export.py --qat-placement onnxruntime
+        requantized = run_export(ExportOptions(weights=qat_weights, include=("onnx",), imgsz=(imgsz, imgsz),
+                                               int8=True, qat_placement="onnxruntime", data=data,
+                                               calib_images=calib_images, dynamic_batch=True, simplify=True,
+                                               output_dir=folder / "qat_ort", exist_ok=True))
+        artifacts["onnx-int8-qat-ptq"] = requantized["onnx_int8"]
     for name in ("openvino-int8", "openvino-int8-keep", "openvino-int8-qat"):
         if name.replace("openvino", "onnx") in artifacts:
             artifacts[name] = artifacts[name.replace("openvino", "onnx")]  # OpenVINO reads the QDQ ONNX itself

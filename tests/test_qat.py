@@ -126,6 +126,40 @@ def test_float_model_with_qat_weights_is_the_qat_model_without_rounding(qat_run,
         assert torch.allclose(reloaded(images)[0], got, rtol=1e-4, atol=1e-3)
 
 
+def test_qat_export_for_onnxruntime_requantizes_the_trained_weights(qat_run, tmp_path):
+    """export.py --qat-placement onnxruntime: x.onnx is the float model with the QAT weights (ONNX Runtime equals
+    PyTorch on it), x_int8.onnx is ONNX Runtime's static QDQ of that graph (INT8 per-channel weights, uint8
+    activations, head output convs FP32 as in PTQ) and stays close to it; without --data it is refused first.
+
+    Tolerance: scores within 0.05 at every anchor (the bound of the trained-graph test above): activation ranges
+    are re-calibrated on 8 sample images here, so the rounding differs from what QAT saw."""
+    import onnx
+    from onnx import numpy_helper
+
+    from utils.backends import ONNXRuntimeBackend
+    from utils.checkpoint import load_checkpoint
+    from utils.export import ExportOptions, prepare_for_export, run_export
+    from utils.quant.qat import float_model_with_qat_weights
+
+    options = dict(weights=qat_run["weights"], include=("onnx",), imgsz=(128, 128), int8=True,
+                   qat_placement="onnxruntime", output_dir=tmp_path)
+    with pytest.raises(UserError, match="pass --data"):
+        run_export(ExportOptions(**options))
+    artifacts = run_export(ExportOptions(**options, data=SAMPLE_YAML, calib_images=8))
+    images = _val_images()
+    with torch.no_grad():
+        expected = prepare_for_export(float_model_with_qat_weights(load_checkpoint(qat_run["weights"]).model))(images)
+    assert (ONNXRuntimeBackend(artifacts["onnx"])(images) - expected).abs().max() <= 1e-3 * expected.abs().max()
+    graph = onnx.load(str(artifacts["onnx_int8"])).graph
+    initializers = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    int8_weights = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in initializers
+                    and initializers[n.input[0]].dtype == np.int8 and initializers[n.input[0]].ndim == 4]
+    assert len(int8_weights) == 57  # 60 convolutions, the Detect head's 3 output convs stay FP32
+    output = ONNXRuntimeBackend(artifacts["onnx_int8"])(images)
+    scores, expected_scores = output[..., 4:5] * output[..., 5:], expected[..., 4:5] * expected[..., 5:]
+    assert (scores - expected_scores).abs().max() <= 0.05
+
+
 def test_qat_refuses_what_it_does_not_support(tmp_path):
     from utils.quant.qat import check_qat_flags, check_qat_supported
 

@@ -80,6 +80,7 @@ class ExportOptions:
     data: Path | None = None
     calib_images: int = 300
     int8_keep: int = 0
+    qat_placement: str = "tensorrt"  # QAT checkpoints: "tensorrt" (the trained QDQ graph) or "onnxruntime"
     workspace: float = 4.0
     nms: bool = False
     nms_settings: NMSSettings = field(default_factory=NMSSettings)
@@ -181,13 +182,19 @@ def _qat_recipe(weights: Path) -> dict[str, Any] | None:
 
 def _check_qat_export(options: ExportOptions) -> None:
     """A quantization-aware-trained checkpoint exports its INT8 graph (QDQ ONNX, OpenVINO IR, TensorRT engine)."""
+    qat = f"{options.weights} is a quantization-aware-trained checkpoint"
     other = sorted(set(options.include) - {"onnx", "openvino", "engine"})
     if other:
-        raise ValueError(f"{options.weights} is a quantization-aware-trained checkpoint: it exports to onnx, openvino "
-                         f"and engine (INT8), not {', '.join(other)}")
-    if options.nms or options.half or options.int8_keep:
-        raise ValueError(f"{options.weights} is a quantization-aware-trained checkpoint: --nms, --half and "
-                         "--int8-keep do not apply (its INT8 graph is fixed by training)")
+        raise ExportOptionError(f"{qat}: it exports to onnx, openvino and engine (INT8), not {', '.join(other)}")
+    if options.nms or options.half:
+        raise ExportOptionError(f"{qat}: --nms and --half do not apply (its INT8 graph is fixed by training)")
+    if options.qat_placement == "onnxruntime" and not options.data:
+        raise ExportOptionError("--qat-placement onnxruntime re-quantizes the QAT-trained weights with ONNX "
+                                "Runtime's calibrated static quantizer: pass --data (a data YAML whose train images "
+                                "calibrate it)")
+    if options.int8_keep and options.qat_placement != "onnxruntime":
+        raise ExportOptionError(f"{qat}: --int8-keep applies only with --qat-placement onnxruntime (the trained QDQ "
+                                "graph is fixed by training)")
     if not options.int8:
         LOGGER.info("%s was trained with fake quantization: exporting its INT8 graph (as with --int8)",
                     options.weights)
@@ -235,12 +242,14 @@ def run_export(options: ExportOptions) -> dict[str, Path]:
                                 "only")
     stride = max(int(model_stride(model)), 32)
     options.imgsz = tuple(check_img_size(size, stride) for size in options.imgsz)
-    prepared = prepare_for_export(model)
     paths = artifact_paths(Path(options.weights), options.output_dir)
     paths["onnx"].parent.mkdir(parents=True, exist_ok=True)
     images = torch.zeros(options.batch_size, 3, *options.imgsz)
     if getattr(model, "quantization", None):
-        return _export_qat(prepared, images, names, options, paths)
+        if options.qat_placement == "tensorrt":
+            return _export_qat(prepare_for_export(model), images, names, options, paths)
+        model = _qat_weights_for_onnxruntime(model)
+    prepared = prepare_for_export(model)
     done: dict[str, Path] = {}
     if "torchscript" in options.include:
         done["torchscript"] = _export_torchscript(prepared, images, names, options, device, paths["torchscript"])
@@ -258,6 +267,21 @@ def run_export(options: ExportOptions) -> dict[str, Path]:
     if "engine" in options.include:
         done["engine"] = _build_engine(done["onnx"], paths["engine"], options)
     return done
+
+
+def _qat_weights_for_onnxruntime(model: nn.Module) -> nn.Module:
+    """The float model carrying the QAT-trained weights, to go down the PTQ path below.
+
+    Why: ONNX Runtime fuses QDQ pairs into integer kernels only where every output carries a quantizer (its own
+    static quantizer's placement); the trained graph's TensorRT placement runs there as float convolutions, 2-3x
+    slower than FP32. Re-quantizing the trained weights keeps most of what QAT learned (measured in
+    docs/deploy.md) at PTQ's speed; activation ranges are calibrated again on ``--data``.
+    """
+    from utils.quant.qat import float_model_with_qat_weights
+
+    LOGGER.info("QAT checkpoint, --qat-placement onnxruntime: exporting its trained weights as a float model and "
+                "quantizing that with ONNX Runtime's static quantizer (calibrated on --data)")
+    return float_model_with_qat_weights(model)
 
 
 def _export_qat(model: nn.Module, images: torch.Tensor, names: list[str], options: ExportOptions,
