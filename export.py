@@ -47,16 +47,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--simplify", action="store_true", help="simplify the ONNX graph with onnxslim")
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--half", action="store_true", help="FP16 (TorchScript/ONNX need --device 0)")
-    parser.add_argument("--int8", action="store_true", help="INT8: ONNX Runtime static QDQ / TensorRT calibrator")
+    parser.add_argument("--int8", action="store_true",
+                        help="INT8: ONNX Runtime static QDQ / OpenVINO NNCF / TensorRT calibrator")
     parser.add_argument("--data", type=Path, help="data YAML: train images calibrate INT8, val images check outputs")
     parser.add_argument("--calib-images", type=int, default=300, help="number of INT8 calibration images")
     parser.add_argument("--int8-keep", type=int, default=0, metavar="N",
-                        help="ONNX INT8: keep the N layers with the largest measured INT8 sensitivity in FP32 "
+                        help="ONNX/OpenVINO INT8: keep the N layers with the largest measured INT8 sensitivity in FP32 "
                              "(accuracy for speed; the ranking is printed; see docs/deploy.md)")
-    parser.add_argument("--qat-placement", choices=("tensorrt", "onnxruntime"), default="tensorrt",
-                        help="QAT checkpoints: 'tensorrt' writes the trained QDQ graph (TensorRT, OpenVINO), "
-                             "'onnxruntime' re-quantizes the trained weights with ONNX Runtime's calibrated static "
-                             "quantizer (needs --data; its fastest CPU graph)")
+    parser.add_argument("--qat-placement", choices=("tensorrt", "cpu"), default="tensorrt",
+                        help="QAT checkpoints: 'tensorrt' writes the trained QDQ graph (TensorRT, OpenVINO), 'cpu' "
+                             "re-quantizes the trained weights with each CPU runtime's calibrated quantizer (ONNX "
+                             "Runtime's for .onnx, OpenVINO's NNCF for the IR; needs --data; their fastest graphs)")
     parser.add_argument("--workspace", type=float, default=4.0, help="TensorRT workspace (GB)")
     parser.add_argument("--nms", action="store_true", help="end-to-end ONNX: NMS inside the graph")
     parser.add_argument("--conf-thres", type=float, default=0.25, help="--nms confidence threshold")

@@ -3,9 +3,10 @@
     python benchmarks/deploy.py --weights ../shared/fixtures/yolov5n-neu-det-v7.pt \
         --data ../shared/datasets/neu-det/neu-det.yaml --imgsz 256 640 --batch 1 8 --threads 2
 
-Backends: PyTorch eager (fused), ONNX Runtime FP32, ONNX Runtime INT8 (static QDQ, calibrated on train
-images), OpenVINO FP32, NCNN FP32. Every runtime gets the same thread count (``torch.set_num_threads`` for
-PyTorch). Pre-process is reading + letterboxing the batch's images, inference is one backend call, NMS is
+Backends: PyTorch eager (fused), ONNX Runtime FP32, OpenVINO FP32 (f32 hint, and its CPU default, bf16 where
+the CPU has it), NCNN FP32, and the INT8 artifacts (calibrated on train images) listed in ``export_artifacts``.
+Every runtime gets the same thread count (``torch.set_num_threads`` for PyTorch). Pre-process is reading +
+letterboxing the batch's images, inference is one backend call, NMS is
 ``utils.boxes.non_max_suppression`` at conf 0.25 / IoU 0.45 (detect.py settings). mAP uses
 ``utils.validate.validate_detector`` on the val split with square (non-rect) batches, because exported
 graphs have a fixed input size; all backends see the same loader, so the numbers are comparable with each
@@ -36,13 +37,17 @@ from utils.checkpoint import load_checkpoint  # noqa: E402
 from utils.export import ExportOptions, prepare_for_export, run_export, sensitive_layers  # noqa: E402
 from utils.export.common import image_files, letterbox_tensor  # noqa: E402
 from utils.export.quantize import quantize_onnx_int8  # noqa: E402
+from utils.export.runtime import SETTLE_SECONDS  # noqa: E402
 
 LOGGER = logging.getLogger("benchmarks.deploy")
 BACKENDS = ("pytorch", "onnx", "openvino", "openvino-bf16", "ncnn", "onnx-int8", "openvino-int8", "onnx-int8-keep",
-            "openvino-int8-keep", "onnx-int8-qat", "openvino-int8-qat", "onnx-int8-qat-ptq")
-INT8 = {"onnx-int8": "int8 PTQ", "openvino-int8": "int8 PTQ", "onnx-int8-keep": "int8 PTQ, sensitive layers fp32",
-        "openvino-int8-keep": "int8 PTQ, sensitive layers fp32", "onnx-int8-qat": "int8 QAT",
-        "openvino-int8-qat": "int8 QAT", "onnx-int8-qat-ptq": "int8 QAT weights, ONNX Runtime placement"}
+            "openvino-int8-keep", "onnx-int8-qat", "openvino-int8-qat", "onnx-int8-qat-cpu", "openvino-int8-qat-cpu")
+INT8 = {"onnx-int8": "int8 PTQ (ONNX Runtime quantizer)", "openvino-int8": "int8 PTQ (NNCF)",
+        "onnx-int8-keep": "int8 PTQ, sensitive layers fp32",
+        "openvino-int8-keep": "int8 PTQ (NNCF), sensitive layers fp32",
+        "onnx-int8-qat": "int8 QAT, trained QDQ graph", "openvino-int8-qat": "int8 QAT, trained QDQ graph",
+        "onnx-int8-qat-cpu": "int8 QAT weights, ONNX Runtime quantizer (--qat-placement cpu)",
+        "openvino-int8-qat-cpu": "int8 QAT weights, NNCF (--qat-placement cpu)"}
 PRECISION = {"pytorch": "fp32", "onnx": "fp32", "openvino": "fp32 (f32 hint)",
              "openvino-bf16": "fp32 IR, bf16 (default hint)", "ncnn": "fp32", **INT8}
 RUNTIME = {name: ("PyTorch eager" if name == "pytorch" else "NCNN" if name == "ncnn"
@@ -61,34 +66,40 @@ def cpu_model() -> str:
 
 def export_artifacts(weights: Path, data: Path, imgsz: int, work: Path, calib_images: int,
                      backends: list[str], keep: int = 3, qat_weights: Path | None = None) -> dict[str, Path]:
-    """Dynamic-batch ONNX, the INT8 copies among ``backends`` (PTQ, PTQ with the ``keep`` most sensitive layers
-    FP32, the QAT checkpoint's QDQ export), OpenVINO and NCNN (batch 1), all at ``imgsz``."""
+    """Dynamic-batch ONNX, OpenVINO and NCNN (batch 1), and the INT8 artifacts among ``backends``, all at
+    ``imgsz``: PTQ by each runtime's quantizer (ONNX Runtime's for the .onnx, NNCF for the IR), the same with
+    the ``keep`` most sensitive layers in FP32, the QAT checkpoint's trained QDQ graph (run by both runtimes),
+    and the QAT weights re-quantized by each runtime's quantizer (``export.py --qat-placement cpu``)."""
     folder = work / f"img{imgsz}"
-    options = ExportOptions(weights=weights, include=("onnx", "openvino", "ncnn"), imgsz=(imgsz, imgsz),
-                            dynamic_batch=True, simplify=True, output_dir=folder, exist_ok=True)  # a rerun's --workdir
-    artifacts = run_export(options)
+    common = dict(imgsz=(imgsz, imgsz), dynamic_batch=True, simplify=True, exist_ok=True)  # a rerun's --workdir
+    artifacts = run_export(ExportOptions(weights=weights, include=("onnx", "openvino", "ncnn"), output_dir=folder,
+                                         **common))
     artifacts["openvino-bf16"] = artifacts["openvino"]
     calibration = image_files(data, "train")[:calib_images]
-    if {"onnx-int8", "openvino-int8"} & set(backends):  # each calibration takes tens of seconds and GBs of RAM
+    int8 = dict(int8=True, data=data, calib_images=calib_images, **common)
+    if "onnx-int8" in backends:  # each calibration takes tens of seconds and GBs of RAM
         artifacts["onnx-int8"] = quantize_onnx_int8(artifacts["onnx"], folder / "model_int8.onnx", calibration)
-    if {"onnx-int8-keep", "openvino-int8-keep"} & set(backends):
+    if "openvino-int8" in backends:
+        artifacts["openvino-int8"] = run_export(ExportOptions(weights=weights, include=("openvino",),
+                                                              output_dir=folder / "nncf", **int8))["openvino"]
+    if "onnx-int8-keep" in backends:
         model = prepare_for_export(load_checkpoint(weights).model)
         layers = sensitive_layers(model, calibration, (imgsz, imgsz), keep)
         artifacts["onnx-int8-keep"] = quantize_onnx_int8(artifacts["onnx"], folder / "model_int8_keep.onnx",
                                                          calibration, keep_layers=layers)
+    if "openvino-int8-keep" in backends:
+        kept = run_export(ExportOptions(weights=weights, include=("openvino",), int8_keep=keep,
+                                        output_dir=folder / "nncf_keep", **int8))
+        artifacts["openvino-int8-keep"] = kept["openvino"]
     if qat_weights and {"onnx-int8-qat", "openvino-int8-qat"} & set(backends):
         qat = run_export(ExportOptions(weights=qat_weights, include=("onnx",), imgsz=(imgsz, imgsz), int8=True,
-                                       dynamic=True, output_dir=folder / "qat"))
-        artifacts["onnx-int8-qat"] = qat["onnx_int8"]
-    if qat_weights and "onnx-int8-qat-ptq" in backends:  # export.py --qat-placement onnxruntime
-        requantized = run_export(ExportOptions(weights=qat_weights, include=("onnx",), imgsz=(imgsz, imgsz),
-                                               int8=True, qat_placement="onnxruntime", data=data,
-                                               calib_images=calib_images, dynamic_batch=True, simplify=True,
-                                               output_dir=folder / "qat_ort", exist_ok=True))
-        artifacts["onnx-int8-qat-ptq"] = requantized["onnx_int8"]
-    for name in ("openvino-int8", "openvino-int8-keep", "openvino-int8-qat"):
-        if name.replace("openvino", "onnx") in artifacts:
-            artifacts[name] = artifacts[name.replace("openvino", "onnx")]  # OpenVINO reads the QDQ ONNX itself
+                                       dynamic=True, output_dir=folder / "qat", exist_ok=True))
+        artifacts["onnx-int8-qat"] = artifacts["openvino-int8-qat"] = qat["onnx_int8"]  # OpenVINO reads QDQ ONNX
+    if qat_weights and {"onnx-int8-qat-cpu", "openvino-int8-qat-cpu"} & set(backends):
+        requantized = run_export(ExportOptions(weights=qat_weights, include=("onnx", "openvino"), qat_placement="cpu",
+                                               output_dir=folder / "qat_cpu", **int8))
+        artifacts["onnx-int8-qat-cpu"], artifacts["openvino-int8-qat-cpu"] = (requantized["onnx_int8"],
+                                                                              requantized["openvino"])
     artifacts["pytorch"] = weights
     return artifacts
 
@@ -111,7 +122,8 @@ def timed(fn: Callable, *args):
 def measure_latency(backends: dict[str, Backend], files: list[Path], imgsz: int, batch: int,
                     runs: int) -> dict[str, dict[str, float]]:
     """Median ms per batch of each stage and backend over ``runs`` rounds (after one warm-up round); each round
-    runs every backend once on the same images, so a busy or quiet moment of a shared machine hits all alike."""
+    runs every backend once on the same images, so a busy or quiet moment of a shared machine hits all alike,
+    with a short pause after each (``SETTLE_SECONDS``) so no runtime pays for the one before it."""
     stages = {name: {"pre": [], "infer": [], "nms": []} for name in backends}
     for run in range(runs + 1):
         chunk = [files[(run * batch + i) % len(files)] for i in range(batch)]
@@ -119,6 +131,7 @@ def measure_latency(backends: dict[str, Backend], files: list[Path], imgsz: int,
             images, pre_ms = timed(lambda c: torch.stack([letterbox_tensor(f, (imgsz, imgsz)) for f in c]), chunk)
             output, infer_ms = timed(backend, images)
             _, nms_ms = timed(non_max_suppression, output, 0.25, 0.45)
+            time.sleep(SETTLE_SECONDS)  # let ONNX Runtime's spinning threads park before the next runtime
             if run:  # the first round is a warm-up
                 for stage, value in zip(("pre", "infer", "nms"), (pre_ms, infer_ms, nms_ms)):
                     stages[name][stage].append(value)

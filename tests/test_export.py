@@ -524,6 +524,58 @@ def test_int8_quantized_onnx_runs(fixture_artifacts, fixture_images, fixture_ref
     assert (scores - reference_scores).abs().max() < 0.15  # 8-bit activations: coarse but close
 
 
+def _conv_precisions(folder: Path) -> dict[str, str]:
+    """Friendly name -> precision OpenVINO's CPU plugin runs each convolution in (from the compiled model)."""
+    import openvino
+
+    xml = str(next(folder.glob("*.xml")))
+    compiled = openvino.Core().compile_model(xml, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    precisions = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if info["layerType"].astype(str) == "Convolution":
+            precisions[op.get_friendly_name()] = info["runtimePrecision"].astype(str)
+    return precisions
+
+
+@needs_fixture
+def test_openvino_int8_is_quantized_by_nncf_and_close(fixture_artifacts, fixture_images, fixture_reference,
+                                                      tmp_path):
+    """The IR quantized by OpenVINO's own quantizer runs every convolution in 8 bits and stays as close to
+    PyTorch as ONNX Runtime's PTQ graph (same 0.15 score bound, test above)."""
+    from utils.export.common import image_files
+    from utils.export.openvino import quantize_openvino_int8
+
+    folder = shutil.copytree(fixture_artifacts["openvino"], tmp_path / "m_openvino_model")
+    quantize_openvino_int8(folder, image_files(SAMPLE_YAML, "train")[:12], (256, 256))
+    precisions = _conv_precisions(folder)
+    assert len(precisions) == 60 and set(precisions.values()) <= {"i8", "u8"}
+    backend = load_backend(folder)
+    assert backend.metadata["precision"] == "int8" and backend.metadata["calibration_images"] == 12
+    output = backend(fixture_images)
+    scores = output[..., 4] * output[..., 5:].amax(-1)
+    reference_scores = fixture_reference[..., 4] * fixture_reference[..., 5:].amax(-1)
+    assert (scores - reference_scores).abs().max() < 0.15
+
+
+def test_openvino_int8_keep_leaves_the_chosen_layers_float(tmp_path):
+    """--int8-keep in the IR: layers 8 and 9 (SPPF) run their convolutions in FP32, every other one in 8 bits."""
+    from models.yolo import DetectionModel
+    from utils.export.common import image_files
+    from utils.export.openvino import export_openvino, quantize_openvino_int8
+
+    model = prepare_for_export(DetectionModel(ROOT / "models" / "yolov5n.yaml", nc=6))
+    meta = ExportMetadata(format="openvino", task="detect", stride=32, imgsz=[128, 128], batch=1, names=list("abcdef"))
+    folder = export_openvino(model, torch.rand(1, 3, 128, 128), tmp_path / "n_openvino_model", meta)
+    quantize_openvino_int8(folder, image_files(SAMPLE_YAML, "train")[:8], (128, 128), keep_layers=[8, 9])
+    precisions = _conv_precisions(folder)
+    assert len(precisions) == 60
+    for name, precision in precisions.items():
+        kept = name.startswith(("/model.8/", "/model.9/"))
+        assert (precision == "f32") == kept, (name, precision)
+    assert read_metadata(folder)["fp32_layers"] == [8, 9]
+
+
 # ----------------------------------------------------------------------------- GPU path
 @pytest.mark.skipif(not _tensorrt_available(), reason="needs an NVIDIA GPU and the tensorrt package")
 def test_tensorrt_engine_matches_pytorch(fixture_artifacts, fixture_images, fixture_reference, tmp_path):

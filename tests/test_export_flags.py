@@ -206,12 +206,27 @@ def test_planned_outputs_of_an_int8_export(tmp_path, sample_data_yaml):
     model = DetectionModel(ROOT / "models" / "yolov5n.yaml", nc=6).eval()
     model.names = list("abcdef")
     weights = save_checkpoint(model, tmp_path / "w.pt")
-    options = ExportOptions(weights=weights, include=("onnx",), imgsz=(64, 64), int8=True, data=sample_data_yaml,
-                            calib_images=2)
-    run_export(options)
-    written = sorted(p.name for p in tmp_path.iterdir() if p.name != "w.pt")
-    assert written == sorted(p.name for p in planned_outputs(options)) == [
-        "w.onnx", "w.onnx.json", "w_int8.onnx", "w_int8.onnx.json"]
+    for include, expected in ((("onnx",), ["w.onnx", "w.onnx.json", "w_int8.onnx", "w_int8.onnx.json"]),
+                              (("openvino",), ["w_openvino_model"])):
+        out = tmp_path / include[0]
+        options = ExportOptions(weights=weights, include=include, imgsz=(64, 64), int8=True, data=sample_data_yaml,
+                                calib_images=2, output_dir=out)
+        run_export(options)
+        assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in planned_outputs(options)) == expected
+
+
+def test_qat_placement_on_a_plain_checkpoint_says_it_changes_nothing(tmp_path, caplog):
+    from models.yolo import DetectionModel
+    from utils.checkpoint import save_checkpoint
+    from utils.export import check_options
+
+    model = DetectionModel(ROOT / "models" / "yolov5n.yaml", nc=6).eval()
+    model.names = list("abcdef")
+    weights = save_checkpoint(model, tmp_path / "w.pt")
+    with caplog.at_level("WARNING", logger="utils.export"):
+        check_options(ExportOptions(weights=weights, include=("onnx",), qat_placement="cpu"), torch.device("cpu"))
+    assert f"--qat-placement cpu applies to quantization-aware-trained checkpoints only; {weights} is not one" in (
+        caplog.text)
 
 
 @needs_fixture

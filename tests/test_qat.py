@@ -126,25 +126,29 @@ def test_float_model_with_qat_weights_is_the_qat_model_without_rounding(qat_run,
         assert torch.allclose(reloaded(images)[0], got, rtol=1e-4, atol=1e-3)
 
 
-def test_qat_export_for_onnxruntime_requantizes_the_trained_weights(qat_run, tmp_path):
-    """export.py --qat-placement onnxruntime: x.onnx is the float model with the QAT weights (ONNX Runtime equals
+def test_qat_export_for_cpu_runtimes_requantizes_the_trained_weights(qat_run, tmp_path):
+    """export.py --qat-placement cpu: x.onnx is the float model with the QAT weights (ONNX Runtime equals
     PyTorch on it), x_int8.onnx is ONNX Runtime's static QDQ of that graph (INT8 per-channel weights, uint8
-    activations, head output convs FP32 as in PTQ) and stays close to it; without --data it is refused first.
+    activations, head output convs FP32 as in PTQ) and the IR is NNCF's INT8 of it; both stay close to the float
+    model. Without --data, or with an engine, it is refused before anything is written.
 
     Tolerance: scores within 0.05 at every anchor (the bound of the trained-graph test above): activation ranges
     are re-calibrated on 8 sample images here, so the rounding differs from what QAT saw."""
     import onnx
     from onnx import numpy_helper
 
-    from utils.backends import ONNXRuntimeBackend
+    from utils.backends import ONNXRuntimeBackend, OpenVINOBackend
     from utils.checkpoint import load_checkpoint
     from utils.export import ExportOptions, prepare_for_export, run_export
     from utils.quant.qat import float_model_with_qat_weights
 
-    options = dict(weights=qat_run["weights"], include=("onnx",), imgsz=(128, 128), int8=True,
-                   qat_placement="onnxruntime", output_dir=tmp_path)
+    options = dict(weights=qat_run["weights"], include=("onnx", "openvino"), imgsz=(128, 128), int8=True,
+                   qat_placement="cpu", output_dir=tmp_path)
     with pytest.raises(UserError, match="pass --data"):
         run_export(ExportOptions(**options))
+    with pytest.raises(UserError, match="build the engine with the default --qat-placement tensorrt"):
+        run_export(ExportOptions(**{**options, "include": ("onnx", "engine")}, data=SAMPLE_YAML))
+    assert not any(tmp_path.iterdir())
     artifacts = run_export(ExportOptions(**options, data=SAMPLE_YAML, calib_images=8))
     images = _val_images()
     with torch.no_grad():
@@ -155,9 +159,12 @@ def test_qat_export_for_onnxruntime_requantizes_the_trained_weights(qat_run, tmp
     int8_weights = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in initializers
                     and initializers[n.input[0]].dtype == np.int8 and initializers[n.input[0]].ndim == 4]
     assert len(int8_weights) == 57  # 60 convolutions, the Detect head's 3 output convs stay FP32
-    output = ONNXRuntimeBackend(artifacts["onnx_int8"])(images)
-    scores, expected_scores = output[..., 4:5] * output[..., 5:], expected[..., 4:5] * expected[..., 5:]
-    assert (scores - expected_scores).abs().max() <= 0.05
+    expected_scores = expected[..., 4:5] * expected[..., 5:]
+    for backend in (ONNXRuntimeBackend(artifacts["onnx_int8"]), OpenVINOBackend(artifacts["openvino"])):
+        assert backend.metadata["precision"] == "int8"
+        output = backend(images)
+        assert (output[..., 4:5] * output[..., 5:] - expected_scores).abs().max() <= 0.05, backend.format
+    assert OpenVINOBackend(artifacts["openvino"]).metadata["quantizer"].startswith("nncf")
 
 
 def test_qat_refuses_what_it_does_not_support(tmp_path):

@@ -80,7 +80,7 @@ class ExportOptions:
     data: Path | None = None
     calib_images: int = 300
     int8_keep: int = 0
-    qat_placement: str = "tensorrt"  # QAT checkpoints: "tensorrt" (the trained QDQ graph) or "onnxruntime"
+    qat_placement: str = "tensorrt"  # QAT checkpoints: "tensorrt" (the trained QDQ graph) or "cpu" (re-quantized)
     workspace: float = 4.0
     nms: bool = False
     nms_settings: NMSSettings = field(default_factory=NMSSettings)
@@ -115,14 +115,21 @@ def artifact_paths(weights: Path, output_dir: Path | None = None) -> dict[str, P
             "ncnn": folder / f"{stem}_ncnn_model", "engine": folder / f"{stem}.engine"}
 
 
-def planned_outputs(options: ExportOptions) -> list[Path]:
-    """Every file or folder :func:`run_export` will write for ``options``: artifacts and their JSON sidecars."""
+def planned_outputs(options: ExportOptions, trained_qdq: bool = False) -> list[Path]:
+    """Every file or folder :func:`run_export` will write for ``options``: artifacts and their JSON sidecars.
+
+    ``trained_qdq``: the weights are a QAT checkpoint exported as its trained QDQ graph (``--qat-placement
+    tensorrt``), which writes the INT8 ONNX and builds the other formats from it.
+    """
     include = set(options.include)
     paths = artifact_paths(Path(options.weights), options.output_dir)
     names = [name for name in ("torchscript", "openvino", "ncnn", "engine") if name in include]
-    if {"onnx", "engine"} & include or (options.int8 and "openvino" in include):
-        names.append("onnx")  # the engine and INT8 OpenVINO are built from the ONNX export, written beside them
-        if options.int8:
+    if trained_qdq:
+        names.append("onnx_int8")
+    else:
+        if {"onnx", "engine"} & include:
+            names.append("onnx")  # the engine is built from the ONNX export, written beside it
+        if options.int8 and "onnx" in include:
             names.append("onnx_int8")
     outputs = []
     for name in names:
@@ -133,9 +140,9 @@ def planned_outputs(options: ExportOptions) -> list[Path]:
     return outputs
 
 
-def check_overwrite(options: ExportOptions) -> None:
-    """Refuse to replace existing artifacts or sidecars unless ``exist_ok`` (YOLOv5 v7.0 overwrote silently)."""
-    existing = [str(path) for path in planned_outputs(options) if path.exists()]
+def check_overwrite(options: ExportOptions, trained_qdq: bool = False) -> None:
+    """Refuse (before anything is written) when an artifact or sidecar already exists, unless ``exist_ok``."""
+    existing = [str(path) for path in planned_outputs(options, trained_qdq) if path.exists()]
     if existing and not options.exist_ok:
         raise ExportOptionError(f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; pass "
                                 f"--exist-ok to replace {'it' if len(existing) == 1 else 'them'}, or --output-dir "
@@ -162,12 +169,15 @@ def check_options(options: ExportOptions, device: torch.device) -> None:
     if options.int8_keep < 0 or (options.int8_keep and not options.int8):
         raise ExportOptionError("--int8-keep N takes N >= 0 and goes with --int8")
     check_overwrite(options)  # before the checkpoint is read: refusing costs nothing
-    if _qat_recipe(options.weights):
+    if _qat_recipe(options.weights) is not None:
         _check_qat_export(options)
     elif options.int8 and not options.data:
         raise ExportOptionError("--int8 needs --data (a data YAML whose train images calibrate the quantization)")
     elif options.int8 and {"torchscript", "ncnn"} & set(options.include):
         raise ExportOptionError("--int8 applies to onnx, openvino and engine only")
+    elif options.qat_placement != "tensorrt":
+        LOGGER.warning("--qat-placement %s applies to quantization-aware-trained checkpoints only; %s is not one, "
+                       "so it changes nothing", options.qat_placement, options.weights)
     if "engine" in options.include:
         from utils.export.tensorrt import import_tensorrt
 
@@ -188,18 +198,20 @@ def _check_qat_export(options: ExportOptions) -> None:
         raise ExportOptionError(f"{qat}: it exports to onnx, openvino and engine (INT8), not {', '.join(other)}")
     if options.nms or options.half:
         raise ExportOptionError(f"{qat}: --nms and --half do not apply (its INT8 graph is fixed by training)")
-    if options.qat_placement == "onnxruntime" and not options.data:
-        raise ExportOptionError("--qat-placement onnxruntime re-quantizes the QAT-trained weights with ONNX "
-                                "Runtime's calibrated static quantizer: pass --data (a data YAML whose train images "
-                                "calibrate it)")
-    if options.int8_keep and options.qat_placement != "onnxruntime":
-        raise ExportOptionError(f"{qat}: --int8-keep applies only with --qat-placement onnxruntime (the trained QDQ "
+    if options.qat_placement == "cpu" and not options.data:
+        raise ExportOptionError("--qat-placement cpu re-quantizes the QAT-trained weights with each CPU runtime's "
+                                "calibrated quantizer: pass --data (a data YAML whose train images calibrate it)")
+    if options.qat_placement == "cpu" and "engine" in options.include:
+        raise ExportOptionError(f"{qat}: --qat-placement cpu is for onnx and openvino; build the engine with the "
+                                "default --qat-placement tensorrt (TensorRT reads the trained QDQ graph)")
+    if options.int8_keep and options.qat_placement != "cpu":
+        raise ExportOptionError(f"{qat}: --int8-keep applies only with --qat-placement cpu (the trained QDQ "
                                 "graph is fixed by training)")
     if not options.int8:
         LOGGER.info("%s was trained with fake quantization: exporting its INT8 graph (as with --int8)",
                     options.weights)
         options.int8 = True
-        check_overwrite(options)  # the INT8 artifact was not among the plain flags' outputs
+    check_overwrite(options, trained_qdq=options.qat_placement == "tensorrt")  # what a QAT export writes
 
 
 def _metadata(model: nn.Module, names: list[str], options: ExportOptions, fmt: str, precision: str,
@@ -248,17 +260,18 @@ def run_export(options: ExportOptions) -> dict[str, Path]:
     if getattr(model, "quantization", None):
         if options.qat_placement == "tensorrt":
             return _export_qat(prepare_for_export(model), images, names, options, paths)
-        model = _qat_weights_for_onnxruntime(model)
+        model = _qat_weights_for_cpu_runtimes(model)
     prepared = prepare_for_export(model)
     done: dict[str, Path] = {}
     if "torchscript" in options.include:
         done["torchscript"] = _export_torchscript(prepared, images, names, options, device, paths["torchscript"])
-    if {"onnx", "engine"} & set(options.include) or (options.int8 and "openvino" in options.include):
+    if {"onnx", "engine"} & set(options.include):
         done["onnx"] = _export_onnx(prepared, images, names, options, device, paths["onnx"])
-    if options.int8 and "onnx" in done:
-        done["onnx_int8"] = _quantize(prepared, done["onnx"], paths["onnx_int8"], options)
+    calibration = _calibration(prepared, options)
+    if options.int8 and "onnx" in options.include:
+        done["onnx_int8"] = _quantize(prepared, done["onnx"], paths["onnx_int8"], options, *calibration)
     if "openvino" in options.include:
-        done["openvino"] = _export_openvino(prepared, images, names, options, paths["openvino"], done)
+        done["openvino"] = _export_openvino(prepared, images, names, options, paths["openvino"], done, *calibration)
     if "ncnn" in options.include:
         from utils.export.ncnn import export_ncnn
 
@@ -269,18 +282,19 @@ def run_export(options: ExportOptions) -> dict[str, Path]:
     return done
 
 
-def _qat_weights_for_onnxruntime(model: nn.Module) -> nn.Module:
+def _qat_weights_for_cpu_runtimes(model: nn.Module) -> nn.Module:
     """The float model carrying the QAT-trained weights, to go down the PTQ path below.
 
-    Why: ONNX Runtime fuses QDQ pairs into integer kernels only where every output carries a quantizer (its own
-    static quantizer's placement); the trained graph's TensorRT placement runs there as float convolutions, 2-3x
-    slower than FP32. Re-quantizing the trained weights keeps most of what QAT learned (measured in
-    docs/deploy.md) at PTQ's speed; activation ranges are calibrated again on ``--data``.
+    Why: each CPU runtime is fast only with its own quantizer's placement of the quantize/dequantize pairs
+    (ONNX Runtime fuses them into integer kernels only where every output carries one; OpenVINO wants residual
+    adds and concatenations quantized too). The trained graph's TensorRT placement runs 2-3x slower than FP32 on
+    ONNX Runtime. Re-quantizing the trained weights keeps most of what QAT learned (measured in docs/deploy.md)
+    at PTQ's speed; activation ranges are calibrated again on ``--data``.
     """
     from utils.quant.qat import float_model_with_qat_weights
 
-    LOGGER.info("QAT checkpoint, --qat-placement onnxruntime: exporting its trained weights as a float model and "
-                "quantizing that with ONNX Runtime's static quantizer (calibrated on --data)")
+    LOGGER.info("QAT checkpoint, --qat-placement cpu: exporting its trained weights as a float model and quantizing "
+                "that with each CPU runtime's own quantizer (calibrated on --data)")
     return float_model_with_qat_weights(model)
 
 
@@ -337,12 +351,20 @@ def _on_device(model: nn.Module, images: torch.Tensor, device: torch.device, hal
     return (model.half(), images.half()) if half else (model, images)
 
 
-def _quantize(model: nn.Module, onnx_file: Path, out: Path, options: ExportOptions) -> Path:
+def _calibration(model: nn.Module, options: ExportOptions) -> tuple[list[Path], list[int]]:
+    """The calibration images and the ``--int8-keep`` most sensitive layers, shared by every INT8 format."""
+    if not (options.int8 and {"onnx", "openvino"} & set(options.include)):
+        return [], []
+    files = image_files(options.data, "train")[: options.calib_images]
+    keep = sensitive_layers(model, files, options.imgsz, options.int8_keep) if options.int8_keep else []
+    return files, keep
+
+
+def _quantize(model: nn.Module, onnx_file: Path, out: Path, options: ExportOptions, files: list[Path],
+              keep: list[int]) -> Path:
     from utils.export.quantize import quantize_onnx_int8
     from utils.export.runtime import record_cpu_runtime
 
-    files = image_files(options.data, "train")[: options.calib_images]
-    keep = sensitive_layers(model, files, options.imgsz, options.int8_keep) if options.int8_keep else []
     quantized = quantize_onnx_int8(onnx_file, out, files, options.imgsz, keep_layers=keep)
     record_cpu_runtime(quantized, *_runtime_check(model, options))
     return quantized
@@ -373,13 +395,14 @@ def sensitive_layers(model: nn.Module, files: list[Path], imgsz: tuple[int, int]
 
 
 def _export_openvino(model: nn.Module, images: torch.Tensor, names: list[str], options: ExportOptions,
-                     folder: Path, done: dict[str, Path]) -> Path:
-    from utils.export.openvino import export_openvino
+                     folder: Path, done: dict[str, Path], files: list[Path], keep: list[int]) -> Path:
+    """FP32/FP16 IR from the plain ONNX; with --int8, that IR quantized by OpenVINO's own quantizer (NNCF)."""
+    from utils.export.openvino import export_openvino, quantize_openvino_int8
 
-    precision = "int8" if options.int8 else ("fp16" if options.half else "fp32")
-    metadata = _metadata(model, names, options, "openvino", precision, options.batch_size)
-    source = done.get("onnx_int8") if options.int8 else _plain_onnx(done, options)
-    return export_openvino(model, images, folder, metadata, options.half, options.dynamic_axes(), onnx_file=source)
+    metadata = _metadata(model, names, options, "openvino", "fp16" if options.half else "fp32", options.batch_size)
+    folder = export_openvino(model, images, folder, metadata, options.half, options.dynamic_axes(),
+                             onnx_file=_plain_onnx(done, options))
+    return quantize_openvino_int8(folder, files, options.imgsz, keep) if options.int8 else folder
 
 
 def _plain_onnx(done: dict[str, Path], options: ExportOptions) -> Path | None:

@@ -40,6 +40,10 @@ class LetterboxCalibrationReader:
                 return
             yield {self.input_name: np.stack([letterbox_tensor(f, self.imgsz).numpy() for f in chunk])}
 
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        """A fresh pass over the batches (NNCF walks calibration data more than once)."""
+        return self._generate()
+
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self._batches is None:
             self._batches = self._generate()

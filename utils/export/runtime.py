@@ -25,6 +25,11 @@ from utils.export.common import read_metadata, write_metadata
 LOGGER = logging.getLogger(__name__)
 
 RUNTIMES = ("onnxruntime", "openvino")
+# Pause after each timed call when runtimes alternate: ONNX Runtime's worker threads spin-wait after a run (its
+# default), taking the cores from whatever runs next; on 2 cores OpenVINO timed right after ONNX Runtime ran
+# 1.3-1.6x slower than after a 50 ms pause (docs/deploy.md). A deployed process runs one runtime, so the paused
+# timing is the one that predicts it.
+SETTLE_SECONDS = 0.05
 
 
 def _runners(onnx_file: Path, images: np.ndarray, threads: int | None) -> dict:
@@ -60,6 +65,7 @@ def time_cpu_runtimes(onnx_file: str | Path, runs: int = 7, threads: int | None 
             runner()
             if run:  # the first call of each is a warm-up
                 times[name].append((time.perf_counter() - start) * 1e3)
+            time.sleep(SETTLE_SECONDS)
     return {name: round(statistics.median(values), 2) for name, values in times.items()}
 
 
