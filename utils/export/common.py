@@ -13,6 +13,7 @@ import copy
 import datetime
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,16 +219,37 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 def image_files(source: str | Path | None, split: str = "val") -> list[Path]:
-    """Sorted image files of a folder or of a data YAML's ``split`` (an empty list when there are none)."""
+    """Sorted image files of a folder or of a data YAML's ``split`` (an empty list when there are none); a
+    classification YAML with ``heads`` is read the way the classification trainer reads it."""
     if source is None:
         return []
     source = Path(source)
     if source.suffix in {".yaml", ".yml"}:
+        if _has_heads(source):
+            return _classification_images(source, split)
         from utils.data import list_image_files, load_data_config
 
         config = load_data_config(source)
         return sorted(Path(p) for p in list_image_files(config.get(split) or config["val"]))
     return _list_folder(source)
+
+
+def _has_heads(yaml_file: Path) -> bool:
+    import yaml
+
+    try:
+        data = yaml.safe_load(yaml_file.read_text())
+    except (OSError, yaml.YAMLError):
+        return False  # load_data_config reports it properly
+    return isinstance(data, dict) and "heads" in data
+
+
+def _classification_images(yaml_file: Path, split: str) -> list[Path]:
+    from utils.data.classify import load_classify_data, split_samples
+
+    data = load_classify_data(yaml_file)
+    samples, _ = split_samples(data, split if data.sources.get(split) else "val", verify=False)
+    return sorted(Path(path) for path, _ in samples)
 
 
 def _list_folder(folder: Path) -> list[Path]:
@@ -236,6 +258,21 @@ def _list_folder(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+ImageTransform = Callable[[str | Path, tuple[int, int]], torch.Tensor]  # (image file, (h, w)) -> RGB CHW in [0, 1]
+
+
+def calibration_transform(task: str) -> ImageTransform:
+    """How INT8 calibration images are prepared: as the task's validation loader prepares them."""
+    return letterbox_tensor if task == "detect" else center_crop_tensor
+
+
+def center_crop_tensor(file: str | Path, imgsz: tuple[int, int]) -> torch.Tensor:
+    """One image as the classification val loader sees it (central square resized to ``imgsz``), RGB CHW [0, 1]."""
+    from utils.data.classify import center_crop, read_image, to_chw_tensor
+
+    return to_chw_tensor(center_crop(read_image(str(file)), int(imgsz[0]))).float() / 255
 
 
 def letterbox_tensor(file: str | Path, imgsz: tuple[int, int]) -> torch.Tensor:

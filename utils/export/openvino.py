@@ -62,14 +62,15 @@ def quantize_openvino_int8(folder: str | Path, calibration_files: Sequence[str |
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
-    from utils.export.quantize import LetterboxCalibrationReader
+    from utils.export.common import calibration_transform
+    from utils.export.quantize import CalibrationReader
 
     folder = Path(folder)
     metadata = read_metadata(folder)
     if not calibration_files:
         raise ValueError("INT8 calibration needs images: pass --data with a train split")
     batch = 1 if "batch" in (metadata.get("dynamic") or []) else int(metadata["batch"])
-    reader = LetterboxCalibrationReader(calibration_files, imgsz, "images", batch)
+    reader = CalibrationReader(calibration_files, imgsz, "images", batch, calibration_transform(metadata["task"]))
     xml = next(folder.glob("*.xml"))
     ignored = nncf.IgnoredScope(patterns=[rf"^/model\.{int(i)}/.*" for i in keep_layers], validate=False)
     LOGGER.info("OpenVINO INT8 (NNCF): calibrating on %d images; layers %s kept in floating point",

@@ -17,20 +17,29 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.export.common import letterbox_tensor, read_metadata, write_metadata
+from utils.export.common import (
+    ImageTransform,
+    calibration_transform,
+    letterbox_tensor,
+    read_metadata,
+    write_metadata,
+)
 
 LOGGER = logging.getLogger(__name__)
 
 
-class LetterboxCalibrationReader:
-    """ONNX Runtime ``CalibrationDataReader``: yields ``{input_name: batch}`` of letterboxed images."""
+class CalibrationReader:
+    """ONNX Runtime ``CalibrationDataReader`` (and an iterable for NNCF): yields ``{input_name: batch}`` of images
+    prepared by ``transform`` (the task's validation preprocessing: letterbox for detectors, centre crop for
+    classifiers)."""
 
     def __init__(self, files: Sequence[str | Path], imgsz: tuple[int, int], input_name: str = "images",
-                 batch_size: int = 1):
+                 batch_size: int = 1, transform: ImageTransform = letterbox_tensor):
         self.files = [Path(f) for f in files]
         self.imgsz = imgsz
         self.input_name = input_name
         self.batch_size = batch_size
+        self.transform = transform
         self._batches: Iterator[dict[str, np.ndarray]] | None = None
 
     def _generate(self) -> Iterator[dict[str, np.ndarray]]:
@@ -38,7 +47,7 @@ class LetterboxCalibrationReader:
             chunk = self.files[start:start + self.batch_size]
             if len(chunk) < self.batch_size:
                 return
-            yield {self.input_name: np.stack([letterbox_tensor(f, self.imgsz).numpy() for f in chunk])}
+            yield {self.input_name: np.stack([self.transform(f, self.imgsz).numpy() for f in chunk])}
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         """A fresh pass over the batches (NNCF walks calibration data more than once)."""
@@ -134,7 +143,7 @@ def quantize_onnx_int8(onnx_in: str | Path, onnx_out: str | Path, calibration_fi
                "percentile": CalibrationMethod.Percentile}
     if method not in methods:
         raise ValueError(f"calibration method {method!r}: choose from {', '.join(methods)}")
-    reader = LetterboxCalibrationReader(calibration_files, size, "images", batch)
+    reader = CalibrationReader(calibration_files, size, "images", batch, calibration_transform(metadata["task"]))
     tail = decode_tail_nodes(onnx_in)
     kept = layer_nodes(onnx_in, keep_layers)
     excluded = sorted(set(tail) | set(kept))
