@@ -62,15 +62,11 @@ def quantize_openvino_int8(folder: str | Path, calibration_files: Sequence[str |
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
-    from utils.export.common import calibration_transform
     from utils.export.quantize import CalibrationReader
 
     folder = Path(folder)
     metadata = read_metadata(folder)
-    if not calibration_files:
-        raise ValueError("INT8 calibration needs images: pass --data with a train split")
-    batch = 1 if "batch" in (metadata.get("dynamic") or []) else int(metadata["batch"])
-    reader = CalibrationReader(calibration_files, imgsz, "images", batch, calibration_transform(metadata["task"]))
+    reader = CalibrationReader.for_artifact(calibration_files, metadata, imgsz)
     xml = next(folder.glob("*.xml"))
     ignored = nncf.IgnoredScope(patterns=[rf"^/model\.{int(i)}/.*" for i in keep_layers], validate=False)
     LOGGER.info("OpenVINO INT8 (NNCF): calibrating on %d images; layers %s kept in floating point",
@@ -81,7 +77,7 @@ def quantize_openvino_int8(folder: str | Path, calibration_files: Sequence[str |
     try:
         quantized = nncf.quantize(
             ov.Core().read_model(str(xml)), nncf.Dataset(reader, lambda item: item["images"]),
-            subset_size=max(1, len(calibration_files) // batch), ignored_scope=ignored,
+            subset_size=max(1, len(calibration_files) // reader.batch_size), ignored_scope=ignored,
             advanced_parameters=AdvancedQuantizationParameters(
                 activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX))
     finally:

@@ -49,6 +49,15 @@ class CalibrationReader:
                 return
             yield {self.input_name: np.stack([self.transform(f, self.imgsz).numpy() for f in chunk])}
 
+    @classmethod
+    def for_artifact(cls, files: Sequence[str | Path], metadata: dict, imgsz: tuple[int, int]) -> CalibrationReader:
+        """Batches the artifact described by ``metadata`` takes (batch 1 when its batch axis is free), prepared as
+        its task's val loader prepares images."""
+        if not files:
+            raise ValueError("INT8 calibration needs images: pass --data with a train split")
+        batch = 1 if "batch" in (metadata.get("dynamic") or []) else int(metadata["batch"])
+        return cls(files, imgsz, "images", batch, calibration_transform(metadata["task"]))
+
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         """A fresh pass over the batches (NNCF walks calibration data more than once)."""
         return self._generate()
@@ -134,16 +143,13 @@ def quantize_onnx_int8(onnx_in: str | Path, onnx_out: str | Path, calibration_fi
 
     onnx_in, onnx_out = Path(onnx_in), Path(onnx_out)
     metadata = read_metadata(onnx_in)
-    batch = 1 if "batch" in (metadata.get("dynamic") or []) else int(metadata["batch"])
     size = tuple(imgsz or metadata["imgsz"])
-    if not calibration_files:
-        raise ValueError("INT8 calibration needs images: pass --data with a train split")
     calibration_files = _within_memory_budget(list(calibration_files), size, max_calibration_megapixels)
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
     if method not in methods:
         raise ValueError(f"calibration method {method!r}: choose from {', '.join(methods)}")
-    reader = CalibrationReader(calibration_files, size, "images", batch, calibration_transform(metadata["task"]))
+    reader = CalibrationReader.for_artifact(calibration_files, metadata, size)
     tail = decode_tail_nodes(onnx_in)
     kept = layer_nodes(onnx_in, keep_layers)
     excluded = sorted(set(tail) | set(kept))
