@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from utils.cli import UserArgumentParser, run_cli  # noqa: E402
+from utils.common.cli import UserArgumentParser, run_cli  # noqa: E402
+from utils.common.flags import check_export_args  # noqa: E402
 from utils.export import FORMATS, ExportOptions, NMSSettings, compare_with_pytorch, comparison_images, parse_shape  # noqa: E402
-from utils.flags import check_export_args  # noqa: E402
 
 SAMPLE_IMAGES = ROOT / "data" / "neu-det-sample" / "images" / "val"
 
@@ -93,8 +93,8 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
 
 
 def model_parameters(weights: str | Path) -> int:
-    from utils.checkpoint import load_checkpoint
-    from utils.torch_utils import count_parameters
+    from utils.common.torch_utils import count_parameters
+    from utils.weights.checkpoint import load_checkpoint
 
     return count_parameters(load_checkpoint(weights).model)
 
@@ -106,7 +106,7 @@ def artifact_bytes(path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Export, then report max |artifact - PyTorch|; a user's mistake raises :class:`utils.errors.UserError`."""
+    """Export, then report max |artifact - PyTorch|; a user's mistake raises :class:`utils.common.errors.UserError`."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     options = options_from_args(args)

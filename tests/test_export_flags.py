@@ -15,11 +15,11 @@ import pytest
 import torch
 
 import export
-from utils.backends import PyTorchBackend, load_backend
-from utils.errors import UserError
+from utils.common.errors import UserError
 from utils.export import ExportOptions, artifact_paths, planned_outputs, run_export
 from utils.export.common import ExportMetadata, read_metadata, sample_images, write_metadata
 from utils.export.tensorrt import ShapeProfile, default_profile
+from utils.inference.backends import PyTorchBackend, load_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "yolov5n-neu-det-v7.pt"
@@ -201,7 +201,7 @@ def test_planned_outputs_are_what_an_export_writes(dynamic_artifacts):
 
 def test_planned_outputs_of_an_int8_export(tmp_path, sample_data_yaml):
     from models.yolo import DetectionModel
-    from utils.checkpoint import save_checkpoint
+    from utils.weights.checkpoint import save_checkpoint
 
     model = DetectionModel(ROOT / "models" / "yolov5n.yaml", nc=6).eval()
     model.names = list("abcdef")
@@ -217,8 +217,8 @@ def test_planned_outputs_of_an_int8_export(tmp_path, sample_data_yaml):
 
 def test_qat_placement_on_a_plain_checkpoint_says_it_changes_nothing(tmp_path, caplog):
     from models.yolo import DetectionModel
-    from utils.checkpoint import save_checkpoint
     from utils.export import check_options
+    from utils.weights.checkpoint import save_checkpoint
 
     model = DetectionModel(ROOT / "models" / "yolov5n.yaml", nc=6).eval()
     model.names = list("abcdef")

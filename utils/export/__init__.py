@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from utils.errors import UserError
+from utils.common.errors import UserError
 from utils.export.common import (
     ExportMetadata,
     MetadataError,
@@ -185,7 +185,7 @@ def check_options(options: ExportOptions, device: torch.device) -> None:
 
 
 def _qat_recipe(weights: Path) -> dict[str, Any] | None:
-    from utils.checkpoint import checkpoint_quantization
+    from utils.weights.checkpoint import checkpoint_quantization
 
     return checkpoint_quantization(weights)
 
@@ -230,7 +230,7 @@ def _metadata(model: nn.Module, names: list[str], options: ExportOptions, fmt: s
 
 def load_for_export(weights: Path) -> tuple[nn.Module, list[str]]:
     """The checkpoint's model (float, eval) and its class names."""
-    from utils.checkpoint import load_checkpoint
+    from utils.weights.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(weights)
     names = loaded.meta.get("names") or list(getattr(loaded.model, "names", []))
@@ -243,8 +243,8 @@ def run_export(options: ExportOptions) -> dict[str, Path]:
     ``options.imgsz`` is rounded up to a multiple of the model's largest stride first (logged), as train.py,
     val.py and detect.py do, so the caller's comparison images match the artifacts.
     """
-    from utils.flags import check_img_size
-    from utils.torch_utils import select_device
+    from utils.common.flags import check_img_size
+    from utils.common.torch_utils import select_device
 
     device = select_device(options.device)
     check_options(options, device)
@@ -291,7 +291,7 @@ def _qat_weights_for_cpu_runtimes(model: nn.Module) -> nn.Module:
     ONNX Runtime. Re-quantizing the trained weights keeps most of what QAT learned (measured in docs/deploy.md)
     at PTQ's speed; activation ranges are calibrated again on ``--data``.
     """
-    from utils.quant.qat import float_model_with_qat_weights
+    from utils.compress.quant.qat import float_model_with_qat_weights
 
     LOGGER.info("QAT checkpoint, --qat-placement cpu: exporting its trained weights as a float model and quantizing "
                 "that with each CPU runtime's own quantizer (calibrated on --data)")
@@ -385,8 +385,8 @@ def sensitive_layers(model: nn.Module, files: list[Path], imgsz: tuple[int, int]
                      images: int = 8) -> list[int]:
     """The ``keep`` layers whose INT8 rounding alone costs the most at the head, measured on ``images`` of the
     calibration files (the ranking is logged)."""
+    from utils.compress.quant.sensitivity import format_sensitivity, measure_layer_sensitivity
     from utils.export.common import letterbox_tensor
-    from utils.quant.sensitivity import format_sensitivity, measure_layer_sensitivity
 
     batch = torch.stack([letterbox_tensor(f, imgsz) for f in files[:images]])
     ranking = measure_layer_sensitivity(model, batch)
@@ -428,7 +428,7 @@ def _build_engine(onnx_file: Path, engine_file: Path, options: ExportOptions, ca
 def compare_with_pytorch(options: ExportOptions, artifacts: dict[str, Path],
                          images: torch.Tensor) -> dict[str, float]:
     """Max |exported - PyTorch| over ``images`` for each artifact (the same decoded output, or the NMS table)."""
-    from utils.backends import load_backend
+    from utils.inference.backends import load_backend
 
     model, _ = load_for_export(Path(options.weights))
     reference_model = prepare_for_export(model)

@@ -4,7 +4,7 @@ An INT8 ONNX is not fast everywhere: ONNX Runtime only turns QDQ pairs into inte
 sits on every output (its own ``quantize_static`` graphs), while OpenVINO runs both that placement and the
 TensorRT one (conv inputs and weights only, the QAT export) as INT8 convolutions; which one wins also depends
 on the CPU (VNNI, AMX). So export.py times both on the artifact itself (batch of the artifact, its image size,
-alternating, median of a few runs) and records ``cpu_runtime``; :func:`utils.backends.load_backend` then opens
+alternating, median of a few runs) and records ``cpu_runtime``; :func:`utils.inference.backends.load_backend` then opens
 the file with that runtime, and val.py / detect.py need no extra flag. Speed only counts among runtimes whose
 outputs match the model the file came from (on real images): OpenVINO 2026.4 runs the QAT graph (symmetric INT8
 on conv inputs) with a score error of 0.25 where ONNX Runtime stays within 0.05. Without OpenVINO nothing is
@@ -72,7 +72,7 @@ def time_cpu_runtimes(onnx_file: str | Path, runs: int = 7, threads: int | None 
 def score_errors(onnx_file: str | Path, images, reference) -> dict[str, float]:
     """Max |objectness x class score - reference| of each available runtime on ``images`` (a detector's decoded
     output): a runtime that computes the INT8 graph differently from the model it came from shows up here."""
-    from utils.backends import ONNXRuntimeBackend, OpenVINOBackend
+    from utils.inference.backends import ONNXRuntimeBackend, OpenVINOBackend
 
     classes = {"onnxruntime": ONNXRuntimeBackend}
     try:
