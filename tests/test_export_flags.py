@@ -15,10 +15,11 @@ import pytest
 import torch
 
 import export
-from utils.backends import PyTorchBackend, load_backend
 from utils.errors import UserError
 from utils.export import ExportOptions, artifact_paths, planned_outputs, run_export
+from utils.export.backend import load_backend
 from utils.export.common import ExportMetadata, read_metadata, sample_images, write_metadata
+from utils.export.pytorch import PyTorchBackend
 from utils.export.tensorrt import ShapeProfile, default_profile
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -75,9 +75,10 @@ def test_qat_export_is_qdq_int8_and_onnxruntime_matches_fake_quant(qat_run, tmp_
     import onnx
     from onnx import numpy_helper
 
-    from utils.backends import ONNXRuntimeBackend, load_backend
     from utils.checkpoint import load_checkpoint
     from utils.export import ExportOptions, prepare_for_export, run_export
+    from utils.export.backend import load_backend
+    from utils.export.onnx import ONNXRuntimeBackend
 
     artifacts = run_export(ExportOptions(weights=qat_run["weights"], include=("onnx",), imgsz=(128, 128), int8=True,
                                          output_dir=tmp_path))
@@ -137,9 +138,10 @@ def test_qat_export_for_cpu_runtimes_requantizes_the_trained_weights(qat_run, tm
     import onnx
     from onnx import numpy_helper
 
-    from utils.backends import ONNXRuntimeBackend, OpenVINOBackend
     from utils.checkpoint import load_checkpoint
     from utils.export import ExportOptions, prepare_for_export, run_export
+    from utils.export.onnx import ONNXRuntimeBackend
+    from utils.export.openvino import OpenVINOBackend
     from utils.quant.qat import float_model_with_qat_weights
 
     options = dict(weights=qat_run["weights"], include=("onnx", "openvino"), imgsz=(128, 128), int8=True,
@@ -208,10 +210,10 @@ def test_multihead_classifier_qat_checkpoint_exports_to_qdq_and_matches(tmp_path
     by ~1/127 of its range; the measured max is ~3e-3 on these images)."""
     import onnx
 
-    from utils.backends import ONNXRuntimeBackend
     from utils.checkpoint import load_checkpoint
     from utils.export import ExportOptions, prepare_for_export, run_export
     from utils.export.common import sample_images
+    from utils.export.onnx import ONNXRuntimeBackend
     from utils.quant.qat import QATClassifier
     from utils.training import run_training
 
