@@ -10,10 +10,10 @@ import argparse
 import logging
 import sys
 
-from utils.cli import UserArgumentParser, exit_without_teardown, run_cli
-from utils.config import ROOT, add_inference_args
-from utils.flags import check_inference_args
-from utils.predict import run_prediction
+from utils.common.cli import UserArgumentParser, exit_without_teardown, run_cli
+from utils.common.flags import check_inference_args
+from utils.runners.detect import run_prediction
+from utils.train.config import ROOT, add_inference_args
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

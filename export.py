@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from utils.cli import UserArgumentParser, run_cli  # noqa: E402
+from utils.common.cli import UserArgumentParser, run_cli  # noqa: E402
+from utils.common.flags import check_export_args  # noqa: E402
 from utils.export import (  # noqa: E402
     REGISTRY,
     ExportOptions,
@@ -32,7 +33,6 @@ from utils.export import (  # noqa: E402
     comparison_images,
     parse_shape,
 )
-from utils.flags import check_export_args  # noqa: E402
 
 SAMPLE_IMAGES = ROOT / "data" / "neu-det-sample" / "images" / "val"
 
@@ -102,8 +102,8 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
 
 
 def model_parameters(weights: str | Path) -> int:
-    from utils.checkpoint import load_checkpoint
-    from utils.torch_utils import count_parameters
+    from utils.common.torch_utils import count_parameters
+    from utils.weights.checkpoint import load_checkpoint
 
     return count_parameters(load_checkpoint(weights).model)
 
@@ -115,7 +115,7 @@ def artifact_bytes(path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Export, then report max |artifact - PyTorch|; a user's mistake raises :class:`utils.errors.UserError`."""
+    """Export, then report max |artifact - PyTorch|; a user's mistake raises :class:`utils.common.errors.UserError`."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     options = options_from_args(args)

@@ -15,9 +15,9 @@ import logging
 import sys
 
 from prune_slim import add_common_args, options
-from utils.cli import UserArgumentParser, run_cli
-from utils.prune.eagleeye import SearchSettings
-from utils.prune.workflow import run_eagleeye
+from utils.common.cli import UserArgumentParser, run_cli
+from utils.compress.prune.eagleeye import SearchSettings
+from utils.runners.prune import run_eagleeye
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -15,8 +15,8 @@ import argparse
 import logging
 import sys
 
-from utils.cli import UserArgumentParser, run_cli
-from utils.prune.workflow import PruneOptions, run_slim
+from utils.common.cli import UserArgumentParser, run_cli
+from utils.runners.prune import PruneOptions, run_slim
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:

@@ -8,7 +8,7 @@
 
 The task (detection or classification) is read from the model's last layer. Mixed precision is the default where
 the device computes it natively (bfloat16 autocast on CPUs with AVX512-BF16 or AMX, float16 AMP on CUDA); the
-run's first lines say which precision it chose and why (utils/precision.py).
+run's first lines say which precision it chose and why (utils/train/precision.py).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from __future__ import annotations
 import logging
 import sys
 
-from utils.cli import run_cli
-from utils.config import TrainConfig, parse_train_args
-from utils.training import run_training
+from utils.common.cli import run_cli
+from utils.runners.train import run_training
+from utils.train.config import TrainConfig, parse_train_args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,10 +12,10 @@ import argparse
 import logging
 import sys
 
-from utils.cli import UserArgumentParser, exit_without_teardown, run_cli
-from utils.config import DEFAULT_DATA, add_inference_args
-from utils.flags import check_inference_args
-from utils.val_runner import run_validation
+from utils.common.cli import UserArgumentParser, exit_without_teardown, run_cli
+from utils.common.flags import check_inference_args
+from utils.runners.val import run_validation
+from utils.train.config import DEFAULT_DATA, add_inference_args
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

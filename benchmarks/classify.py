@@ -68,9 +68,9 @@ def _cpu_seconds() -> float:
 
 
 def train_and_report(cfg, out_json: Path) -> dict:
-    """Fit through utils.engine and write metrics + wall time + configuration as JSON."""
-    from utils.engine import fit
+    """Fit through utils.train.engine and write metrics + wall time + configuration as JSON."""
     from utils.tasks.classify import ClassifyTask
+    from utils.train.engine import fit
 
     start, cpu_start = time.time(), _cpu_seconds()
     metrics = fit(ClassifyTask(cfg), cfg)
@@ -84,7 +84,7 @@ def train_and_report(cfg, out_json: Path) -> dict:
 
 
 def make_config(args: argparse.Namespace, data: Path, name: str, **extra):
-    from utils.config import TrainConfig
+    from utils.train.config import TrainConfig
 
     return TrainConfig(cfg=args.cfg, data=str(data), hyp="", hyp_override=[*CLASSIFY_HYP, *args.hyp_override],
                        epochs=args.epochs, batch_size=args.batch_size, imgsz=args.imgsz, optimizer="Adam",
@@ -109,7 +109,7 @@ def run_multisource(args: argparse.Namespace) -> dict:
 def run_table(args: argparse.Namespace) -> list[dict]:
     """Params and GFLOPs (at --imgsz) of every YAML in models/cls, default heads / nc."""
     from models.classify import ClassificationModel
-    from utils.torch_utils import model_summary
+    from utils.common.torch_utils import model_summary
 
     rows = []
     for path in sorted((ROOT / "models" / "cls").glob("*.yaml")):

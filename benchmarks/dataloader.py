@@ -114,7 +114,7 @@ def run_yolov5(python: str, args: argparse.Namespace, imgsz: int, workers: int) 
     """The same measurement with the real YOLOv5 v7.0 loader (PyPI ``yolov5`` 7.0.x installed in ``python``'s
     environment, never in ours: it pins old packages). Its own code decodes, augments and collates."""
     sys.path.insert(0, str(ROOT))
-    from utils.config import DEFAULT_HYP
+    from utils.train.config import DEFAULT_HYP
 
     code = YOLOV5_SNIPPET.format(root=str(ROOT), hyp=str(DEFAULT_HYP), data=str(Path(args.data).resolve()),
                                  imgsz=imgsz, batch_size=args.batch_size, workers=workers, warmup=args.warmup,

@@ -7,8 +7,8 @@ Backends: PyTorch eager (fused), ONNX Runtime FP32, OpenVINO FP32 (f32 hint, and
 the CPU has it), NCNN FP32, and the INT8 artifacts (calibrated on train images) listed in ``export_artifacts``.
 Every runtime gets the same thread count (``torch.set_num_threads`` for PyTorch). Pre-process is reading +
 letterboxing the batch's images, inference is one backend call, NMS is
-``utils.boxes.non_max_suppression`` at conf 0.25 / IoU 0.45 (detect.py settings). mAP uses
-``utils.validate.validate_detector`` on the val split with square (non-rect) batches, because exported
+``utils.common.boxes.non_max_suppression`` at conf 0.25 / IoU 0.45 (detect.py settings). mAP uses
+``utils.evaluation.detection.validate_detector`` on the val split with square (non-rect) batches, because exported
 graphs have a fixed input size; all backends see the same loader, so the numbers are comparable with each
 other (not bit-identical with v7.0's rect-batch val.py). Prints a Markdown table.
 """
@@ -31,8 +31,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from utils.boxes import non_max_suppression  # noqa: E402
-from utils.checkpoint import load_checkpoint  # noqa: E402
+from utils.common.boxes import non_max_suppression  # noqa: E402
 from utils.export import ExportOptions, prepare_for_export, run_export, sensitive_layers  # noqa: E402
 from utils.export.backend import Backend, load_backend  # noqa: E402
 from utils.export.common import image_files, letterbox_tensor  # noqa: E402
@@ -40,6 +39,7 @@ from utils.export.onnx import ONNXRuntimeBackend  # noqa: E402
 from utils.export.openvino import OpenVINOBackend  # noqa: E402
 from utils.export.quantize import quantize_onnx_int8  # noqa: E402
 from utils.export.runtime import SETTLE_SECONDS  # noqa: E402
+from utils.weights.checkpoint import load_checkpoint  # noqa: E402
 
 LOGGER = logging.getLogger("benchmarks.deploy")
 BACKENDS = ("pytorch", "onnx", "openvino", "openvino-bf16", "ncnn", "onnx-int8", "openvino-int8", "onnx-int8-keep",
@@ -142,11 +142,11 @@ def measure_latency(backends: dict[str, Backend], files: list[Path], imgsz: int,
 
 
 def measure_map(backend: Backend, data: Path, imgsz: int, batch: int) -> dict[str, float] | None:
-    """mAP@.5 and mAP@.5:.95 on the val split with utils.validate (None when that module is unavailable)."""
+    """mAP@.5 and mAP@.5:.95 on the val split with utils.evaluation.detection (None when that module is unavailable)."""
     try:
-        from utils.validate import ValidationOptions, validate_detector
+        from utils.evaluation.detection import ValidationOptions, validate_detector
     except ImportError as exc:
-        LOGGER.warning("no utils.validate.validate_detector (%s): latency only", exc)
+        LOGGER.warning("no utils.evaluation.detection.validate_detector (%s): latency only", exc)
         return None
     from utils.data import create_dataloader, load_data_config
 

@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from utils.export.backend import load_backend  # noqa: E402
-from utils.val_runner import run_validation  # noqa: E402
+from utils.runners.val import run_validation  # noqa: E402
 
 
 def latency_ms(weights: str, device: str, imgsz: int, batch: int, runs: int = 30) -> float:

@@ -97,9 +97,9 @@ def stage_finetune(args: argparse.Namespace, work: Path) -> None:
 
 def model_numbers(weights: Path, args: argparse.Namespace) -> dict[str, float]:
     """Parameters, GFLOPs at --imgsz and val.py's mAP (rect batches, as v7.0)."""
-    from utils.checkpoint import load_checkpoint
-    from utils.torch_utils import count_parameters, model_gflops
-    from utils.val_runner import run_validation
+    from utils.common.torch_utils import count_parameters, model_gflops
+    from utils.runners.val import run_validation
+    from utils.weights.checkpoint import load_checkpoint
 
     model = load_checkpoint(weights).model
     metrics = run_validation(str(weights), str(args.data), imgsz=args.imgsz, batch_size=32, workers=args.workers,

@@ -25,10 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.peak_memory import PeakMemory  # noqa: E402
-from utils.callbacks import default_callbacks  # noqa: E402
-from utils.config import TrainConfig  # noqa: E402
-from utils.engine import fit  # noqa: E402
 from utils.tasks.detect import DetectTask  # noqa: E402
+from utils.train.callbacks import default_callbacks  # noqa: E402
+from utils.train.config import TrainConfig  # noqa: E402
+from utils.train.engine import fit  # noqa: E402
 
 
 class EpochTimer:

@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from models.report import activation_traffic  # noqa: E402
 from models.yolo import DetectionModel  # noqa: E402
-from utils.torch_utils import count_parameters, model_gflops  # noqa: E402
+from utils.common.torch_utils import count_parameters, model_gflops  # noqa: E402
 
 LOGGER = logging.getLogger(__name__)
 BASELINES = ("yolov5n.yaml", "yolov5s.yaml", "yolov5l.yaml")

@@ -7,7 +7,7 @@ are *not* scaled by ``width_multiple`` (``width_args=()``): a YOLOv5s head on a 
 MobileNetV3 and so can load its ImageNet weights.
 
 Sub-module names follow torchvision's structure where one exists (``expand/dw/se/project`` for an inverted
-residual, ``branch1/branch2`` for a shuffle unit, SE ``fc1/fc2``) so :mod:`utils.pretrained` can map
+residual, ``branch1/branch2`` for a shuffle unit, SE ``fc1/fc2``) so :mod:`utils.weights.pretrained` can map
 torchvision keys onto ours with an explicit table.
 """
 

@@ -33,7 +33,7 @@ from models.common import C3, Conv, autopad
 from models.registry import BuildContext, ModuleSpec, Pruning, make_divisible, out_none, register
 from models.yaml_config import ModelConfigError, load_model_yaml
 from models.yolo import BaseModel, parse_model
-from utils.torch_utils import initialize_weights
+from utils.common.torch_utils import initialize_weights
 
 LOGGER = logging.getLogger(__name__)
 
@@ -455,7 +455,7 @@ def transfer_from_detector(cls_model: nn.Module, det_checkpoint_path: str | Path
     The ``-cls`` YAMLs keep the detection backbone's rows, so ``model.0`` .. ``model.8`` line up with a v7.0
     detector's. Logs (and returns) ``Transferred X/Y items`` like YOLOv5.
     """
-    from utils.checkpoint import load_checkpoint, transfer_weights
+    from utils.weights.checkpoint import load_checkpoint, transfer_weights
 
     source = load_checkpoint(det_checkpoint_path).model
     n_backbone = len(getattr(source, "yaml", {}).get("backbone", [])) or len(source.model)

@@ -35,7 +35,7 @@ Coupling = Literal["free", "tied", "concat", "head"]
 
 @dataclass(frozen=True)
 class Pruning:
-    """Which channels of a block channel pruning (:mod:`utils.prune`) must keep.
+    """Which channels of a block channel pruning (:mod:`utils.compress.prune`) must keep.
 
     The couplings *between* channels (residual adds, concatenations, depthwise convs, gates) are found by
     tracing the model; what a trace cannot see is declared here, once per block:

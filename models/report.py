@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from utils.cli import UserArgumentParser
-from utils.flags import at_least, check_img_size, positive
-from utils.torch_utils import count_parameters, model_gflops
+from utils.common.cli import UserArgumentParser
+from utils.common.flags import at_least, check_img_size, positive
+from utils.common.torch_utils import count_parameters, model_gflops
 
 LOGGER = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import yaml
 
-from utils.errors import UserError
-from utils.paths import find_file
-from utils.user_files import load_user_yaml
+from utils.common.errors import UserError
+from utils.common.paths import find_file
+from utils.common.user_files import load_user_yaml
 
 MODELS_DIR = Path(__file__).resolve().parent
 _CONSTANTS = {"None": None, "True": True, "False": False}

@@ -34,7 +34,7 @@ from models.yaml_config import (
     model_symbols,
     resolve_arg,
 )
-from utils.torch_utils import fuse_conv_and_bn, initialize_weights, model_summary
+from utils.common.torch_utils import fuse_conv_and_bn, initialize_weights, model_summary
 
 LOGGER = logging.getLogger(__name__)
 
@@ -277,6 +277,6 @@ def _last_module_name(cfg: dict) -> str:
 
 if __name__ == "__main__":
     from models.report import main
-    from utils.cli import run_cli
+    from utils.common.cli import run_cli
 
     raise SystemExit(run_cli(main))

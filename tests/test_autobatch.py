@@ -10,8 +10,8 @@ import torch
 import yaml
 
 from models.yolo import DetectionModel
-from utils.autobatch import DEFAULT_BATCH, _sum_outputs, batch_for_memory, resolve_batch_size
-from utils.config import TrainConfig
+from utils.train.autobatch import DEFAULT_BATCH, _sum_outputs, batch_for_memory, resolve_batch_size
+from utils.train.config import TrainConfig
 
 
 def test_batch_where_the_fitted_line_meets_the_budget():
@@ -49,7 +49,7 @@ def test_probe_scalar_reaches_every_detection_map():
 
 
 def test_training_with_autobatch_on_cpu_records_the_batch_it_used(tmp_path):
-    from utils.training import run_training
+    from utils.runners.train import run_training
 
     sample = Path(__file__).resolve().parents[1] / "data" / "neu-det-sample.yaml"
     cfg = TrainConfig(cfg="yolov5n.yaml", data=str(sample), imgsz=64, batch_size=-1, epochs=1, workers=0,

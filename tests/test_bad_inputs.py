@@ -23,12 +23,12 @@ import export
 import train
 import val
 from models import report as model_report
-from utils import autoanchor
-from utils.cli import TRACEBACK_ENV, run_cli
+from utils.common.cli import TRACEBACK_ENV, run_cli
+from utils.common.errors import UserError
 from utils.data import converters
 from utils.data import preview as data_preview
 from utils.data import report as data_report
-from utils.errors import UserError
+from utils.train import autoanchor
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "neu-det-sample"
@@ -58,7 +58,7 @@ def _model_yaml(text: str, old: str, new: str) -> str:
 def bad(tmp_path_factory) -> SimpleNamespace:
     """A copy of the embedded sample plus every broken file the table refers to."""
     from models.yolo import DetectionModel
-    from utils.checkpoint import save_checkpoint
+    from utils.weights.checkpoint import save_checkpoint
 
     root = tmp_path_factory.mktemp("bad")
     data = root / "neu-det-sample"
@@ -246,7 +246,7 @@ CASES = [
     ("model", "--cfg yolov5n.yaml --nc 0", "--nc 0"),
     ("model", "--cfg yolov5n.yaml --imgsz 0", "--imgsz 0"),
     ("model", "--cfg yolov5n.yaml --peak-gflops -5", "--peak-gflops -5"),
-    # python -m utils.autoanchor / utils.data.*
+    # python -m utils.train.autoanchor / utils.data.*
     ("autoanchor", "--data {r}/nc0.yaml", "nc0.yaml"),
     ("autoanchor", "--data {r}/data_ok.yaml --n 0", "--n 0"),
     ("report", "--data {r}/missing.yaml", "missing.yaml"),

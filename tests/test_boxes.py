@@ -1,4 +1,4 @@
-"""Tests for utils/boxes.py: conversions, IoU family against hand-computed values, NMS against brute force."""
+"""Tests for utils/common/boxes.py: conversions, IoU family against hand-computed values, NMS against brute force."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.boxes import (
+from utils.common.boxes import (
     bbox_iou,
     box_ioa,
     box_iou,

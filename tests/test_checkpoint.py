@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from models.yolo import DetectionModel
-from utils.checkpoint import (
+from utils.weights.checkpoint import (
     CheckpointError,
     legacy_allow_list,
     load_checkpoint,
@@ -42,7 +42,7 @@ def test_v7_checkpoint_metadata(fixtures_dir):
 
 
 def test_v7_reference_nms(fixtures_dir):
-    from utils.boxes import non_max_suppression
+    from utils.common.boxes import non_max_suppression
 
     loaded = load_checkpoint(fixtures_dir / "yolov5n-neu-det-v7.pt")
     expected = torch.load(fixtures_dir / "yolov5n-neu-det-v7.expected.pt")

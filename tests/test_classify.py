@@ -22,7 +22,7 @@ from models.classify import (
     transfer_from_detector,
 )
 from models.yaml_config import ModelConfigError, load_model_yaml
-from utils.config import TrainConfig
+from utils.common.torch_utils import count_parameters, model_gflops
 from utils.data.classify import (
     create_classify_loader,
     create_split_loader,
@@ -41,7 +41,7 @@ from utils.tasks.classify import (
     validate_classifier,
     write_predictions_csv,
 )
-from utils.torch_utils import count_parameters, model_gflops
+from utils.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -182,7 +182,7 @@ def test_transfer_from_detector():
     transferred, total = transfer_from_detector(model, weights)
     backbone = [k for k in model.state_dict() if int(k.split(".")[1]) <= 8]
     assert transferred == len(backbone) and total == len(model.state_dict())
-    from utils.checkpoint import load_checkpoint
+    from utils.weights.checkpoint import load_checkpoint
 
     det = load_checkpoint(weights).model.float()
     key = "model.4.m.0.cv2.conv.weight"
@@ -190,7 +190,7 @@ def test_transfer_from_detector():
 
 
 def test_checkpoint_round_trip(tmp_path):
-    from utils.checkpoint import load_checkpoint, save_checkpoint
+    from utils.weights.checkpoint import load_checkpoint, save_checkpoint
 
     heads = [{"name": "color", "names": ["k", "b", "r"]}, {"name": "type", "nc": 2}]
     cfg = load_model_yaml("yolov5n-mcls-s.yaml")
@@ -450,7 +450,7 @@ def _train_losses(run: Path) -> list[float]:
 
 
 def test_joint_training_loss_falls(tmp_path):
-    from utils.engine import fit
+    from utils.train.engine import fit
 
     data = _fashion_subset(tmp_path)
     cfg = _train_cfg(tmp_path, data, "joint", epochs=4, batch_size=32)
@@ -462,8 +462,8 @@ def test_joint_training_loss_falls(tmp_path):
 
 
 def test_sequential_training_freezes_backbone(tmp_path):
-    from utils.callbacks import default_callbacks
-    from utils.engine import Trainer
+    from utils.train.callbacks import default_callbacks
+    from utils.train.engine import Trainer
 
     data = _fashion_subset(tmp_path, n_train=32, n_val=16)
     cfg = _train_cfg(tmp_path, data, "seq", epochs=3, heads_mode="sequential", finetune_epochs=1, imgsz=32)
@@ -498,7 +498,7 @@ FASHION_HEADS = [{"name": "color", "names": ["black", "blue", "red"]},
 def fashion_checkpoint(tmp_path_factory) -> Path:
     """An untrained two-head classifier whose logits still differ from image to image: BN statistics measured
     on the data set's images and the final layers scaled up (a fresh model's activations fade with depth)."""
-    from utils.checkpoint import save_checkpoint
+    from utils.weights.checkpoint import save_checkpoint
 
     if not FASHION.exists():
         pytest.skip(f"{FASHION} not present (../shared absent)")
@@ -520,8 +520,8 @@ def fashion_checkpoint(tmp_path_factory) -> Path:
 
 def test_val_and_detect_cli_on_a_classifier_checkpoint(fashion_checkpoint, tmp_path):
     """val.py / detect.py route classifier checkpoints to per-head accuracy and per-head predictions."""
-    from utils.predict import run_prediction
-    from utils.val_runner import run_validation
+    from utils.runners.detect import run_prediction
+    from utils.runners.val import run_validation
 
     weights, data = fashion_checkpoint, FASHION
     metrics = run_validation(str(weights), str(data / "fashion-color-type.yaml"), imgsz=32, batch_size=64,
@@ -539,7 +539,7 @@ def test_val_on_an_exported_classifier_matches_pytorch(fashion_checkpoint, tmp_p
     """val.py takes the ONNX export of a multi-head classifier (heads from its sidecar) and scores every image
     as the checkpoint does: same per-head confusion matrices."""
     from utils.export import ExportOptions, run_export
-    from utils.val_runner import run_validation
+    from utils.runners.val import run_validation
 
     onnx_file = run_export(ExportOptions(weights=fashion_checkpoint, include=("onnx",), imgsz=(32, 32), dynamic=True,
                                          output_dir=tmp_path))["onnx"]
@@ -558,11 +558,11 @@ def test_int8_export_of_a_two_head_classifier_calibrates_on_its_data(fashion_che
     and prepares images as the classification val loader does (centre crop); both INT8 artifacts (ONNX Runtime
     QDQ, OpenVINO NNCF) keep both heads and mostly agree with PyTorch. Bound: top-1 agreement >= 0.6 per head on
     64 val images (measured 0.77-0.92 for this untrained model with logits up to ~130; chance is 0.33 / 0.25)."""
-    from utils.checkpoint import load_checkpoint
     from utils.data.classify import ClassificationDataset, load_classify_data, split_samples
     from utils.export import ExportOptions, run_export
     from utils.export.backend import load_backend
     from utils.export.common import center_crop_tensor, image_files
+    from utils.weights.checkpoint import load_checkpoint
 
     data = FASHION / "fashion-color-type.yaml"
     files = image_files(data, "val")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from models.yolo import DetectionModel
-from utils.checkpoint import load_checkpoint, read_checkpoint
 from utils.export.backend import load_backend
+from utils.weights.checkpoint import load_checkpoint, read_checkpoint
 
 COMPAT = Path(__file__).resolve().parent / "fixtures" / "compat"
 EXPECTED = torch.load(COMPAT / "expected.pt", weights_only=True)

@@ -1,4 +1,4 @@
-"""utils/concurrency.py: ordered pipelines, thread budgets, forked jobs."""
+"""utils/common/concurrency.py: ordered pipelines, thread budgets, forked jobs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from utils.concurrency import intra_op_threads, pipelined, run_jobs_in_processes
+from utils.common.concurrency import intra_op_threads, pipelined, run_jobs_in_processes
 
 
 def _slow_square(x: int) -> tuple[int, int, str]:

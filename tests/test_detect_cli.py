@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from detect import main as detect_main
-from utils.errors import FlagError
-from utils.predict import run_prediction
+from utils.common.errors import FlagError
+from utils.runners.detect import run_prediction
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_missing_source_is_clear(fixtures_dir, tmp_path):
 
 @pytest.mark.parametrize("source", ["0", "rtsp://camera.local/stream"])
 def test_webcams_and_streams_are_refused_by_name(source, tmp_path, monkeypatch):
-    from utils.sources import expand_source
+    from utils.inference.sources import expand_source
 
     monkeypatch.chdir(tmp_path)  # no file called "0" here
     with pytest.raises(ValueError, match="webcams and streams are not supported"):
@@ -99,14 +99,14 @@ def test_webcams_and_streams_are_refused_by_name(source, tmp_path, monkeypatch):
 
 
 def test_urls_are_refused_with_what_to_do():
-    from utils.sources import expand_source
+    from utils.inference.sources import expand_source
 
     with pytest.raises(ValueError, match=r"URLs are not downloaded .* pass its path"):
         expand_source("https://example.com/bus.jpg")
 
 
 def test_txt_list_entries_resolve_beside_the_list_then_in_the_working_directory(tmp_path, monkeypatch):
-    from utils.sources import expand_source
+    from utils.inference.sources import expand_source
 
     (tmp_path / "lists").mkdir()
     (tmp_path / "lists" / "a.jpg").write_bytes(b"")
@@ -122,7 +122,7 @@ def test_txt_list_entries_resolve_beside_the_list_then_in_the_working_directory(
 
 def test_v7_command_line_with_data_flag(fixtures_dir, neu_det_yaml, tmp_path):
     """v7.0's detect.py takes --data for class names; names in the weights win, the YAML's fill in when none."""
-    from utils.predict import _names_from_data
+    from utils.runners.detect import _names_from_data
 
     image = neu_det_yaml.parent / "images" / "val" / "crazing_100.jpg"
     code = detect_main(["--weights", str(fixtures_dir / "yolov5n-neu-det-v7.pt"), "--source", str(image),
@@ -148,8 +148,8 @@ def _every_layer_output(model, images: torch.Tensor) -> list[torch.Tensor]:
 
 def test_visualize_saves_each_layers_feature_maps(fixtures_dir, neu_det_yaml, tmp_path):
     """--visualize writes, per image, one PNG and .npy per layer but the head: the first 32 channels it computed."""
-    from utils.checkpoint import load_checkpoint
-    from utils.predict import prepare_image
+    from utils.runners.detect import prepare_image
+    from utils.weights.checkpoint import load_checkpoint
 
     image = neu_det_yaml.parent / "images" / "val" / "crazing_100.jpg"
     weights = fixtures_dir / "yolov5n-neu-det-v7.pt"
@@ -191,10 +191,10 @@ def test_view_img_without_gui_opencv_says_what_to_install(tmp_path):
 
 def test_view_img_shows_each_annotated_frame(fixtures_dir, neu_det_yaml, tmp_path, monkeypatch):
     """With a GUI the annotated frame (boxes drawn) goes to one window per source, even with --nosave."""
-    import utils.predict
+    import utils.runners.detect
 
     shown = []
-    monkeypatch.setattr(utils.predict, "check_display", lambda: None)
+    monkeypatch.setattr(utils.runners.detect, "check_display", lambda: None)
     monkeypatch.setattr(cv2, "imshow", lambda window, image: shown.append((window, image.copy())))
     monkeypatch.setattr(cv2, "waitKey", lambda delay: -1)
     source = neu_det_yaml.parent / "images" / "val" / "crazing_10*.jpg"

@@ -16,11 +16,8 @@ import yaml
 import train
 from models.classify import ClassificationModel
 from models.yolo import DetectionModel
-from utils.callbacks import default_callbacks
-from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.cli import run_cli
-from utils.config import TrainConfig
-from utils.distill import (
+from utils.common.cli import run_cli
+from utils.compress.distill import (
     Distillation,
     TeacherError,
     bernoulli_kl_with_logits,
@@ -29,8 +26,11 @@ from utils.distill import (
     detection_distill_loss,
     detection_distill_terms,
 )
-from utils.engine import fit
-from utils.training import make_task, run_training
+from utils.runners.train import make_task, run_training
+from utils.train.callbacks import default_callbacks
+from utils.train.config import TrainConfig
+from utils.train.engine import fit
+from utils.weights.checkpoint import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "neu-det-sample.yaml"
@@ -47,7 +47,8 @@ def _bernoulli_kl(p: float, q: float) -> float:
 
 
 def _reference_detection_terms(student, teacher, balance, nc) -> tuple[float, float, float]:
-    """The distillation terms cell by cell in float64 Python arithmetic, from the formulas in utils/distill.py."""
+    """The distillation terms cell by cell in float64 Python arithmetic, from the formulas in
+    utils/compress/distill.py."""
     def decoded(v):
         xy = [2 * _sigmoid(v[0]) - 0.5, 2 * _sigmoid(v[1]) - 0.5]
         return [*xy, (2 * _sigmoid(v[2])) ** 2, (2 * _sigmoid(v[3])) ** 2]

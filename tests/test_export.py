@@ -4,7 +4,7 @@ Tolerances (max absolute difference of the decoded (bs, N, 5+nc) output; xywh in
 ONNX Runtime, OpenVINO (FP32 inference precision) and NCNN <= 2e-3 against the fused PyTorch model
 (measured ~3e-4: reassociated float sums); TorchScript <= 1e-5; the fused model itself is checked against
 the v7.0 reference output at <= 2e-3. End-to-end NMS must give the same boxes (<= 1e-3 px), scores and
-classes as ``utils.boxes.non_max_suppression`` at conf 0.25 / IoU 0.45.
+classes as ``utils.common.boxes.non_max_suppression`` at conf 0.25 / IoU 0.45.
 Exports happen once per module into tmp folders (module-scoped fixtures) to keep the file fast.
 """
 
@@ -72,7 +72,7 @@ def fixture_images(fixture_data) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def fixture_reference(fixture_images) -> torch.Tensor:
-    from utils.checkpoint import load_checkpoint
+    from utils.weights.checkpoint import load_checkpoint
 
     model = prepare_for_export(load_checkpoint(FIXTURE).model)
     with torch.no_grad():
@@ -106,7 +106,7 @@ def nms_artifact(tmp_path_factory) -> Path:
 def v3_checkpoint(tmp_path_factory) -> Path:
     """A Focus-stem detector from models/hub/yolov5-v3-style.yaml with random BatchNorm statistics."""
     from models.yolo import DetectionModel
-    from utils.checkpoint import save_checkpoint
+    from utils.weights.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     model = _randomise_batchnorm(DetectionModel(V3_YAML))
@@ -158,7 +158,7 @@ def test_focus_to_conv_is_exact():
 
 def test_focus_to_conv_whole_v3_model(v3_checkpoint):
     from models.common import Focus
-    from utils.checkpoint import load_checkpoint
+    from utils.weights.checkpoint import load_checkpoint
 
     model = load_checkpoint(v3_checkpoint).model
     assert any(isinstance(m, Focus) for m in model.modules())
@@ -237,8 +237,8 @@ def test_static_backend_rejects_wrong_size(fixture_artifacts):
 # ----------------------------------------------------------------------------- end-to-end NMS
 @needs_fixture
 def test_nms_onnx_matches_pytorch_nms(nms_artifact, fixture_images, fixture_reference):
-    from utils.boxes import non_max_suppression
-    from utils.checkpoint import load_checkpoint
+    from utils.common.boxes import non_max_suppression
+    from utils.weights.checkpoint import load_checkpoint
 
     backend = load_backend(nms_artifact)
     assert backend.end2end and not backend.dynamic_batch and backend.batch == 2
@@ -260,7 +260,7 @@ def test_nms_onnx_matches_pytorch_nms(nms_artifact, fixture_images, fixture_refe
 # ----------------------------------------------------------------------------- Focus-stem (v3) model
 @pytest.mark.parametrize("fmt", ["onnx", "openvino", "ncnn"])
 def test_v3_style_backends_match_pytorch(v3_checkpoint, v3_artifacts, fmt):
-    from utils.checkpoint import load_checkpoint
+    from utils.weights.checkpoint import load_checkpoint
 
     images = _sample_batch((128, 128), 3)
     with torch.no_grad():
@@ -278,7 +278,7 @@ CLASSIFIER_HEADS = [{"name": "colour", "names": ["black", "blue", "red"]}, {"nam
 @pytest.fixture(scope="module")
 def zoo_artifacts(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
     from models.yolo import DetectionModel
-    from utils.checkpoint import save_checkpoint
+    from utils.weights.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     model = _randomise_batchnorm(DetectionModel(ZOO_PARITY_YAML, nc=6))
@@ -296,7 +296,7 @@ def classifier_artifacts(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
     (unit BN statistics), so the statistics are measured on real images and the last layers scaled up: the
     logits then span several units and depend on the image."""
     from models.classify import ClassificationModel
-    from utils.checkpoint import save_checkpoint
+    from utils.weights.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     model = ClassificationModel("yolov5n-mcls-s.yaml", heads=CLASSIFIER_HEADS)
@@ -317,7 +317,7 @@ def classifier_artifacts(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino", "ncnn"])
 def test_zoo_detector_backends_match_pytorch(zoo_artifacts, fmt):
-    from utils.checkpoint import load_checkpoint
+    from utils.weights.checkpoint import load_checkpoint
 
     checkpoint, artifacts = zoo_artifacts
     images = _sample_batch((128, 128), 2)
@@ -330,7 +330,7 @@ def test_zoo_detector_backends_match_pytorch(zoo_artifacts, fmt):
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino", "ncnn"])
 def test_multihead_classifier_backends_match_pytorch(classifier_artifacts, fmt):
-    from utils.checkpoint import load_checkpoint
+    from utils.weights.checkpoint import load_checkpoint
 
     checkpoint, artifacts = classifier_artifacts
     images = _sample_batch((128, 128), 3)

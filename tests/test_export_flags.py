@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import export
-from utils.errors import UserError
+from utils.common.errors import UserError
 from utils.export import ExportOptions, artifact_paths, planned_outputs, run_export
 from utils.export.backend import load_backend
 from utils.export.common import ExportMetadata, read_metadata, sample_images, write_metadata
@@ -202,7 +202,7 @@ def test_planned_outputs_are_what_an_export_writes(dynamic_artifacts):
 
 def test_planned_outputs_of_an_int8_export(tmp_path, sample_data_yaml):
     from models.yolo import DetectionModel
-    from utils.checkpoint import save_checkpoint
+    from utils.weights.checkpoint import save_checkpoint
 
     model = DetectionModel(ROOT / "models" / "yolov5n.yaml", nc=6).eval()
     model.names = list("abcdef")
@@ -218,8 +218,8 @@ def test_planned_outputs_of_an_int8_export(tmp_path, sample_data_yaml):
 
 def test_qat_placement_on_a_plain_checkpoint_says_it_changes_nothing(tmp_path, caplog):
     from models.yolo import DetectionModel
-    from utils.checkpoint import save_checkpoint
     from utils.export import check_options
+    from utils.weights.checkpoint import save_checkpoint
 
     model = DetectionModel(ROOT / "models" / "yolov5n.yaml", nc=6).eval()
     model.names = list("abcdef")

@@ -1,4 +1,4 @@
-"""Tests for utils/loss.py with a stand-in Detect layer (v5 P3-P5 anchors), independent of models/."""
+"""Tests for utils/train/loss.py with a stand-in Detect layer (v5 P3-P5 anchors), independent of models/."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.loss import (
+from utils.train.loss import (
     ComputeLoss,
     VarifocalLoss,
     build_targets,

@@ -1,4 +1,4 @@
-"""Tests for utils/metrics.py against independent computations (pure Python AP, pycocotools COCOeval)."""
+"""Tests for utils/evaluation/metrics.py against independent computations (pure Python AP, pycocotools COCOeval)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.metrics import (
+from utils.evaluation.metrics import (
     ConfusionMatrix,
     DetectionMetricsAccumulator,
     ap_per_class,

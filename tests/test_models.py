@@ -13,7 +13,7 @@ from models.activations import activation_scope, make_activation
 from models.registry import REGISTRY, BuildContext
 from models.yaml_config import ModelConfigError, load_model_yaml
 from models.yolo import DetectionModel, build_model
-from utils.torch_utils import count_parameters, model_gflops
+from utils.common.torch_utils import count_parameters, model_gflops
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Choice of the training precision (utils/precision.py): the default per device, explicit requests, contradictory
+"""Choice of the training precision (utils/train/precision.py): the default per device, explicit requests, contradictory
 flags, and what a resumed run continues in."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import utils.precision as precision_module
-from utils.cli import run_cli
-from utils.config import TrainConfig, parse_train_args
-from utils.errors import UserError
-from utils.precision import requested_precision, resolve_precision, resumed_precision, with_precision
+import utils.train.precision as precision_module
+from utils.common.cli import run_cli
+from utils.common.errors import UserError
+from utils.train.config import TrainConfig, parse_train_args
+from utils.train.precision import requested_precision, resolve_precision, resumed_precision, with_precision
 
 CPU = torch.device("cpu")
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "neu-det-sample.yaml"
@@ -111,7 +111,7 @@ def test_resumed_float32_run_stays_float32_where_the_default_differs(tmp_path, n
     where the default would be bfloat16."""
     import yaml
 
-    from utils.training import run_training
+    from utils.runners.train import run_training
 
     native_bf16(True)
     cfg = TrainConfig(cfg="yolov5n.yaml", data=str(SAMPLE), imgsz=64, batch_size=8, epochs=1, max_batches=1,

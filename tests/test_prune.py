@@ -13,11 +13,11 @@ from torch import nn
 
 from models.channels import widths_table
 from models.yolo import build_model
-from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.prune.cost import CostModel
-from utils.prune.groups import ChannelAnalysis, analyse_channels, batchnorm_members, declared_constraints
-from utils.prune.plan import keep_count, plan_from_counts
-from utils.prune.surgery import prune_model
+from utils.compress.prune.cost import CostModel
+from utils.compress.prune.groups import ChannelAnalysis, analyse_channels, batchnorm_members, declared_constraints
+from utils.compress.prune.plan import keep_count, plan_from_counts
+from utils.compress.prune.surgery import prune_model
+from utils.weights.checkpoint import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -207,7 +207,7 @@ def test_blocks_declared_whole_report_why():
 
 def test_eagleeye_scores_a_seeded_sample_spread_over_the_validation_split():
     """Scoring on the first files would score NEU-DET's sorted val split on its first classes only."""
-    from utils.prune.evaluate import prune_data
+    from utils.compress.prune.evaluate import prune_data
 
     model = build_model(MODELS / "yolov5n.yaml", nc=6)
     sample = str(ROOT / "data" / "neu-det-sample.yaml")

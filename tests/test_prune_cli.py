@@ -17,10 +17,10 @@ import prune_eagleeye
 import prune_slim
 import train
 import val
-from utils.checkpoint import load_checkpoint
-from utils.cli import run_cli
-from utils.prune.cost import CostModel
-from utils.prune.groups import analyse_channels
+from utils.common.cli import run_cli
+from utils.compress.prune.cost import CostModel
+from utils.compress.prune.groups import analyse_channels
+from utils.weights.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = str(ROOT / "data" / "neu-det-sample.yaml")
@@ -163,7 +163,7 @@ def test_slimming_a_model_not_trained_sparse_warns(tmp_path, caplog):
 def test_teacher_with_other_classes_is_refused(sparse_run, tmp_path, capsys):
     other = tmp_path / "other.pt"
     from models.yolo import DetectionModel
-    from utils.checkpoint import save_checkpoint
+    from utils.weights.checkpoint import save_checkpoint
 
     save_checkpoint(DetectionModel("yolov5n.yaml", nc=3), other)
     code = run_cli(train.main, ["--cfg", "yolov5n.yaml", "--data", SAMPLE, "--imgsz", IMG, "--epochs", "1",

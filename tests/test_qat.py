@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.config import TrainConfig
-from utils.errors import UserError
+from utils.common.errors import UserError
+from utils.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_YAML = ROOT / "data" / "neu-det-sample.yaml"
@@ -34,7 +34,7 @@ def _qat_config(tmp_path: Path, **overrides) -> TrainConfig:
 @pytest.fixture(scope="module")
 def qat_run(tmp_path_factory) -> dict:
     """One QAT epoch (2 batches) on the embedded sample, from scratch: a real checkpoint in seconds."""
-    from utils.training import run_training
+    from utils.runners.train import run_training
 
     folder = tmp_path_factory.mktemp("qat")
     metrics = run_training(_qat_config(folder))
@@ -50,8 +50,8 @@ def _val_images(n: int = 4) -> torch.Tensor:
 def test_qat_checkpoint_is_plain_data_and_rebuilds_the_trained_model(qat_run):
     """best.pt loads with weights_only=True; rebuilt from YAML + recipe + tensors, it scores what the EMA scored
     at the end of the epoch (final validation reloads best.pt; results.csv holds the epoch's own numbers)."""
-    from utils.checkpoint import load_checkpoint
-    from utils.quant.qat import QATDetector
+    from utils.compress.quant.qat import QATDetector
+    from utils.weights.checkpoint import load_checkpoint
 
     raw = torch.load(qat_run["weights"], map_location="cpu", weights_only=True)
     assert raw["quantization"]["library"] == "torchao" and raw["quantization"]["method"] == "qat"
@@ -75,10 +75,10 @@ def test_qat_export_is_qdq_int8_and_onnxruntime_matches_fake_quant(qat_run, tmp_
     import onnx
     from onnx import numpy_helper
 
-    from utils.checkpoint import load_checkpoint
     from utils.export import ExportOptions, prepare_for_export, run_export
     from utils.export.backend import load_backend
     from utils.export.onnx import ONNXRuntimeBackend
+    from utils.weights.checkpoint import load_checkpoint
 
     artifacts = run_export(ExportOptions(weights=qat_run["weights"], include=("onnx",), imgsz=(128, 128), int8=True,
                                          output_dir=tmp_path))
@@ -111,8 +111,8 @@ def test_float_model_with_qat_weights_is_the_qat_model_without_rounding(qat_run,
     from torchao.quantization.pt2e import disable_fake_quant
 
     from models.yolo import DetectionModel
-    from utils.checkpoint import load_checkpoint, save_checkpoint
-    from utils.quant.qat import float_model_with_qat_weights
+    from utils.compress.quant.qat import float_model_with_qat_weights
+    from utils.weights.checkpoint import load_checkpoint, save_checkpoint
 
     qat = load_checkpoint(qat_run["weights"]).model
     plain = float_model_with_qat_weights(qat)
@@ -138,11 +138,11 @@ def test_qat_export_for_cpu_runtimes_requantizes_the_trained_weights(qat_run, tm
     import onnx
     from onnx import numpy_helper
 
-    from utils.checkpoint import load_checkpoint
+    from utils.compress.quant.qat import float_model_with_qat_weights
     from utils.export import ExportOptions, prepare_for_export, run_export
     from utils.export.onnx import ONNXRuntimeBackend
     from utils.export.openvino import OpenVINOBackend
-    from utils.quant.qat import float_model_with_qat_weights
+    from utils.weights.checkpoint import load_checkpoint
 
     options = dict(weights=qat_run["weights"], include=("onnx", "openvino"), imgsz=(128, 128), int8=True,
                    qat_placement="cpu", output_dir=tmp_path)
@@ -170,7 +170,7 @@ def test_qat_export_for_cpu_runtimes_requantizes_the_trained_weights(qat_run, tm
 
 
 def test_qat_refuses_what_it_does_not_support(tmp_path):
-    from utils.quant.qat import check_qat_flags, check_qat_supported
+    from utils.compress.quant.qat import check_qat_flags, check_qat_supported
 
     headless = torch.nn.Module()
     headless.model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3))
@@ -210,12 +210,12 @@ def test_multihead_classifier_qat_checkpoint_exports_to_qdq_and_matches(tmp_path
     by ~1/127 of its range; the measured max is ~3e-3 on these images)."""
     import onnx
 
-    from utils.checkpoint import load_checkpoint
+    from utils.compress.quant.qat import QATClassifier
     from utils.export import ExportOptions, prepare_for_export, run_export
     from utils.export.common import sample_images
     from utils.export.onnx import ONNXRuntimeBackend
-    from utils.quant.qat import QATClassifier
-    from utils.training import run_training
+    from utils.runners.train import run_training
+    from utils.weights.checkpoint import load_checkpoint
 
     data = _fashion_subset(tmp_path)
     run_training(TrainConfig(cfg="yolov5n-mcls-s.yaml", data=str(data), imgsz=64, batch_size=16, epochs=1,
@@ -255,7 +255,7 @@ def test_multihead_classifier_qat_checkpoint_exports_to_qdq_and_matches(tmp_path
 
 def test_qat_without_torchao_is_a_clear_error(tmp_path, monkeypatch):
     """Before anything loads: the message names the package and how to install it."""
-    from utils.training import run_training
+    from utils.runners.train import run_training
 
     monkeypatch.setitem(sys.modules, "torchao", None)  # import torchao -> ImportError
     with pytest.raises(UserError, match="pip install 'torchao"):
@@ -264,7 +264,7 @@ def test_qat_without_torchao_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_qat_weights_cannot_seed_another_run(qat_run, tmp_path):
-    from utils.training import run_training
+    from utils.runners.train import run_training
 
     with pytest.raises(UserError, match="quantization-aware-trained checkpoint"):
         run_training(_qat_config(tmp_path, cfg="", weights=str(qat_run["weights"]), qat=False))
@@ -275,8 +275,8 @@ def test_sensitivity_ignores_activations_shared_across_layers():
     Measured on a model with that sharing, each layer's sensitivity equals the one of the same model with its own
     activation per block."""
     from models.yolo import DetectionModel
+    from utils.compress.quant.sensitivity import measure_layer_sensitivity
     from utils.export.common import prepare_for_export
-    from utils.quant.sensitivity import measure_layer_sensitivity
 
     torch.manual_seed(0)
     own = prepare_for_export(DetectionModel(ROOT / "models" / "yolov5n.yaml", nc=6))

@@ -15,18 +15,18 @@ from torch import nn
 import train
 from models.classify import ClassificationModel
 from models.yolo import DetectionModel
-from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.cli import run_cli
-from utils.config import TrainConfig
-from utils.engine import fit
-from utils.prune.sparsity import (
+from utils.common.cli import run_cli
+from utils.compress.sparsity import (
     SHARE_COLUMN,
     add_l1_subgradient,
     prunable_batchnorms,
     small_gamma_share,
     sparsity_strength,
 )
-from utils.training import make_task
+from utils.runners.train import make_task
+from utils.train.config import TrainConfig
+from utils.train.engine import fit
+from utils.weights.checkpoint import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "neu-det-sample.yaml"
@@ -112,7 +112,7 @@ def _run(tmp_path: Path, start: Path, name: str, sparse: float, **overrides) -> 
                       device="cpu", project=str(tmp_path), name=name, exist_ok=True, seed=0, noautoanchor=True,
                       noval=True, sparse=sparse,
                       hyp_override=["warmup_epochs=0", "nbs=8"], **overrides)
-    from utils.callbacks import default_callbacks
+    from utils.train.callbacks import default_callbacks
 
     probe, callbacks = FirstStepGrads(), default_callbacks()
     callbacks.add_logger(probe)

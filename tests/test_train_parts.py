@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from models.yolo import DetectionModel
-from utils.config import HYP_DEFAULTS, HypError, TrainConfig, build_parser, load_hyp, parse_train_args
-from utils.ema import ModelEMA
-from utils.freeze import (
+from utils.train.config import HYP_DEFAULTS, HypError, TrainConfig, build_parser, load_hyp, parse_train_args
+from utils.train.ema import ModelEMA
+from utils.train.freeze import (
     alternate_plan,
     apply_trainable,
     freeze_batchnorm_stats,
@@ -18,7 +18,7 @@ from utils.freeze import (
     parse_freeze_schedule,
     trainable_except,
 )
-from utils.optim import SAM, build_optimizer, lr_lambda, parameter_groups, warmup_step
+from utils.train.optim import SAM, build_optimizer, lr_lambda, parameter_groups, warmup_step
 
 
 def test_hyp_unknown_key_names_key_and_file(tmp_path):
@@ -173,9 +173,9 @@ def test_trainer_follows_v7_schedule(tmp_path):
     (PyPI yolov5 7.0.14) gave 0 differing iterations out of 1350 for the 30-epoch NEU-DET recipe."""
     from pathlib import Path
 
-    from utils.callbacks import Callbacks
-    from utils.engine import Trainer
     from utils.tasks.detect import DetectTask
+    from utils.train.callbacks import Callbacks
+    from utils.train.engine import Trainer
 
     epochs, n_batches, batch_size = 7, 45, 32  # warm-up ends at iteration 135, inside epoch 3
     sample = Path(__file__).resolve().parents[1] / "data" / "neu-det-sample.yaml"
@@ -222,9 +222,9 @@ def test_detection_training_starts_from_v7s_float16_rounded_weights(tmp_path):
     from pathlib import Path
 
     from models.yolo import DetectionModel
-    from utils.callbacks import Callbacks
-    from utils.engine import Trainer
     from utils.tasks.detect import DetectTask
+    from utils.train.callbacks import Callbacks
+    from utils.train.engine import Trainer
 
     sample = Path(__file__).resolve().parents[1] / "data" / "neu-det-sample.yaml"
     cfg = TrainConfig(cfg="yolov5n.yaml", data=str(sample), epochs=1, imgsz=64, batch_size=8, workers=0,
@@ -247,7 +247,7 @@ def test_results_csv_keeps_every_value_under_its_header_when_columns_appear(tmp_
     import csv
     from types import SimpleNamespace
 
-    from utils.callbacks import CSVLogger, plot_results_csv
+    from utils.train.callbacks import CSVLogger, plot_results_csv
 
     rows = [{"epoch": 0, "train/box": 0.5, "lr/pg0": 0.01},
             {"epoch": 1, "train/box": 0.4, "lr/pg0": 0.009},
@@ -266,8 +266,8 @@ def test_results_csv_keeps_every_value_under_its_header_when_columns_appear(tmp_
 
 def test_bare_names_resolve_in_the_repository_from_any_folder(tmp_path, monkeypatch):
     from models.yaml_config import find_model_yaml
-    from utils.config import ROOT
     from utils.data import load_data_config
+    from utils.train.config import ROOT
 
     monkeypatch.chdir(tmp_path)  # v7.0: `--data coco128.yaml --hyp hyp.scratch-low.yaml` work from anywhere
     assert load_hyp("hyp.scratch-low.yaml") == load_hyp(ROOT / "data" / "hyps" / "hyp.scratch-low.yaml")

@@ -7,10 +7,10 @@ import copy
 import torch
 
 from models.yolo import DetectionModel
-from utils.config import load_hyp
+from utils.common.torch_utils import set_inplace_activations, training_memory_format
 from utils.data import create_dataloader, load_data_config
-from utils.loss import ComputeLoss, scale_loss_gains
-from utils.torch_utils import set_inplace_activations, training_memory_format
+from utils.train.config import load_hyp
+from utils.train.loss import ComputeLoss, scale_loss_gains
 
 
 def _gradients(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -19,9 +19,9 @@ import pytest
 import torch
 import yaml
 
-from utils.config import TrainConfig, parse_train_args
-from utils.precision import DESCRIPTIONS
-from utils.torch_utils import cpu_has_native_bf16
+from utils.common.torch_utils import cpu_has_native_bf16
+from utils.train.config import TrainConfig, parse_train_args
+from utils.train.precision import DESCRIPTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "neu-det-sample.yaml"
@@ -89,9 +89,9 @@ class DtypeProbe:
 
 
 def _train_probed(cfg: TrainConfig) -> DtypeProbe:
-    from utils.callbacks import default_callbacks
-    from utils.engine import fit
-    from utils.training import make_task
+    from utils.runners.train import make_task
+    from utils.train.callbacks import default_callbacks
+    from utils.train.engine import fit
 
     probe, callbacks = DtypeProbe(), default_callbacks()
     callbacks.add_logger(probe)
@@ -133,7 +133,7 @@ def test_default_training_loss_falls_in_mixed_precision_and_validates_in_float32
     assert last["precision"] == last["train_state"]["cfg"]["precision"] == precision
     assert torch.load(run / "weights" / "best.pt", weights_only=True)["precision"] == precision
 
-    from utils.val_runner import run_validation
+    from utils.runners.val import run_validation
 
     metrics = run_validation(str(run / "weights" / "best.pt"), str(SAMPLE), imgsz=128, batch_size=8, workers=0,
                              device="cpu", project=str(tmp_path), name="val", noplots=True)

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import pytest
 
-from utils.config import TrainConfig
+from utils.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "neu-det-sample"
@@ -147,7 +147,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 
 def test_exist_ok_sets_the_earlier_run_aside(tmp_path, caplog):
-    from utils.training import run_training
+    from utils.runners.train import run_training
 
     run = tmp_path / "runs" / "exp"
     run_training(_tiny_run(tmp_path, epochs=2))
@@ -173,7 +173,7 @@ def test_exist_ok_sets_the_earlier_run_aside(tmp_path, caplog):
 
 def test_a_bad_model_yaml_found_while_loading_leaves_no_run_folder(tmp_path):
     from models.yaml_config import ModelConfigError
-    from utils.training import run_training
+    from utils.runners.train import run_training
 
     text = (ROOT / "models" / "yolov5n.yaml").read_text().replace("depth_multiple: 0.33", "depth_multiple: 0")
     (tmp_path / "bad.yaml").write_text(text)
@@ -183,7 +183,7 @@ def test_a_bad_model_yaml_found_while_loading_leaves_no_run_folder(tmp_path):
 
 
 def test_stale_checkpoint_temp_files_are_removed(tmp_path):
-    from utils.checkpoint import remove_stale_temp_files, save_atomic
+    from utils.weights.checkpoint import remove_stale_temp_files, save_atomic
 
     save_atomic({"x": 1}, tmp_path / "last.pt")
     leftovers = [tmp_path / ".last.pt.abc.tmp", tmp_path / ".best.pt.9f_x.tmp"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.config import TrainConfig
+from utils.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "neu-det-sample"
@@ -34,7 +34,7 @@ def _copy_sample(tmp_path: Path) -> Path:
 def detector_checkpoint(tmp_path_factory) -> Path:
     """An untrained yolov5n for the 6 sample classes, saved under other class names (c0..c5)."""
     from models.yolo import DetectionModel
-    from utils.checkpoint import save_checkpoint
+    from utils.weights.checkpoint import save_checkpoint
 
     model = DetectionModel("yolov5n.yaml", nc=6)
     model.names = [f"c{i}" for i in range(6)]
@@ -45,8 +45,8 @@ def detector_checkpoint(tmp_path_factory) -> Path:
 def test_class_ids_beyond_nc_are_dropped_in_training_and_validation(tmp_path):
     """One row of class 9 (nc is 6) in every label file: training and val.py run and score the other rows."""
     from utils.data import list_image_files, scan_dataset
-    from utils.training import run_training
-    from utils.val_runner import run_validation
+    from utils.runners.train import run_training
+    from utils.runners.val import run_validation
 
     data_yaml = _copy_sample(tmp_path)
     labels = sorted((data_yaml.parent / "data" / "labels").rglob("*.txt"))
@@ -89,8 +89,8 @@ def test_byte_order_mark_keeps_the_first_box(tmp_path):
 # ------------------------------------------------------------------------------------ val.py / detect.py
 def test_val_refuses_a_checkpoint_trained_on_other_classes(tmp_path):
     from models.yolo import DetectionModel
-    from utils.checkpoint import CheckpointError, save_checkpoint
-    from utils.val_runner import run_validation
+    from utils.runners.val import run_validation
+    from utils.weights.checkpoint import CheckpointError, save_checkpoint
 
     weights = save_checkpoint(DetectionModel("yolov5n.yaml", nc=3), tmp_path / "det3.pt")
     with pytest.raises(CheckpointError, match=r"det3\.pt predicts 3 classes but .*neu-det-sample\.yaml has 6"):
@@ -104,7 +104,7 @@ def test_val_refuses_a_checkpoint_trained_on_other_classes(tmp_path):
 
 
 def test_val_prints_the_data_sets_class_names(detector_checkpoint, tmp_path, capsys):
-    from utils.val_runner import run_validation
+    from utils.runners.val import run_validation
 
     run_validation(str(detector_checkpoint), str(SAMPLE_YAML), imgsz=64, workers=0, device="cpu", noplots=True,
                    project=str(tmp_path / "runs"))
@@ -115,11 +115,11 @@ def test_val_prints_the_data_sets_class_names(detector_checkpoint, tmp_path, cap
 
 def test_val_and_detect_round_the_image_size_like_train(detector_checkpoint, tmp_path, caplog):
     """--imgsz 33 runs at 64 (the next multiple of stride 32) and says so: the same numbers as --imgsz 64."""
-    from utils.predict import run_prediction
-    from utils.val_runner import run_validation
+    from utils.runners.detect import run_prediction
+    from utils.runners.val import run_validation
 
     common = dict(workers=0, device="cpu", noplots=True, project=str(tmp_path / "runs"))
-    with caplog.at_level(logging.WARNING, logger="utils.flags"):
+    with caplog.at_level(logging.WARNING, logger="utils.common.flags"):
         odd = run_validation(str(detector_checkpoint), str(SAMPLE_YAML), imgsz=33, **common)
     assert "--imgsz 33 must be a multiple of the model's largest stride 32: using 64" in caplog.text
     even = run_validation(str(detector_checkpoint), str(SAMPLE_YAML), imgsz=64, **common)
@@ -132,9 +132,9 @@ def test_val_and_detect_round_the_image_size_like_train(detector_checkpoint, tmp
 
 
 def test_train_rounds_the_image_size_with_a_log_line(caplog):
-    from utils.flags import check_img_size
+    from utils.common.flags import check_img_size
 
-    with caplog.at_level(logging.WARNING, logger="utils.flags"):
+    with caplog.at_level(logging.WARNING, logger="utils.common.flags"):
         assert check_img_size(640, 32) == 640 and not caplog.text
         assert check_img_size(33, 32, floor=64) == 64 and check_img_size(100, 64) == 128
         assert check_img_size(16, 32, floor=64) == 64
@@ -154,13 +154,13 @@ def test_export_rounds_the_image_size(detector_checkpoint, tmp_path):
 def test_detect_classifies_with_a_classifier_checkpoint(tmp_path, caplog):
     """A classifier checkpoint in detect.py: a line per image, annotated copies, label files and the CSV."""
     from models.classify import ClassificationModel
-    from utils.checkpoint import save_checkpoint
-    from utils.predict import run_prediction
+    from utils.runners.detect import run_prediction
+    from utils.weights.checkpoint import save_checkpoint
 
     model = ClassificationModel("yolov5n-cls.yaml", heads=[{"name": "class", "names": NAMES}])
     weights = save_checkpoint(model, tmp_path / "cls.pt")
     images = sorted((SAMPLE / "images" / "val").glob("*.jpg"))
-    with caplog.at_level(logging.INFO, logger="utils.predict"):
+    with caplog.at_level(logging.INFO, logger="utils.runners.detect"):
         rows = run_prediction(str(weights), str(SAMPLE / "images" / "val"), imgsz=64, device="cpu", save_txt=True,
                               save_csv=True, project=str(tmp_path / "runs"), name="cls")
     out = tmp_path / "runs" / "cls"
@@ -230,7 +230,7 @@ def test_train_weights_pth_loads_the_backbone_named_by_the_file(tmp_path):
     once failed with a TypeError); a file whose name says no architecture is refused naming the flag."""
     import torchvision
 
-    from utils.errors import FlagError
+    from utils.common.errors import FlagError
     from utils.tasks.detect import DetectTask
 
     torch.manual_seed(0)

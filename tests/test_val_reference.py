@@ -10,7 +10,7 @@ import sys
 import cv2
 import pytest
 
-from utils.val_runner import run_validation
+from utils.runners.val import run_validation
 
 REFERENCE = {"P": 0.470102, "R": 0.583027, "mAP50": 0.561134, "mAP50-95": 0.247021}
 PER_CLASS_MAP = [0.061419, 0.243277, 0.478773, 0.340831, 0.164762, 0.193062]
@@ -41,8 +41,8 @@ def test_per_class_map_matches_v7(reference_metrics):
 
 
 def test_pycocotools_cross_check(reference_metrics, neu_det_yaml):
-    from utils.coco_eval import cocoeval_cross_check
     from utils.data import create_dataloader, load_data_config
+    from utils.evaluation.coco_eval import cocoeval_cross_check
 
     data = load_data_config(neu_det_yaml)
     _, dataset = create_dataloader(data["val"], 256, 32, 32, augment=False, pad=0.5, rect=True)
@@ -71,7 +71,7 @@ def test_onnx_export_validates_like_pytorch(reference_metrics, fixtures_dir, neu
 
 
 def test_val_command_line_exits_cleanly_with_its_outputs_written(fixtures_dir, sample_data_yaml, root, tmp_path):
-    """`python val.py` skips the interpreter's teardown (utils.cli): exit status 0, the table printed, the
+    """`python val.py` skips the interpreter's teardown (utils.common.cli): exit status 0, the table printed, the
     predictions JSON and the plots complete on disk."""
     weights = fixtures_dir / "yolov5n-neu-det-v7.pt"
     result = subprocess.run([sys.executable, str(root / "val.py"), "--weights", str(weights), "--data",

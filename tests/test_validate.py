@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from models.yolo import DetectionModel
-from utils.config import load_hyp
 from utils.data import create_dataloader, load_data_config
-from utils.loss import ComputeLoss, scale_loss_gains
-from utils.validate import ValidationOptions, validate_detector
+from utils.evaluation.detection import ValidationOptions, validate_detector
+from utils.train.config import load_hyp
+from utils.train.loss import ComputeLoss, scale_loss_gains
 
 
 def _setup(data_yaml, batch_size: int, cache_dir):
@@ -58,7 +58,7 @@ def test_augment_validates_the_three_tta_passes_and_needs_a_pytorch_model(sample
     assert seen == [(12, 3, 160, 160)]  # one pass over the rect batch (128 px padded by half a stride)
     seen.clear()
     augmented = validate_detector(model, loader, 6, ValidationOptions(augment=True, names=names, streams=1))
-    # utils.tta's scales 1, 0.83, 0.67 of 160 px, each padded up to the stride
+    # utils.inference.tta's scales 1, 0.83, 0.67 of 160 px, each padded up to the stride
     assert seen == [(12, 3, 160, 160), (12, 3, 160, 160), (12, 3, 128, 128)]
     assert augmented["n_images"] == plain["n_images"] == 12
 
@@ -70,7 +70,7 @@ def test_prediction_grid_draws_only_confident_boxes(tmp_path):
     """val_batch*_pred.jpg shows boxes above conf 0.25 (v7.0), each on its own tile of the grid."""
     import cv2
 
-    from utils.plots import plot_batch_predictions
+    from utils.common.plots import plot_batch_predictions
 
     images = np.full((2, 3, 64, 64), 128, np.uint8)
     faint = np.array([[4, 4, 30, 30, 0.2, 0]], np.float32)

@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from utils.boxes import non_max_suppression
-from utils.checkpoint import load_checkpoint
+from utils.common.boxes import non_max_suppression
+from utils.weights.checkpoint import load_checkpoint
 
 NEU_DET_NAMES = ["crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches"]
 V7_VAL_MAP50 = 0.0037  # v7.0 val.py at 256 on the NEU-DET val split (fixtures README), given to 2 digits
@@ -55,8 +55,8 @@ def test_metadata_says_where_the_file_came_from(pip_weights):
 
 def test_train_weights_start_from_every_tensor(pip_weights, sample_data_yaml, tmp_path):
     """train.py --weights: the detector built for training holds the checkpoint's weights, all of them."""
-    from utils.config import TrainConfig
     from utils.tasks.detect import DetectTask
+    from utils.train.config import TrainConfig
 
     cfg = TrainConfig(weights=str(pip_weights), data=str(sample_data_yaml), epochs=1, imgsz=64, batch_size=8,
                       workers=0, device="cpu", project=str(tmp_path), name="t", noplots=True, noautoanchor=True)
@@ -118,7 +118,7 @@ def test_export_onnx_runs_like_pytorch(pip_weights, tmp_path, capsys):
 def test_prune_slim_cuts_a_package_checkpoint(pip_weights, sample_data_yaml, tmp_path):
     """The pruning tools read checkpoints through the same loader: a package .pt prunes to a plain YAML + .pt."""
     import prune_slim
-    from utils.cli import run_cli
+    from utils.common.cli import run_cli
 
     path = tmp_path / "pruned.yaml"
     assert run_cli(prune_slim.main, ["--weights", str(pip_weights), "--data", str(sample_data_yaml), "--imgsz",

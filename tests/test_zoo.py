@@ -13,8 +13,8 @@ from torch import nn
 from models.registry import REGISTRY, BuildContext
 from models.transformer import C3STR, MASK_VALUE, SwinBlock, shifted_window_mask
 from models.yolo import DetectionModel
-from utils.pretrained import load_torchvision_backbone
-from utils.torch_utils import count_parameters, model_gflops
+from utils.common.torch_utils import count_parameters, model_gflops
+from utils.weights.pretrained import load_torchvision_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = ROOT / "models" / "zoo"
@@ -306,8 +306,8 @@ SAMPLE_TRAIN = ROOT / "data" / "neu-det-sample" / "images" / "train"
 @functools.cache
 def sample_batch(imgsz: int = 128, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """One augmented (mosaic) batch of the embedded NEU-DET sample, as train.py would feed it."""
-    from utils.config import load_hyp
     from utils.data import create_dataloader
+    from utils.train.config import load_hyp
 
     loader, _ = create_dataloader(SAMPLE_TRAIN, imgsz, batch, 32, hyp=load_hyp(), augment=True, shuffle=True)
     images, targets, _, _ = next(iter(loader))
@@ -330,9 +330,9 @@ def compact_model(name: str) -> DetectionModel:
 def test_zoo_yaml_trains_one_step_with_frozen_backbone(name):
     """``--freeze backbone`` on the real sample: the backbone section (weights and BN statistics) stays bit-equal,
     every head layer changes, and the loss is finite."""
-    from utils.config import load_hyp
-    from utils.freeze import apply_trainable, freeze_batchnorm_stats, frozen_layer_indices, trainable_except
-    from utils.loss import ComputeLoss, scale_loss_gains
+    from utils.train.config import load_hyp
+    from utils.train.freeze import apply_trainable, freeze_batchnorm_stats, frozen_layer_indices, trainable_except
+    from utils.train.loss import ComputeLoss, scale_loss_gains
 
     model = compact_model(name)
     n_backbone = len(model.yaml["backbone"])

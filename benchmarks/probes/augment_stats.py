@@ -26,7 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from utils.config import DEFAULT_HYP  # noqa: E402
+from utils.train.config import DEFAULT_HYP  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "neu-det" / "neu-det.yaml"
 
@@ -68,9 +68,9 @@ np.savez({out!r}, samples=samples, boxes=boxes)
 
 
 def ours(data: str, hyp: str, imgsz: int, n_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    from utils.config import load_hyp
     from utils.data import load_data_config
     from utils.data.detect import DetectionDataset
+    from utils.train.config import load_hyp
 
     config = load_data_config(data)
     dataset = DetectionDataset(config["train"], imgsz, 32, augment=True, hyp=load_hyp(hyp), seed=seed)

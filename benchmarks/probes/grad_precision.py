@@ -8,7 +8,7 @@ One training batch (mosaics from the data set's train split), one freshly initia
 trained weights, ``--weights``); for each layout
 the loss and all parameter gradients are computed in float32 and compared, as one vector, with the same
 computation in float64 (NCHW). Layouts: ``nchw``; ``channels-last`` (the whole model); ``trainer`` (what the
-trainer uses: :func:`utils.torch_utils.training_memory_format`); ``compiled`` (what the trainer uses with
+trainer uses: :func:`utils.common.torch_utils.training_memory_format`); ``compiled`` (what the trainer uses with
 ``--compile``: channels-last + torch.compile); ``bf16`` (what the trainer uses with ``--bf16``: channels-last,
 bfloat16 autocast, loss in float32).
 The step time is the median of ``--repeats`` forward+backward passes (run this alone: the VM's speed drifts).
@@ -29,11 +29,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from models.yolo import build_model  # noqa: E402
-from utils.checkpoint import load_checkpoint  # noqa: E402
-from utils.config import DEFAULT_HYP, load_hyp  # noqa: E402
+from utils.common.torch_utils import float_outputs, training_memory_format  # noqa: E402
 from utils.data import create_dataloader, load_data_config  # noqa: E402
-from utils.loss import ComputeLoss, scale_loss_gains  # noqa: E402
-from utils.torch_utils import float_outputs, training_memory_format  # noqa: E402
+from utils.train.config import DEFAULT_HYP, load_hyp  # noqa: E402
+from utils.train.loss import ComputeLoss, scale_loss_gains  # noqa: E402
+from utils.weights.checkpoint import load_checkpoint  # noqa: E402
 
 LAYOUTS = ("nchw", "channels-last", "trainer", "compiled", "bf16")
 

@@ -20,10 +20,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from utils.callbacks import Callbacks  # noqa: E402
-from utils.config import TrainConfig  # noqa: E402
-from utils.engine import Trainer  # noqa: E402
 from utils.tasks.detect import DetectTask  # noqa: E402
+from utils.train.callbacks import Callbacks  # noqa: E402
+from utils.train.config import TrainConfig  # noqa: E402
+from utils.train.engine import Trainer  # noqa: E402
 
 NOMINAL_BATCH = 64
 

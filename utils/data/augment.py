@@ -13,7 +13,7 @@ import math
 import cv2
 import numpy as np
 
-from utils.boxes import box_ioa, xywhn2xyxy
+from utils.common.boxes import box_ioa, xywhn2xyxy
 
 HYP_KEYS = ("hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "perspective", "flipud", "fliplr",
             "mosaic", "mixup", "copy_paste")

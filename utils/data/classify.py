@@ -47,11 +47,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from utils.common.errors import DataConfigError, MissingFileError
+from utils.common.user_files import load_user_yaml
 from utils.data.augment import augment_hsv
 from utils.data.config import parse_class_count
 from utils.data.workers import init_worker
-from utils.errors import DataConfigError, MissingFileError
-from utils.user_files import load_user_yaml
 
 LOGGER = logging.getLogger(__name__)
 

@@ -35,10 +35,10 @@ from pathlib import Path
 
 import yaml
 
-from utils.cli import UserArgumentParser, run_cli
+from utils.common.cli import UserArgumentParser, run_cli
+from utils.common.errors import FlagError, MissingFileError
+from utils.common.flags import existing_path
 from utils.data.classify import IMAGE_SUFFIXES, verify_image
-from utils.errors import FlagError, MissingFileError
-from utils.flags import existing_path
 
 LOGGER = logging.getLogger(__name__)
 SPLIT_NAMES = ("train", "val", "test")

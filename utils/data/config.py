@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from utils.errors import DataConfigError, MissingFileError
-from utils.paths import REPO_ROOT, find_file
-from utils.user_files import load_user_yaml
+from utils.common.errors import DataConfigError, MissingFileError
+from utils.common.paths import REPO_ROOT, find_file
+from utils.common.user_files import load_user_yaml
 
 DATA_DIR = REPO_ROOT / "data"  # bare data YAML names (coco128.yaml) are looked up here
 SPLIT_KEYS = ("train", "val", "test")

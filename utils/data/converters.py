@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from utils.cli import UserArgumentParser, run_cli
+from utils.common.cli import UserArgumentParser, run_cli
+from utils.common.errors import DataConfigError, FlagError
+from utils.common.flags import at_least, existing_path, fraction
+from utils.common.user_files import read_user_text
 from utils.data.scan import img2label_paths, list_image_files, read_label_file
-from utils.errors import DataConfigError, FlagError
-from utils.flags import at_least, existing_path, fraction
-from utils.user_files import read_user_text
 
 LOGGER = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")

@@ -24,8 +24,8 @@ import psutil
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from utils.boxes import xywhn2xyxy, xyxy2xywhn
-from utils.config import load_hyp
+from utils.common.boxes import xywhn2xyxy, xyxy2xywhn
+from utils.common.errors import FlagError, MissingFileError, UserError
 from utils.data.augment import (
     HYP_KEYS,
     augment_hsv,
@@ -45,7 +45,7 @@ from utils.data.scan import (
     scan_dataset,
 )
 from utils.data.workers import init_worker
-from utils.errors import FlagError, MissingFileError, UserError
+from utils.train.config import load_hyp
 
 LOGGER = logging.getLogger(__name__)
 

@@ -14,11 +14,11 @@ import cv2
 import numpy as np
 import torch
 
-from utils.cli import UserArgumentParser, run_cli
+from utils.common.cli import UserArgumentParser, run_cli
+from utils.common.errors import FlagError
+from utils.common.flags import at_least
 from utils.data.config import load_data_config
 from utils.data.detect import DEFAULT_HYP, DetectionDataset, load_hyp
-from utils.errors import FlagError
-from utils.flags import at_least
 
 COLOURS = [(56, 56, 255), (151, 157, 255), (31, 112, 255), (29, 178, 255), (49, 210, 207), (10, 249, 72),
            (23, 204, 146), (134, 219, 61), (52, 147, 26), (187, 212, 0), (168, 153, 44), (255, 194, 0)]

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from utils.cli import UserArgumentParser, run_cli
+from utils.common.cli import UserArgumentParser, run_cli
+from utils.common.flags import at_least
 from utils.data.config import SPLIT_KEYS, load_data_config
 from utils.data.scan import list_image_files, scan_dataset
-from utils.flags import at_least
 
 PERCENTILES = (5, 25, 50, 75, 95)
 COCO_SMALL, COCO_MEDIUM, COCO_REFERENCE_SIZE = 32, 96, 640

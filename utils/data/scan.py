@@ -38,8 +38,8 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from utils.errors import MissingFileError
-from utils.user_files import read_user_text
+from utils.common.errors import MissingFileError
+from utils.common.user_files import read_user_text
 
 LOGGER = logging.getLogger(__name__)
 

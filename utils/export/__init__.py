@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from utils.errors import UserError
+from utils.common.errors import UserError
 from utils.export.backend import Backend, load_backend
 from utils.export.common import (
     ExportMetadata,
@@ -203,7 +203,7 @@ def _check_half(included: list[ExportFormat], device: torch.device) -> None:
 
 
 def _qat_recipe(weights: Path) -> dict[str, Any] | None:
-    from utils.checkpoint import checkpoint_quantization
+    from utils.weights.checkpoint import checkpoint_quantization
 
     return checkpoint_quantization(weights)
 
@@ -237,7 +237,7 @@ def _check_qat_export(options: ExportOptions, included: list[ExportFormat]) -> N
 
 def load_for_export(weights: Path) -> tuple[nn.Module, list[str]]:
     """The checkpoint's model (float, eval) and its class names."""
-    from utils.checkpoint import load_checkpoint
+    from utils.weights.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(weights)
     names = loaded.meta.get("names") or list(getattr(loaded.model, "names", []))
@@ -251,8 +251,8 @@ def run_export(options: ExportOptions) -> dict[str, Path]:
     ``options.imgsz`` is rounded up to a multiple of the model's largest stride first (logged), as train.py,
     val.py and detect.py do, so the caller's comparison images match the artifacts.
     """
-    from utils.flags import check_img_size
-    from utils.torch_utils import select_device
+    from utils.common.flags import check_img_size
+    from utils.common.torch_utils import select_device
 
     device = select_device(options.device)
     check_options(options, device)
@@ -284,7 +284,7 @@ def _qat_weights_for_cpu_runtimes(model: nn.Module) -> nn.Module:
     ONNX Runtime. Re-quantizing the trained weights keeps most of what QAT learned (measured in docs/deploy.md)
     at PTQ's speed; activation ranges are calibrated again on ``--data``.
     """
-    from utils.quant.qat import float_model_with_qat_weights
+    from utils.compress.quant.qat import float_model_with_qat_weights
 
     LOGGER.info("QAT checkpoint, --qat-placement cpu: exporting its trained weights as a float model and quantizing "
                 "that with each CPU runtime's own quantizer (calibrated on --data)")

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from utils.errors import MissingFileError
+from utils.common.errors import MissingFileError
 from utils.export.common import read_metadata
 
 if TYPE_CHECKING:

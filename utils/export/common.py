@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from utils.errors import UserError
+from utils.common.errors import UserError
 
 LOGGER = logging.getLogger(__name__)
 

@@ -102,8 +102,8 @@ def sensitive_layers(model: nn.Module, files: list[Path], imgsz: tuple[int, int]
                      images: int = 8) -> list[int]:
     """The ``keep`` layers whose INT8 rounding alone costs the most at the head, measured on ``images`` of the
     calibration files (the ranking is logged)."""
+    from utils.compress.quant.sensitivity import format_sensitivity, measure_layer_sensitivity
     from utils.export.common import letterbox_tensor
-    from utils.quant.sensitivity import format_sensitivity, measure_layer_sensitivity
 
     batch = torch.stack([letterbox_tensor(f, imgsz) for f in files[:images]])
     ranking = measure_layer_sensitivity(model, batch)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
+from utils.common.torch_utils import fastest_memory_format
 from utils.export.backend import Backend
 from utils.export.common import model_stride, model_task
 from utils.export.spec import ALL_AXES, ExportFormat
-from utils.torch_utils import fastest_memory_format
 
 
 class PyTorchBackend(Backend):
@@ -19,7 +19,7 @@ class PyTorchBackend(Backend):
     format = "pytorch"
 
     def __init__(self, weights: Path, device: str = "cpu", fp16: bool = False, threads: int | None = None):
-        from utils.checkpoint import load_checkpoint
+        from utils.weights.checkpoint import load_checkpoint
 
         loaded = load_checkpoint(weights, fuse=True)
         model = loaded.model

@@ -24,11 +24,12 @@ QDQ_OPSET = 17  # TensorRT 8.6 (JetPack 5/6.0) parses opsets up to 17; QDQ per-c
 
 def export_qdq_onnx(model: nn.Module, images: torch.Tensor, file: str | Path, metadata: ExportMetadata,
                     dynamic_batch: bool = False, dynamic_hw: bool = False, opset: int = QDQ_OPSET) -> Path:
-    """Convert a prepared (eval, decoded-output) :class:`~utils.quant.qat.QATDetector` to INT8 and export it."""
+    """Convert a prepared (eval, decoded-output) :class:`~utils.compress.quant.qat.QATDetector` to INT8 and
+    export it."""
     import onnx
 
+    from utils.compress.quant.qat import quantized_graph
     from utils.export.onnx import embed_metadata
-    from utils.quant.qat import quantized_graph
 
     file = Path(file)
     module = quantized_graph(model)

@@ -6,7 +6,7 @@ box-decoding tail of the Detect head (sigmoid, grid/anchor arithmetic, concat of
 scores) is kept in FP32: one 8-bit scale cannot cover both 0..640 pixels and 0..1 scores.
 
 Optionally (``keep_layers``, from ``export.py --int8-keep N``) whole YAML layers stay FP32: the N whose
-INT8 rounding alone costs most at the head, measured per model by :mod:`utils.quant.sensitivity`.
+INT8 rounding alone costs most at the head, measured per model by :mod:`utils.compress.quant.sensitivity`.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from utils.errors import FlagError
+from utils.common.errors import FlagError
 from utils.export import ncnn, onnx, openvino, pytorch, tensorrt, torchscript
 from utils.export.spec import ExportFormat
 

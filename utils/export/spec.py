@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from utils.errors import UserError
+from utils.common.errors import UserError
 
 if TYPE_CHECKING:
     from utils.export.backend import Backend

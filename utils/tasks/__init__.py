@@ -1,4 +1,4 @@
-"""Task plug-ins for the one training loop in :mod:`utils.engine` (detection, classification)."""
+"""Task plug-ins for the one training loop in :mod:`utils.train.engine` (detection, classification)."""
 
 from __future__ import annotations
 

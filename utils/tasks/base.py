@@ -1,6 +1,6 @@
 """The contract between the training loop and a task.
 
-:func:`utils.engine.fit` owns everything tasks share (device, AMP, EMA, accumulation, warmup, schedule,
+:func:`utils.train.engine.fit` owns everything tasks share (device, AMP, EMA, accumulation, warmup, schedule,
 freezing, checkpoints, resume, early stop, logging). A task supplies only what differs: its model, its data,
 how a batch becomes a loss, how a model is validated, and which number decides ``best.pt``.
 """
@@ -54,4 +54,4 @@ class Task(Protocol):
     def distill_criterion(self, model: nn.Module) -> Callable[[Any, Any, dict[str, Any]], tuple[torch.Tensor,
                                                                                                 torch.Tensor]]:
         """``--teacher``: ``fn(student preds, teacher's raw preds, batch) -> (loss to add, value to log)``, the
-        loss on the task loss's scale (see utils/distill.py)."""
+        loss on the task loss's scale (see utils/compress/distill.py)."""

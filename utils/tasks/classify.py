@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from utils.config import TrainConfig
-from utils.errors import FlagError
+from utils.common.errors import FlagError
 from utils.tasks.base import EpochPlan
+from utils.train.config import TrainConfig
 
 LOGGER = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ def write_predictions_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> P
 
 # ---------------------------------------------------------------------------------------------- the task
 class ClassifyTask:
-    """Everything classification-specific that :func:`utils.engine.fit` delegates."""
+    """Everything classification-specific that :func:`utils.train.engine.fit` delegates."""
 
     name = "classify"
 
@@ -325,7 +325,7 @@ class ClassifyTask:
         """From --cfg and/or --weights; a detector checkpoint seeds the backbone of a --cfg classifier."""
         from models.classify import ClassificationModel, transfer_from_detector
         from models.yaml_config import load_model_yaml
-        from utils.checkpoint import load_checkpoint, transfer_weights
+        from utils.weights.checkpoint import load_checkpoint, transfer_weights
 
         cfg = self.cfg
         if not cfg.cfg and not cfg.weights:
@@ -425,10 +425,10 @@ class ClassifyTask:
 
     def distill_criterion(self, model: nn.Module) -> Callable[[Any, Any, dict[str, Any]], tuple[torch.Tensor,
                                                                                                 torch.Tensor]]:
-        """``--teacher``: temperature-scaled KL per head (utils/distill.py), weighted like the task's head losses
-        and only for the heads trained now; the teacher's heads are taken in order. Returns ``(loss x n / 64, as
-        the task's loss, batch-mean value to log)``."""
-        from utils.distill import classification_distill_loss
+        """``--teacher``: temperature-scaled KL per head (utils/compress/distill.py), weighted like the task's head
+        losses and only for the heads trained now; the teacher's heads are taken in order. Returns ``(loss x n / 64,
+        as the task's loss, batch-mean value to log)``."""
+        from utils.compress.distill import classification_distill_loss
 
         temperature = float(self.cfg.distill_temperature)
 
@@ -450,7 +450,7 @@ class ClassifyTask:
         return scalar_metrics(metrics)
 
     def final_validation(self, weights: Path, loader: DataLoader, save_dir: Path, plots: bool) -> dict[str, float]:
-        from utils.checkpoint import load_checkpoint
+        from utils.weights.checkpoint import load_checkpoint
 
         model = load_checkpoint(weights).model.to(self.device)
         return self.validate(model, loader, save_dir, plots)

@@ -14,14 +14,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from utils.config import TrainConfig
-from utils.errors import FlagError
-from utils.flags import check_img_size
-from utils.freeze import alternate_plan, parse_freeze_schedule
-from utils.loss import ComputeLoss, scale_loss_gains
-from utils.metrics import fitness as detection_fitness
+from utils.common.errors import FlagError
+from utils.common.flags import check_img_size
+from utils.evaluation.detection import ValidationOptions, format_results, validate_detector
+from utils.evaluation.metrics import fitness as detection_fitness
 from utils.tasks.base import EpochPlan
-from utils.validate import ValidationOptions, format_results, validate_detector
+from utils.train.config import TrainConfig
+from utils.train.freeze import alternate_plan, parse_freeze_schedule
+from utils.train.loss import ComputeLoss, scale_loss_gains
 
 LOGGER = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class DetectTask:
     # ---------------------------------------------------------------- model
     def build_model(self) -> nn.Module:
         from models.yolo import DetectionModel
-        from utils.checkpoint import load_checkpoint, transfer_weights
+        from utils.weights.checkpoint import load_checkpoint, transfer_weights
 
         cfg = self.cfg
         if not cfg.cfg and not cfg.weights:
@@ -58,13 +58,13 @@ class DetectTask:
         sizes = {"nc": cfg.nc or self.nc, "depth_multiple": cfg.depth_multiple, "width_multiple": cfg.width_multiple}
         if cfg.weights and Path(cfg.weights).suffix == ".pth":
             model = DetectionModel(cfg.cfg, **sizes)
-            from utils.pretrained import arch_from_file_name, load_torchvision_backbone
+            from utils.weights.pretrained import arch_from_file_name, load_torchvision_backbone
 
             load_torchvision_backbone(model, cfg.weights, arch_from_file_name(cfg.weights))
         elif cfg.weights:
             source = load_checkpoint(cfg.weights).model
             if getattr(source, "quantization", None):
-                from utils.errors import UserError
+                from utils.common.errors import UserError
 
                 raise UserError(f"--weights {cfg.weights} is a quantization-aware-trained checkpoint; continue its run "
                                 "with --resume (its last.pt), or start from the float checkpoint it came from")
@@ -112,8 +112,8 @@ class DetectTask:
 
     def _report_data(self) -> None:
         """Data-set report in the log and labels.png in the run folder, before the first epoch."""
+        from utils.common.plots import plot_label_stats
         from utils.data.report import dataset_report, format_report
-        from utils.plots import plot_label_stats
 
         LOGGER.info("\n%s", format_report(dataset_report(self.cfg.data, self.imgsz)))
         if not self.cfg.noplots:
@@ -122,7 +122,7 @@ class DetectTask:
     def _check_anchors(self, model: nn.Module) -> None:
         if self.cfg.noautoanchor:
             return
-        from utils.autoanchor import check_anchors
+        from utils.train.autoanchor import check_anchors
 
         check_anchors(self.train_dataset, model, thr=self.hyp["anchor_t"], imgsz=self.imgsz)
 
@@ -130,7 +130,7 @@ class DetectTask:
         images, targets, paths, _ = batch
         self.device = device
         if self.batches_to_plot and not self.cfg.noplots:
-            from utils.plots import plot_batch
+            from utils.common.plots import plot_batch
 
             index = 3 - self.batches_to_plot
             plot_batch(images.numpy(), targets.numpy(), self.names, self.save_dir / f"train_batch{index}.jpg")
@@ -162,10 +162,10 @@ class DetectTask:
 
     def distill_criterion(self, model: nn.Module) -> Callable[[Any, Any, dict[str, Any]], tuple[torch.Tensor,
                                                                                                 torch.Tensor]]:
-        """``--teacher``: output distillation with this model's loss gains and level balance (utils/distill.py);
-        returns ``(loss x batch size, as the YOLOv5 loss, per-image value to log)``."""
-        from utils.distill import detection_distill_loss
-        from utils.loss import objectness_balance
+        """``--teacher``: output distillation with this model's loss gains and level balance
+        (utils/compress/distill.py); returns ``(loss x batch size, as the YOLOv5 loss, per-image value to log)``."""
+        from utils.compress.distill import detection_distill_loss
+        from utils.train.loss import objectness_balance
 
         head = model.model[-1]
         gains, balance = scale_loss_gains(self.hyp, head.nc, head.nl, self.imgsz), objectness_balance(head.nl)
@@ -191,7 +191,7 @@ class DetectTask:
         return result
 
     def final_validation(self, weights: Path, loader: DataLoader, save_dir: Path, plots: bool) -> dict[str, float]:
-        from utils.checkpoint import load_checkpoint
+        from utils.weights.checkpoint import load_checkpoint
 
         model = load_checkpoint(weights).model.to(self.device)
         return self.validate(model, loader, save_dir, plots)

@@ -1,0 +1,65 @@
+"""A pruned model on disk: a readable model YAML (``--path``) and a checkpoint beside it (same name, ``.pt``).
+
+Both load like any other model (``train.py --cfg pruned.yaml --weights pruned.pt``, ``val.py``, ``export.py``)
+with the safe loader and without the pruning library: the YAML keeps the original rows and adds the widths
+table of :mod:`models.channels`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from models.yaml_config import dump_model_yaml
+from utils.common.errors import UserError
+from utils.weights.checkpoint import save_checkpoint
+
+
+def pruned_paths(path: str | Path) -> tuple[Path, Path]:
+    """(YAML, checkpoint) for ``--path``: ``pruned.yaml`` and ``pruned.pt``."""
+    yaml_path = Path(path)
+    if yaml_path.suffix not in {".yaml", ".yml"}:
+        raise UserError(f"--path {path}: give the pruned model's YAML file name, e.g. --path pruned.yaml")
+    return yaml_path, yaml_path.with_suffix(".pt")
+
+
+def check_writable(path: str | Path, exist_ok: bool) -> tuple[Path, Path]:
+    """Refuse to replace an earlier result unless asked (checked before any work starts)."""
+    yaml_path, weights_path = pruned_paths(path)
+    for target in (yaml_path, weights_path):
+        if target.exists() and not exist_ok:
+            raise UserError(f"{target} already exists; pass --exist-ok to replace it or choose another --path")
+    if not yaml_path.parent.exists():
+        raise UserError(f"--path {path}: folder {yaml_path.parent} does not exist; create it first")
+    return yaml_path, weights_path
+
+
+def save_pruned(model: nn.Module, path: str | Path, header: str, **meta: Any) -> tuple[Path, Path]:
+    """Write the YAML (atomically) and the checkpoint; returns both paths."""
+    yaml_path, weights_path = pruned_paths(path)
+    cfg = dict(model.yaml)
+    head = model.model[-1]
+    if hasattr(head, "anchors") and head.stride is not None:
+        # the trained anchors (AutoAnchor may have changed the YAML's), in pixels as the YAML writes them
+        pixels = (head.anchors * head.stride.view(-1, 1, 1)).view(head.nl, -1)
+        cfg["anchors"] = [[round(float(v), 3) for v in level] for level in pixels]
+    text = dump_model_yaml(cfg, header)
+    _write_text_atomic(yaml_path, text)
+    model.yaml = cfg
+    save_checkpoint(model, weights_path, **meta)
+    return yaml_path, weights_path
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,172 @@
+"""Sparse training for Network Slimming (Liu et al. 2017, "Learning Efficient Convolutional Networks through
+Network Slimming"): an L1 penalty on the BatchNorm scale factors (gamma) of the prunable layers.
+
+``train.py --sparse S`` adds the penalty's subgradient ``S * sign(gamma)`` to each gamma's gradient once per
+optimizer step, after the task's gradients are final (unscaled, clipped; SAM's second pass done). Channels the
+task does not need then drift to gamma ~ 0, which is what ``prune_slim.py``'s global |gamma| threshold cuts.
+``--sparse-decay linear|cos`` lowers S over training to 10 % of its start, so the last epochs mostly let the
+kept channels recover accuracy while the ones already near zero stay there.
+
+Logged each epoch (on the EMA model, the one saved and later pruned): the share of prunable gammas with
+|gamma| < 0.01 (results.csv ``sparsity/gamma<0.01``, TensorBoard) and a gamma histogram (TensorBoard); at
+the end a PNG of the final |gamma| distribution (``bn_gamma.png`` in the run folder, unless ``--noplots``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from utils.common.errors import UserError
+
+if TYPE_CHECKING:
+    from utils.train.config import TrainConfig
+
+LOGGER = logging.getLogger(__name__)
+
+SMALL_GAMMA = 0.01  # |gamma| below this counts as "switched off" in the logged share
+SPARSE_DECAYS = ("none", "linear", "cos")
+FINAL_FRACTION = 0.1  # linear/cos decay end at this fraction of --sparse
+SHARE_COLUMN = f"sparsity/gamma<{SMALL_GAMMA}"
+HISTOGRAM_TAG = "sparsity/gamma"
+PLOT_NAME = "bn_gamma.png"
+
+
+def prunable_batchnorm_paths(model: nn.Module) -> list[str]:
+    """Paths (below ``model.model``) of the BatchNorms in the model's prunable channel groups.
+
+    These are exactly the gammas ``prune_slim.py`` ranks: the dependency analysis of :mod:`utils.compress.prune.groups`
+    leaves out the heads' outputs and every channel coupled to a block the registry keeps whole.
+    """
+    from utils.compress.prune.groups import analyse_channels, batchnorm_members
+
+    layers = model.model
+    analysis = analyse_channels(model)
+    paths = {member.path for group in analysis.groups for member, _ in batchnorm_members(group, layers)}
+    return sorted(paths, key=_layer_order(layers))
+
+
+def _layer_order(layers: nn.Module):
+    order = {path: i for i, (path, _) in enumerate(layers.named_modules())}
+    return lambda path: order[path]
+
+
+def prunable_batchnorms(model: nn.Module, paths: list[str] | None = None) -> list[nn.BatchNorm2d]:
+    """The BatchNorm2d layers whose channels the pruning tools may remove (``paths`` from an earlier call on a
+    model of the same structure, e.g. the training model for its EMA copy, saves the analysis)."""
+    paths = prunable_batchnorm_paths(model) if paths is None else paths
+    return [model.model.get_submodule(path) for path in paths]
+
+
+def gamma_values(model: nn.Module, paths: list[str] | None = None) -> torch.Tensor:
+    """All prunable gammas of ``model`` as one flat float32 CPU tensor (signed)."""
+    norms = prunable_batchnorms(model, paths)
+    if not norms:
+        return torch.zeros(0)
+    return torch.cat([bn.weight.detach().float().flatten().cpu() for bn in norms])
+
+
+def small_gamma_share(model: nn.Module, threshold: float = SMALL_GAMMA, paths: list[str] | None = None) -> float:
+    """Share of the prunable gammas with |gamma| < ``threshold`` (0 when the model has none)."""
+    values = gamma_values(model, paths)
+    return float((values.abs() < threshold).float().mean()) if values.numel() else 0.0
+
+
+def sparsity_strength(strength: float, decay: str, epoch: int, epochs: int) -> float:
+    """S for ``epoch``: constant, or falling from ``strength`` to 10 % of it over the run (linear or cosine).
+
+    A function of the epoch alone, so a resumed run applies the same S as an uninterrupted one.
+    """
+    if decay not in SPARSE_DECAYS:
+        raise ValueError(f"sparse decay '{decay}' unknown; use one of {SPARSE_DECAYS}")
+    progress = min(max(epoch / max(epochs - 1, 1), 0.0), 1.0)
+    if decay == "linear":
+        factor = 1 - (1 - FINAL_FRACTION) * progress
+    elif decay == "cos":
+        factor = FINAL_FRACTION + (1 - FINAL_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress))
+    else:
+        factor = 1.0
+    return strength * factor
+
+
+@torch.no_grad()
+def add_l1_subgradient(gammas: list[torch.Tensor], strength: float) -> None:
+    """``grad += strength * sign(gamma)`` for every gamma that has a gradient (frozen ones have none)."""
+    for gamma in gammas:
+        if gamma.grad is not None:
+            gamma.grad.add_(torch.sign(gamma), alpha=strength)
+
+
+def check_sparse_flags(cfg: TrainConfig) -> None:
+    """--sparse must be >= 0 and finite; --sparse-decay one of none, linear, cos."""
+    if not (math.isfinite(cfg.sparse) and cfg.sparse >= 0):
+        raise UserError(f"--sparse {cfg.sparse}: the L1 strength on BatchNorm gammas must be >= 0 (e.g. 1e-4)")
+    if cfg.sparse_decay not in SPARSE_DECAYS:
+        raise UserError(f"--sparse-decay {cfg.sparse_decay}: use one of {', '.join(SPARSE_DECAYS)}")
+    if cfg.sparse_decay != "none" and not cfg.sparse:
+        LOGGER.warning("--sparse-decay %s has no effect without --sparse S", cfg.sparse_decay)
+
+
+class SparseTraining:
+    """What ``--sparse`` adds to a run: the gradient term each optimizer step and the per-epoch logging.
+
+    Holds the gamma Parameters themselves, not their modules, so it survives SyncBatchNorm conversion (which
+    moves the same Parameters into new modules) and DDP wrapping.
+    """
+
+    def __init__(self, model: nn.Module, strength: float, decay: str = "none"):
+        self.strength, self.decay = strength, decay
+        self.paths = prunable_batchnorm_paths(model)  # the EMA copy has the same structure and paths
+        self.gammas = [bn.weight for bn in prunable_batchnorms(model, self.paths)]
+        LOGGER.info("--sparse %g (decay %s): L1 on %d BatchNorm gammas in %d layers", strength, decay,
+                    sum(g.numel() for g in self.gammas), len(self.gammas))
+
+    def apply(self, epoch: int, epochs: int) -> float:
+        """Add this epoch's ``S * sign(gamma)`` to the gamma gradients; returns the S used."""
+        strength = sparsity_strength(self.strength, self.decay, epoch, epochs)
+        add_l1_subgradient(self.gammas, strength)
+        return strength
+
+    def epoch_row(self, model: nn.Module) -> dict[str, float]:
+        """results.csv / TensorBoard scalars of ``model`` (the EMA): the share of small gammas."""
+        return {SHARE_COLUMN: small_gamma_share(model, paths=self.paths)}
+
+    def epoch_histograms(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return {HISTOGRAM_TAG: gamma_values(model, self.paths)}
+
+    def plot(self, model: nn.Module, save_dir: str | Path) -> Path:
+        """The final |gamma| distribution of ``model`` (the saved EMA) as ``bn_gamma.png`` in ``save_dir``."""
+        return plot_gamma_distribution(gamma_values(model, self.paths), Path(save_dir) / PLOT_NAME)
+
+
+def plot_gamma_distribution(values: torch.Tensor, path: Path) -> Path:
+    """Histogram of |gamma| on a log axis (slimming's zeros span decades) with the 0.01 line, and the sorted
+    |gamma| curve that a global pruning threshold cuts."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    magnitudes = np.sort(values.abs().numpy())
+    share = float((magnitudes < SMALL_GAMMA).mean()) if magnitudes.size else 0.0
+    figure = Figure(figsize=(10, 3.6))
+    FigureCanvasAgg(figure)
+    hist, curve = figure.subplots(1, 2)
+    floor = 1e-6
+    bins = np.logspace(math.log10(floor), math.log10(max(float(magnitudes.max(initial=1.0)), 1.0) * 1.1), 60)
+    hist.hist(np.clip(magnitudes, floor, None), bins=bins, color="tab:blue")
+    hist.set_xscale("log")
+    hist.axvline(SMALL_GAMMA, color="tab:red", linestyle="--", label=f"|gamma| < {SMALL_GAMMA}: {share:.1%}")
+    hist.set(xlabel="|gamma| (values below 1e-6 in the first bin)", ylabel="channels",
+             title=f"BatchNorm |gamma| of {magnitudes.size} prunable channels")
+    hist.legend(fontsize=8)
+    curve.plot(np.linspace(0, 100, magnitudes.size), magnitudes, color="tab:blue")
+    curve.axhline(SMALL_GAMMA, color="tab:red", linestyle="--")
+    curve.set(xlabel="channels, sorted (%)", ylabel="|gamma|", title="sorted |gamma| (global threshold view)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    return path
