@@ -1,4 +1,5 @@
-"""Export a detector to TorchScript, ONNX, OpenVINO, NCNN or a TensorRT engine (YOLOv5 v7.0 flags).
+"""Export a detector to TorchScript, ONNX, OpenVINO, NCNN or a TensorRT engine (YOLOv5 v7.0 flags), or to any
+format registered with utils.export.register_format.
 
     python export.py --weights yolov5n.pt --include onnx openvino --imgsz 256 --dynamic --simplify
     python export.py --weights yolov5n.pt --include onnx --dynamic-batch  # free batch, fixed 640 x 640
@@ -24,7 +25,14 @@ if str(ROOT) not in sys.path:
 
 from utils.common.cli import UserArgumentParser, run_cli  # noqa: E402
 from utils.common.flags import check_export_args  # noqa: E402
-from utils.export import FORMATS, ExportOptions, NMSSettings, compare_with_pytorch, comparison_images, parse_shape  # noqa: E402
+from utils.export import (  # noqa: E402
+    REGISTRY,
+    ExportOptions,
+    NMSSettings,
+    compare_with_pytorch,
+    comparison_images,
+    parse_shape,
+)
 
 SAMPLE_IMAGES = ROOT / "data" / "neu-det-sample" / "images" / "val"
 
@@ -32,7 +40,8 @@ SAMPLE_IMAGES = ROOT / "data" / "neu-det-sample" / "images" / "val"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = UserArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", type=Path, required=True, help="checkpoint .pt")
-    parser.add_argument("--include", nargs="+", default=["torchscript"], help=f"formats: {', '.join(FORMATS)}")
+    parser.add_argument("--include", nargs="+", default=["torchscript"],
+                        help=f"formats: {', '.join(REGISTRY.exportable_names())}")
     parser.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640], help="h w (or one size)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--dynamic", action="store_true",
@@ -48,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--half", action="store_true", help="FP16 (TorchScript/ONNX need --device 0)")
     parser.add_argument("--int8", action="store_true",
-                        help="INT8: ONNX Runtime static QDQ / OpenVINO NNCF / TensorRT calibrator")
+                        help=f"INT8: {' / '.join(fmt.int8 for fmt in REGISTRY.exportable() if fmt.int8)}")
     parser.add_argument("--data", type=Path, help="data YAML: train images calibrate INT8, val images check outputs")
     parser.add_argument("--calib-images", type=int, default=300, help="number of INT8 calibration images")
     parser.add_argument("--int8-keep", type=int, default=0, metavar="N",

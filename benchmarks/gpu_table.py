@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from utils.inference.backends import load_backend  # noqa: E402
+from utils.export.backend import load_backend  # noqa: E402
 from utils.runners.val import run_validation  # noqa: E402
 
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from utils.export import ExportOptions, NMSSettings, run_export
+from utils.export.backend import backend_class, load_backend
 from utils.export.common import (
     ExportMetadata,
     MetadataError,
@@ -29,16 +30,12 @@ from utils.export.common import (
     sample_images,
     write_metadata,
 )
+from utils.export.ncnn import NCNNBackend
+from utils.export.onnx import ONNXRuntimeBackend
+from utils.export.openvino import OpenVINOBackend
+from utils.export.pytorch import PyTorchBackend
 from utils.export.tensorrt import check_engine_compatibility
-from utils.inference.backends import (
-    NCNNBackend,
-    ONNXRuntimeBackend,
-    OpenVINOBackend,
-    PyTorchBackend,
-    TorchScriptBackend,
-    backend_class,
-    load_backend,
-)
+from utils.export.torchscript import TorchScriptBackend
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

@@ -76,7 +76,8 @@ def test_qat_export_is_qdq_int8_and_onnxruntime_matches_fake_quant(qat_run, tmp_
     from onnx import numpy_helper
 
     from utils.export import ExportOptions, prepare_for_export, run_export
-    from utils.inference.backends import ONNXRuntimeBackend, load_backend
+    from utils.export.backend import load_backend
+    from utils.export.onnx import ONNXRuntimeBackend
     from utils.weights.checkpoint import load_checkpoint
 
     artifacts = run_export(ExportOptions(weights=qat_run["weights"], include=("onnx",), imgsz=(128, 128), int8=True,
@@ -139,7 +140,8 @@ def test_qat_export_for_cpu_runtimes_requantizes_the_trained_weights(qat_run, tm
 
     from utils.compress.quant.qat import float_model_with_qat_weights
     from utils.export import ExportOptions, prepare_for_export, run_export
-    from utils.inference.backends import ONNXRuntimeBackend, OpenVINOBackend
+    from utils.export.onnx import ONNXRuntimeBackend
+    from utils.export.openvino import OpenVINOBackend
     from utils.weights.checkpoint import load_checkpoint
 
     options = dict(weights=qat_run["weights"], include=("onnx", "openvino"), imgsz=(128, 128), int8=True,
@@ -211,7 +213,7 @@ def test_multihead_classifier_qat_checkpoint_exports_to_qdq_and_matches(tmp_path
     from utils.compress.quant.qat import QATClassifier
     from utils.export import ExportOptions, prepare_for_export, run_export
     from utils.export.common import sample_images
-    from utils.inference.backends import ONNXRuntimeBackend
+    from utils.export.onnx import ONNXRuntimeBackend
     from utils.runners.train import run_training
     from utils.weights.checkpoint import load_checkpoint
 

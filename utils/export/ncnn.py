@@ -3,7 +3,7 @@
 The ``pnnx`` Python package ships the converter binary; we call it directly (no network download). NCNN has
 no batch axis, so the artifact is batch 1 (the backend runs bigger batches image by image). Focus stems are
 already replaced by their equivalent strided conv (:func:`utils.export.common.focus_to_conv`) by the time the
-model gets here, since pnnx/ncnn handle step-2 slicing poorly.
+model gets here, since pnnx/ncnn handle step-2 slicing poorly. The backend runs the folder on the CPU.
 """
 
 from __future__ import annotations
@@ -14,12 +14,19 @@ import subprocess
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import nn
 
-from utils.export.common import ExportMetadata, write_metadata
+from utils.export.backend import Backend, single_file
+from utils.export.common import ExportMetadata, read_metadata, write_metadata
+from utils.export.spec import ExportFormat, Requirement
 from utils.export.torchscript import trace_model
+
+if TYPE_CHECKING:
+    from utils.export.job import ExportJob
 
 LOGGER = logging.getLogger(__name__)
 
@@ -90,3 +97,59 @@ def _refuse_unconverted(param_file: Path) -> None:
             f"NCNN export: pnnx found no NCNN layer for {listed}, so NCNN cannot load this model (a reshape "
             "to more than 4 dimensions, as in Swin window attention, is the usual cause); export to ONNX or "
             "OpenVINO instead")
+
+
+def export(job: ExportJob) -> dict[str, Path]:
+    """Batch 1 (NCNN has no batch axis); --half stores FP16 weights."""
+    half = job.options.half
+    metadata = job.metadata(FORMAT, "fp16" if half else "fp32", batch=1)
+    return {FORMAT.name: export_ncnn(job.model, job.images, job.paths[FORMAT.name], metadata, half=half)}
+
+
+class NCNNBackend(Backend):
+    """An NCNN folder (``model.ncnn.param/.bin``); NCNN has no batch axis, so images run one at a time."""
+
+    format = "ncnn"
+
+    def __init__(self, weights: Path, device: str = "cpu", fp16: bool = False, threads: int | None = None):
+        import ncnn
+
+        metadata = read_metadata(weights)
+        metadata["batch"], metadata["dynamic"] = 1, []
+        super().__init__(weights, metadata, device, fp16)
+        self.ncnn = ncnn
+        self.net = ncnn.Net()
+        self.net.opt.use_vulkan_compute = False
+        self.net.opt.use_fp16_storage = fp16
+        self.net.opt.use_fp16_arithmetic = fp16
+        if threads:
+            self.net.opt.num_threads = threads
+        folder = Path(weights)
+        if self.net.load_param(str(single_file(folder, "*.param"))) or self.net.load_model(
+                str(single_file(folder, "*.bin"))):
+            raise RuntimeError(f"{folder}: NCNN could not load the .param/.bin pair")
+        self.input_name = self.net.input_names()[0]
+        self.output_names = self.net.output_names()
+
+    def _forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        per_image = []
+        for image in images.detach().cpu().float().numpy():
+            # ncnn.Mat wraps the array's buffer without keeping the array alive: hold it in a name until the
+            # clone has copied it (a temporary, e.g. from ascontiguousarray, may be freed first: garbage input)
+            pixels = np.ascontiguousarray(image)
+            extractor = self.net.create_extractor()
+            extractor.input(self.input_name, self.ncnn.Mat(pixels).clone())
+            outputs = []
+            for name in self.output_names:
+                status, mat = extractor.extract(name)
+                if status != 0:
+                    raise RuntimeError(f"{self.weights}: NCNN failed to compute output {name} (status {status})")
+                outputs.append(torch.from_numpy(np.array(mat)).unsqueeze(0))
+            per_image.append(outputs)
+        return [torch.cat(parts).to(self.device) for parts in zip(*per_image)]
+
+
+FORMAT = ExportFormat(
+    name="ncnn", title="NCNN", suffix="_ncnn_model", marker="*.param", backend=NCNNBackend, export=export,
+    dynamic=(), export_requires=(Requirement("pnnx", "pip install pnnx"),),
+    run_requires=(Requirement("ncnn", "pip install ncnn"),))

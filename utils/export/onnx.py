@@ -1,4 +1,6 @@
-"""ONNX export (TorchScript-based exporter, ``dynamo=False``), optional onnxslim and end-to-end NMS.
+"""ONNX export (TorchScript-based exporter, ``dynamo=False``), optional onnxslim and end-to-end NMS; the ONNX
+Runtime backend and the format description (INT8: ONNX Runtime's static QDQ copy ``x_int8.onnx``, or a QAT
+checkpoint's trained QDQ graph).
 
 End-to-end NMS choice: the graph holds the standard ONNX ``NonMaxSuppression`` operator, emitted by a small
 autograd Function with an ONNX symbolic. It is given boxes ``[bs, N, 4]`` and per-class scores
@@ -21,10 +23,14 @@ import torch
 import torchvision
 from torch import nn
 
+from utils.export.backend import Backend
+from utils.export.common import ExportMetadata, read_metadata, write_metadata
+from utils.export.spec import ExportFormat, Requirement
+
 if TYPE_CHECKING:
     import onnx
 
-from utils.export.common import ExportMetadata, write_metadata
+    from utils.export.job import ExportJob
 
 LOGGER = logging.getLogger(__name__)
 
@@ -174,3 +180,77 @@ def embed_metadata(graph, metadata: ExportMetadata) -> None:
     for key in ("task", "stride", "names", "imgsz", "batch", "precision"):
         prop = graph.metadata_props.add()
         prop.key, prop.value = key, str(getattr(metadata, key))
+
+
+def export(job: ExportJob) -> dict[str, Path]:
+    """The ONNX graph (FP16 only on CUDA); with --int8, when ``--include onnx`` asked for it (not only the
+    engine built from it), its ONNX Runtime INT8 copy too."""
+    options = job.options
+    precision = "fp16" if options.half and job.device.type == "cuda" else "fp32"
+    metadata = job.metadata(FORMAT, precision)
+    model, images = job.on_device(precision == "fp16")
+    nms = options.nms_settings if options.nms else None
+    done = {FORMAT.name: export_onnx(model, images, job.paths[FORMAT.name], metadata, options.opset,
+                                     options.dynamic_axes(), options.simplify, nms)}
+    if options.int8 and job.requested(FORMAT):
+        done[FORMAT.int8_key] = _quantize(job, done[FORMAT.name])
+    return done
+
+
+def _quantize(job: ExportJob, onnx_file: Path) -> Path:
+    """ONNX Runtime's static INT8 (QDQ) copy, calibrated on --data; its fastest CPU runtime is measured and
+    recorded in its sidecar."""
+    from utils.export.quantize import quantize_onnx_int8
+    from utils.export.runtime import record_cpu_runtime
+
+    files, keep = job.calibration()
+    quantized = quantize_onnx_int8(onnx_file, job.paths[FORMAT.int8_key], files, job.options.imgsz, keep_layers=keep)
+    record_cpu_runtime(quantized, *job.runtime_check())
+    return quantized
+
+
+def export_qat(job: ExportJob) -> dict[str, Path]:
+    """A quantization-aware-trained detector's trained QDQ graph (the other formats of a QAT export are built from
+    it), with its fastest CPU runtime recorded."""
+    from utils.export.qdq import QDQ_OPSET, export_qdq_onnx
+    from utils.export.runtime import record_cpu_runtime
+
+    metadata = job.metadata(FORMAT, "int8")
+    metadata.opset, metadata.quantization = QDQ_OPSET, dict(job.model.quantization)
+    axes = job.options.dynamic_axes()
+    onnx_file = export_qdq_onnx(job.model, job.images, job.paths[FORMAT.int8_key], metadata, "batch" in axes,
+                                "height" in axes)
+    record_cpu_runtime(onnx_file, *job.runtime_check())
+    return {FORMAT.int8_key: onnx_file}
+
+
+class ONNXRuntimeBackend(Backend):
+    """An ``.onnx`` file (FP32, FP16 or INT8 QDQ) on ONNX Runtime; CUDA provider when asked for and present."""
+
+    format = "onnx"
+
+    def __init__(self, weights: Path, device: str = "cpu", fp16: bool = False, threads: int | None = None):
+        import onnxruntime
+
+        super().__init__(weights, read_metadata(weights), device, fp16)
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        providers = ["CPUExecutionProvider"]
+        if self.device.type == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        self.session = onnxruntime.InferenceSession(str(weights), options, providers=providers)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def _forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        outputs = self.session.run(None, {self.input_name: self._to_numpy(images)})
+        return [self._to_torch(o) for o in outputs]
+
+
+FORMAT = ExportFormat(
+    name="onnx", title="ONNX", suffix=".onnx", backend=ONNXRuntimeBackend, export=export, export_qat=export_qat,
+    half_devices=("cuda",), int8="ONNX Runtime static QDQ", int8_suffix="_int8.onnx", opset=True, nms=True,
+    devices=("cpu", "cuda"), runtime="onnxruntime",
+    export_requires=(Requirement("onnx", "pip install onnx"),),
+    run_requires=(Requirement("onnxruntime", "pip install onnxruntime (or onnxruntime-gpu)"),))

@@ -10,6 +10,9 @@ FakeQuantize nodes go, and OpenVINO's CPU kernels are fast only with NNCF's plac
 adds and gives concatenated branches one scale, so whole blocks run in INT8 and SiLU stays fused into the
 convolution. Measured on yolov5s at 640 (docs/deploy.md): about 3x OpenVINO f32 and 1.6x the ONNX Runtime
 QDQ file run by OpenVINO.
+
+The backend runs IR folders and, on the CPU, ``.onnx`` files whose export measured OpenVINO as their fastest
+runtime (:mod:`utils.export.runtime`).
 """
 
 from __future__ import annotations
@@ -18,12 +21,19 @@ import logging
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from utils.export.backend import Backend, single_file
 from utils.export.common import ExportMetadata, read_metadata, write_metadata
 from utils.export.onnx import DEFAULT_OPSET, export_onnx
+from utils.export.onnx import FORMAT as ONNX
+from utils.export.spec import ExportFormat, Requirement
+
+if TYPE_CHECKING:
+    from utils.export.job import ExportJob
 
 LOGGER = logging.getLogger(__name__)
 
@@ -90,3 +100,63 @@ def quantize_openvino_int8(folder: str | Path, calibration_files: Sequence[str |
                     fp32_layers=sorted(int(i) for i in keep_layers))
     write_metadata(folder, metadata)
     return folder
+
+
+def export(job: ExportJob) -> dict[str, Path]:
+    """FP32/FP16 IR from the plain ONNX; with --int8, that IR quantized by OpenVINO's own quantizer (NNCF)."""
+    options = job.options
+    metadata = job.metadata(FORMAT, "fp16" if options.half else "fp32")
+    folder = export_openvino(job.model, job.images, job.paths[FORMAT.name], metadata, options.half,
+                             options.dynamic_axes(), onnx_file=_plain_onnx(job))
+    if options.int8:
+        files, keep = job.calibration()
+        folder = quantize_openvino_int8(folder, files, options.imgsz, keep)
+    return {FORMAT.name: folder}
+
+
+def _plain_onnx(job: ExportJob) -> Path | None:
+    """The run's ONNX export when OpenVINO can reuse it as is (FP32, no NMS), else None (export a fresh one)."""
+    onnx_file = job.done.get(ONNX.name)
+    if onnx_file is not None and not job.options.nms and read_metadata(onnx_file)["precision"] == "fp32":
+        return onnx_file
+    return None
+
+
+def export_qat(job: ExportJob) -> dict[str, Path]:
+    """A QAT checkpoint's IR: converted from its trained QDQ ONNX (written first by the ONNX format)."""
+    metadata = job.metadata(FORMAT, "int8")
+    metadata.quantization = dict(job.model.quantization)
+    return {FORMAT.name: export_openvino(job.model, job.images, job.paths[FORMAT.name], metadata,
+                                         onnx_file=job.done[ONNX.int8_key])}
+
+
+class OpenVINOBackend(Backend):
+    """An OpenVINO IR folder (or an ``.onnx`` file, which OpenVINO reads directly); FP32 inference precision
+    unless ``fp16`` (the CPU plugin defaults to BF16 on CPUs that have it, which moves outputs by ~1 pixel)."""
+
+    format = "openvino"
+
+    def __init__(self, weights: Path, device: str = "cpu", fp16: bool = False, threads: int | None = None,
+                 cpu_default_precision: bool = False):
+        import openvino
+
+        super().__init__(weights, read_metadata(weights), device, fp16)
+        model_file = Path(weights) if Path(weights).is_file() else single_file(Path(weights), FORMAT.marker)
+        config: dict[str, Any] = {} if cpu_default_precision else {"INFERENCE_PRECISION_HINT": "f16" if fp16 else "f32"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        core = openvino.Core()
+        self.compiled = core.compile_model(str(model_file), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+
+    def _forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        results = self.request.infer({0: images.detach().cpu().float().numpy()})
+        return [self._to_torch(results[output].copy()) for output in self.compiled.outputs]
+
+
+_OPENVINO = Requirement("openvino", "pip install openvino")
+
+FORMAT = ExportFormat(
+    name="openvino", title="OpenVINO", suffix="_openvino_model", marker="*.xml", backend=OpenVINOBackend,
+    export=export, export_qat=export_qat, qat_built_from=(ONNX.name,), int8="OpenVINO NNCF", opset=True,
+    also_runs=(".onnx",), export_requires=(_OPENVINO,), run_requires=(_OPENVINO,))

@@ -4,11 +4,12 @@ An INT8 ONNX is not fast everywhere: ONNX Runtime only turns QDQ pairs into inte
 sits on every output (its own ``quantize_static`` graphs), while OpenVINO runs both that placement and the
 TensorRT one (conv inputs and weights only, the QAT export) as INT8 convolutions; which one wins also depends
 on the CPU (VNNI, AMX). So export.py times both on the artifact itself (batch of the artifact, its image size,
-alternating, median of a few runs) and records ``cpu_runtime``; :func:`utils.inference.backends.load_backend` then opens
-the file with that runtime, and val.py / detect.py need no extra flag. Speed only counts among runtimes whose
-outputs match the model the file came from (on real images): OpenVINO 2026.4 runs the QAT graph (symmetric INT8
-on conv inputs) with a score error of 0.25 where ONNX Runtime stays within 0.05. Without OpenVINO nothing is
-measured and ONNX Runtime is used.
+alternating, median of a few runs) and records ``cpu_runtime``; :func:`utils.export.backend.load_backend` then
+opens the file with that runtime, and val.py / detect.py need no extra flag. The candidates are the registered
+formats whose backend runs such a file on the CPU and is installed here (:mod:`utils.export.registry`). Speed
+only counts among runtimes whose outputs match the model the file came from (on real images): OpenVINO 2026.4
+runs the QAT graph (symmetric INT8 on conv inputs) with a score error of 0.25 where ONNX Runtime stays within
+0.05. Without OpenVINO nothing is measured and the file's own runtime (ONNX Runtime) is used.
 """
 
 from __future__ import annotations
@@ -17,14 +18,17 @@ import logging
 import statistics
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+import torch
 
 from utils.export.common import read_metadata, write_metadata
 
+if TYPE_CHECKING:
+    from utils.export.backend import Backend
+
 LOGGER = logging.getLogger(__name__)
 
-RUNTIMES = ("onnxruntime", "openvino")
 # Pause after each timed call when runtimes alternate: ONNX Runtime's worker threads spin-wait after a run (its
 # default), taking the cores from whatever runs next; on 2 cores OpenVINO timed right after ONNX Runtime ran
 # 1.3-1.6x slower than after a 50 ms pause (docs/deploy.md). A deployed process runs one runtime, so the paused
@@ -32,23 +36,15 @@ RUNTIMES = ("onnxruntime", "openvino")
 SETTLE_SECONDS = 0.05
 
 
-def _runners(onnx_file: Path, images: np.ndarray, threads: int | None) -> dict:
-    import onnxruntime
+def cpu_backends(onnx_file: Path, threads: int | None = None) -> dict[str, Backend]:
+    """Runtime name -> an open backend, for each registered runtime that runs ``onnx_file`` on the CPU and is
+    installed here (the file's own format first)."""
+    from utils.export.registry import REGISTRY
 
-    options = onnxruntime.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    session = onnxruntime.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    runners = {"onnxruntime": lambda: session.run(None, {name: images})}
-    try:
-        import openvino
-    except ImportError:
-        return runners
-    config = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
-    request = openvino.Core().compile_model(str(onnx_file), "CPU", config).create_infer_request()
-    runners["openvino"] = lambda: request.infer({0: images})
-    return runners
+    extra = {"threads": threads} if threads else {}
+    own = REGISTRY.for_artifact(onnx_file)
+    runners = sorted(REGISTRY.runners(onnx_file, "cpu"), key=lambda fmt: fmt is not own)
+    return {fmt.runtime: fmt.backend(onnx_file, **extra) for fmt in runners if fmt.can_run()}
 
 
 def time_cpu_runtimes(onnx_file: str | Path, runs: int = 7, threads: int | None = None) -> dict[str, float]:
@@ -56,13 +52,13 @@ def time_cpu_runtimes(onnx_file: str | Path, runs: int = 7, threads: int | None 
     onnx_file = Path(onnx_file)
     metadata = read_metadata(onnx_file)
     height, width = metadata["imgsz"]
-    images = np.zeros((int(metadata.get("batch") or 1), 3, height, width), dtype=np.float32)
-    runners = _runners(onnx_file, images, threads)
-    times: dict[str, list[float]] = {name: [] for name in runners}
+    images = torch.zeros((int(metadata.get("batch") or 1), 3, height, width))
+    backends = cpu_backends(onnx_file, threads)
+    times: dict[str, list[float]] = {name: [] for name in backends}
     for run in range(runs + 1):
-        for name, runner in runners.items():
+        for name, backend in backends.items():
             start = time.perf_counter()
-            runner()
+            backend(images)
             if run:  # the first call of each is a warm-up
                 times[name].append((time.perf_counter() - start) * 1e3)
             time.sleep(SETTLE_SECONDS)
@@ -72,19 +68,10 @@ def time_cpu_runtimes(onnx_file: str | Path, runs: int = 7, threads: int | None 
 def score_errors(onnx_file: str | Path, images, reference) -> dict[str, float]:
     """Max |objectness x class score - reference| of each available runtime on ``images`` (a detector's decoded
     output): a runtime that computes the INT8 graph differently from the model it came from shows up here."""
-    from utils.inference.backends import ONNXRuntimeBackend, OpenVINOBackend
-
-    classes = {"onnxruntime": ONNXRuntimeBackend}
-    try:
-        import openvino  # noqa: F401
-
-        classes["openvino"] = OpenVINOBackend
-    except ImportError:
-        pass
     expected = reference[..., 4:5] * reference[..., 5:]
     errors = {}
-    for name, cls in classes.items():
-        output = cls(Path(onnx_file))(images)
+    for name, backend in cpu_backends(Path(onnx_file)).items():
+        output = backend(images)
         errors[name] = round(float((output[..., 4:5] * output[..., 5:] - expected).abs().max()), 4)
     return errors
 
@@ -108,7 +95,7 @@ def record_cpu_runtime(onnx_file: str | Path, images=None, reference=None, runs:
     candidates = list(timings)
     if images is not None and reference is not None and metadata.get("task") == "detect":
         errors = score_errors(onnx_file, images, reference)
-        candidates = [name for name in eligible_runtimes(errors) if name in timings] or ["onnxruntime"]
+        candidates = [name for name in eligible_runtimes(errors) if name in timings] or list(timings)[:1]
         metadata["cpu_runtime_score_error"] = errors
         if set(candidates) != set(timings):
             LOGGER.warning("%s: %s left out, its outputs differ from the model's (max score error %s)",

@@ -2,7 +2,8 @@
 
 Engines are tied to the GPU model and TensorRT version they are built with, so they must be built on the
 deployment device (for Jetson: copy the ONNX over and run ``to_trt.sh`` there). Without a CUDA GPU or the
-``tensorrt`` package this module raises :class:`RuntimeError` saying so; it never falls back silently.
+``tensorrt`` package this module raises :class:`RuntimeError` saying so; it never falls back silently. The
+engine is built from the run's ONNX export (a QAT checkpoint's: its trained QDQ graph, no calibration).
 """
 
 from __future__ import annotations
@@ -11,11 +12,18 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
+from utils.export.backend import Backend
 from utils.export.common import letterbox_tensor, read_metadata, write_metadata
+from utils.export.onnx import FORMAT as ONNX
+from utils.export.spec import ExportFormat, Requirement
+
+if TYPE_CHECKING:
+    from utils.export.job import ExportJob
 
 LOGGER = logging.getLogger(__name__)
 
@@ -179,3 +187,74 @@ def _set_precision(trt, builder, config, half: bool, int8: bool) -> str:
         return "fp16"
     return "fp32"
 
+
+
+def export(job: ExportJob) -> dict[str, Path]:
+    """The engine built from the run's ONNX export; --int8 calibrates on the --data train images."""
+    return {FORMAT.name: _build(job, job.done[ONNX.name], calibrate=True)}
+
+
+def export_qat(job: ExportJob) -> dict[str, Path]:
+    """A QAT checkpoint's engine: built as INT8 from the scales of its trained QDQ graph."""
+    return {FORMAT.name: _build(job, job.done[ONNX.int8_key], calibrate=False)}
+
+
+def _build(job: ExportJob, onnx_file: Path, calibrate: bool) -> Path:
+    options = job.options
+    profile = None
+    if options.dynamic_axes():  # v7.0: a batch profile at the export size; --min/opt/max-shape override it
+        default = default_profile(options.imgsz, options.batch_size)
+        profile = ShapeProfile(min=options.min_shape or default.min, opt=options.opt_shape or default.opt,
+                               max=options.max_shape or default.max)
+    calibration = job.calibration_files() if options.int8 and calibrate else []
+    int8 = options.int8 or not calibrate  # a QDQ ONNX builds as INT8 from its own scales
+    return build_engine(onnx_file, job.paths[FORMAT.name], options.half, int8, options.workspace, profile,
+                        calibration)
+
+
+class TensorRTBackend(Backend):
+    """A serialized TensorRT engine; refused when built for another TensorRT version or GPU."""
+
+    format = "engine"
+
+    def __init__(self, weights: Path, device: str = "cuda:0", fp16: bool = False, threads: int | None = None):
+        trt = import_tensorrt()
+        metadata = read_metadata(weights)
+        check_engine_compatibility(metadata.get("engine") or {}, device_description(), str(weights))
+        super().__init__(weights, metadata, device if str(device).startswith("cuda") else "cuda:0", fp16)
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = runtime.deserialize_cuda_engine(Path(weights).read_bytes())
+        if self.engine is None:
+            raise RuntimeError(f"{weights}: TensorRT could not deserialize the engine; rebuild it with to_trt.sh")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+        self.output_names = [n for n in names if n != self.input_name]
+        self.input_dtype = torch.float16 if metadata.get("precision") == "fp16" else torch.float32
+        self.dynamic_batch = self.dynamic_batch or -1 in tuple(self.engine.get_tensor_shape(self.input_name))[:1]
+
+    def _forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        trt = import_tensorrt()
+        images = images.to(self.device, self.input_dtype).contiguous()
+        self.context.set_input_shape(self.input_name, tuple(images.shape))
+        self.context.set_tensor_address(self.input_name, images.data_ptr())
+        outputs = []
+        for name in self.output_names:
+            shape = tuple(self.context.get_tensor_shape(name))
+            dtype = torch.from_numpy(np.empty(0, dtype=trt.nptype(self.engine.get_tensor_dtype(name)))).dtype
+            output = torch.empty(shape, dtype=dtype, device=self.device)
+            self.context.set_tensor_address(name, output.data_ptr())
+            outputs.append(output)
+        stream = torch.cuda.current_stream(self.device)
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError(f"{self.weights}: TensorRT execution failed")
+        stream.synchronize()
+        return outputs
+
+
+_TENSORRT = Requirement("tensorrt", BUILD_ON_DEVICE_HINT, probe=import_tensorrt)
+
+FORMAT = ExportFormat(
+    name="engine", title="TensorRT", suffix=".engine", backend=TensorRTBackend, export=export, export_qat=export_qat,
+    built_from=(ONNX.name,), qat_built_from=(ONNX.name,), int8="TensorRT calibrator", opset=True, devices=("cuda",),
+    runtime="tensorrt", export_requires=(_TENSORRT,), run_requires=(_TENSORRT,))

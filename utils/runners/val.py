@@ -30,9 +30,14 @@ class BackendModule(torch.nn.Module):
 
 
 def load_predictor(weights: str, device: torch.device, half: bool) -> tuple[Any, dict[str, Any]]:
-    """(model or backend, info with names/stride/task) for a .pt checkpoint or any exported artifact."""
+    """(model or backend, info with names/stride/task) for a .pt checkpoint or any artifact of a registered export
+    format (opened by :func:`utils.export.backend.load_backend` through the format registry). A checkpoint stays
+    the PyTorch module itself: test-time augmentation, feature maps and rectangular batches need the module."""
+    from utils.export.backend import load_backend
+    from utils.export.pytorch import FORMAT as PYTORCH
+
     path = Path(weights)
-    if path.suffix == ".pt":
+    if PYTORCH.holds(path):
         from utils.weights.checkpoint import load_checkpoint
 
         loaded = load_checkpoint(path, fuse=True)
@@ -46,8 +51,6 @@ def load_predictor(weights: str, device: torch.device, half: bool) -> tuple[Any,
         nc = int(model.model[-1].nc) if task == "detect" else None
         return model, {"names": loaded.meta.get("names") or model.names, "stride": int(model.stride.max()),
                        "task": task, "heads": heads, "nc": nc}
-    from utils.inference.backends import load_backend
-
     backend = load_backend(weights, device=str(device), fp16=half)
     return backend, {"names": list(backend.names), "stride": int(backend.stride), "task": backend.task,
                      "heads": getattr(backend, "heads", None), "nc": len(backend.names) or None}

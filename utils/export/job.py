@@ -1,0 +1,111 @@
+"""One export run as the format exporters see it, and the steps they share.
+
+:func:`utils.export.run_export` builds an :class:`ExportJob` (the prepared model, the flags, where each
+artifact goes) and hands it to each format's exporter in turn; an exporter reads what earlier ones wrote from
+``job.done`` (TensorRT builds from the ONNX) and takes the shared pieces from here: the sidecar of its
+artifact, the INT8 calibration images and kept layers (measured once, for every INT8 format of the run), and
+real images with the model's outputs on them (for choosing an INT8 ONNX's CPU runtime).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from utils.export.common import (
+    ExportMetadata,
+    image_files,
+    model_heads,
+    model_stride,
+    model_task,
+    sample_images,
+)
+
+if TYPE_CHECKING:
+    from utils.export import ExportOptions
+    from utils.export.spec import ExportFormat
+
+LOGGER = logging.getLogger(__name__)
+
+SAMPLE_IMAGES = Path(__file__).resolve().parents[2] / "data" / "neu-det-sample" / "images" / "val"
+
+
+@dataclass
+class ExportJob:
+    """The prepared model (float, eval, fused, decoded output), zeros of the export input shape, the class
+    names, the flags, the export device, artifact key -> path, and the artifacts written so far."""
+
+    model: nn.Module
+    images: torch.Tensor
+    names: list[str]
+    options: ExportOptions
+    device: torch.device
+    paths: dict[str, Path]
+    done: dict[str, Path] = field(default_factory=dict)
+    _calibration: tuple[list[Path], list[int]] | None = field(default=None, repr=False)
+
+    def requested(self, fmt: ExportFormat) -> bool:
+        """Whether ``--include`` names ``fmt`` (rather than another format being built from it)."""
+        return fmt.name in self.options.include
+
+    def metadata(self, fmt: ExportFormat, precision: str, batch: int | None = None) -> ExportMetadata:
+        """The sidecar of ``fmt``'s artifact: the free axes it supports among those asked for, the opset of
+        ONNX-built formats, the NMS settings of formats that put NMS into the graph."""
+        options = self.options
+        nms = None
+        if options.nms and fmt.nms:
+            nms = {"conf_thres": options.nms_settings.conf_thres, "iou_thres": options.nms_settings.iou_thres,
+                   "max_det": options.nms_settings.max_det}
+        return ExportMetadata(format=fmt.name, task=model_task(self.model), stride=model_stride(self.model),
+                              imgsz=list(options.imgsz), batch=options.batch_size if batch is None else batch,
+                              precision=precision, names=list(self.names), heads=model_heads(self.model),
+                              dynamic=[a for a in options.dynamic_axes() if a in fmt.dynamic],
+                              opset=options.opset if fmt.opset else None, nms=nms)
+
+    def on_device(self, half: bool) -> tuple[nn.Module, torch.Tensor]:
+        """A copy of the model and the images on the export device, in FP16 when ``half``."""
+        model = copy.deepcopy(self.model).to(self.device)
+        images = self.images.to(self.device)
+        return (model.half(), images.half()) if half else (model, images)
+
+    def calibration_files(self) -> list[Path]:
+        """The ``--calib-images`` first training images of ``--data``."""
+        return image_files(self.options.data, "train")[: self.options.calib_images]
+
+    def calibration(self) -> tuple[list[Path], list[int]]:
+        """The calibration images and the ``--int8-keep`` most sensitive layers, measured once per run and shared
+        by every INT8 format."""
+        if self._calibration is None:
+            files = self.calibration_files()
+            keep = self.options.int8_keep
+            layers = sensitive_layers(self.model, files, self.options.imgsz, keep) if keep else []
+            self._calibration = files, layers
+        return self._calibration
+
+    def runtime_check(self) -> tuple[torch.Tensor | None, Any]:
+        """Real images (--data val, else the embedded sample) and the model's outputs on them, for choosing a
+        runtime that reproduces the model (see utils/export/runtime.py); (None, None) when there are no images."""
+        images = sample_images(self.options.data or SAMPLE_IMAGES, self.options.imgsz, 8)
+        if images is None or model_task(self.model) != "detect":
+            return None, None
+        with torch.no_grad():
+            return images, self.model(images)
+
+
+def sensitive_layers(model: nn.Module, files: list[Path], imgsz: tuple[int, int], keep: int,
+                     images: int = 8) -> list[int]:
+    """The ``keep`` layers whose INT8 rounding alone costs the most at the head, measured on ``images`` of the
+    calibration files (the ranking is logged)."""
+    from utils.compress.quant.sensitivity import format_sensitivity, measure_layer_sensitivity
+    from utils.export.common import letterbox_tensor
+
+    batch = torch.stack([letterbox_tensor(f, imgsz) for f in files[:images]])
+    ranking = measure_layer_sensitivity(model, batch)
+    LOGGER.info("%s", format_sensitivity(ranking, keep))
+    return sorted(item.layer for item in ranking[:keep])
