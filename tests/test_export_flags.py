@@ -21,7 +21,6 @@ from utils.export.backend import load_backend
 from utils.export.common import ExportMetadata, read_metadata, sample_images, write_metadata
 from utils.export.pytorch import PyTorchBackend
 from utils.export.tensorrt import ShapeProfile, default_profile
-from utils.inference.backends import PyTorchBackend, load_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "yolov5n-neu-det-v7.pt"
