@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.yolo import task_of
 from utils.common.errors import UserError
 from utils.export.common import (
     ExportMetadata,
@@ -25,7 +26,6 @@ from utils.export.common import (
     metadata_path,
     model_heads,
     model_stride,
-    model_task,
     prepare_for_export,
     read_metadata,
     sample_images,
@@ -222,7 +222,7 @@ def _metadata(model: nn.Module, names: list[str], options: ExportOptions, fmt: s
     if options.nms and fmt == "onnx":
         nms = {"conf_thres": options.nms_settings.conf_thres, "iou_thres": options.nms_settings.iou_thres,
                "max_det": options.nms_settings.max_det}
-    return ExportMetadata(format=fmt, task=model_task(model), stride=model_stride(model), imgsz=list(options.imgsz),
+    return ExportMetadata(format=fmt, task=task_of(model), stride=model_stride(model), imgsz=list(options.imgsz),
                           batch=batch, precision=precision, names=list(names), heads=model_heads(model),
                           dynamic=dynamic, opset=options.opset if fmt in {"onnx", "openvino", "engine"} else None,
                           nms=nms)
@@ -249,7 +249,7 @@ def run_export(options: ExportOptions) -> dict[str, Path]:
     device = select_device(options.device)
     check_options(options, device)
     model, names = load_for_export(Path(options.weights))
-    if options.nms and model_task(model) != "detect":
+    if options.nms and task_of(model) != "detect":
         raise ExportOptionError(f"--nms: {options.weights} is a classifier; NMS inside the graph applies to detectors "
                                 "only")
     stride = max(int(model_stride(model)), 32)
@@ -375,7 +375,7 @@ def _runtime_check(model: nn.Module, options: ExportOptions) -> tuple[torch.Tens
     that reproduces the model (see utils/export/runtime.py); (None, None) when there are no images."""
     sample = Path(__file__).resolve().parents[2] / "data" / "neu-det-sample" / "images" / "val"
     images = sample_images(options.data or sample, options.imgsz, 8)
-    if images is None or model_task(model) != "detect":
+    if images is None or task_of(model) != "detect":
         return None, None
     with torch.no_grad():
         return images, model(images)

@@ -19,7 +19,7 @@ import torch
 
 from utils.common.errors import FlagError, MissingFileError
 from utils.common.torch_utils import fastest_memory_format
-from utils.export.common import model_stride, model_task, read_metadata
+from utils.export.common import model_stride, read_metadata
 
 LOGGER = logging.getLogger(__name__)
 
@@ -108,12 +108,13 @@ class PyTorchBackend(Backend):
     format = "pytorch"
 
     def __init__(self, weights: Path, device: str = "cpu", fp16: bool = False):
+        from models.yolo import task_of
         from utils.weights.checkpoint import load_checkpoint
 
         loaded = load_checkpoint(weights, fuse=True)
         model = loaded.model
         metadata = {"names": loaded.meta.get("names") or list(getattr(model, "names", [])),
-                    "stride": model_stride(model), "task": model_task(model), "imgsz": None, "batch": 1,
+                    "stride": model_stride(model), "task": task_of(model), "imgsz": None, "batch": 1,
                     "dynamic": ["batch", "height", "width"], "heads": loaded.meta.get("heads"),
                     "precision": "fp16" if fp16 else "fp32"}
         super().__init__(weights, metadata, device, fp16)
@@ -284,6 +285,17 @@ class TensorRTBackend(Backend):
             raise RuntimeError(f"{self.weights}: TensorRT execution failed")
         stream.synchronize()
         return outputs
+
+
+class BackendModule(torch.nn.Module):
+    """Lets an exported-model backend stand where code expects an ``nn.Module`` (eval/train are no-ops)."""
+
+    def __init__(self, backend: Any):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, images: torch.Tensor) -> Any:
+        return self.backend(images)
 
 
 def _single_file(folder: Path, pattern: str) -> Path:
