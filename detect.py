@@ -7,13 +7,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 
 from utils.common.cli import UserArgumentParser, exit_without_teardown, run_cli
-from utils.common.flags import check_inference_args
-from utils.runners.detect import run_prediction
-from utils.train.config import ROOT, add_inference_args
+from utils.common.paths import REPO_ROOT as ROOT
+from utils.runners.common import add_inference_args, check_inference_args
+from utils.runners.detect import DetectOptions, run_detect
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,10 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     args = parse_args(argv)
     check_inference_args(args, "detect")
-    run_prediction(**vars(args))
+    run_detect(DetectOptions(**vars(args)))
     return 0
 
 

@@ -14,7 +14,6 @@ real images and the max absolute difference is printed.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import warnings
 from pathlib import Path
@@ -116,7 +115,6 @@ def artifact_bytes(path: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Export, then report max |artifact - PyTorch|; a user's mistake raises :class:`utils.common.errors.UserError`."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     options = options_from_args(args)
     from utils.export import run_export

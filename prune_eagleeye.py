@@ -11,8 +11,6 @@ pruned_candidates.png (score against FLOPs).
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 
 from prune_slim import add_common_args, options
 from utils.common.cli import UserArgumentParser, run_cli
@@ -33,7 +31,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     args = parse_args(argv)
     settings = SearchSettings(remain_ratio=args.remain_ratio, delta=args.delta, max_iter=args.max_iter,
                               min_keep=args.min_keep, multiple=args.round, spread=args.spread, seed=args.seed)

@@ -12,8 +12,6 @@ before/after and the mAP before fine-tuning.
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 
 from utils.common.cli import UserArgumentParser, run_cli
 from utils.runners.prune import PruneOptions, run_slim
@@ -50,7 +48,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     args = parse_args(argv)
     run_slim(options(args), args.global_percent, args.remain_ratio)
     return 0

@@ -13,16 +13,12 @@ run's first lines say which precision it chose and why (utils/train/precision.py
 
 from __future__ import annotations
 
-import logging
-import sys
-
 from utils.common.cli import run_cli
 from utils.runners.train import run_training
 from utils.train.config import TrainConfig, parse_train_args
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     cfg: TrainConfig = parse_train_args(argv)
     run_training(cfg)
     return 0

@@ -9,13 +9,11 @@ Weights may be .pt, TorchScript, .onnx, an OpenVINO or NCNN folder, or a TensorR
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 
 from utils.common.cli import UserArgumentParser, exit_without_teardown, run_cli
-from utils.common.flags import check_inference_args
-from utils.runners.val import run_validation
-from utils.train.config import DEFAULT_DATA, add_inference_args
+from utils.runners.common import add_inference_args, check_inference_args
+from utils.runners.val import ValOptions, run_val
+from utils.train.config import DEFAULT_DATA
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,10 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     args = parse_args(argv)
     check_inference_args(args, "val")
-    run_validation(**vars(args))
+    run_val(ValOptions(**vars(args)))
     return 0
 
 

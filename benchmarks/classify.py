@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from utils.common.cli import run_cli  # noqa: E402
+
 LOGGER = logging.getLogger("benchmarks.classify")
 DATASETS = ROOT.parent / "shared" / "datasets"
 
@@ -69,11 +71,11 @@ def _cpu_seconds() -> float:
 
 def train_and_report(cfg, out_json: Path) -> dict:
     """Fit through utils.train.engine and write metrics + wall time + configuration as JSON."""
-    from utils.tasks.classify import ClassifyTask
+    from utils.runners.train import make_task
     from utils.train.engine import fit
 
     start, cpu_start = time.time(), _cpu_seconds()
-    metrics = fit(ClassifyTask(cfg), cfg)
+    metrics = fit(make_task(cfg), cfg)
     summary = {"metrics": metrics, "wall_time_s": round(time.time() - start, 1),
                "cpu_time_s": round(_cpu_seconds() - cpu_start, 1), "config": dataclasses.asdict(cfg)}
     out_json.parent.mkdir(parents=True, exist_ok=True)
@@ -141,11 +143,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     args = parse_args(argv)
     {"fashion": run_fashion, "multisource": run_multisource, "table": run_table}[args.bench](args)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -32,6 +32,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from utils.common.boxes import non_max_suppression  # noqa: E402
+from utils.common.cli import run_cli  # noqa: E402
 from utils.export import ExportOptions, prepare_for_export, run_export, sensitive_layers  # noqa: E402
 from utils.export.backend import Backend, load_backend  # noqa: E402
 from utils.export.common import image_files, letterbox_tensor  # noqa: E402
@@ -201,7 +202,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="deploy-bench-") as tmp:
         work = args.workdir or Path(tmp)
@@ -229,4 +229,4 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> list[dict]:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main, log_level=logging.WARNING))

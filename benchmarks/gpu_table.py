@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from utils.export.backend import load_backend  # noqa: E402
-from utils.runners.val import run_validation  # noqa: E402
+from utils.runners.val import ValOptions, run_val  # noqa: E402
 
 
 def latency_ms(weights: str, device: str, imgsz: int, batch: int, runs: int = 30) -> float:
@@ -47,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = ["| artifact | mAP@.5 | mAP@.5:.95 | batch 1 ms | batch 8 ms |", "|---|---|---|---|---|"]
     for weights in args.weights:
-        metrics = run_validation(weights, args.data, imgsz=args.imgsz, batch_size=8, device=args.device, noplots=True,
-                                 project=str(Path(weights).parent / "val"), name=Path(weights).stem, exist_ok=True)
+        metrics = run_val(ValOptions(weights, args.data, imgsz=args.imgsz, batch_size=8, device=args.device,
+                                     noplots=True, project=str(Path(weights).parent / "val"),
+                                     name=Path(weights).stem, exist_ok=True))
         b1, b8 = (latency_ms(weights, args.device, args.imgsz, b) for b in (1, 8))
         name, m50, m5095 = Path(weights).name, metrics["mAP50"], metrics["mAP50-95"]
         rows.append(f"| {name} | {m50:.4f} | {m5095:.4f} | {b1:.2f} | {b8:.2f} |")

@@ -98,13 +98,13 @@ def stage_finetune(args: argparse.Namespace, work: Path) -> None:
 def model_numbers(weights: Path, args: argparse.Namespace) -> dict[str, float]:
     """Parameters, GFLOPs at --imgsz and val.py's mAP (rect batches, as v7.0)."""
     from utils.common.torch_utils import count_parameters, model_gflops
-    from utils.runners.val import run_validation
+    from utils.runners.val import ValOptions, run_val
     from utils.weights.checkpoint import load_checkpoint
 
     model = load_checkpoint(weights).model
-    metrics = run_validation(str(weights), str(args.data), imgsz=args.imgsz, batch_size=32, workers=args.workers,
-                             noplots=True, project=str(weights.parents[2] / "val"), name=weights.parents[1].name,
-                             exist_ok=True)
+    metrics = run_val(ValOptions(str(weights), str(args.data), imgsz=args.imgsz, batch_size=32, workers=args.workers,
+                                 noplots=True, project=str(weights.parents[2] / "val"), name=weights.parents[1].name,
+                                 exist_ok=True))
     return {"params": count_parameters(model), "gflops": model_gflops(model, args.imgsz) or 0.0,
             "mAP50": float(metrics["mAP50"]), "mAP50-95": float(metrics["mAP50-95"])}
 

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.peak_memory import PeakMemory  # noqa: E402
+from utils.common.cli import run_cli  # noqa: E402
 from utils.tasks.detect import DetectTask  # noqa: E402
 from utils.train.callbacks import default_callbacks  # noqa: E402
 from utils.train.config import TrainConfig  # noqa: E402
@@ -68,12 +69,11 @@ def main(argv: list[str] | None = None, task_class: type[DetectTask] = DetectTas
                            help="bfloat16 autocast even on a CPU that emulates it (train.py --bf16)")
     parser.add_argument("--project", default=str(ROOT / "runs" / "bench"))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
     cfg = TrainConfig(cfg=args.cfg, data=args.data, epochs=args.epochs, imgsz=args.imgsz,
                       batch_size=args.batch_size, workers=args.workers, device="cpu", seed=args.seed, cache=args.cache,
                       project=args.project, name="train_speed", noplots=True, compile=args.compile,
                       bf16=args.bf16, fp32=args.fp32)
-    task = task_class(cfg)
+    task = task_class(cfg.data, cfg.task_options())
     timer = EpochTimer()
     callbacks = default_callbacks()
     callbacks.add_logger(timer)
@@ -105,4 +105,4 @@ def main(argv: list[str] | None = None, task_class: type[DetectTask] = DetectTas
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main, log_level=logging.WARNING))

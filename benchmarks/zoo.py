@@ -29,6 +29,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from models.report import activation_traffic  # noqa: E402
 from models.yolo import DetectionModel  # noqa: E402
+from utils.common.cli import run_cli  # noqa: E402
 from utils.common.torch_utils import count_parameters, model_gflops  # noqa: E402
 
 LOGGER = logging.getLogger(__name__)
@@ -155,7 +156,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("models.yolo").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     rows = [benchmark_model(path, args) for path in zoo_configs(args.models)]
@@ -165,4 +165,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -45,10 +45,10 @@ __all__ = [
     "DWSConv",
     "HeadUncertaintyWeights",
     "MultiHeadClassify",
+    "as_head_dict",
     "heads_of",
     "is_classifier_config",
     "normalize_heads",
-    "transfer_from_detector",
 ]
 
 CONV_VARIANTS = ("plain", "dp", "dw")
@@ -144,7 +144,7 @@ def _bind_classify(spec: ModuleSpec, c_in: list[int], args: list, ctx: BuildCont
 
 
 @register(c1=False, width_args=(), out=out_none, coupling="head", multi_input=True, bind_fn=_bind_classify,
-          pruning=Pruning(fixed_outputs=("linear",)))
+          pruning=Pruning(fixed_outputs=("linear",)), task="classify")
 class Classify(nn.Module):
     """v7.0 classification head: Conv to 1280, global average pool, dropout, linear -> (b, nc) logits.
 
@@ -152,8 +152,6 @@ class Classify(nn.Module):
     several input layers (``from: [5, 7, 9]``) each gets its own conv and pool and the pooled vectors are
     concatenated before the linear layer (v7.0 concatenated the maps, which needs equal resolutions).
     """
-
-    is_classifier_head = True
 
     def __init__(self, c1: int | Sequence[int], c2: int, k: int = 1, s: int = 1, p=None, g: int = 1,
                  dropout_p: float = 0.0, hidden: int = DEFAULT_HIDDEN):
@@ -280,14 +278,12 @@ class HeadBranch(nn.Module):
 
 
 @register(c1=False, width_args=(), out=out_none, coupling="head", multi_input=True, bind_fn=_bind_multihead,
-          pruning=Pruning(fixed_outputs=("branches.*.tail.linear", "branches.*.tail.classifier")))
+          pruning=Pruning(fixed_outputs=("branches.*.tail.linear", "branches.*.tail.classifier")), task="classify")
 class MultiHeadClassify(nn.Module):
     """Several classifiers on shared features; returns ``{head_name: logits (b, nc_k)}`` in heads order.
 
     Each head's parameters live under ``branches.<k>.`` so training schedules can select one head.
     """
-
-    is_classifier_head = True
 
     def __init__(self, c1: int | Sequence[int], heads: Any, size: str = "s", stage: list[int] | None = None,
                  hidden: int = DEFAULT_HIDDEN, conv: str = "plain", fc: bool = True, dropout: float = 0.0):
@@ -339,7 +335,7 @@ def is_classifier_config(cfg: dict) -> bool:
     from models.registry import REGISTRY
 
     name = _last_row_module(cfg)
-    return name in REGISTRY and getattr(REGISTRY.get(name).cls, "is_classifier_head", False)
+    return name in REGISTRY and REGISTRY.get(name).task == "classify"
 
 
 class ClassificationModel(BaseModel):
@@ -439,6 +435,11 @@ class ClassificationModel(BaseModel):
         return [f"model.{i}." for i in range(len(self.model) - 1)]
 
 
+def as_head_dict(preds: torch.Tensor | dict[str, torch.Tensor], heads: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """Single-head models return a tensor; name it after the only head so all code sees ``{head: logits}``."""
+    return preds if isinstance(preds, dict) else {heads[0]["name"]: preds}
+
+
 def heads_of(model: nn.Module) -> list[dict[str, Any]]:
     """``model.heads``, or one head ``class`` from ``model.names`` for classifiers unpickled from v7.0 files."""
     heads = getattr(model, "heads", None)
@@ -447,23 +448,3 @@ def heads_of(model: nn.Module) -> list[dict[str, Any]]:
     names = getattr(model, "names", None) or [str(i) for i in range(model.model[-1].linear.out_features)]
     names = [names[k] for k in sorted(names)] if isinstance(names, dict) else list(names)
     return [{"name": "class", "names": [str(n) for n in names]}]
-
-
-def transfer_from_detector(cls_model: nn.Module, det_checkpoint_path: str | Path) -> tuple[int, int]:
-    """Copy a detector's backbone into a classifier (same layer indices, matching shapes).
-
-    The ``-cls`` YAMLs keep the detection backbone's rows, so ``model.0`` .. ``model.8`` line up with a v7.0
-    detector's. Logs (and returns) ``Transferred X/Y items`` like YOLOv5.
-    """
-    from utils.weights.checkpoint import load_checkpoint, transfer_weights
-
-    source = load_checkpoint(det_checkpoint_path).model
-    n_backbone = len(getattr(source, "yaml", {}).get("backbone", [])) or len(source.model)
-    shared = {k: v for k, v in source.state_dict().items() if _layer_of(k) is not None and _layer_of(k) < n_backbone}
-    transferred, total = transfer_weights(cls_model, shared, str(det_checkpoint_path))
-    return transferred, total
-
-
-def _layer_of(name: str) -> int | None:
-    parts = name.split(".")
-    return int(parts[1]) if len(parts) > 1 and parts[0] == "model" and parts[1].isdigit() else None

@@ -24,7 +24,7 @@ def _bind_detect(spec: ModuleSpec, c_in: list[int], args: list, ctx: BuildContex
 
 
 @register(c1=False, width_args=(), out=out_none, coupling="head", multi_input=True, bind_fn=_bind_detect,
-          pruning=Pruning(fixed_outputs=("m",)))
+          pruning=Pruning(fixed_outputs=("m",)), task="detect")
 class Detect(nn.Module):
     """Per-level 1x1 convs predicting ``na`` anchors x (xywh, objectness, nc classes).
 

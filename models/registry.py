@@ -8,7 +8,9 @@ A YAML row is ``[from, n, Module, args]``. What differs between blocks is only *
   repeats the whole block (``"outer"``) or is meaningless (``"fixed"``),
 * how the output channel count follows (``out``),
 * how the block couples channels (``coupling``) and which of its channels the pruning tools must keep
-  (``pruning``).
+  (``pruning``),
+* for a head, which task a model ending in it performs (``task``: "detect", "classify"); the tasks, the
+  tools and the checkpoint code ask :func:`utils.tasks.task_of`, which reads this declaration.
 
 Each block declares this once with :func:`register`; ``parse_model`` reads the declarations and never lists
 classes. Adding a block therefore means one class plus one decorator.
@@ -107,6 +109,7 @@ class ModuleSpec:
     multi_input: bool = False
     bind_fn: Callable[[ModuleSpec, list[int], list, BuildContext, int], tuple[list, int]] | None = None
     pruning: Pruning = PRUNE_FREELY
+    task: str | None = None  # heads: the task of a model that ends in this block
 
     def bind(self, c_in: list[int], args: list, ctx: BuildContext, n: int) -> tuple[list, int]:
         """Turn YAML args into constructor args; returns ``(ctor_args, n_outer)``.
@@ -156,6 +159,10 @@ class Registry:
     def __contains__(self, name: str) -> bool:
         return name in self._specs
 
+    def spec_for(self, cls: type) -> ModuleSpec | None:
+        """The spec registered for exactly ``cls`` (None when the class is not a registered block)."""
+        return next((spec for spec in self._specs.values() if spec.cls is cls), None)
+
     def names(self) -> list[str]:
         return sorted(self._specs)
 
@@ -185,6 +192,7 @@ def register(
     multi_input: bool = False,
     bind_fn: Callable | None = None,
     pruning: Pruning = PRUNE_FREELY,
+    task: str | None = None,
 ) -> Callable[[type[nn.Module]], type[nn.Module]]:
     """Class decorator: declare how a block is built from a YAML row (see module docstring)."""
 
@@ -200,6 +208,7 @@ def register(
             multi_input=multi_input,
             bind_fn=bind_fn,
             pruning=pruning,
+            task=task,
         )
         REGISTRY.add(spec, aliases)
         return cls

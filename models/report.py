@@ -176,7 +176,7 @@ def check_report_args(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from models.yaml_config import load_model_yaml
-    from models.yolo import build_model
+    from models.yolo import build_model, task_of
 
     args = parse_args(argv)
     check_report_args(args)
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     model = build_model(cfg, nc=args.nc).eval()
-    if hasattr(model.model[-1], "anchors"):  # detectors run at multiples of their largest stride only
+    if task_of(model) == "detect":  # detectors run at multiples of their largest stride only
         args.imgsz = check_img_size(args.imgsz, max(int(model.stride.max()), 32))
     report = roofline(model, args.imgsz, 2 if args.half_bytes else 4, args.peak_gflops, args.bandwidth_gbs)
     print(format_report(model, args.imgsz, report))

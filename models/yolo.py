@@ -260,19 +260,40 @@ def _check_anchor_order(head: Detect) -> None:
         head.anchors[:] = head.anchors.flip(0)
 
 
+def task_of(model_or_cfg: nn.Module | str | Path | dict) -> str:
+    """'detect' or 'classify': the ``task`` that the registry entry of the model's head declares.
+
+    ``model_or_cfg`` is a model (its last layer; a stand-in head, such as a quantization-aware model's, names the
+    registered head it stands for in ``stands_for``) or a model YAML (path, bare name or dict: its last row).
+    This is the one place that answers the question; everything else asks here.
+    """
+    if isinstance(model_or_cfg, nn.Module):
+        head = model_or_cfg.model[-1] if hasattr(model_or_cfg, "model") else model_or_cfg
+        head_class = getattr(head, "stands_for", type(head))
+        spec, where = REGISTRY.spec_for(head_class), f"the model's last layer ({head_class.__name__})"
+    else:
+        cfg = load_model_yaml(model_or_cfg)
+        rows = layer_rows(cfg)  # a YAML without its sections or with malformed rows is refused here, by name
+        if not rows:
+            raise ModelConfigError(f"{cfg.get('yaml_file', '<dict>')}: no layers in 'backbone' and 'head'")
+        name = rows[-1][1][2]
+        spec = REGISTRY.get(name) if name in REGISTRY else None
+        where = f"{cfg.get('yaml_file', '<dict>')}: the last layer ({name})"
+    if spec is None or spec.task is None:
+        heads = sorted({s.name for s in REGISTRY.specs() if s.task})
+        raise ModelConfigError(f"{where} is not the head of a known task; a model must end in one of "
+                               f"{', '.join(heads)}")
+    return spec.task
+
+
 def build_model(cfg: str | Path | dict, nc: int | None = None, ch: int = 3) -> BaseModel:
-    """Detector or classifier, chosen by the YAML's last layer."""
+    """Detector or classifier, chosen by the task of the YAML's last layer."""
     config = load_model_yaml(cfg)
-    if _last_module_name(config) in {"Detect"}:
+    if task_of(config) == "detect":
         return DetectionModel(config, ch=ch, nc=nc)
     from models.classify import ClassificationModel  # imported on demand: detection needs none of it
 
     return ClassificationModel(config, ch=ch, nc=nc)
-
-
-def _last_module_name(cfg: dict) -> str:
-    rows = (cfg.get("backbone") or []) + (cfg.get("head") or [])
-    return rows[-1][2] if rows else ""
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -44,3 +47,23 @@ def coco128_yaml() -> Path:
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     return shared_path("fixtures")
+
+
+def write_jpg(path: Path, color=(0, 0, 255), size=(40, 48)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = np.full((*size, 3), color, np.uint8)
+    cv2.imwrite(str(path), img)
+    return path
+
+
+def make_two_head_set(root: Path, n: int = 8) -> Path:
+    """Filename-fields set with two heads; every third image lacks its type label."""
+    for split in ("train", "val"):
+        for i in range(n):
+            type_field = "x" if i % 3 == 0 else str(i % 4)
+            write_jpg(root / "images" / split / f"{i:05d}_{i % 3}_{type_field}_.jpg", (40 * i % 255, 80, 160))
+    data = {"path": str(root), "train": "images/train", "val": "images/val",
+            "heads": [{"name": "color", "names": ["k", "b", "r"], "weight": 2.0},
+                      {"name": "type", "names": ["d", "j", "s", "h"]}]}
+    (root / "data.yaml").write_text(yaml.safe_dump(data))
+    return root / "data.yaml"

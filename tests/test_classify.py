@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import make_two_head_set, write_jpg
 
 from models.classify import (
     ClassificationModel,
@@ -19,7 +20,6 @@ from models.classify import (
     MultiHeadClassify,
     is_classifier_config,
     normalize_heads,
-    transfer_from_detector,
 )
 from models.yaml_config import ModelConfigError, load_model_yaml
 from utils.common.torch_utils import count_parameters, model_gflops
@@ -33,15 +33,13 @@ from utils.data.classify import (
 )
 from utils.data.classify_convert import convert_multilabel, convert_singlelabel
 from utils.data.classify_convert import main as convert_main
-from utils.tasks.classify import (
-    ClassifyTask,
-    masked_head_losses,
-    predict_images,
-    sequential_phase,
-    validate_classifier,
-    write_predictions_csv,
-)
+from utils.evaluation.classification import validate_classifier
+from utils.inference.classification import predict_images, write_predictions_csv
+from utils.runners.train import make_task
+from utils.tasks.base import ModelSource
+from utils.tasks.classify import ClassifyTask, masked_head_losses, sequential_phase
 from utils.train.config import TrainConfig
+from utils.weights.checkpoint import transfer_from_detector
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -71,13 +69,6 @@ def need(path: Path) -> Path:
 def read_csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
-
-
-def write_jpg(path: Path, color=(0, 0, 255), size=(40, 48)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = np.full((*size, 3), color, np.uint8)
-    cv2.imwrite(str(path), img)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -222,33 +213,21 @@ def test_masked_loss_matches_hand_computed_ce():
     assert torch.count_nonzero(preds["defect"].grad) == 0
 
 
-def _task(tmp_path: Path, data: Path, **overrides) -> ClassifyTask:
+def _task(tmp_path: Path, data: Path, **overrides) -> tuple[ClassifyTask, ModelSource]:
     base = dict(cfg="yolov5n-mcls-s.yaml", data=str(data), hyp="", epochs=3, batch_size=16, imgsz=64, workers=0,
                 device="cpu", project=str(tmp_path), name="run", exist_ok=True, noplots=True, seed=0)
     base.update(overrides)
-    task = ClassifyTask(TrainConfig(**base))
+    cfg = TrainConfig(**base)
+    task = make_task(cfg)
     task.hyp = {"label_smoothing": 0.0, "dropout": 0.0}
-    return task
-
-
-def _tiny_set(root: Path, n: int = 8) -> Path:
-    """Filename-fields set with two heads; every third image lacks its type label."""
-    for split in ("train", "val"):
-        for i in range(n):
-            type_field = "x" if i % 3 == 0 else str(i % 4)
-            write_jpg(root / "images" / split / f"{i:05d}_{i % 3}_{type_field}_.jpg", (40 * i % 255, 80, 160))
-    data = {"path": str(root), "train": "images/train", "val": "images/val",
-            "heads": [{"name": "color", "names": ["k", "b", "r"], "weight": 2.0},
-                      {"name": "type", "names": ["d", "j", "s", "h"]}]}
-    (root / "data.yaml").write_text(yaml.safe_dump(data))
-    return root / "data.yaml"
+    return task, cfg.model_source()
 
 
 def test_criterion_weights_and_uncertainty(tmp_path):
-    data = _tiny_set(tmp_path / "set")
-    task = _task(tmp_path, data)
+    data = make_two_head_set(tmp_path / "set")
+    task, source = _task(tmp_path, data)
     assert task.head_weights.tolist() == [2.0, 1.0]  # from the data YAML's weight: entries
-    model = task.build_model()
+    model = task.build_model(source)
     preds = {"color": torch.randn(4, 3), "type": torch.randn(4, 4)}
     targets = torch.tensor([[0, 1], [1, -1], [2, 3], [0, 0]])
     losses, _ = masked_head_losses(preds, targets, ["color", "type"])
@@ -256,8 +235,8 @@ def test_criterion_weights_and_uncertainty(tmp_path):
     assert total.item() == pytest.approx((2 * losses[0] + losses[1]).item() * 4 / 64, rel=1e-6)
     assert torch.allclose(items, losses)
 
-    task = _task(tmp_path, data, head_balance="uncertainty", head_weights=[1.0, 1.0])
-    model = task.build_model()
+    task, source = _task(tmp_path, data, head_balance="uncertainty", head_weights=[1.0, 1.0])
+    model = task.build_model(source)
     log_vars = model.head_balance.log_vars
     assert any(p is log_vars for p in model.parameters())  # the engine's optimiser sees it
     with torch.no_grad():
@@ -274,8 +253,8 @@ def test_sequential_phases_and_plan(tmp_path):
     assert [sequential_phase(e, 5, 2, finetune_epochs=1) for e in range(5)] == [0, 0, 1, 1, -1]
     with pytest.raises(ValueError, match="one epoch per head"):
         sequential_phase(0, 3, 3, finetune_epochs=1)
-    task = _task(tmp_path, _tiny_set(tmp_path / "set"), heads_mode="sequential", finetune_epochs=1)
-    task.build_model()
+    task, source = _task(tmp_path, make_two_head_set(tmp_path / "set"), heads_mode="sequential", finetune_epochs=1)
+    task.build_model(source)
     first, second, last = task.epoch_plan(0, 3), task.epoch_plan(1, 3), task.epoch_plan(2, 3)
     assert first.trainable("model.0.conv.weight") and first.trainable("model.9.branches.0.tail.linear.weight")
     assert not first.trainable("model.9.branches.1.tail.linear.weight")
@@ -296,7 +275,7 @@ def test_parse_fields_and_layout_detection(tmp_path):
 
 def test_bad_files_reported_and_skipped(tmp_path, caplog):
     root = tmp_path / "set"
-    data = _tiny_set(root, n=4)
+    data = make_two_head_set(root, n=4)
     (root / "images" / "train" / "00010_1_1_.jpg").write_bytes(b"not a jpeg")
     write_jpg(root / "images" / "train" / "00011_7_1_.jpg")  # class 7 > 3 colors
     write_jpg(root / "images" / "train" / "00012_1_.jpg")  # one field for two heads
@@ -404,9 +383,9 @@ def test_convert_singlelabel_folder_and_flat(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- validation, predict
 def test_validate_and_predict(tmp_path):
-    data = _tiny_set(tmp_path / "set")
-    task = _task(tmp_path, data)
-    model = task.build_model()
+    data = make_two_head_set(tmp_path / "set")
+    task, source = _task(tmp_path, data)
+    model = task.build_model(source)
     val_loader, _ = create_split_loader(data, "val", imgsz=64, batch_size=4)
     metrics = validate_classifier(model, val_loader, task.heads, save_dir=tmp_path / "plots", plots=True)
     assert 0 <= metrics["color/top1"] <= 1 and "color/top5" not in metrics
@@ -454,7 +433,7 @@ def test_joint_training_loss_falls(tmp_path):
 
     data = _fashion_subset(tmp_path)
     cfg = _train_cfg(tmp_path, data, "joint", epochs=4, batch_size=32)
-    metrics = fit(ClassifyTask(cfg), cfg)
+    metrics = fit(make_task(cfg), cfg)
     losses = _train_losses(tmp_path / "joint")
     assert len(losses) == 4 and losses[-1] < losses[0], losses
     assert {"color/top1", "type/top1", "mean/top1"} <= set(metrics)
@@ -474,7 +453,7 @@ def test_sequential_training_freezes_backbone(tmp_path):
 
     callbacks = default_callbacks()
     callbacks.add("on_train_epoch_start", snapshot)
-    trainer = Trainer(ClassifyTask(cfg), cfg, callbacks)
+    trainer = Trainer(make_task(cfg), cfg, callbacks)
     trainer.fit()
     before, after = snapshots[1], snapshots[2]  # epoch 1 = head 2 (type) only; epoch 2 = joint fine-tune
 
@@ -520,17 +499,17 @@ def fashion_checkpoint(tmp_path_factory) -> Path:
 
 def test_val_and_detect_cli_on_a_classifier_checkpoint(fashion_checkpoint, tmp_path):
     """val.py / detect.py route classifier checkpoints to per-head accuracy and per-head predictions."""
-    from utils.runners.detect import run_prediction
-    from utils.runners.val import run_validation
+    from utils.runners.detect import DetectOptions, run_detect
+    from utils.runners.val import ValOptions, run_val
 
     weights, data = fashion_checkpoint, FASHION
-    metrics = run_validation(str(weights), str(data / "fashion-color-type.yaml"), imgsz=32, batch_size=64,
-                             workers=0, device="cpu", project=str(tmp_path), name="val", noplots=True)
+    metrics = run_val(ValOptions(str(weights), str(data / "fashion-color-type.yaml"), imgsz=32, batch_size=64,
+                                 workers=0, device="cpu", project=str(tmp_path), name="val", noplots=True))
     assert {"color/top1", "type/top1", "mean/top1"} <= set(metrics)
     assert int(metrics["confusion"]["color"].sum()) == 487
     images = sorted((data / "images" / "val").glob("*.jpg"))[:3]
-    rows = run_prediction(str(weights), str(images[0].parent / f"{images[0].stem[:4]}*.jpg"), imgsz=32, device="cpu",
-                          project=str(tmp_path), name="pred", exist_ok=True, save_csv=True)
+    rows = run_detect(DetectOptions(str(weights), str(images[0].parent / f"{images[0].stem[:4]}*.jpg"), imgsz=32,
+                                    device="cpu", project=str(tmp_path), name="pred", exist_ok=True, save_csv=True))
     assert rows and {"color", "type", "color_conf"} <= set(rows[0])
     assert (tmp_path / "pred" / "predictions.csv").exists()
 
@@ -539,13 +518,13 @@ def test_val_on_an_exported_classifier_matches_pytorch(fashion_checkpoint, tmp_p
     """val.py takes the ONNX export of a multi-head classifier (heads from its sidecar) and scores every image
     as the checkpoint does: same per-head confusion matrices."""
     from utils.export import ExportOptions, run_export
-    from utils.runners.val import run_validation
+    from utils.runners.val import ValOptions, run_val
 
     onnx_file = run_export(ExportOptions(weights=fashion_checkpoint, include=("onnx",), imgsz=(32, 32), dynamic=True,
                                          output_dir=tmp_path))["onnx"]
-    results = [run_validation(str(weights), str(FASHION / "fashion-color-type.yaml"), imgsz=32, batch_size=64,
-                              workers=0, device="cpu", project=str(tmp_path), name=Path(weights).suffix[1:],
-                              noplots=True) for weights in (fashion_checkpoint, onnx_file)]
+    results = [run_val(ValOptions(str(weights), str(FASHION / "fashion-color-type.yaml"), imgsz=32, batch_size=64,
+                                  workers=0, device="cpu", project=str(tmp_path), name=Path(weights).suffix[1:],
+                                  noplots=True)) for weights in (fashion_checkpoint, onnx_file)]
     pytorch, onnx = results
     for head in ("color", "type"):
         assert len(np.unique(pytorch["confusion"][head].nonzero()[1])) > 1, "predictions all one class: no test"

@@ -10,7 +10,7 @@ import torch
 
 from detect import main as detect_main
 from utils.common.errors import FlagError
-from utils.runners.detect import run_prediction
+from utils.runners.detect import DetectOptions, run_detect
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +22,8 @@ def test_detections_equal_reference(fixtures_dir, neu_det_yaml, reference, tmp_p
     val_dir = neu_det_yaml.parent / "images" / "val"
     list_file = tmp_path / "sources.txt"
     list_file.write_text("\n".join(str(val_dir / name) for name in reference["files"]))
-    results = run_prediction(str(fixtures_dir / "yolov5n-neu-det-v7.pt"), str(list_file), imgsz=256,
-                             device="cpu", project=str(tmp_path), name="run", exist_ok=True, save_txt=True)
+    results = run_detect(DetectOptions(str(fixtures_dir / "yolov5n-neu-det-v7.pt"), str(list_file), imgsz=256,
+                                       device="cpu", project=str(tmp_path), name="run", exist_ok=True, save_txt=True))
     assert [r["path"].split("/")[-1] for r in results] == reference["files"]
     for ours, ref in zip(results, reference["nms_conf0.25_iou0.45"]):
         expected = ref.clone()
@@ -59,10 +59,10 @@ def test_video_source_and_cli(fixtures_dir, neu_det_yaml, tmp_path):
 def test_vid_stride_keeps_every_nth_frame(fixtures_dir, neu_det_yaml, tmp_path):
     video = _val_images_as_video(neu_det_yaml, tmp_path / "clip.avi", frames=5, fps=10)
     weights = str(fixtures_dir / "yolov5n-neu-det-v7.pt")
-    every = run_prediction(weights, str(video), imgsz=256, device="cpu", project=str(tmp_path), name="all",
-                           nosave=True)
-    strided = run_prediction(weights, str(video), imgsz=256, device="cpu", project=str(tmp_path), name="vid",
-                             vid_stride=2)
+    every = run_detect(DetectOptions(weights, str(video), imgsz=256, device="cpu", project=str(tmp_path), name="all",
+                                     nosave=True))
+    strided = run_detect(DetectOptions(weights, str(video), imgsz=256, device="cpu", project=str(tmp_path), name="vid",
+                                       vid_stride=2))
     assert [r["frame"] for r in strided] == [0, 2, 4]
     for ours in strided:  # the same frames, decoded the same way
         assert torch.equal(ours["detections"], every[ours["frame"]]["detections"])
@@ -70,23 +70,23 @@ def test_vid_stride_keeps_every_nth_frame(fixtures_dir, neu_det_yaml, tmp_path):
     assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 3 and capture.get(cv2.CAP_PROP_FPS) == pytest.approx(5)
     capture.release()
     with pytest.raises(ValueError, match="--vid-stride must be at least 1"):
-        run_prediction(weights, str(video), device="cpu", project=str(tmp_path), name="bad", vid_stride=0)
+        run_detect(DetectOptions(weights, str(video), device="cpu", project=str(tmp_path), name="bad", vid_stride=0))
 
 
 def test_tta_runs_and_keeps_confident_boxes(fixtures_dir, neu_det_yaml, tmp_path):
     image = neu_det_yaml.parent / "images" / "val" / "crazing_100.jpg"
-    plain = run_prediction(str(fixtures_dir / "yolov5n-neu-det-v7.pt"), str(image), imgsz=256, device="cpu",
-                           project=str(tmp_path), name="a", nosave=True)[0]["detections"]
-    tta = run_prediction(str(fixtures_dir / "yolov5n-neu-det-v7.pt"), str(image), imgsz=256, device="cpu",
-                         project=str(tmp_path), name="b", nosave=True, augment=True)[0]["detections"]
+    plain = run_detect(DetectOptions(str(fixtures_dir / "yolov5n-neu-det-v7.pt"), str(image), imgsz=256, device="cpu",
+                                     project=str(tmp_path), name="a", nosave=True))[0]["detections"]
+    tta = run_detect(DetectOptions(str(fixtures_dir / "yolov5n-neu-det-v7.pt"), str(image), imgsz=256, device="cpu",
+                                   project=str(tmp_path), name="b", nosave=True, augment=True))[0]["detections"]
     assert len(tta) >= 1 and np.isfinite(tta.numpy()).all()
     assert len(plain) == 1
 
 
 def test_missing_source_is_clear(fixtures_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file, folder or glob"):
-        run_prediction(str(fixtures_dir / "yolov5n-neu-det-v7.pt"), str(tmp_path / "nothing"), device="cpu",
-                       project=str(tmp_path))
+        run_detect(DetectOptions(str(fixtures_dir / "yolov5n-neu-det-v7.pt"), str(tmp_path / "nothing"), device="cpu",
+                                 project=str(tmp_path)))
 
 
 @pytest.mark.parametrize("source", ["0", "rtsp://camera.local/stream"])
@@ -175,8 +175,8 @@ def test_visualize_saves_each_layers_feature_maps(fixtures_dir, neu_det_yaml, tm
 def test_visualize_refuses_tta(fixtures_dir, neu_det_yaml, tmp_path):
     image = neu_det_yaml.parent / "images" / "val" / "crazing_100.jpg"
     with pytest.raises(ValueError, match="--visualize draws one plain forward pass"):
-        run_prediction(str(fixtures_dir / "yolov5n-neu-det-v7.pt"), str(image), imgsz=256, device="cpu",
-                       visualize=True, augment=True, project=str(tmp_path))
+        run_detect(DetectOptions(str(fixtures_dir / "yolov5n-neu-det-v7.pt"), str(image), imgsz=256, device="cpu",
+                                 visualize=True, augment=True, project=str(tmp_path)))
 
 
 def test_view_img_without_gui_opencv_says_what_to_install(tmp_path):
@@ -198,8 +198,8 @@ def test_view_img_shows_each_annotated_frame(fixtures_dir, neu_det_yaml, tmp_pat
     monkeypatch.setattr(cv2, "imshow", lambda window, image: shown.append((window, image.copy())))
     monkeypatch.setattr(cv2, "waitKey", lambda delay: -1)
     source = neu_det_yaml.parent / "images" / "val" / "crazing_10*.jpg"
-    results = run_prediction(str(fixtures_dir / "yolov5n-neu-det-v7.pt"), str(source),
-                             imgsz=256, device="cpu", view_img=True, nosave=True, project=str(tmp_path))
+    results = run_detect(DetectOptions(str(fixtures_dir / "yolov5n-neu-det-v7.pt"), str(source),
+                                       imgsz=256, device="cpu", view_img=True, nosave=True, project=str(tmp_path)))
     assert [window for window, _ in shown] == [r["path"] for r in results] and len(shown) >= 2
     for (window, image), result in zip(shown, results):
         original = cv2.imread(window)

@@ -19,6 +19,7 @@ from models.yolo import DetectionModel
 from utils.common.cli import run_cli
 from utils.compress.distill import (
     Distillation,
+    TeacherDistillation,
     TeacherError,
     bernoulli_kl_with_logits,
     check_teacher_matches,
@@ -212,15 +213,21 @@ class TeacherWatch:
         self.batches = 0
 
     def on_pretrain_routine_end(self, trainer) -> None:
-        self.start = {k: v.clone() for k, v in trainer.distillation.teacher.state_dict().items()}
+        self.start = {k: v.clone() for k, v in teacher_of(trainer).state_dict().items()}
 
     def on_train_batch_end(self, trainer) -> None:
-        teacher = trainer.distillation.teacher
+        teacher = teacher_of(trainer)
         assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
         self.batches += 1
 
     def on_train_end(self, trainer) -> None:
-        self.end = {k: v.clone() for k, v in trainer.distillation.teacher.state_dict().items()}
+        self.end = {k: v.clone() for k, v in teacher_of(trainer).state_dict().items()}
+
+
+def teacher_of(trainer) -> torch.nn.Module:
+    """The teacher the run's --teacher plug-in loaded."""
+    plugin = next(p for p in trainer.plugins if isinstance(p, TeacherDistillation))
+    return plugin.distillation.teacher
 
 
 class StopAfterFirstEpoch:

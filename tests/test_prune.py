@@ -13,8 +13,9 @@ from torch import nn
 
 from models.channels import widths_table
 from models.yolo import build_model
+from utils.compress.prune.analysis import analyse_channels
 from utils.compress.prune.cost import CostModel
-from utils.compress.prune.groups import ChannelAnalysis, analyse_channels, batchnorm_members, declared_constraints
+from utils.compress.prune.groups import ChannelAnalysis, batchnorm_members, declared_constraints
 from utils.compress.prune.plan import keep_count, plan_from_counts
 from utils.compress.prune.surgery import prune_model
 from utils.weights.checkpoint import load_checkpoint, save_checkpoint
@@ -207,12 +208,15 @@ def test_blocks_declared_whole_report_why():
 
 def test_eagleeye_scores_a_seeded_sample_spread_over_the_validation_split():
     """Scoring on the first files would score NEU-DET's sorted val split on its first classes only."""
-    from utils.compress.prune.evaluate import prune_data
+    from utils.tasks import TaskOptions, build_task, model_info
 
     model = build_model(MODELS / "yolov5n.yaml", nc=6)
     sample = str(ROOT / "data" / "neu-det-sample.yaml")
+
     def score_files(seed: int) -> list[str]:
-        return prune_data(model, sample, 64, 2, 1, 6, workers=0, seed=seed).score_files
+        task = build_task("detect", sample, TaskOptions(imgsz=64, batch_size=2, workers=0, seed=seed))
+        task.check_model(model_info(model), "yolov5n.yaml")
+        return [str(path) for batch in task.sample_batches(6) for path in batch[2]][:6]
 
     first = score_files(0)
     assert score_files(0) == first and len(first) == 6  # the same sample for the same seed

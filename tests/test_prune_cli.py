@@ -18,8 +18,8 @@ import prune_slim
 import train
 import val
 from utils.common.cli import run_cli
+from utils.compress.prune.analysis import analyse_channels
 from utils.compress.prune.cost import CostModel
-from utils.compress.prune.groups import analyse_channels
 from utils.weights.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

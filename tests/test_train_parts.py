@@ -173,7 +173,7 @@ def test_trainer_follows_v7_schedule(tmp_path):
     (PyPI yolov5 7.0.14) gave 0 differing iterations out of 1350 for the 30-epoch NEU-DET recipe."""
     from pathlib import Path
 
-    from utils.tasks.detect import DetectTask
+    from utils.runners.train import make_task
     from utils.train.callbacks import Callbacks
     from utils.train.engine import Trainer
 
@@ -182,7 +182,7 @@ def test_trainer_follows_v7_schedule(tmp_path):
     cfg = TrainConfig(cfg="yolov5n.yaml", data=str(sample), epochs=epochs, imgsz=64, batch_size=batch_size,
                       workers=0, device="cpu", seed=0, project=str(tmp_path), name="s", noplots=True, noval=True,
                       noautoanchor=True)
-    trainer = Trainer(DetectTask(cfg), cfg, Callbacks())
+    trainer = Trainer(make_task(cfg), cfg, Callbacks())
     trainer.setup()
     empty_batch = (torch.zeros(batch_size, 3, 64, 64, dtype=torch.uint8), torch.zeros(0, 6), (), ())
     trainer.train_loader = [empty_batch] * n_batches
@@ -222,14 +222,14 @@ def test_detection_training_starts_from_v7s_float16_rounded_weights(tmp_path):
     from pathlib import Path
 
     from models.yolo import DetectionModel
-    from utils.tasks.detect import DetectTask
+    from utils.runners.train import make_task
     from utils.train.callbacks import Callbacks
     from utils.train.engine import Trainer
 
     sample = Path(__file__).resolve().parents[1] / "data" / "neu-det-sample.yaml"
     cfg = TrainConfig(cfg="yolov5n.yaml", data=str(sample), epochs=1, imgsz=64, batch_size=8, workers=0,
                       device="cpu", seed=0, project=str(tmp_path), name="s", noplots=True, noautoanchor=True)
-    trainer = Trainer(DetectTask(cfg), cfg, Callbacks())
+    trainer = Trainer(make_task(cfg), cfg, Callbacks())
     trainer.setup()
     torch.manual_seed(0)
     fresh = DetectionModel("yolov5n.yaml", nc=6).state_dict()

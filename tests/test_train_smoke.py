@@ -133,10 +133,10 @@ def test_default_training_loss_falls_in_mixed_precision_and_validates_in_float32
     assert last["precision"] == last["train_state"]["cfg"]["precision"] == precision
     assert torch.load(run / "weights" / "best.pt", weights_only=True)["precision"] == precision
 
-    from utils.runners.val import run_validation
+    from utils.runners.val import ValOptions, run_val
 
-    metrics = run_validation(str(run / "weights" / "best.pt"), str(SAMPLE), imgsz=128, batch_size=8, workers=0,
-                             device="cpu", project=str(tmp_path), name="val", noplots=True)
+    metrics = run_val(ValOptions(str(run / "weights" / "best.pt"), str(SAMPLE), imgsz=128, batch_size=8, workers=0,
+                                 device="cpu", project=str(tmp_path), name="val", noplots=True))
     assert metrics["n_images"] == 12 and 0.0 <= metrics["mAP50-95"] <= metrics["mAP50"] <= 1.0
 
 

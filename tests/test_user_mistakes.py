@@ -46,7 +46,7 @@ def test_class_ids_beyond_nc_are_dropped_in_training_and_validation(tmp_path):
     """One row of class 9 (nc is 6) in every label file: training and val.py run and score the other rows."""
     from utils.data import list_image_files, scan_dataset
     from utils.runners.train import run_training
-    from utils.runners.val import run_validation
+    from utils.runners.val import ValOptions, run_val
 
     data_yaml = _copy_sample(tmp_path)
     labels = sorted((data_yaml.parent / "data" / "labels").rglob("*.txt"))
@@ -58,8 +58,8 @@ def test_class_ids_beyond_nc_are_dropped_in_training_and_validation(tmp_path):
                       max_batches=2)
     run_training(cfg)
     weights = tmp_path / "runs" / "ge_nc" / "weights" / "best.pt"
-    metrics = run_validation(str(weights), str(data_yaml), imgsz=64, batch_size=8, workers=0, device="cpu",
-                             project=str(tmp_path / "runs"), name="val", noplots=True)
+    metrics = run_val(ValOptions(str(weights), str(data_yaml), imgsz=64, batch_size=8, workers=0, device="cpu",
+                                 project=str(tmp_path / "runs"), name="val", noplots=True))
     assert metrics["n_labels"] == kept  # the 12 rows of class 9 were dropped, every other row scored
 
 
@@ -89,25 +89,25 @@ def test_byte_order_mark_keeps_the_first_box(tmp_path):
 # ------------------------------------------------------------------------------------ val.py / detect.py
 def test_val_refuses_a_checkpoint_trained_on_other_classes(tmp_path):
     from models.yolo import DetectionModel
-    from utils.runners.val import run_validation
+    from utils.runners.val import ValOptions, run_val
     from utils.weights.checkpoint import CheckpointError, save_checkpoint
 
     weights = save_checkpoint(DetectionModel("yolov5n.yaml", nc=3), tmp_path / "det3.pt")
     with pytest.raises(CheckpointError, match=r"det3\.pt predicts 3 classes but .*neu-det-sample\.yaml has 6"):
-        run_validation(str(weights), str(SAMPLE_YAML), imgsz=64, workers=0, device="cpu",
-                       project=str(tmp_path / "runs"))
+        run_val(ValOptions(str(weights), str(SAMPLE_YAML), imgsz=64, workers=0, device="cpu",
+                           project=str(tmp_path / "runs")))
     assert not (tmp_path / "runs").exists()
     # --single-cls scores boxes whatever their class: any detector fits
-    metrics = run_validation(str(weights), str(SAMPLE_YAML), imgsz=64, workers=0, device="cpu", single_cls=True,
-                             project=str(tmp_path / "runs"), noplots=True)
+    metrics = run_val(ValOptions(str(weights), str(SAMPLE_YAML), imgsz=64, workers=0, device="cpu", single_cls=True,
+                                 project=str(tmp_path / "runs"), noplots=True))
     assert metrics["n_labels"] > 0
 
 
 def test_val_prints_the_data_sets_class_names(detector_checkpoint, tmp_path, capsys):
-    from utils.runners.val import run_validation
+    from utils.runners.val import ValOptions, run_val
 
-    run_validation(str(detector_checkpoint), str(SAMPLE_YAML), imgsz=64, workers=0, device="cpu", noplots=True,
-                   project=str(tmp_path / "runs"))
+    run_val(ValOptions(str(detector_checkpoint), str(SAMPLE_YAML), imgsz=64, workers=0, device="cpu", noplots=True,
+                       project=str(tmp_path / "runs")))
     table = capsys.readouterr().out
     assert all(name in table for name in NAMES)
     assert "c0" not in table.split()
@@ -115,19 +115,19 @@ def test_val_prints_the_data_sets_class_names(detector_checkpoint, tmp_path, cap
 
 def test_val_and_detect_round_the_image_size_like_train(detector_checkpoint, tmp_path, caplog):
     """--imgsz 33 runs at 64 (the next multiple of stride 32) and says so: the same numbers as --imgsz 64."""
-    from utils.runners.detect import run_prediction
-    from utils.runners.val import run_validation
+    from utils.runners.detect import DetectOptions, run_detect
+    from utils.runners.val import ValOptions, run_val
 
     common = dict(workers=0, device="cpu", noplots=True, project=str(tmp_path / "runs"))
     with caplog.at_level(logging.WARNING, logger="utils.common.flags"):
-        odd = run_validation(str(detector_checkpoint), str(SAMPLE_YAML), imgsz=33, **common)
+        odd = run_val(ValOptions(str(detector_checkpoint), str(SAMPLE_YAML), imgsz=33, **common))
     assert "--imgsz 33 must be a multiple of the model's largest stride 32: using 64" in caplog.text
-    even = run_validation(str(detector_checkpoint), str(SAMPLE_YAML), imgsz=64, **common)
+    even = run_val(ValOptions(str(detector_checkpoint), str(SAMPLE_YAML), imgsz=64, **common))
     assert (odd["P"], odd["R"], odd["mAP50-95"]) == (even["P"], even["R"], even["mAP50-95"])
     source = str(SAMPLE / "images" / "val" / "crazing_100.jpg")
     options = dict(conf_thres=0.001, device="cpu", nosave=True, project=str(tmp_path / "runs"))
-    odd_det = run_prediction(str(detector_checkpoint), source, imgsz=33, **options)[0]["detections"]
-    even_det = run_prediction(str(detector_checkpoint), source, imgsz=64, **options)[0]["detections"]
+    odd_det = run_detect(DetectOptions(str(detector_checkpoint), source, imgsz=33, **options))[0]["detections"]
+    even_det = run_detect(DetectOptions(str(detector_checkpoint), source, imgsz=64, **options))[0]["detections"]
     assert len(even_det) > 0 and torch.equal(odd_det, even_det)
 
 
@@ -154,15 +154,15 @@ def test_export_rounds_the_image_size(detector_checkpoint, tmp_path):
 def test_detect_classifies_with_a_classifier_checkpoint(tmp_path, caplog):
     """A classifier checkpoint in detect.py: a line per image, annotated copies, label files and the CSV."""
     from models.classify import ClassificationModel
-    from utils.runners.detect import run_prediction
+    from utils.runners.detect import DetectOptions, run_detect
     from utils.weights.checkpoint import save_checkpoint
 
     model = ClassificationModel("yolov5n-cls.yaml", heads=[{"name": "class", "names": NAMES}])
     weights = save_checkpoint(model, tmp_path / "cls.pt")
     images = sorted((SAMPLE / "images" / "val").glob("*.jpg"))
     with caplog.at_level(logging.INFO, logger="utils.runners.detect"):
-        rows = run_prediction(str(weights), str(SAMPLE / "images" / "val"), imgsz=64, device="cpu", save_txt=True,
-                              save_csv=True, project=str(tmp_path / "runs"), name="cls")
+        rows = run_detect(DetectOptions(str(weights), str(SAMPLE / "images" / "val"), imgsz=64, device="cpu",
+                                        save_txt=True, save_csv=True, project=str(tmp_path / "runs"), name="cls"))
     out = tmp_path / "runs" / "cls"
     assert len(rows) == len(images) == 12
     assert sorted(p.name for p in out.glob("*.jpg")) == [p.name for p in images]
@@ -231,7 +231,7 @@ def test_train_weights_pth_loads_the_backbone_named_by_the_file(tmp_path):
     import torchvision
 
     from utils.common.errors import FlagError
-    from utils.tasks.detect import DetectTask
+    from utils.runners.train import make_task
 
     torch.manual_seed(0)
     reference = torchvision.models.mobilenet_v3_small()
@@ -239,9 +239,10 @@ def test_train_weights_pth_loads_the_backbone_named_by_the_file(tmp_path):
     torch.save(reference.state_dict(), path)
     cfg = TrainConfig(cfg=str(ROOT / "models" / "zoo" / "yolov5s-mobilenetv3s.yaml"), weights=str(path),
                       data=str(SAMPLE_YAML))
-    model = DetectTask(cfg).build_model()
+    model = make_task(cfg).build_model(cfg.model_source())
     assert torch.equal(model.model[0].conv.weight, reference.features[0][0].weight)
     anonymous = tmp_path / "backbone.pth"
     shutil.copyfile(path, anonymous)
     with pytest.raises(FlagError, match=r"--weights .*backbone\.pth: name the torchvision state_dict file"):
-        DetectTask(TrainConfig(cfg=cfg.cfg, weights=str(anonymous), data=str(SAMPLE_YAML))).build_model()
+        anonymous_cfg = TrainConfig(cfg=cfg.cfg, weights=str(anonymous), data=str(SAMPLE_YAML))
+        make_task(anonymous_cfg).build_model(anonymous_cfg.model_source())

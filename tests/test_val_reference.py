@@ -10,7 +10,7 @@ import sys
 import cv2
 import pytest
 
-from utils.runners.val import run_validation
+from utils.runners.val import ValOptions, run_val
 
 REFERENCE = {"P": 0.470102, "R": 0.583027, "mAP50": 0.561134, "mAP50-95": 0.247021}
 PER_CLASS_MAP = [0.061419, 0.243277, 0.478773, 0.340831, 0.164762, 0.193062]
@@ -18,9 +18,9 @@ PER_CLASS_MAP = [0.061419, 0.243277, 0.478773, 0.340831, 0.164762, 0.193062]
 
 @pytest.fixture(scope="module")
 def reference_metrics(fixtures_dir, neu_det_yaml, tmp_path_factory):
-    return run_validation(str(fixtures_dir / "yolov5n-neu-det-v7.pt"), str(neu_det_yaml), imgsz=256, batch_size=32,
-                          workers=2, device="cpu", project=str(tmp_path_factory.mktemp("val")), name="ref",
-                          noplots=True, save_json=True)
+    return run_val(ValOptions(str(fixtures_dir / "yolov5n-neu-det-v7.pt"), str(neu_det_yaml), imgsz=256, batch_size=32,
+                              workers=2, device="cpu", project=str(tmp_path_factory.mktemp("val")), name="ref",
+                              noplots=True, save_json=True))
 
 
 def test_counts(reference_metrics):
@@ -61,8 +61,8 @@ def test_onnx_export_validates_like_pytorch(reference_metrics, fixtures_dir, neu
 
     assert export.main(["--weights", str(fixtures_dir / "yolov5n-neu-det-v7.pt"), "--include", "onnx", "--imgsz",
                         "256", "--dynamic", "--no-compare", "--output-dir", str(tmp_path)]) == 0
-    metrics = run_validation(str(tmp_path / "yolov5n-neu-det-v7.onnx"), str(neu_det_yaml), imgsz=256, batch_size=32,
-                             workers=2, device="cpu", project=str(tmp_path), name="onnx", noplots=True)
+    metrics = run_val(ValOptions(str(tmp_path / "yolov5n-neu-det-v7.onnx"), str(neu_det_yaml), imgsz=256, batch_size=32,
+                                 workers=2, device="cpu", project=str(tmp_path), name="onnx", noplots=True))
     assert metrics["n_images"] == 360 and metrics["n_labels"] == 828
     for key in ("mAP50", "mAP50-95"):
         assert metrics[key] == pytest.approx(reference_metrics[key], abs=1e-3), key
@@ -92,8 +92,8 @@ def test_task_picks_the_split_and_a_missing_one_says_so(fixtures_dir, sample_dat
     """--task train scores the training images (v7.0); scoring the val split under the name 'test' would report
     numbers for the wrong images, so a missing split is an error."""
     weights = str(fixtures_dir / "yolov5n-neu-det-v7.pt")
-    metrics = run_validation(weights, str(sample_data_yaml), imgsz=128, task="train", workers=0, device="cpu",
-                             project=str(tmp_path), noplots=True)
+    metrics = run_val(ValOptions(weights, str(sample_data_yaml), imgsz=128, task="train", workers=0, device="cpu",
+                                 project=str(tmp_path), noplots=True))
     assert metrics["n_images"] == 36  # the sample's training images, not its 12 val images
     with pytest.raises(ValueError, match=r"--task test: .*neu-det-sample\.yaml has no 'test' split"):
-        run_validation(weights, str(sample_data_yaml), task="test", device="cpu", project=str(tmp_path))
+        run_val(ValOptions(weights, str(sample_data_yaml), task="test", device="cpu", project=str(tmp_path)))

@@ -55,12 +55,12 @@ def test_metadata_says_where_the_file_came_from(pip_weights):
 
 def test_train_weights_start_from_every_tensor(pip_weights, sample_data_yaml, tmp_path):
     """train.py --weights: the detector built for training holds the checkpoint's weights, all of them."""
-    from utils.tasks.detect import DetectTask
+    from utils.runners.train import make_task
     from utils.train.config import TrainConfig
 
     cfg = TrainConfig(weights=str(pip_weights), data=str(sample_data_yaml), epochs=1, imgsz=64, batch_size=8,
                       workers=0, device="cpu", project=str(tmp_path), name="t", noplots=True, noautoanchor=True)
-    model = DetectTask(cfg).build_model()
+    model = make_task(cfg).build_model(cfg.model_source())
     source = load_checkpoint(pip_weights).model.state_dict()
     built = model.state_dict()
     assert built.keys() == source.keys()

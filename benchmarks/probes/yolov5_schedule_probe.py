@@ -108,7 +108,7 @@ def main() -> int:
                       imgsz=64, batch_size=args.batch_size, workers=0, device="cpu", seed=0,
                       project=str(args.workdir), name="ours", exist_ok=True, noplots=True, noval=True,
                       noautoanchor=True)
-    trainer = Trainer(DetectTask(cfg), cfg, Callbacks())
+    trainer = Trainer(DetectTask(cfg.data, cfg.task_options()), cfg, Callbacks())
     trainer.setup()
     empty = (torch.zeros(args.batch_size, 3, 64, 64, dtype=torch.uint8), torch.zeros(0, 6), (), ())
     trainer.train_loader = [empty] * args.batches

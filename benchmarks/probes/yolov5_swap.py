@@ -40,12 +40,12 @@ class DetectTaskOnV7Data(DetectTask):
 
         from utils.data.workers import init_worker
 
-        cfg = self.cfg
-        dataset = LoadImagesAndLabels(self.data["train"], self.imgsz, cfg.batch_size, augment=True, hyp=self.hyp,
+        opts = self.options
+        dataset = LoadImagesAndLabels(self.data["train"], self.imgsz, opts.batch_size, augment=True, hyp=self.hyp,
                                       rect=False, stride=self.stride, prefix="v7.0 train: ")
         generator = torch.Generator()
-        generator.manual_seed(cfg.seed)
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
+        generator.manual_seed(opts.seed)
+        loader = DataLoader(dataset, batch_size=opts.batch_size, shuffle=True, num_workers=opts.workers,
                             collate_fn=LoadImagesAndLabels.collate_fn, worker_init_fn=init_worker, generator=generator)
         return loader, dataset
 

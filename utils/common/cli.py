@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -14,11 +15,15 @@ from utils.common.errors import FlagError, UserError
 TRACEBACK_ENV = "YOLOKIT_TRACEBACK"  # set to 1 to see the traceback behind an `error: ...` line
 
 
-def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None,
+            log_level: int = logging.INFO) -> int:
     """Run a script's ``main``; a :class:`UserError` becomes ``error: ...`` on stderr and exit status 2.
 
-    Internal errors propagate with their traceback. ``YOLOKIT_TRACEBACK=1`` re-raises user errors too.
+    The one logging set-up of every script: messages at ``log_level`` and above, as plain lines on stdout (errors
+    go to stderr). Internal errors propagate with their traceback. ``YOLOKIT_TRACEBACK=1`` re-raises user errors
+    too.
     """
+    logging.basicConfig(level=log_level, format="%(message)s", stream=sys.stdout)
     try:
         return main(argv)
     except UserError as exc:

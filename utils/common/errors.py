@@ -29,3 +29,7 @@ class DataConfigError(UserError, ValueError):
 
 class UnreadableFileError(UserError, OSError):
     """A file the user named exists but cannot be read (permissions, a folder where a file was expected)."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be read or does not fit the model or the data; the message names the file."""

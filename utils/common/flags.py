@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,12 +20,8 @@ from utils.common.errors import FlagError, MissingFileError
 if TYPE_CHECKING:
     import argparse
 
-    from utils.train.config import TrainConfig
-
 LOGGER = logging.getLogger(__name__)
 
-CACHE_CHOICES = ("ram", "ram-jpeg", "disk")
-MAX_SEED = 2**32 - 1  # NumPy's seed range
 
 
 # ---------------------------------------------------------------------------------------------- domain checks
@@ -56,10 +53,21 @@ def existing_path(flag: str, value: str | Path | None, what: str = "file") -> No
         raise MissingFileError(f"{flag} {value}: not found (no such {what})")
 
 
+_OFFICIAL_WEIGHTS = re.compile(r"yolov5[nsmlx]6?(-cls|-seg)?\.pt")
+
+
+def missing_weights_message(path: Path) -> str:
+    """What to do about a weights file that is not there; official names are not downloaded, unlike v7.0."""
+    message = f"weights file '{path}' not found; put the .pt file there or pass --weights PATH"
+    if _OFFICIAL_WEIGHTS.fullmatch(path.name):
+        message += (f". Official YOLOv5 weights are not downloaded (no network at run time): fetch {path.name} "
+                    f"from https://github.com/ultralytics/yolov5/releases/tag/v7.0 on a connected machine, "
+                    f"copy it to {path.resolve()}, and it loads as is")
+    return message
+
+
 def existing_weights(value: str | Path) -> None:
     """``--weights`` must exist; the message says where to get official YOLOv5 weights (nothing is downloaded)."""
-    from utils.weights.checkpoint import missing_weights_message
-
     if value and not Path(value).expanduser().exists():
         raise MissingFileError(f"--weights: {missing_weights_message(Path(value))}")
 
@@ -70,89 +78,6 @@ def image_sizes(flag: str, sizes: int | Sequence[int]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- per script
-def check_train_config(cfg: TrainConfig) -> None:
-    """train.py: every numeric flag in its domain, choice flags known, named files present."""
-    at_least("--epochs", cfg.epochs, 1)
-    if cfg.batch_size != -1:
-        at_least("--batch-size", cfg.batch_size, 1, " (or -1 for AutoBatch)")
-    image_sizes("--imgsz", cfg.imgsz)
-    at_least("--workers", cfg.workers, 0)
-    at_least("--nc", cfg.nc, 1)
-    positive("--depth-multiple", cfg.depth_multiple)
-    positive("--width-multiple", cfg.width_multiple)
-    fraction("--label-smoothing", cfg.label_smoothing, include_one=False)
-    at_least("--patience", cfg.patience, 0, " (0 disables early stopping)")
-    at_least("--extend", cfg.extend, 0)
-    if cfg.extend and not cfg.resume:
-        raise FlagError(f"--extend {cfg.extend}: needs --resume (it adds epochs to a finished run)")
-    at_least("--evolve", cfg.evolve, 1, " generation")
-    at_least("--finetune-epochs", cfg.finetune_epochs, 0)
-    if cfg.finetune_epochs >= cfg.epochs:
-        raise FlagError(f"--finetune-epochs {cfg.finetune_epochs}: must be fewer than --epochs {cfg.epochs}")
-    at_least("--max-batches", cfg.max_batches, 0)
-    if not 0 <= cfg.seed <= MAX_SEED:
-        raise FlagError(f"--seed {cfg.seed}: must lie in [0, {MAX_SEED}]")
-    if cfg.cache is not None and cfg.cache not in CACHE_CHOICES:
-        raise FlagError(f"--cache {cfg.cache}: choose one of {', '.join(CACHE_CHOICES)} (or --cache alone for ram)")
-    for weight in cfg.head_weights or []:
-        at_least("--head-weights", weight, 0)
-    if cfg.head_weights and not any(cfg.head_weights):
-        raise FlagError("--head-weights: at least one weight must be greater than 0")
-    _check_freeze(cfg)
-    _check_train_files(cfg)
-
-
-def _check_freeze(cfg: TrainConfig) -> None:
-    from utils.train.freeze import parse_freeze_schedule
-
-    parse_freeze_schedule(cfg.freeze_schedule)
-    spec = cfg.freeze or []
-    if spec and spec != ["backbone"]:
-        if not all(item.lstrip("-").isdigit() for item in spec):
-            raise FlagError(f"--freeze {' '.join(spec)}: expects N (the first N layers), 'backbone' or layer indices")
-        for item in spec:
-            at_least("--freeze", int(item), 0)
-
-
-def _check_train_files(cfg: TrainConfig) -> None:
-    """The files train.py will read: weights, model YAML, data YAML, hyp YAML (loaded: it is small)."""
-    from utils.common.paths import find_file
-    from utils.data.config import DATA_DIR
-    from utils.train.config import load_hyp
-
-    if cfg.resume:
-        return  # the run's own saved files are used; resume_config checks the path
-    existing_weights(cfg.weights)
-    if cfg.cfg:
-        from models.yaml_config import find_model_yaml
-
-        find_model_yaml(cfg.cfg)
-    find_file(cfg.data, DATA_DIR, "--data YAML")
-    load_hyp(cfg.hyp, cfg.hyp_override)
-
-
-def check_inference_args(args: argparse.Namespace, script: str) -> None:
-    """val.py / detect.py: thresholds in [0, 1], counts >= 1, image size > 0, named files present."""
-    existing_weights(args.weights)
-    image_sizes("--imgsz", args.imgsz)
-    fraction("--conf-thres", args.conf_thres)
-    fraction("--iou-thres", args.iou_thres)
-    at_least("--max-det", args.max_det, 1)
-    if script == "val":
-        at_least("--batch-size", args.batch_size, 1)
-        at_least("--workers", args.workers, 0)
-    else:
-        at_least("--vid-stride", args.vid_stride, 1)
-        at_least("--line-thickness", args.line_thickness, 1)
-        for index in args.classes or []:
-            at_least("--classes", index, 0)
-    if args.data:
-        from utils.common.paths import find_file
-        from utils.data.config import DATA_DIR
-
-        find_file(args.data, DATA_DIR, "--data YAML")
-
-
 def check_export_args(args: argparse.Namespace) -> None:
     """export.py: sizes, batch, counts and thresholds in their domain, weights (and --data) present."""
     existing_weights(args.weights)

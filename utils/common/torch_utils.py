@@ -6,6 +6,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Iterable
 from copy import deepcopy
 
 import numpy as np
@@ -240,3 +241,40 @@ def model_summary(model: nn.Module, imgsz: int | tuple[int, int] = 640, verbose:
 def de_parallel(model: nn.Module) -> nn.Module:
     """The bare model inside DataParallel / DistributedDataParallel."""
     return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
+
+
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], count: int | None = None,
+                          device: torch.device | str | None = None) -> int:
+    """Re-estimate every BatchNorm's running statistics as a plain average over uint8 image ``batches`` (at most
+    ``count``); returns the number of batches used.
+
+    Two uses, one computation: "precise BN" after training epochs (Wu & Johnson, 2021: with YOLOv5's BN momentum
+    of 0.03 the running statistics trail the weights by ~30 steps, so the eval-mode network, or a backbone frozen
+    in eval mode, sees wrong features) and EagleEye's adaptive BN for pruned candidates (their surviving channels
+    see other inputs than the trained statistics describe; a candidate's score after this step predicts its score
+    after fine-tuning). ``batches`` may be a generator over a loader: one batch past ``count`` is drawn before
+    stopping, as iterating the loader directly does.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or batches is None or (count is not None and count < 1):
+        return 0
+    device = device if device is not None else next(model.parameters()).device
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative moving average = plain mean over the batches below
+    model.train()
+    used = 0
+    try:
+        with torch.no_grad():
+            for images in batches:
+                if count is not None and used >= count:
+                    break
+                model(images.to(device).float() / 255)
+                used += 1
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        model.train(was_training)
+    return used

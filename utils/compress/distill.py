@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.yolo import task_of
 from utils.common.errors import UserError
 
 if TYPE_CHECKING:
@@ -125,9 +126,7 @@ def load_teacher(path: str | Path, device: torch.device, memory_format: torch.me
 
     try:
         model = load_checkpoint(path, fuse=True).model
-    except FileNotFoundError as exc:
-        raise TeacherError(f"--teacher {path}: file not found ({exc})") from None
-    except Exception as exc:  # any unreadable file: say which and why, in one line
+    except UserError as exc:  # unreadable or refused: the loader says why; the flag names the file
         raise TeacherError(f"--teacher {path}: cannot be loaded as a model checkpoint ({exc})") from None
     model = model.to(device, memory_format=memory_format).eval()
     model.requires_grad_(False)
@@ -142,16 +141,10 @@ def teacher_outputs(teacher: nn.Module, images: torch.Tensor) -> Any:
     return out[1] if isinstance(out, tuple) else out
 
 
-def _kind(model: nn.Module) -> str:
-    from utils.tasks import task_for_model
-
-    return task_for_model(model)
-
-
 def check_teacher_matches(teacher: nn.Module, student: nn.Module, path: str | Path) -> None:
     """Same task, same classes (per head), and for detectors the same strides and anchors (equal grids)."""
     where = f"--teacher {path}"
-    kinds = _kind(teacher), _kind(student)
+    kinds = task_of(teacher), task_of(student)
     if kinds[0] != kinds[1]:
         raise TeacherError(f"{where} is a {kinds[0]} model but the student is a {kinds[1]} model; distil from a "
                            f"teacher trained for the same task")
@@ -225,10 +218,28 @@ class Distillation:
         return distilled
 
 
-def build_distillation(task: Any, student: nn.Module, cfg: TrainConfig, device: torch.device,
-                       memory_format: torch.memory_format = torch.contiguous_format) -> Distillation:
-    """Load and check ``cfg.teacher`` against the built student; the task supplies its criterion."""
-    teacher = load_teacher(cfg.teacher, device, memory_format)
-    check_teacher_matches(teacher, student, cfg.teacher)
-    LOGGER.info("--teacher %s: distilling its outputs (weight %g)", cfg.teacher, cfg.distill_weight)
-    return Distillation(teacher, task.distill_criterion(student), cfg.distill_weight)
+def build_distillation(task: Any, student: nn.Module, teacher_path: str | Path, weight: float,
+                       device: torch.device, memory_format: torch.memory_format = torch.contiguous_format
+                       ) -> Distillation:
+    """Load and check the teacher against the built student; the task supplies its criterion."""
+    teacher = load_teacher(teacher_path, device, memory_format)
+    check_teacher_matches(teacher, student, teacher_path)
+    LOGGER.info("--teacher %s: distilling its outputs (weight %g)", teacher_path, weight)
+    return Distillation(teacher, task.distill_criterion(student), weight)
+
+
+class TeacherDistillation:
+    """Training plug-in for ``--teacher``: once the student and its loss exist, load and check the teacher, add
+    the distillation term to the loss and its value to the logged loss columns (``distill``)."""
+
+    def __init__(self, teacher: str | Path, weight: float = 1.0):
+        self.teacher_path, self.weight = teacher, weight
+        self.distillation: Distillation | None = None
+
+    def on_pretrain_routine_end(self, trainer: Any) -> None:
+        from utils.common.torch_utils import de_parallel
+
+        self.distillation = build_distillation(trainer.task, de_parallel(trainer.model), self.teacher_path,
+                                               self.weight, trainer.device, trainer.memory_format)
+        trainer.loss_fn = self.distillation.wrap(trainer.loss_fn)
+        trainer.loss_names = (*trainer.loss_names, "distill")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -43,7 +43,8 @@ def prunable_batchnorm_paths(model: nn.Module) -> list[str]:
     These are exactly the gammas ``prune_slim.py`` ranks: the dependency analysis of :mod:`utils.compress.prune.groups`
     leaves out the heads' outputs and every channel coupled to a block the registry keeps whole.
     """
-    from utils.compress.prune.groups import analyse_channels, batchnorm_members
+    from utils.compress.prune.analysis import analyse_channels
+    from utils.compress.prune.groups import batchnorm_members
 
     layers = model.model
     analysis = analyse_channels(model)
@@ -113,17 +114,44 @@ def check_sparse_flags(cfg: TrainConfig) -> None:
 
 
 class SparseTraining:
-    """What ``--sparse`` adds to a run: the gradient term each optimizer step and the per-epoch logging.
+    """Training plug-in for ``--sparse``: the gradient term each optimizer step, the per-epoch logging of the EMA
+    model (the one saved and later pruned), the final |gamma| plot, and ``sparse: S`` in every checkpoint (so
+    prune_slim.py knows the model was trained sparse).
 
     Holds the gamma Parameters themselves, not their modules, so it survives SyncBatchNorm conversion (which
     moves the same Parameters into new modules) and DDP wrapping.
     """
 
-    def __init__(self, model: nn.Module, strength: float, decay: str = "none"):
-        self.strength, self.decay = strength, decay
-        self.paths = prunable_batchnorm_paths(model)  # the EMA copy has the same structure and paths
+    def __init__(self, strength: float, decay: str = "none", plots: bool = True):
+        self.strength, self.decay, self.plots = strength, decay, plots
+        self.paths: list[str] = []
+        self.gammas: list[torch.Tensor] = []
+
+    # ---------------------------------------------------------------- plug-in hooks
+    def on_pretrain_routine_end(self, trainer: Any) -> None:
+        from utils.common.torch_utils import de_parallel
+
+        self.attach(de_parallel(trainer.model))
+        trainer.checkpoint_extras["sparse"] = float(self.strength)
+
+    def on_before_optimizer_step(self, trainer: Any) -> None:
+        self.apply(trainer.epoch, trainer.epochs)
+
+    def on_train_epoch_end(self, trainer: Any) -> None:
+        if trainer.ema is not None:
+            trainer.extra_scalars.update(self.epoch_row(trainer.ema.ema))
+            trainer.extra_histograms.update(self.epoch_histograms(trainer.ema.ema))
+
+    def on_train_end(self, trainer: Any) -> None:
+        if self.plots and trainer.ema is not None:
+            self.plot(trainer.ema.ema, trainer.save_dir)
+
+    # ---------------------------------------------------------------- the work
+    def attach(self, model: nn.Module) -> None:
+        """Find the prunable gammas of ``model`` (the training model; its EMA copy has the same paths)."""
+        self.paths = prunable_batchnorm_paths(model)
         self.gammas = [bn.weight for bn in prunable_batchnorms(model, self.paths)]
-        LOGGER.info("--sparse %g (decay %s): L1 on %d BatchNorm gammas in %d layers", strength, decay,
+        LOGGER.info("--sparse %g (decay %s): L1 on %d BatchNorm gammas in %d layers", self.strength, self.decay,
                     sum(g.numel() for g in self.gammas), len(self.gammas))
 
     def apply(self, epoch: int, epochs: int) -> float:

@@ -27,7 +27,6 @@ import csv
 import logging
 import random
 import shutil
-import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -224,7 +223,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     args = parse_args(argv)
     existing_path("--src", args.src, "folder")
     mode = "symlink" if args.symlink else "copy"

@@ -269,7 +269,6 @@ def _valid_counts(text: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _check_args(args)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "voc2yolo":
         print("names:", voc_to_yolo(args.xml, args.out, args.names, args.include_difficult))
     elif args.command == "coco2yolo":

@@ -80,10 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     at_least("--n", args.n, 1)
     at_least("--imgsz", args.imgsz, 1)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
     print(write_preview(args.data, args.out, args.hyp, args.n, args.imgsz, args.seed, args.split))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    raise SystemExit(run_cli(main, log_level=logging.WARNING))

@@ -126,10 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", help="where scan caches go (default: beside the labels, or the user cache)")
     args = parser.parse_args(argv)
     at_least("--imgsz", args.imgsz, 1)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
     print_report(dataset_report(args.data, args.imgsz, args.cache_dir))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    raise SystemExit(run_cli(main, log_level=logging.WARNING))

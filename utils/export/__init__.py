@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.yolo import task_of
 from utils.common.errors import UserError
 from utils.export.backend import Backend, load_backend
 from utils.export.common import (
@@ -27,7 +28,6 @@ from utils.export.common import (
     focus_to_conv,
     metadata_path,
     model_stride,
-    model_task,
     prepare_for_export,
     read_metadata,
     sample_images,
@@ -257,7 +257,7 @@ def run_export(options: ExportOptions) -> dict[str, Path]:
     device = select_device(options.device)
     check_options(options, device)
     model, names = load_for_export(Path(options.weights))
-    if options.nms and model_task(model) != "detect":
+    if options.nms and task_of(model) != "detect":
         raise ExportOptionError(f"--nms: {options.weights} is a classifier; NMS inside the graph applies to detectors "
                                 "only")
     stride = max(int(model_stride(model)), 32)

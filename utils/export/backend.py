@@ -161,3 +161,14 @@ def measured_runtime(path: Path, fmt: ExportFormat, device_type: str) -> ExportF
                 return other
             LOGGER.info("%s runs fastest on %s, which is not installed: using %s", path, other.title, fmt.runtime)
     return fmt
+
+
+class BackendModule(torch.nn.Module):
+    """Lets an exported-model backend stand where code expects an ``nn.Module`` (eval/train are no-ops)."""
+
+    def __init__(self, backend: Any):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, images: torch.Tensor) -> Any:
+        return self.backend(images)

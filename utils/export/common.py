@@ -120,12 +120,6 @@ def check_metadata(data: dict[str, Any], source: str = "metadata") -> None:
         raise MetadataError(f"{source}: invalid export metadata: {'; '.join(problems)}")
 
 
-def model_task(model: nn.Module) -> str:
-    """'detect' for models ending in an anchor-based head, else 'classify'."""
-    head = model.model[-1] if hasattr(model, "model") else None
-    return "detect" if head is not None and hasattr(head, "anchors") else "classify"
-
-
 def model_heads(model: nn.Module) -> list[dict[str, Any]] | None:
     """Per-head names of a multi-head classifier (``model.heads``), else None."""
     heads = getattr(model, "heads", None)

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from models.yolo import task_of
 from utils.export.common import (
     ExportMetadata,
     image_files,
     model_heads,
     model_stride,
-    model_task,
     sample_images,
 )
 
@@ -62,7 +62,7 @@ class ExportJob:
         if options.nms and fmt.nms:
             nms = {"conf_thres": options.nms_settings.conf_thres, "iou_thres": options.nms_settings.iou_thres,
                    "max_det": options.nms_settings.max_det}
-        return ExportMetadata(format=fmt.name, task=model_task(self.model), stride=model_stride(self.model),
+        return ExportMetadata(format=fmt.name, task=task_of(self.model), stride=model_stride(self.model),
                               imgsz=list(options.imgsz), batch=options.batch_size if batch is None else batch,
                               precision=precision, names=list(self.names), heads=model_heads(self.model),
                               dynamic=[a for a in options.dynamic_axes() if a in fmt.dynamic],
@@ -92,7 +92,7 @@ class ExportJob:
         """Real images (--data val, else the embedded sample) and the model's outputs on them, for choosing a
         runtime that reproduces the model (see utils/export/runtime.py); (None, None) when there are no images."""
         images = sample_images(self.options.data or SAMPLE_IMAGES, self.options.imgsz, 8)
-        if images is None or model_task(self.model) != "detect":
+        if images is None or task_of(self.model) != "detect":
             return None, None
         with torch.no_grad():
             return images, self.model(images)

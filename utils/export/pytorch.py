@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
+from models.yolo import task_of
 from utils.common.torch_utils import fastest_memory_format
 from utils.export.backend import Backend
-from utils.export.common import model_stride, model_task
+from utils.export.common import model_stride
 from utils.export.spec import ALL_AXES, ExportFormat
 
 
@@ -24,7 +25,7 @@ class PyTorchBackend(Backend):
         loaded = load_checkpoint(weights, fuse=True)
         model = loaded.model
         metadata = {"names": loaded.meta.get("names") or list(getattr(model, "names", [])),
-                    "stride": model_stride(model), "task": model_task(model), "imgsz": None, "batch": 1,
+                    "stride": model_stride(model), "task": task_of(model), "imgsz": None, "batch": 1,
                     "dynamic": list(ALL_AXES), "heads": loaded.meta.get("heads"),
                     "precision": "fp16" if fp16 else "fp32"}
         super().__init__(weights, metadata, device, fp16)

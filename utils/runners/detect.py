@@ -57,48 +57,75 @@ class VideoSink:
         self.writer, self.path = None, None
 
 
-def run_prediction(weights: str, source: str, imgsz: int = 640, conf_thres: float = 0.25, iou_thres: float = 0.45,
-                   max_det: int = 1000, classes: Sequence[int] | None = None, agnostic_nms: bool = False,
-                   multi_label: bool = False, augment: bool = False, device: str = "", half: bool = False,
-                   save_txt: bool = False, save_conf: bool = False, save_crop: bool = False, save_csv: bool = False,
-                   nosave: bool = False, line_thickness: int = 3, hide_labels: bool = False,
-                   hide_conf: bool = False, project: str = "runs/detect", name: str = "exp",
-                   exist_ok: bool = False, data: str | None = None, vid_stride: int = 1,
-                   visualize: bool = False, view_img: bool = False) -> list[dict[str, Any]]:
-    """Predict every frame of ``source``; returns one dict per frame (path, frame, detections n x 6).
+@dataclass(frozen=True)
+class DetectOptions:
+    """Everything detect.py accepts (YOLOv5 v7.0 flag names).
 
     ``data`` (v7.0's ``--data``) names the classes of weights that carry no names; names in the weights win.
     ``visualize`` writes every layer's feature maps per frame to ``save_dir/<stem>/`` (.pt weights only);
     ``view_img`` shows each annotated frame in a window (OpenCV with a GUI backend and a display).
     """
-    from utils.runners.val import RunDir, check_artifact_size, load_predictor
 
-    if view_img:
+    weights: str
+    source: str
+    imgsz: int = 640
+    conf_thres: float = 0.25
+    iou_thres: float = 0.45
+    max_det: int = 1000
+    classes: Sequence[int] | None = None
+    agnostic_nms: bool = False
+    multi_label: bool = False
+    augment: bool = False
+    device: str = ""
+    half: bool = False
+    save_txt: bool = False
+    save_conf: bool = False
+    save_crop: bool = False
+    save_csv: bool = False
+    nosave: bool = False
+    line_thickness: int = 3
+    hide_labels: bool = False
+    hide_conf: bool = False
+    project: str = "runs/detect"
+    name: str = "exp"
+    exist_ok: bool = False
+    data: str | None = None
+    vid_stride: int = 1
+    visualize: bool = False
+    view_img: bool = False
+
+
+def run_detect(opts: DetectOptions) -> list[dict[str, Any]]:
+    """Predict every frame of ``opts.source``; returns one dict per frame (path, frame, detections n x 6), or
+    one row per image with each head's top class for a classifier."""
+    from utils.runners.common import RunDir, check_artifact_size, load_predictor
+
+    if opts.view_img:
         check_display()
 
-    torch_device = select_device(device)
-    predictor, info = load_predictor(weights, torch_device, half)
-    files = expand_source(source)
-    run_dir = RunDir(project, name, exist_ok)
-    if info["task"] == "classify":
-        outputs = OutputOptions(run_dir.create(), [], save_txt, save_conf, nosave=nosave,
-                                line_thickness=line_thickness, view_img=view_img)
-        return classify_source(predictor, files, imgsz, info.get("heads"), outputs, save_csv, vid_stride)
+    torch_device = select_device(opts.device)
+    predictor, info = load_predictor(opts.weights, torch_device, opts.half)
+    files = expand_source(opts.source)
+    run_dir = RunDir(opts.project, opts.name, opts.exist_ok)
+    if info.task == "classify":
+        outputs = OutputOptions(run_dir.create(), [], opts.save_txt, opts.save_conf, nosave=opts.nosave,
+                                line_thickness=opts.line_thickness, view_img=opts.view_img)
+        return classify_source(predictor, files, opts.imgsz, info.heads, outputs, opts.save_csv, opts.vid_stride)
     is_torch = isinstance(predictor, torch.nn.Module)
-    _check_pytorch_only_options(is_torch, augment, visualize)
-    nms = partial(non_max_suppression, conf_thres=conf_thres, iou_thres=iou_thres, classes=classes,
-                  agnostic=agnostic_nms, multi_label=multi_label, max_det=max_det)
-    names = info["names"] or _names_from_data(data)
-    stride = max(info["stride"], 32)
-    imgsz = check_img_size(imgsz, stride)
-    check_artifact_size(predictor, imgsz, weights)
-    outputs = OutputOptions(run_dir.create(), names, save_txt, save_conf, save_crop, nosave, line_thickness,
-                            hide_labels, hide_conf, visualize, view_img)
+    _check_pytorch_only_options(is_torch, opts.augment, opts.visualize)
+    nms = partial(non_max_suppression, conf_thres=opts.conf_thres, iou_thres=opts.iou_thres, classes=opts.classes,
+                  agnostic=opts.agnostic_nms, multi_label=opts.multi_label, max_det=opts.max_det)
+    names = info.names or _names_from_data(opts.data)
+    stride = max(info.stride, 32)
+    imgsz = check_img_size(opts.imgsz, stride)
+    check_artifact_size(predictor, imgsz, opts.weights)
+    outputs = OutputOptions(run_dir.create(), names, opts.save_txt, opts.save_conf, opts.save_crop, opts.nosave,
+                            opts.line_thickness, opts.hide_labels, opts.hide_conf, opts.visualize, opts.view_img)
     save_dir = outputs.save_dir
     sink = VideoSink()
     results = []
-    for frame in iterate_frames(files, vid_stride):
-        det = _detect_frame(predictor, frame, imgsz, stride, torch_device, augment, half, nms, outputs)
+    for frame in iterate_frames(files, opts.vid_stride):
+        det = _detect_frame(predictor, frame, imgsz, stride, torch_device, opts.augment, opts.half, nms, outputs)
         results.append({"path": str(frame.path), "frame": frame.frame, "detections": det})
         _save_outputs(frame, det, outputs, sink)
     sink.close()
@@ -110,7 +137,7 @@ def classify_source(predictor: Any, files: list[Path], imgsz: int, heads: Sequen
                     outputs: OutputOptions, save_csv: bool = False, vid_stride: int = 1) -> list[dict[str, Any]]:
     """detect.py on a classifier: each head's top class per image (or video frame), in the log, drawn on the
     saved image (unless --nosave), in ``labels/<stem>.txt`` (--save-txt) and ``predictions.csv`` (--save-csv)."""
-    from utils.tasks.classify import classify_images, write_predictions_csv
+    from utils.inference.classification import classify_images, write_predictions_csv
 
     frames = list(iterate_frames(files, vid_stride))
     rows = classify_images(predictor, ((_frame_name(f), f.image) for f in frames), imgsz, heads)

@@ -17,14 +17,17 @@ import torch
 from torch import nn
 
 from utils.common.errors import UserError
+from utils.common.torch_utils import recalibrate_batchnorm
 from utils.compress.prune import eagleeye, slim
+from utils.compress.prune.analysis import analyse_channels
 from utils.compress.prune.cost import CostModel
-from utils.compress.prune.groups import ChannelAnalysis, analyse_channels, batchnorm_members
+from utils.compress.prune.groups import ChannelAnalysis, batchnorm_members
 from utils.compress.prune.io import check_writable, save_pruned
 from utils.compress.prune.plan import Plan
 from utils.compress.prune.report import format_layer_table, format_totals, model_size
 from utils.compress.prune.surgery import prune_model
 from utils.compress.sparsity import SMALL_GAMMA
+from utils.tasks import Task, TaskOptions, build_task, model_info, task_of
 
 LOGGER = logging.getLogger(__name__)
 
@@ -87,6 +90,15 @@ def load_trained(weights: str) -> tuple[nn.Module, dict[str, Any]]:
     return model, loaded.meta
 
 
+def prune_task(model: nn.Module, meta: dict[str, Any], opts: PruneOptions) -> Task:
+    """The model's task on ``--data``: adaptive BatchNorm batches, candidate scores, validation before fine-tuning.
+    A model trained on other data (other classes or heads) is refused as val.py refuses it."""
+    task = build_task(task_of(model), opts.data, TaskOptions(imgsz=opts.imgsz, batch_size=opts.batch_size,
+                                                             workers=opts.workers, seed=opts.seed))
+    task.check_model(model_info(model, meta.get("names")), opts.weights)
+    return task
+
+
 def analyse(model: nn.Module) -> ChannelAnalysis:
     analysis = analyse_channels(model)
     if not analysis.groups:
@@ -111,6 +123,7 @@ def run_slim(opts: PruneOptions, global_percent: float | None, remain_ratio: flo
         if value is not None and not 0 < value < 1:
             raise UserError(f"{flag} {value}: expected a share strictly between 0 and 1")
     model, meta = load_trained(opts.weights)
+    task = prune_task(model, meta, opts)
     analysis = analyse(model)
     share = sparse_share(model, analysis)
     if share < SPARSE_SHARE_WARNING and not meta.get("sparse"):
@@ -131,7 +144,7 @@ def run_slim(opts: PruneOptions, global_percent: float | None, remain_ratio: flo
                 100 * share)
     note = {"method": "slim", "source": opts.weights, "threshold": round(threshold, 6),
             **({"global_percent": global_percent} if global_percent is not None else {"remain_ratio": remain_ratio})}
-    return _finish(model, meta, analysis, plan, opts, note, calibrate=False)
+    return _finish(model, meta, analysis, plan, opts, note, task)
 
 
 def run_eagleeye(opts: PruneOptions, settings: eagleeye.SearchSettings, calibration_batches: int,
@@ -144,19 +157,19 @@ def run_eagleeye(opts: PruneOptions, settings: eagleeye.SearchSettings, calibrat
         raise UserError(f"--delta {settings.delta}: expected a tolerance in (0, 1), e.g. 0.02")
     if settings.max_iter < 1 or calibration_batches < 1 or score_images < 1:
         raise UserError("--max-iter, --calib-batches and --score-images must be at least 1")
-    from utils.compress.prune.evaluate import prune_data
-
     model, meta = load_trained(opts.weights)
+    task = prune_task(model, meta, opts)
     analysis = analyse(model)
     cost = CostModel(model, analysis.groups, opts.imgsz)
     try:
         eagleeye.check_budget(cost, [g.size for g in analysis.groups], settings)
     except eagleeye.BudgetError as exc:
         raise UserError(str(exc)) from None
-    data = prune_data(model, opts.data, opts.imgsz, opts.batch_size, calibration_batches, score_images,
-                      opts.workers, opts.seed)
+    calibration = task.calibration_batches(calibration_batches)
+    sample = task.sample_batches(score_images)
     try:
-        candidates = eagleeye.search(model, analysis.groups, cost, data.calibration, data.score, settings)
+        candidates = eagleeye.search(model, analysis.groups, cost, calibration,
+                                     lambda candidate: task.score(candidate, sample), settings)
     except eagleeye.BudgetError as exc:
         raise UserError(str(exc)) from None
     best, plan = eagleeye.best_plan(model, analysis.groups, candidates)
@@ -165,33 +178,29 @@ def run_eagleeye(opts: PruneOptions, settings: eagleeye.SearchSettings, calibrat
                 best.flops_ratio, best.score, len(candidates), csv_path)
     note = {"method": "eagleeye", "source": opts.weights, "remain_ratio": settings.remain_ratio,
             "delta": settings.delta, "candidates": len(candidates), "best_candidate": best.number}
-    result = _finish(model, meta, analysis, plan, opts, note, calibrate=True, data=data)
+    result = _finish(model, meta, analysis, plan, opts, note, task, calibration)
     result.extra = {"candidates_csv": csv_path, "best": best,
                     "seconds_per_candidate": sorted(c.seconds for c in candidates)[len(candidates) // 2]}
     return result
 
 
 def _finish(model: nn.Module, meta: dict[str, Any], analysis: ChannelAnalysis, plan: Plan, opts: PruneOptions,
-            note: dict[str, Any], calibrate: bool, data: Any = None) -> PruneResult:
-    """Cut, report, score and save (shared tail of both tools)."""
+            note: dict[str, Any], task: Task, calibration: list[torch.Tensor] | None = None) -> PruneResult:
+    """Cut, report, score and save (shared tail of both tools); ``calibration`` batches re-estimate the pruned
+    model's BatchNorm statistics (EagleEye: fine-tuning starts from the network that was scored)."""
     pruned = prune_model(model, analysis.groups, plan, note=note)
-    if calibrate:
-        from utils.compress.prune.evaluate import recalibrate_batchnorm
-
-        recalibrate_batchnorm(pruned, data.calibration)  # start fine-tuning from the scored network
+    if calibration:
+        recalibrate_batchnorm(pruned, calibration)
     before, after = model_size(model, opts.imgsz), model_size(pruned, opts.imgsz)
     LOGGER.info("\n%s", format_layer_table(model, pruned, analysis.kept_whole))
     LOGGER.info("%s", format_totals(before, after, opts.imgsz))
     result_before = {"parameters": before.parameters, "gflops": before.gflops}
     result_after = {"parameters": after.parameters, "gflops": after.gflops}
     if not opts.noval:
-        if data is None:
-            from utils.compress.prune.evaluate import prune_data
-
-            data = prune_data(model, opts.data, opts.imgsz, opts.batch_size, 0, 1, opts.workers, opts.seed)
-        metrics = data.validate(pruned.eval())
-        result_after["metrics"] = metrics
-        LOGGER.info("pruned model before fine-tuning: %s", data.summary(metrics))
+        metrics = task.evaluate(pruned.eval(), task.val_loader())
+        LOGGER.info("\n%s", task.report(metrics))
+        result_after["metrics"] = {k: float(metrics[k]) for k in task.headline_metrics}
+        LOGGER.info("pruned model before fine-tuning: %s", task.summary(metrics))
     header = (f"{Path(opts.path).name}: {note['method']} pruning of {opts.weights} "
               f"({after.gflops / max(before.gflops, 1e-9):.1%} of the GFLOPs at {opts.imgsz})\n"
               "Written by yolo-kit; fine-tune with: python train.py --cfg THIS.yaml --weights THIS.pt --data ...")

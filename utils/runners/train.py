@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from utils.common.errors import FlagError, MissingFileError
-from utils.common.flags import check_train_config
 from utils.common.paths import latest_run
 from utils.common.torch_utils import select_device
-from utils.train.config import TrainConfig
+from utils.train.config import TrainConfig, check_train_config
 from utils.train.precision import requested_precision, resumed_precision, with_precision
 
 if TYPE_CHECKING:
@@ -25,8 +24,8 @@ DEFAULT_MODEL = "yolov5n.yaml"
 
 
 def make_task(cfg: TrainConfig) -> Task:
-    """DetectTask or ClassifyTask, from the model YAML's (or checkpoint's) last layer."""
-    from utils.tasks import task_for_model
+    """The task of the model the config trains (its YAML's, or its checkpoint's, last layer) on ``cfg.data``."""
+    from utils.tasks import build_task, task_of
 
     source: Any = cfg.cfg
     if not source:
@@ -35,13 +34,7 @@ def make_task(cfg: TrainConfig) -> Task:
         from utils.weights.checkpoint import load_checkpoint
 
         source = load_checkpoint(cfg.weights).model
-    if task_for_model(source) == "detect":
-        from utils.tasks.detect import DetectTask
-
-        return DetectTask(cfg)
-    from utils.tasks.classify import ClassifyTask
-
-    return ClassifyTask(cfg)
+    return build_task(task_of(source), cfg.data, cfg.task_options())
 
 
 def resume_config(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
@@ -102,11 +95,11 @@ def run_training(cfg: TrainConfig) -> dict[str, float]:
         from utils.compress.quant.qat import check_qat_flags
 
         check_qat_flags(cfg)
-    cfg = resolve_batch_size(cfg, lambda: make_task(cfg).build_model())  # --batch-size -1: AutoBatch
+    cfg = resolve_batch_size(cfg, lambda: make_task(cfg).build_model(cfg.model_source()))  # --batch-size -1
     if cfg.evolve:
         from utils.train.evolve import evolve
 
-        return evolve(cfg)
+        return evolve(cfg, make_task)
     state = None
     if cfg.resume:
         cfg, state = resume_config(cfg)

@@ -118,7 +118,6 @@ def main(argv: list[str] | None = None) -> int:
     at_least("--n", args.n, 1)
     positive("--thr", args.thr)
     at_least("--generations", args.generations, 0)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     data = load_data_config(args.data)
     if not data.get("train"):
         raise DataConfigError(f"{data['yaml_file']}: no 'train' split to cluster anchors on")

@@ -1,7 +1,20 @@
-"""Training callbacks: one signature ``hook(trainer)`` per event; loggers are ordinary callbacks.
+"""Training callbacks: one signature ``hook(trainer)`` per event; loggers and the training plug-ins (freezing,
+sparse training, QAT, distillation) are ordinary callbacks.
 
-Events (YOLOv5's names): on_pretrain_routine_end, on_train_epoch_start, on_train_batch_end,
-on_fit_epoch_end, on_model_save, on_train_end.
+Events, in the order a run fires them (YOLOv5's names where YOLOv5 has the event):
+
+* ``on_model_built``: the model is built and on its device, no data loaded yet (checks that need the model);
+* ``on_loaders_built``: the loaders exist, the optimizer and EMA not yet: a plug-in may replace
+  ``trainer.model`` (QAT) or ``trainer.memory_format``;
+* ``on_pretrain_routine_end``: everything is set up: a plug-in may wrap ``trainer.loss_fn``, extend
+  ``trainer.loss_names`` and record ``trainer.checkpoint_extras``;
+* ``on_train_epoch_start``: the task's plan for the epoch has set ``requires_grad``; a plug-in may freeze more;
+* ``on_before_optimizer_step``: gradients are final (unscaled, clipped); a plug-in may add to them;
+* ``on_train_batch_end``;
+* ``on_train_epoch_end``: the epoch's batches are done: a plug-in may add to ``trainer.extra_scalars`` and
+  ``trainer.extra_histograms`` (logged with the epoch);
+* ``on_fit_epoch_end``: validated and saved; loggers write the epoch's row;
+* ``on_model_save``, ``on_train_end``.
 """
 
 from __future__ import annotations
@@ -19,8 +32,9 @@ if TYPE_CHECKING:
 
 LOGGER = logging.getLogger(__name__)
 
-EVENTS = ("on_pretrain_routine_end", "on_train_epoch_start", "on_train_batch_end", "on_fit_epoch_end",
-          "on_model_save", "on_train_end")
+EVENTS = ("on_model_built", "on_loaders_built", "on_pretrain_routine_end", "on_train_epoch_start",
+          "on_before_optimizer_step", "on_train_batch_end", "on_train_epoch_end", "on_fit_epoch_end", "on_model_save",
+          "on_train_end")
 
 
 class Callbacks:
@@ -43,6 +57,14 @@ class Callbacks:
     def run(self, event: str, trainer: Any) -> None:
         for hook in self._hooks.get(event, []):
             hook(trainer)
+
+    def merged_after(self, first: Callbacks) -> Callbacks:
+        """A new list: every hook of ``first``, then this list's hooks, event by event."""
+        merged = Callbacks()
+        for source in (first, self):
+            for event, hooks in source._hooks.items():
+                merged._hooks[event].extend(hooks)
+        return merged
 
 
 class CSVLogger:
@@ -93,7 +115,7 @@ class TensorBoardLogger:
         for key, value in trainer.epoch_row().items():
             if key != "epoch" and isinstance(value, (int, float)):
                 self.writer.add_scalar(key, value, trainer.epoch)
-        for tag, values in getattr(trainer, "epoch_histograms", dict)().items():
+        for tag, values in trainer.extra_histograms.items():
             if values.numel():
                 self.writer.add_histogram(tag, values, trainer.epoch)
         self.writer.flush()

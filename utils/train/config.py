@@ -7,14 +7,18 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from utils.common.cli import UserArgumentParser
-from utils.common.errors import UserError
+from utils.common.errors import FlagError, UserError
+from utils.common.flags import at_least, existing_weights, fraction, image_sizes, positive
 from utils.common.paths import find_file
 from utils.common.user_files import load_user_yaml
+
+if TYPE_CHECKING:
+    from utils.tasks.base import ModelSource, TaskOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = ROOT / "data" / "neu-det-sample.yaml"
@@ -178,6 +182,26 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def model_source(self) -> ModelSource:
+        """Where the training model comes from (--cfg, --weights and the size overrides)."""
+        from utils.tasks.base import ModelSource
+
+        return ModelSource(cfg=self.cfg, weights=self.weights, nc=self.nc, depth_multiple=self.depth_multiple,
+                           width_multiple=self.width_multiple, head_balance=self.head_balance)
+
+    def task_options(self) -> TaskOptions:
+        """What the task needs of these flags (the rest belongs to the training loop and its plug-ins)."""
+        from utils.tasks.base import TaskOptions
+
+        return TaskOptions(imgsz=self.imgsz, batch_size=self.batch_size, workers=self.workers, seed=self.seed,
+                           single_cls=self.single_cls, cache=self.cache, rect=self.rect,
+                           image_weights=self.image_weights, multi_scale=self.multi_scale,
+                           autoanchor=not self.noautoanchor, plots=not self.noplots, save_dir=self.save_dir,
+                           heads_mode=self.heads_mode,
+                           head_weights=tuple(self.head_weights) if self.head_weights else None,
+                           finetune_epochs=self.finetune_epochs, epochs=self.epochs,
+                           distill_temperature=self.distill_temperature)
+
 
 def build_parser(config_cls: type = TrainConfig, description: str = "") -> argparse.ArgumentParser:
     """An argparse parser with one flag per dataclass field (plus yolov5's aliases)."""
@@ -203,15 +227,64 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
     return TrainConfig(**vars(args))
 
 
-def add_inference_args(parser: argparse.ArgumentParser, run_kind: str) -> None:
-    """Flags val.py and detect.py share: weights, size, device, precision, label files, output folder."""
-    parser.add_argument("--weights", required=True, help="model weights (.pt, .torchscript, .onnx, folder, .engine)")
-    parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="inference size (pixels)")
-    parser.add_argument("--device", default="", help="cuda device, i.e. 0 or cpu")
-    parser.add_argument("--half", action="store_true", help="FP16 inference (CUDA)")
-    parser.add_argument("--augment", action="store_true", help="test-time augmentation (flips and scales; .pt only)")
-    parser.add_argument("--save-txt", action="store_true", help="save results to *.txt")
-    parser.add_argument("--save-conf", action="store_true", help="save confidences in --save-txt labels")
-    parser.add_argument("--project", default=str(ROOT / "runs" / run_kind), help="save to project/name")
-    parser.add_argument("--name", default="exp", help="save to project/name")
-    parser.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
+CACHE_CHOICES = ("ram", "ram-jpeg", "disk")
+MAX_SEED = 2**32 - 1  # NumPy's seed range
+
+
+def check_train_config(cfg: TrainConfig) -> None:
+    """train.py: every numeric flag in its domain, choice flags known, named files present."""
+    at_least("--epochs", cfg.epochs, 1)
+    if cfg.batch_size != -1:
+        at_least("--batch-size", cfg.batch_size, 1, " (or -1 for AutoBatch)")
+    image_sizes("--imgsz", cfg.imgsz)
+    at_least("--workers", cfg.workers, 0)
+    at_least("--nc", cfg.nc, 1)
+    positive("--depth-multiple", cfg.depth_multiple)
+    positive("--width-multiple", cfg.width_multiple)
+    fraction("--label-smoothing", cfg.label_smoothing, include_one=False)
+    at_least("--patience", cfg.patience, 0, " (0 disables early stopping)")
+    at_least("--extend", cfg.extend, 0)
+    if cfg.extend and not cfg.resume:
+        raise FlagError(f"--extend {cfg.extend}: needs --resume (it adds epochs to a finished run)")
+    at_least("--evolve", cfg.evolve, 1, " generation")
+    at_least("--finetune-epochs", cfg.finetune_epochs, 0)
+    if cfg.finetune_epochs >= cfg.epochs:
+        raise FlagError(f"--finetune-epochs {cfg.finetune_epochs}: must be fewer than --epochs {cfg.epochs}")
+    at_least("--max-batches", cfg.max_batches, 0)
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise FlagError(f"--seed {cfg.seed}: must lie in [0, {MAX_SEED}]")
+    if cfg.cache is not None and cfg.cache not in CACHE_CHOICES:
+        raise FlagError(f"--cache {cfg.cache}: choose one of {', '.join(CACHE_CHOICES)} (or --cache alone for ram)")
+    for weight in cfg.head_weights or []:
+        at_least("--head-weights", weight, 0)
+    if cfg.head_weights and not any(cfg.head_weights):
+        raise FlagError("--head-weights: at least one weight must be greater than 0")
+    _check_freeze(cfg)
+    _check_train_files(cfg)
+
+
+def _check_freeze(cfg: TrainConfig) -> None:
+    from utils.train.freeze import parse_freeze_schedule
+
+    parse_freeze_schedule(cfg.freeze_schedule)
+    spec = cfg.freeze or []
+    if spec and spec != ["backbone"]:
+        if not all(item.lstrip("-").isdigit() for item in spec):
+            raise FlagError(f"--freeze {' '.join(spec)}: expects N (the first N layers), 'backbone' or layer indices")
+        for item in spec:
+            at_least("--freeze", int(item), 0)
+
+
+def _check_train_files(cfg: TrainConfig) -> None:
+    """The files train.py will read: weights, model YAML, data YAML, hyp YAML (loaded: it is small)."""
+    from utils.data.config import DATA_DIR
+
+    if cfg.resume:
+        return  # the run's own saved files are used; resume_config checks the path
+    existing_weights(cfg.weights)
+    if cfg.cfg:
+        from models.yaml_config import find_model_yaml
+
+        find_model_yaml(cfg.cfg)
+    find_file(cfg.data, DATA_DIR, "--data YAML")
+    load_hyp(cfg.hyp, cfg.hyp_override)

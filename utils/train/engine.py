@@ -3,7 +3,10 @@
 :class:`Trainer` owns what all tasks share: device and DDP, AMP, EMA, gradient accumulation to a nominal
 batch of 64, warm-up, the lr schedule, freezing, checkpoints (atomic, with every state needed for an exact
 resume), early stopping and the callbacks that log. A :class:`~utils.tasks.base.Task` supplies the model,
-the data, the loss, validation and the fitness number.
+the data, the loss, validation and the fitness number. Training features that change how a run trains
+(freezing, sparse training, QAT, distillation) are plug-ins: callbacks on the events of
+:mod:`utils.train.callbacks`, chosen from the config by :func:`utils.train.plugins.plugins_for`; the loop has no
+branch for any of them.
 
 Exact resume: every epoch starts by reseeding all random generators from ``(seed, epoch)`` and gradients
 accumulated after an epoch's last optimizer step are dropped by the next epoch's ``zero_grad`` (as v7.0
@@ -39,12 +42,11 @@ from utils.common.torch_utils import (
     set_inplace_activations,
     training_memory_format,
 )
-from utils.compress.sparsity import SparseTraining
 from utils.tasks.base import Task
 from utils.train.callbacks import Callbacks, default_callbacks
 from utils.train.config import TrainConfig, load_hyp
 from utils.train.ema import ModelEMA
-from utils.train.freeze import apply_trainable, freeze_batchnorm_stats, frozen_layer_indices, layer_index
+from utils.train.freeze import apply_trainable, freeze_batchnorm_stats
 from utils.train.optim import SAM, build_optimizer, lr_lambda, scheduled_factor, warmup_step
 from utils.train.precision import requested_precision, resolve_precision, with_precision
 from utils.weights.checkpoint import load_state_strict, remove_stale_temp_files, save_checkpoint
@@ -59,11 +61,22 @@ def distributed_context() -> tuple[int, int, int]:
 
 
 class Trainer:
-    """Fits ``task`` according to ``cfg``; ``fit()`` returns the final metrics."""
+    """Fits ``task`` according to ``cfg``; ``fit()`` returns the final metrics.
 
-    def __init__(self, task: Task, cfg: TrainConfig, callbacks: Callbacks | None = None):
+    ``plugins`` (default: those ``cfg`` asks for) are callback objects whose hooks run before the other
+    callbacks of each event.
+    """
+
+    def __init__(self, task: Task, cfg: TrainConfig, callbacks: Callbacks | None = None,
+                 plugins: list[Any] | None = None):
+        from utils.train.plugins import plugins_for
+
         self.task, self.cfg = task, cfg
-        self.callbacks = callbacks or default_callbacks()
+        self.plugins = plugins_for(cfg) if plugins is None else list(plugins)
+        own = Callbacks()
+        for plugin in self.plugins:
+            own.add_logger(plugin)
+        self.callbacks = (callbacks or default_callbacks()).merged_after(own)
         self.rank, self.local_rank, self.world_size = distributed_context()
         self.device = self._init_device()
         self.precision = resolve_precision(requested_precision(cfg), self.device)
@@ -77,11 +90,11 @@ class Trainer:
         self.epoch, self.start_epoch, self.epochs = 0, 0, cfg.epochs
         self.best_fitness, self.best_epoch = -math.inf, -1
         self.metrics: dict[str, float] = {}
-        # results.csv / progress-bar loss columns: the task's, plus the --teacher distillation term
-        self.loss_names = (*task.loss_names, "distill") if cfg.teacher else tuple(task.loss_names)
+        self.loss_names = tuple(task.loss_names)  # results.csv / progress-bar loss columns (plug-ins may add)
         self.train_loss = torch.zeros(len(self.loss_names))
-        self.sparse: SparseTraining | None = None
-        self.distillation: Any = None  # utils.compress.distill.Distillation under --teacher
+        self.extra_scalars: dict[str, float] = {}  # plug-ins' per-epoch values (results.csv, TensorBoard)
+        self.extra_histograms: dict[str, torch.Tensor] = {}  # plug-ins' per-epoch TensorBoard histograms
+        self.checkpoint_extras: dict[str, Any] = {}  # plug-ins' plain data, recorded in every checkpoint
         self.last_opt_step = -1
         self.epoch_lrs: list[float] = []
         self.resume_state: dict[str, Any] | None = None
@@ -115,19 +128,15 @@ class Trainer:
             (self.save_dir / "opt.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         seed_everything(cfg.seed + self.rank, cfg.deterministic)
         self.task.save_dir = self.save_dir
-        self.model = self.task.build_model().to(self.device)
-        self.static_frozen = frozen_layer_indices(self.model, cfg.freeze)  # a bad --freeze fails before data loads
+        self.model = self.task.build_model(cfg.model_source()).to(self.device)
+        self.callbacks.run("on_model_built", self)  # checks that need the model fail before any data loads
         # before the EMA copy, so that it matches; DDP ranks each see batch_size // world_size images
         self.memory_format = training_memory_format(self.model, cfg.imgsz, max(cfg.batch_size // self.world_size, 1),
                                                     throughout=cfg.compile or self.precision.name == "bf16")
         if self.device.type == "cpu":
             set_inplace_activations(self.model, False)
         self.train_loader, self.val_loader = self.task.build_loaders(self.model)
-        if cfg.qat:  # fold BN, insert fake quantizers, calibrate on training batches (utils/compress/quant/qat.py)
-            from utils.compress.quant.qat import prepare_for_training
-
-            self.model = prepare_for_training(self.model, self.train_loader, self.task.preprocess, self.device)
-            self.memory_format = torch.contiguous_format
+        self.callbacks.run("on_loaders_built", self)
         if self.world_size > 1:
             self.train_loader = distributed_loader(self.train_loader, self.world_size, self.rank, cfg.seed)
         self._init_optimization()
@@ -137,20 +146,7 @@ class Trainer:
             self._wrap_ddp()
         self.forward_model = compiled(self.model) if cfg.compile else self.model
         self.loss_fn = self.task.criterion(de_parallel(self.model))
-        self._init_pruning_aids()
         self.callbacks.run("on_pretrain_routine_end", self)
-
-    def _init_pruning_aids(self) -> None:
-        """--sparse (Network Slimming's L1 on BN gammas) and --teacher (distillation added to the task loss)."""
-        cfg = self.cfg
-        if cfg.sparse:
-            self.sparse = SparseTraining(de_parallel(self.model), cfg.sparse, cfg.sparse_decay)
-        if cfg.teacher:
-            from utils.compress.distill import build_distillation
-
-            self.distillation = build_distillation(self.task, de_parallel(self.model), cfg, self.device,
-                                                   self.memory_format)
-            self.loss_fn = self.distillation.wrap(self.loss_fn)
 
     def _init_optimization(self) -> None:
         cfg, hyp = self.cfg, self.hyp
@@ -197,6 +193,8 @@ class Trainer:
             self.epoch = epoch
             self._begin_epoch()
             self.train_loss = self.train_one_epoch()
+            self.extra_scalars, self.extra_histograms = {}, {}
+            self.callbacks.run("on_train_epoch_end", self)
             self.epoch_lrs = [group["lr"] for group in self.optimizer.param_groups]  # logged: used this epoch
             self.scheduler.step()
             if self.is_main:
@@ -207,20 +205,14 @@ class Trainer:
 
     def _begin_epoch(self) -> None:
         plan = self.task.epoch_plan(self.epoch, self.epochs)
-        static = self.static_frozen
-
-        def trainable(name: str) -> bool:
-            allowed = plan.trainable is None or plan.trainable(name)
-            return allowed and layer_index(name) not in static
-
-        apply_trainable(de_parallel(self.model), trainable if (plan.trainable or static) else None)
+        apply_trainable(de_parallel(self.model), plan.trainable)
         self.lr_scale = plan.lr_scale
         if plan.description:
             LOGGER.info("epoch %d trains %s", self.epoch, plan.description)
+        self.callbacks.run("on_train_epoch_start", self)  # plug-ins may freeze more (--freeze, schedules)
         self.model.train()
         freeze_batchnorm_stats(self.model)
         reseed_for_epoch(self.cfg.seed + self.rank, self.epoch, self.train_loader)
-        self.callbacks.run("on_train_epoch_start", self)
 
     def train_one_epoch(self) -> torch.Tensor:
         loader = self.train_loader
@@ -273,8 +265,7 @@ class Trainer:
         if self.sam is not None:
             self._sam_second_pass(batch)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.hyp["grad_clip"])
-        if self.sparse is not None:  # after clipping: the L1 term keeps its exact strength S
-            self.sparse.apply(self.epoch, self.epochs)
+        self.callbacks.run("on_before_optimizer_step", self)  # after clipping: added terms keep their strength
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad()
@@ -313,14 +304,9 @@ class Trainer:
         for key, value in self.metrics.items():  # the task's validation losses come already named "val/..."
             if isinstance(value, (int, float)):
                 row[key if key.startswith("val/") else f"metrics/{key}"] = float(value)
-        if self.sparse is not None and self.ema is not None:
-            row.update(self.sparse.epoch_row(self.ema.ema))
+        row.update(self.extra_scalars)
         row.update({f"lr/pg{j}": float(lr) for j, lr in enumerate(self.epoch_lrs)})
         return row
-
-    def epoch_histograms(self) -> dict[str, torch.Tensor]:
-        """TensorBoard histograms of the epoch: the EMA's prunable BN gammas under --sparse."""
-        return self.sparse.epoch_histograms(self.ema.ema) if self.sparse is not None and self.ema is not None else {}
 
     def _should_stop(self) -> bool:
         patience = self.cfg.patience or math.inf  # 0 disables early stopping, as in v7.0
@@ -358,9 +344,8 @@ class Trainer:
             return
         meta = {"epoch": self.epoch, "fitness": float(self.task.fitness(self.metrics)) if self.metrics else None,
                 "metrics": {k: float(v) for k, v in self.metrics.items() if isinstance(v, (int, float))},
-                "precision": self.precision.name,
-                "sparse": float(self.cfg.sparse)}  # prune_slim.py warns when a model was not trained sparse
-        extra = self.task.checkpoint_meta() if hasattr(self.task, "checkpoint_meta") else {}
+                "precision": self.precision.name, **self.checkpoint_extras}
+        extra = self.task.checkpoint_meta()
         last = save_checkpoint(self.ema.ema, self.weights_dir / "last.pt", self.train_state(), **meta, **extra)
         if is_best:
             save_checkpoint(self.ema.ema, self.weights_dir / "best.pt", None, **meta, **extra)
@@ -383,11 +368,9 @@ class Trainer:
     def _finish(self) -> dict[str, float]:
         if self.is_main:
             best = self.weights_dir / "best.pt"
-            if best.exists() and self.val_loader is not None and hasattr(self.task, "final_validation"):
+            if best.exists() and self.val_loader is not None:
                 self.metrics = self.task.final_validation(best, self.val_loader, self.save_dir,
                                                           plots=not self.cfg.noplots)
-            if self.sparse is not None and not self.cfg.noplots:
-                self.sparse.plot(self.ema.ema, self.save_dir)
             self.callbacks.run("on_train_end", self)
             LOGGER.info("%d epochs completed; results saved to %s", self.epoch - self.start_epoch + 1,
                         self.save_dir)

@@ -1,7 +1,10 @@
 """``train.py --evolve N``: genetic hyperparameter search, one full (short) training per generation.
 
 Each generation picks a parent among the best rows of ``evolve.csv`` (fitness-weighted), mutates the
-evolvable hyperparameters by a random factor, clips them to their ranges, trains, and appends one row.
+evolvable hyperparameters by a random factor, clips them to their ranges, trains, and appends one row: the
+task's headline metrics (detectors: P, R, mAP50, mAP50-95; classifiers: mean and per-head top-1), its fitness
+(the number that picks best.pt), and the hyperparameters. Classifiers use the same search space; the
+augmentation keys of detection (mosaic, mixup...) do nothing for them.
 evolve.csv is appended after every generation, so an interrupted search loses at most one generation and
 restarting the same command continues it. The best row is written to ``hyp_evolve.yaml`` and plotted.
 """
@@ -11,12 +14,17 @@ from __future__ import annotations
 import csv
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import yaml
 
 from utils.train.config import TrainConfig, load_hyp
+
+if TYPE_CHECKING:
+    from utils.tasks.base import Task
 
 LOGGER = logging.getLogger(__name__)
 
@@ -31,7 +39,6 @@ SEARCH_SPACE: dict[str, tuple[float, float, float]] = {
     "flipud": (1, 0.0, 1.0), "fliplr": (0, 0.0, 1.0), "mosaic": (1, 0.0, 1.0), "mixup": (1, 0.0, 1.0),
     "copy_paste": (1, 0.0, 1.0),
 }
-METRIC_COLUMNS = ("P", "R", "mAP50", "mAP50-95", "fitness")
 
 
 def read_history(path: Path) -> list[dict[str, float]]:
@@ -73,9 +80,9 @@ def append_row(path: Path, row: dict[str, float]) -> None:
         writer.writerow({k: f"{v:.6g}" for k, v in row.items()})
 
 
-def evolve(cfg: TrainConfig) -> dict[str, float]:
-    """Run ``cfg.evolve`` generations (continuing an existing evolve.csv in the run folder)."""
-    from utils.runners.train import make_task
+def evolve(cfg: TrainConfig, make_task: Callable[[TrainConfig], Task]) -> dict[str, float]:
+    """Run ``cfg.evolve`` generations (continuing an existing evolve.csv in the run folder); ``make_task`` builds
+    each generation's task, which also scores it."""
     from utils.train.engine import fit
 
     out_dir = Path(cfg.project) / f"{cfg.name}_evolve"
@@ -90,9 +97,10 @@ def evolve(cfg: TrainConfig) -> dict[str, float]:
         hyp_file.write_text(yaml.safe_dump({k: hyp[k] for k in base}, sort_keys=False))
         run_cfg = dataclasses.replace(cfg, evolve=None, hyp=str(hyp_file), hyp_override=None, noplots=True,
                                       project=str(out_dir), name=f"gen{generation}", exist_ok=True, noval=True)
-        metrics = fit(make_task(run_cfg), run_cfg)
-        fitness = 0.1 * metrics.get("mAP50", 0.0) + 0.9 * metrics.get("mAP50-95", 0.0)
-        row = {**{k: float(metrics.get(k, 0.0)) for k in METRIC_COLUMNS[:-1]}, "fitness": fitness,
+        task = make_task(run_cfg)
+        metrics = fit(task, run_cfg)
+        fitness = task.fitness(metrics) if metrics else 0.0
+        row = {**{k: float(metrics.get(k, 0.0)) for k in task.headline_metrics}, "fitness": fitness,
                **{k: float(hyp[k]) for k in SEARCH_SPACE}}
         append_row(csv_path, row)
         LOGGER.info("evolve generation %d/%d: fitness %.4f", generation + 1, cfg.evolve, fitness)
@@ -107,7 +115,7 @@ def write_best(csv_path: Path, base: dict) -> dict[str, float]:
         f"# best of {len(history)} generations, fitness {best['fitness']:.5f}\n"
         + yaml.safe_dump(best_hyp, sort_keys=False))
     plot_evolution(history, csv_path.with_suffix(".png"))
-    return {k: best[k] for k in METRIC_COLUMNS}
+    return {k: value for k, value in best.items() if k not in SEARCH_SPACE}
 
 
 def plot_evolution(history: list[dict[str, float]], path: Path) -> None:

@@ -1,12 +1,18 @@
-"""Which parameters train: ``--freeze N | backbone | i j k`` and ``--freeze-schedule alternate:K``."""
+"""Which parameters train: ``--freeze N | backbone | i j k`` and ``--freeze-schedule alternate:K``, as the
+training plug-in :class:`Freezing`."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
 from utils.common.errors import FlagError
+from utils.common.torch_utils import de_parallel
+
+LOGGER = logging.getLogger(__name__)
 
 
 def frozen_layer_indices(model: nn.Module, spec: list[str] | None) -> set[int]:
@@ -82,3 +88,34 @@ def alternate_plan(epoch: int, cycle: int, backbone: set[int]) -> tuple[Callable
     if epoch % cycle == 0:
         return trainable_only(backbone), "backbone (head frozen)"
     return trainable_except(backbone), "head (backbone frozen)"
+
+
+class Freezing:
+    """Training plug-in: ``--freeze`` layers never train; ``--freeze-schedule alternate:K`` alternates backbone and
+    head epochs. Checked as soon as the model is built (a bad ``--freeze`` fails before any data loads) and
+    applied at every epoch start, on top of what the task's own plan trains."""
+
+    def __init__(self, freeze: list[str] | None, schedule: str | None):
+        self.spec = freeze
+        self.cycle = parse_freeze_schedule(schedule)
+        self.frozen: set[int] = set()
+        self.backbone: set[int] = set()
+
+    def on_model_built(self, trainer: Any) -> None:
+        model = de_parallel(trainer.model)
+        self.frozen = frozen_layer_indices(model, self.spec)
+        self.backbone = set(model.backbone_indices())
+
+    def on_train_epoch_start(self, trainer: Any) -> None:
+        trainable: Callable[[str], bool] = trainable_except(self.frozen)
+        if self.cycle is not None:
+            scheduled, text = alternate_plan(trainer.epoch, self.cycle, self.backbone)
+            trainable = _both(trainable, scheduled)
+            LOGGER.info("epoch %d trains %s", trainer.epoch, text)
+        for name, param in de_parallel(trainer.model).named_parameters():
+            if not trainable(name):
+                param.requires_grad_(False)
+
+
+def _both(first: Callable[[str], bool], second: Callable[[str], bool]) -> Callable[[str], bool]:
+    return lambda name: first(name) and second(name)

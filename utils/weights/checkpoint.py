@@ -16,7 +16,6 @@ import datetime
 import logging
 import os
 import pickle
-import re
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -26,7 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from utils.common.errors import MissingFileError, UnreadableFileError, UserError
+from utils.common.errors import CheckpointError, MissingFileError, UnreadableFileError, UserError
+from utils.common.flags import missing_weights_message
 
 LOGGER = logging.getLogger(__name__)
 
@@ -45,10 +45,6 @@ _TORCH_NN_CLASSES = (
 # and the PyPI package ``yolov5`` (``yolov5.models.*``, e.g. 7.0.14). Only these exact prefixes are mapped.
 LEGACY_MODULE_PREFIXES = ("", "yolov5.")
 _HEAD_CLASSES = {"Detect", "Segment", "Classify"}  # in v7.0's models/yolo.py; the other blocks: models/common.py
-
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint that cannot be read or does not fit the model; the message names the file."""
 
 
 @dataclass
@@ -118,19 +114,6 @@ def _refused_globals(path: Path, allowed: set[str]) -> list[str]:
     except Exception:  # a legacy (non-zip) or damaged file: the unpickler's own message is reported instead
         return []
     return sorted(name for name in found if name not in allowed)
-
-
-_OFFICIAL_WEIGHTS = re.compile(r"yolov5[nsmlx]6?(-cls|-seg)?\.pt")
-
-
-def missing_weights_message(path: Path) -> str:
-    """What to do about a weights file that is not there; official names are not downloaded, unlike v7.0."""
-    message = f"weights file '{path}' not found; put the .pt file there or pass --weights PATH"
-    if _OFFICIAL_WEIGHTS.fullmatch(path.name):
-        message += (f". Official YOLOv5 weights are not downloaded (no network at run time): fetch {path.name} "
-                    f"from https://github.com/ultralytics/yolov5/releases/tag/v7.0 on a connected machine, "
-                    f"copy it to {path.resolve()}, and it loads as is")
-    return message
 
 
 # What torch.load raises on a file that is not a checkpoint (empty, text, truncated, another archive).
@@ -248,6 +231,7 @@ def library_versions() -> dict[str, str]:
 
 def checkpoint_dict(model: nn.Module, train_state: dict | None = None, **meta: Any) -> dict[str, Any]:
     """Our format: only tensors and plain data (safe to load with ``weights_only=True``)."""
+    from models.yolo import task_of
     from utils.common.torch_utils import de_parallel
 
     bare = de_parallel(model)
@@ -260,7 +244,7 @@ def checkpoint_dict(model: nn.Module, train_state: dict | None = None, **meta: A
                        for k, v in bare.state_dict().items()},
         "names": list(getattr(bare, "names", [])),
         "stride": bare.stride.tolist() if getattr(bare, "stride", None) is not None else None,
-        "task": meta.pop("task", "detect" if hasattr(bare.model[-1], "anchors") else "classify"),
+        "task": meta.pop("task", task_of(bare)),
         "versions": library_versions(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "train_state": train_state,
@@ -302,3 +286,21 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
 
 def save_checkpoint(model: nn.Module, path: str | Path, train_state: dict | None = None, **meta: Any) -> Path:
     return save_atomic(checkpoint_dict(model, train_state, **meta), path)
+
+
+def transfer_from_detector(cls_model: nn.Module, det_checkpoint_path: str | Path) -> tuple[int, int]:
+    """Copy a detector's backbone into a classifier (same layer indices, matching shapes).
+
+    The ``-cls`` YAMLs keep the detection backbone's rows, so ``model.0`` .. ``model.8`` line up with a v7.0
+    detector's. Logs (and returns) ``Transferred X/Y items`` like YOLOv5.
+    """
+    source = load_checkpoint(det_checkpoint_path).model
+    n_backbone = len(getattr(source, "yaml", {}).get("backbone", [])) or len(source.model)
+    shared = {k: v for k, v in source.state_dict().items() if _layer_of(k) is not None and _layer_of(k) < n_backbone}
+    transferred, total = transfer_weights(cls_model, shared, str(det_checkpoint_path))
+    return transferred, total
+
+
+def _layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[1]) if len(parts) > 1 and parts[0] == "model" and parts[1].isdigit() else None

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from utils.common.torch_utils import recalibrate_batchnorm
 from utils.compress.prune.cost import CostModel
-from utils.compress.prune.evaluate import recalibrate_batchnorm
 from utils.compress.prune.groups import ChannelGroup, reduce_to_group
 from utils.compress.prune.plan import Plan, keep_count, plan_from_counts
 from utils.compress.prune.surgery import prune_model

@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from models.yaml_config import dump_model_yaml
+from models.yolo import task_of
 from utils.common.errors import UserError
 from utils.weights.checkpoint import save_checkpoint
 
@@ -43,7 +44,7 @@ def save_pruned(model: nn.Module, path: str | Path, header: str, **meta: Any) ->
     yaml_path, weights_path = pruned_paths(path)
     cfg = dict(model.yaml)
     head = model.model[-1]
-    if hasattr(head, "anchors") and head.stride is not None:
+    if task_of(model) == "detect" and head.stride is not None:
         # the trained anchors (AutoAnchor may have changed the YAML's), in pixels as the YAML writes them
         pixels = (head.anchors * head.stride.view(-1, 1, 1)).view(head.nl, -1)
         cfg["anchors"] = [[round(float(v), 3) for v in level] for level in pixels]

@@ -76,11 +76,11 @@ def check_qat_flags(cfg: Any) -> None:
 def check_qat_supported(model: nn.Module, source: str = "the model") -> None:
     """Refuse, with the reason, models that QAT does not handle: those ending in neither a Detect head nor a
     classification head."""
-    head = model.model[-1] if hasattr(model, "model") else None
-    if head is None or not (hasattr(head, "anchors") or getattr(head, "is_classifier_head", False)):
-        kind = type(head).__name__ if head is not None else type(model).__name__
-        raise UserError(f"--qat: {source} ends in {kind}, neither a Detect head nor a classification head; "
-                        "quantization-aware training supports detectors and classifiers only")
+    from models.yolo import task_of
+
+    if not hasattr(model, "model"):
+        raise UserError(f"--qat: {source} is a {type(model).__name__}, not a YOLO detector or classifier")
+    task_of(model)  # a model ending in anything but a detection or classification head is refused, by name
 
 
 def qat_recipe(stride: int) -> dict[str, Any]:
@@ -154,14 +154,13 @@ class QATDetector(QATModel):
 
 
 class ClassifierHeadInfo(nn.Module):
-    """Weightless stand-in for a classifier's head at ``model[-1]`` (its weights live in the graph): says
-    "classification head" to the code that asks, and which heads there are."""
+    """Weightless stand-in for a classifier's head at ``model[-1]`` (its weights live in the graph): names the
+    registered head class it stands for (so :func:`models.yolo.task_of` answers "classify") and the heads."""
 
-    is_classifier_head = True
-
-    def __init__(self, heads: list[dict[str, Any]]):
+    def __init__(self, heads: list[dict[str, Any]], stands_for: type[nn.Module]):
         super().__init__()
         self.heads = heads
+        self.stands_for = stands_for
 
 
 class QATClassifier(QATModel):
@@ -172,8 +171,9 @@ class QATClassifier(QATModel):
     """
 
     def __init__(self, graph: torch.fx.GraphModule, yaml: dict, names: list[str], stride: torch.Tensor,
-                 recipe: dict[str, Any], heads: list[dict[str, Any]], head_balance: nn.Module | None = None):
-        super().__init__(graph, ClassifierHeadInfo(heads), yaml, names, stride, recipe)
+                 recipe: dict[str, Any], heads: list[dict[str, Any]], head_class: type[nn.Module],
+                 head_balance: nn.Module | None = None):
+        super().__init__(graph, ClassifierHeadInfo(heads, head_class), yaml, names, stride, recipe)
         self.heads = heads
         if head_balance is not None:
             self.head_balance = head_balance
@@ -211,6 +211,7 @@ def prepare_qat(model: nn.Module, recipe: dict[str, Any] | None = None) -> QATMo
     check_qat_supported(model)
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
+    from models.yolo import task_of
     from utils.compress.quant.quantizer import tensorrt_quantizer
 
     head = model.model[-1]
@@ -226,9 +227,10 @@ def prepare_qat(model: nn.Module, recipe: dict[str, Any] | None = None) -> QATMo
         del model.head_balance
     graph = prepare_qat_pt2e(_training_graph(model, stride), tensorrt_quantizer())
     names, strides = list(getattr(model, "names", [])), torch.as_tensor(model.stride).clone()
-    if hasattr(head, "anchors"):
+    if task_of(head) == "detect":
         return QATDetector(graph, _weightless_detect(head), _plain_yaml(model), names, strides, recipe)
-    return QATClassifier(graph, _plain_yaml(model), names, strides, recipe, list(model.heads), head_balance)
+    return QATClassifier(graph, _plain_yaml(model), names, strides, recipe, list(model.heads), type(head),
+                         head_balance)
 
 
 def _plain_yaml(model: nn.Module) -> dict:
@@ -273,6 +275,17 @@ def prepare_for_training(model: nn.Module, loader: Iterable, preprocess: Any, de
     return qat
 
 
+class QuantizationAwareTraining:
+    """Training plug-in for ``--qat``: once the float model and the loaders exist (before the optimizer and the EMA
+    see the model), replace the model by its fake-quantized graph, calibrated on training batches; the graph was
+    captured in the plain NCHW layout, so training batches stay in it."""
+
+    def on_loaders_built(self, trainer: Any) -> None:
+        trainer.model = prepare_for_training(trainer.model, trainer.train_loader, trainer.task.preprocess,
+                                             trainer.device)
+        trainer.memory_format = torch.contiguous_format
+
+
 def is_qat_checkpoint(data: dict[str, Any]) -> bool:
     return isinstance(data.get("quantization"), dict) and data["quantization"].get("method") == "qat"
 
@@ -280,7 +293,7 @@ def is_qat_checkpoint(data: dict[str, Any]) -> bool:
 def rebuild_qat_model(data: dict[str, Any], source: str) -> QATModel:
     """The :class:`QATModel` of a loaded checkpoint dict (our format with a ``quantization`` recipe)."""
     from models.yolo import build_model
-    from utils.weights.checkpoint import CheckpointError
+    from utils.common.errors import CheckpointError
 
     recipe = data["quantization"]
     if recipe.get("library") != "torchao" or int(recipe.get("format", 0)) > RECIPE_FORMAT:
