@@ -34,11 +34,12 @@ import torch  # noqa: E402
 from utils.common.boxes import non_max_suppression  # noqa: E402
 from utils.common.cli import run_cli  # noqa: E402
 from utils.export import ExportOptions, prepare_for_export, run_export, sensitive_layers  # noqa: E402
-from utils.export.backend import Backend, load_backend  # noqa: E402
+from utils.export.backend import Backend  # noqa: E402
 from utils.export.common import image_files, letterbox_tensor  # noqa: E402
 from utils.export.onnx import ONNXRuntimeBackend  # noqa: E402
 from utils.export.openvino import OpenVINOBackend  # noqa: E402
 from utils.export.quantize import quantize_onnx_int8  # noqa: E402
+from utils.export.registry import load_backend  # noqa: E402
 from utils.export.runtime import SETTLE_SECONDS  # noqa: E402
 from utils.weights.checkpoint import load_checkpoint  # noqa: E402
 

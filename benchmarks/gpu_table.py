@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from utils.export.backend import load_backend  # noqa: E402
+from utils.export.registry import load_backend  # noqa: E402
 from utils.runners.val import ValOptions, run_val  # noqa: E402
 
 

@@ -539,8 +539,8 @@ def test_int8_export_of_a_two_head_classifier_calibrates_on_its_data(fashion_che
     64 val images (measured 0.77-0.92 for this untrained model with logits up to ~130; chance is 0.33 / 0.25)."""
     from utils.data.classify import ClassificationDataset, load_classify_data, split_samples
     from utils.export import ExportOptions, run_export
-    from utils.export.backend import load_backend
     from utils.export.common import center_crop_tensor, image_files
+    from utils.export.registry import load_backend
     from utils.weights.checkpoint import load_checkpoint
 
     data = FASHION / "fashion-color-type.yaml"

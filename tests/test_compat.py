@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models.yolo import DetectionModel
-from utils.export.backend import load_backend
+from utils.export.registry import load_backend
 from utils.weights.checkpoint import load_checkpoint, read_checkpoint
 
 COMPAT = Path(__file__).resolve().parent / "fixtures" / "compat"

@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from utils.export import ExportOptions, NMSSettings, run_export
-from utils.export.backend import backend_class, load_backend
 from utils.export.common import (
     ExportMetadata,
     MetadataError,
@@ -34,6 +33,7 @@ from utils.export.ncnn import NCNNBackend
 from utils.export.onnx import ONNXRuntimeBackend
 from utils.export.openvino import OpenVINOBackend
 from utils.export.pytorch import PyTorchBackend
+from utils.export.registry import backend_class, load_backend
 from utils.export.tensorrt import check_engine_compatibility
 from utils.export.torchscript import TorchScriptBackend
 

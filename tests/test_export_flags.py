@@ -17,9 +17,9 @@ import torch
 import export
 from utils.common.errors import UserError
 from utils.export import ExportOptions, artifact_paths, planned_outputs, run_export
-from utils.export.backend import load_backend
 from utils.export.common import ExportMetadata, read_metadata, sample_images, write_metadata
 from utils.export.pytorch import PyTorchBackend
+from utils.export.registry import load_backend
 from utils.export.tensorrt import ShapeProfile, default_profile
 
 ROOT = Path(__file__).resolve().parents[1]

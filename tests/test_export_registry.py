@@ -15,10 +15,10 @@ import torch
 import export
 from utils.common.errors import FlagError, UserError
 from utils.export import ExportFormat, ExportJob, Requirement, registered_format
-from utils.export.backend import Backend, load_backend
+from utils.export.backend import Backend
 from utils.export.common import prepare_for_export, read_metadata, write_metadata
 from utils.export.onnx import ONNXRuntimeBackend
-from utils.export.registry import REGISTRY
+from utils.export.registry import REGISTRY, load_backend
 from utils.runners.val import run_validation
 
 COMPAT = Path(__file__).resolve().parent / "fixtures" / "compat"

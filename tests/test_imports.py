@@ -48,10 +48,11 @@ class ImportCollector(ast.NodeVisitor):
         if node.level:
             parent = self.package.split(".")[: len(self.package.split(".")) - node.level + 1]
             base = ".".join([*parent, base] if base else parent)
-        self._add(base)
-        for alias in node.names:  # ``from utils.train import config`` imports the module utils.train.config
-            if f"{base}.{alias.name}" in self.known:
-                self._add(f"{base}.{alias.name}")
+        submodules = [f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in self.known]
+        if len(submodules) < len(node.names):  # names defined in the module itself (or its package __init__)
+            self._add(base)
+        for name in submodules:  # ``from utils.train import config``: the module utils.train.config
+            self._add(name)
 
     def _add(self, name: str) -> None:
         while name and name not in self.known:  # ``import a.b.c`` where c is a function: the module a.b

@@ -146,7 +146,7 @@ def _one_training_step(model: nn.Module) -> None:
 
 def _exports_and_matches(checkpoint: Path, tmp_path: Path) -> None:
     from utils.export import ExportOptions, run_export
-    from utils.export.backend import load_backend
+    from utils.export.registry import load_backend
 
     artifacts = run_export(ExportOptions(weights=checkpoint, include=("onnx",), imgsz=(IMGSZ, IMGSZ),
                                          output_dir=tmp_path))

@@ -76,8 +76,8 @@ def test_qat_export_is_qdq_int8_and_onnxruntime_matches_fake_quant(qat_run, tmp_
     from onnx import numpy_helper
 
     from utils.export import ExportOptions, prepare_for_export, run_export
-    from utils.export.backend import load_backend
     from utils.export.onnx import ONNXRuntimeBackend
+    from utils.export.registry import load_backend
     from utils.weights.checkpoint import load_checkpoint
 
     artifacts = run_export(ExportOptions(weights=qat_run["weights"], include=("onnx",), imgsz=(128, 128), int8=True,

@@ -21,7 +21,7 @@ from torch import nn
 
 from models.yolo import task_of
 from utils.common.errors import UserError
-from utils.export.backend import Backend, load_backend
+from utils.export.backend import Backend
 from utils.export.common import (
     ExportMetadata,
     MetadataError,
@@ -35,7 +35,7 @@ from utils.export.common import (
 )
 from utils.export.job import ExportJob, sensitive_layers
 from utils.export.onnx import DEFAULT_OPSET, EndToEndDetector, NMSSettings
-from utils.export.registry import REGISTRY, register_format, registered_format, unregister_format
+from utils.export.registry import REGISTRY, load_backend, register_format, registered_format, unregister_format
 from utils.export.spec import ALL_AXES, ExportFormat, Requirement
 
 LOGGER = logging.getLogger(__name__)
@@ -269,7 +269,7 @@ def run_export(options: ExportOptions) -> dict[str, Path]:
     (Path(options.output_dir) if options.output_dir else Path(options.weights).parent).mkdir(parents=True,
                                                                                              exist_ok=True)
     job = ExportJob(prepare_for_export(model), torch.zeros(options.batch_size, 3, *options.imgsz), names, options,
-                    device, paths)
+                    device, paths, REGISTRY)
     for fmt in REGISTRY.plan(options.include, trained_qdq):
         job.done.update((fmt.export_qat if trained_qdq else fmt.export)(job))
     return job.done

@@ -21,10 +21,9 @@ import numpy as np
 import torch
 
 from utils.common.errors import MissingFileError
-from utils.export.common import read_metadata
 
 if TYPE_CHECKING:
-    from utils.export.spec import ExportFormat
+    pass
 
 LOGGER = logging.getLogger(__name__)
 
@@ -113,54 +112,6 @@ def single_file(folder: Path, pattern: str) -> Path:
     if len(matches) != 1:
         raise MissingFileError(f"{folder}: expected exactly one {pattern} file, found {[m.name for m in matches]}")
     return matches[0]
-
-
-def backend_class(weights: str | Path) -> type[Backend]:
-    """Which backend serves ``weights``: the registered format holding it (by contents for folders, by suffix
-    for files)."""
-    from utils.export.registry import REGISTRY
-
-    return REGISTRY.for_artifact(Path(weights)).backend
-
-
-def load_backend(weights: str | Path, device: str = "cpu", fp16: bool = False,
-                 threads: int | None = None) -> Backend:
-    """Open any artifact written by export.py (or a .pt checkpoint) behind the :class:`Backend` interface.
-
-    ``threads`` caps the CPU threads of runtimes that take a cap (ONNX Runtime, OpenVINO, NCNN; PyTorch:
-    ``torch.set_num_threads``). On the CPU, a file whose sidecar records the runtime export measured fastest
-    (``cpu_runtime``, see utils/export/runtime.py) opens with that runtime when it is installed here.
-    """
-    from utils.export.registry import REGISTRY
-
-    path = Path(weights)
-    if not path.exists():
-        raise MissingFileError(f"{path} not found")
-    fmt = REGISTRY.for_artifact(path)
-    fmt = measured_runtime(path, fmt, torch.device(device).type)
-    fmt.check_run(path)
-    extra: dict[str, Any] = {"threads": threads} if threads else {}
-    return fmt.backend(path, device=device, fp16=fp16, **extra)
-
-
-def measured_runtime(path: Path, fmt: ExportFormat, device_type: str) -> ExportFormat:
-    """The registered format whose backend export measured as the fastest CPU runtime of ``path`` (its sidecar's
-    ``cpu_runtime``), when another backend than ``fmt``'s runs such files on the CPU and is installed; else
-    ``fmt``."""
-    from utils.export.registry import REGISTRY
-
-    if device_type != "cpu":
-        return fmt
-    others = [other for other in REGISTRY.runners(path, "cpu") if other is not fmt]
-    if not others:
-        return fmt
-    wanted = read_metadata(path).get("cpu_runtime")
-    for other in others:
-        if other.runtime == wanted:
-            if other.can_run():
-                return other
-            LOGGER.info("%s runs fastest on %s, which is not installed: using %s", path, other.title, fmt.runtime)
-    return fmt
 
 
 class BackendModule(torch.nn.Module):

@@ -282,3 +282,11 @@ def letterbox_tensor(file: str | Path, imgsz: tuple[int, int]) -> torch.Tensor:
     padded, _, _ = letterbox(image, tuple(imgsz), auto=False, scaleup=True)
     chw = np.ascontiguousarray(padded[..., ::-1].transpose(2, 0, 1))
     return torch.from_numpy(chw).float() / 255
+
+
+def embed_metadata(graph, metadata: ExportMetadata) -> None:
+    """Also keep stride/names in the ONNX file itself, for tools that only see the .onnx."""
+    del graph.metadata_props[:]
+    for key in ("task", "stride", "names", "imgsz", "batch", "precision"):
+        prop = graph.metadata_props.add()
+        prop.key, prop.value = key, str(getattr(metadata, key))

@@ -29,6 +29,7 @@ from utils.export.common import (
 
 if TYPE_CHECKING:
     from utils.export import ExportOptions
+    from utils.export.registry import FormatRegistry
     from utils.export.spec import ExportFormat
 
 LOGGER = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class ExportJob:
     options: ExportOptions
     device: torch.device
     paths: dict[str, Path]
+    registry: FormatRegistry
     done: dict[str, Path] = field(default_factory=dict)
     _calibration: tuple[list[Path], list[int]] | None = field(default=None, repr=False)
 
@@ -87,6 +89,11 @@ class ExportJob:
             layers = sensitive_layers(self.model, files, self.options.imgsz, keep) if keep else []
             self._calibration = files, layers
         return self._calibration
+
+    def cpu_runners(self, onnx_file: Path) -> list[ExportFormat]:
+        """The registered formats that run ``onnx_file`` on the CPU, its own first (the runtime candidates)."""
+        own = self.registry.for_artifact(onnx_file)
+        return sorted(self.registry.runners(onnx_file, "cpu"), key=lambda fmt: fmt is not own)
 
     def runtime_check(self) -> tuple[torch.Tensor | None, Any]:
         """Real images (--data val, else the embedded sample) and the model's outputs on them, for choosing a

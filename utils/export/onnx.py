@@ -24,7 +24,7 @@ import torchvision
 from torch import nn
 
 from utils.export.backend import Backend
-from utils.export.common import ExportMetadata, read_metadata, write_metadata
+from utils.export.common import ExportMetadata, embed_metadata, read_metadata, write_metadata
 from utils.export.spec import ExportFormat, Requirement
 
 if TYPE_CHECKING:
@@ -174,14 +174,6 @@ def simplify_onnx(graph: onnx.ModelProto) -> onnx.ModelProto:
     return onnxslim.slim(graph)
 
 
-def embed_metadata(graph, metadata: ExportMetadata) -> None:
-    """Also keep stride/names in the ONNX file itself, for tools that only see the .onnx."""
-    del graph.metadata_props[:]
-    for key in ("task", "stride", "names", "imgsz", "batch", "precision"):
-        prop = graph.metadata_props.add()
-        prop.key, prop.value = key, str(getattr(metadata, key))
-
-
 def export(job: ExportJob) -> dict[str, Path]:
     """The ONNX graph (FP16 only on CUDA); with --int8, when ``--include onnx`` asked for it (not only the
     engine built from it), its ONNX Runtime INT8 copy too."""
@@ -205,7 +197,7 @@ def _quantize(job: ExportJob, onnx_file: Path) -> Path:
 
     files, keep = job.calibration()
     quantized = quantize_onnx_int8(onnx_file, job.paths[FORMAT.int8_key], files, job.options.imgsz, keep_layers=keep)
-    record_cpu_runtime(quantized, *job.runtime_check())
+    record_cpu_runtime(quantized, job.cpu_runners(quantized), *job.runtime_check())
     return quantized
 
 
@@ -220,7 +212,7 @@ def export_qat(job: ExportJob) -> dict[str, Path]:
     axes = job.options.dynamic_axes()
     onnx_file = export_qdq_onnx(job.model, job.images, job.paths[FORMAT.int8_key], metadata, "batch" in axes,
                                 "height" in axes)
-    record_cpu_runtime(onnx_file, *job.runtime_check())
+    record_cpu_runtime(onnx_file, job.cpu_runners(onnx_file), *job.runtime_check())
     return {FORMAT.int8_key: onnx_file}
 
 

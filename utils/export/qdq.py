@@ -29,7 +29,7 @@ def export_qdq_onnx(model: nn.Module, images: torch.Tensor, file: str | Path, me
     import onnx
 
     from utils.compress.quant.qat import quantized_graph
-    from utils.export.onnx import embed_metadata
+    from utils.export.common import embed_metadata
 
     file = Path(file)
     module = quantized_graph(model)

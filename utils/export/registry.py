@@ -1,7 +1,7 @@
 """The export formats: name / artifact -> :class:`~utils.export.spec.ExportFormat`.
 
-export.py's ``--include`` (help and validation), :func:`utils.export.run_export`, :func:`utils.export.backend.
-load_backend` (so val.py and detect.py) and the INT8 runtime choice read this registry and name no format.
+export.py's ``--include`` (help and validation), :func:`utils.export.run_export`, :func:`load_backend` (so val.py
+and detect.py) and the INT8 runtime choice read this registry and name no format.
 Adding a format is one module defining ``FORMAT`` (its description, exporter and backend) registered here, or,
 from outside the project, :func:`register_format` (reversible with :func:`unregister_format`, or for a block of
 code with :func:`registered_format`).
@@ -9,13 +9,21 @@ code with :func:`registered_format`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from utils.common.errors import FlagError
+import torch
+
+from utils.common.errors import FlagError, MissingFileError
 from utils.export import ncnn, onnx, openvino, pytorch, tensorrt, torchscript
+from utils.export.backend import Backend
+from utils.export.common import read_metadata
 from utils.export.spec import ExportFormat
+
+LOGGER = logging.getLogger(__name__)
 
 # the order formats are exported in, and listed in help and messages
 BUILTIN_FORMATS = (pytorch.FORMAT, torchscript.FORMAT, onnx.FORMAT, openvino.FORMAT, ncnn.FORMAT, tensorrt.FORMAT)
@@ -130,3 +138,45 @@ def unregister_format(name: str) -> ExportFormat:
 def registered_format(fmt: ExportFormat):
     """Context manager: ``fmt`` registered inside the ``with`` block only."""
     return REGISTRY.registered(fmt)
+
+
+def backend_class(weights: str | Path) -> type[Backend]:
+    """Which backend serves ``weights``: the registered format holding it (by contents for folders, by suffix
+    for files)."""
+    return REGISTRY.for_artifact(Path(weights)).backend
+
+
+def load_backend(weights: str | Path, device: str = "cpu", fp16: bool = False,
+                 threads: int | None = None) -> Backend:
+    """Open any artifact written by export.py (or a .pt checkpoint) behind the :class:`Backend` interface.
+
+    ``threads`` caps the CPU threads of runtimes that take a cap (ONNX Runtime, OpenVINO, NCNN; PyTorch:
+    ``torch.set_num_threads``). On the CPU, a file whose sidecar records the runtime export measured fastest
+    (``cpu_runtime``, see utils/export/runtime.py) opens with that runtime when it is installed here.
+    """
+    path = Path(weights)
+    if not path.exists():
+        raise MissingFileError(f"{path} not found")
+    fmt = REGISTRY.for_artifact(path)
+    fmt = measured_runtime(path, fmt, torch.device(device).type)
+    fmt.check_run(path)
+    extra: dict[str, Any] = {"threads": threads} if threads else {}
+    return fmt.backend(path, device=device, fp16=fp16, **extra)
+
+
+def measured_runtime(path: Path, fmt: ExportFormat, device_type: str) -> ExportFormat:
+    """The registered format whose backend export measured as the fastest CPU runtime of ``path`` (its sidecar's
+    ``cpu_runtime``), when another backend than ``fmt``'s runs such files on the CPU and is installed; else
+    ``fmt``."""
+    if device_type != "cpu":
+        return fmt
+    others = [other for other in REGISTRY.runners(path, "cpu") if other is not fmt]
+    if not others:
+        return fmt
+    wanted = read_metadata(path).get("cpu_runtime")
+    for other in others:
+        if other.runtime == wanted:
+            if other.can_run():
+                return other
+            LOGGER.info("%s runs fastest on %s, which is not installed: using %s", path, other.title, fmt.runtime)
+    return fmt

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,7 @@ from utils.export.common import read_metadata, write_metadata
 
 if TYPE_CHECKING:
     from utils.export.backend import Backend
+    from utils.export.spec import ExportFormat
 
 LOGGER = logging.getLogger(__name__)
 
@@ -36,24 +38,21 @@ LOGGER = logging.getLogger(__name__)
 SETTLE_SECONDS = 0.05
 
 
-def cpu_backends(onnx_file: Path, threads: int | None = None) -> dict[str, Backend]:
-    """Runtime name -> an open backend, for each registered runtime that runs ``onnx_file`` on the CPU and is
-    installed here (the file's own format first)."""
-    from utils.export.registry import REGISTRY
-
+def cpu_backends(onnx_file: Path, runners: Sequence[ExportFormat], threads: int | None = None) -> dict[str, Backend]:
+    """Runtime name -> an open backend, for each of ``runners`` (the registered formats that run ``onnx_file`` on
+    the CPU, its own first) that is installed here."""
     extra = {"threads": threads} if threads else {}
-    own = REGISTRY.for_artifact(onnx_file)
-    runners = sorted(REGISTRY.runners(onnx_file, "cpu"), key=lambda fmt: fmt is not own)
     return {fmt.runtime: fmt.backend(onnx_file, **extra) for fmt in runners if fmt.can_run()}
 
 
-def time_cpu_runtimes(onnx_file: str | Path, runs: int = 7, threads: int | None = None) -> dict[str, float]:
+def time_cpu_runtimes(onnx_file: str | Path, runners: Sequence[ExportFormat], runs: int = 7,
+                      threads: int | None = None) -> dict[str, float]:
     """Median ms per call of each available runtime on zeros of the artifact's input shape, alternating."""
     onnx_file = Path(onnx_file)
     metadata = read_metadata(onnx_file)
     height, width = metadata["imgsz"]
     images = torch.zeros((int(metadata.get("batch") or 1), 3, height, width))
-    backends = cpu_backends(onnx_file, threads)
+    backends = cpu_backends(onnx_file, runners, threads)
     times: dict[str, list[float]] = {name: [] for name in backends}
     for run in range(runs + 1):
         for name, backend in backends.items():
@@ -65,12 +64,12 @@ def time_cpu_runtimes(onnx_file: str | Path, runs: int = 7, threads: int | None 
     return {name: round(statistics.median(values), 2) for name, values in times.items()}
 
 
-def score_errors(onnx_file: str | Path, images, reference) -> dict[str, float]:
+def score_errors(onnx_file: str | Path, runners: Sequence[ExportFormat], images, reference) -> dict[str, float]:
     """Max |objectness x class score - reference| of each available runtime on ``images`` (a detector's decoded
     output): a runtime that computes the INT8 graph differently from the model it came from shows up here."""
     expected = reference[..., 4:5] * reference[..., 5:]
     errors = {}
-    for name, backend in cpu_backends(Path(onnx_file)).items():
+    for name, backend in cpu_backends(Path(onnx_file), runners).items():
         output = backend(images)
         errors[name] = round(float((output[..., 4:5] * output[..., 5:] - expected).abs().max()), 4)
     return errors
@@ -83,18 +82,18 @@ def eligible_runtimes(errors: dict[str, float], floor: float = 0.05) -> list[str
     return [name for name, error in errors.items() if error <= max(2 * best, floor)]
 
 
-def record_cpu_runtime(onnx_file: str | Path, images=None, reference=None, runs: int = 7,
-                       threads: int | None = None) -> str:
-    """Time the runtimes on ``onnx_file`` and write the fastest into its sidecar (``cpu_runtime``).
+def record_cpu_runtime(onnx_file: str | Path, runners: Sequence[ExportFormat], images=None, reference=None,
+                       runs: int = 7, threads: int | None = None) -> str:
+    """Time the runtimes ``runners`` on ``onnx_file`` and write the fastest into its sidecar (``cpu_runtime``).
 
     With ``images`` and the source model's ``reference`` outputs (detectors), only runtimes that reproduce the
     model qualify (:func:`eligible_runtimes`); their errors go into the sidecar too.
     """
-    timings = time_cpu_runtimes(onnx_file, runs, threads)
+    timings = time_cpu_runtimes(onnx_file, runners, runs, threads)
     metadata = read_metadata(onnx_file)
     candidates = list(timings)
     if images is not None and reference is not None and metadata.get("task") == "detect":
-        errors = score_errors(onnx_file, images, reference)
+        errors = score_errors(onnx_file, runners, images, reference)
         candidates = [name for name in eligible_runtimes(errors) if name in timings] or list(timings)[:1]
         metadata["cpu_runtime_score_error"] = errors
         if set(candidates) != set(timings):

@@ -57,7 +57,7 @@ def load_predictor(weights: str, device: torch.device, half: bool) -> tuple[Any,
 
         loaded = load_checkpoint(weights, fuse=True)
         return loaded.model.to(device), model_info(loaded.model, loaded.meta.get("names"))
-    from utils.export.backend import load_backend
+    from utils.export.registry import load_backend
 
     backend = load_backend(weights, device=str(device), fp16=half)
     return backend, model_info(backend)
