@@ -115,8 +115,7 @@ def check_sparse_flags(cfg: TrainConfig) -> None:
 
 class SparseTraining:
     """Training plug-in for ``--sparse``: the gradient term each optimizer step, the per-epoch logging of the EMA
-    model (the one saved and later pruned), the final |gamma| plot, and ``sparse: S`` in every checkpoint (so
-    prune_slim.py knows the model was trained sparse).
+    model (the one saved and later pruned) and the final |gamma| plot.
 
     Holds the gamma Parameters themselves, not their modules, so it survives SyncBatchNorm conversion (which
     moves the same Parameters into new modules) and DDP wrapping.
@@ -132,7 +131,6 @@ class SparseTraining:
         from utils.common.torch_utils import de_parallel
 
         self.attach(de_parallel(trainer.model))
-        trainer.checkpoint_extras["sparse"] = float(self.strength)
 
     def on_before_optimizer_step(self, trainer: Any) -> None:
         self.apply(trainer.epoch, trainer.epochs)

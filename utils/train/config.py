@@ -182,6 +182,11 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """What every checkpoint of the run records of these flags (best.pt holds no config): how sparse it was
+        trained, so prune_slim.py can warn about a model that was not (0.0)."""
+        return {"sparse": float(self.sparse)}
+
     def model_source(self) -> ModelSource:
         """Where the training model comes from (--cfg, --weights and the size overrides)."""
         from utils.tasks.base import ModelSource

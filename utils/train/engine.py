@@ -344,7 +344,7 @@ class Trainer:
             return
         meta = {"epoch": self.epoch, "fitness": float(self.task.fitness(self.metrics)) if self.metrics else None,
                 "metrics": {k: float(v) for k, v in self.metrics.items() if isinstance(v, (int, float))},
-                "precision": self.precision.name, **self.checkpoint_extras}
+                "precision": self.precision.name, **self.cfg.checkpoint_meta(), **self.checkpoint_extras}
         extra = self.task.checkpoint_meta()
         last = save_checkpoint(self.ema.ema, self.weights_dir / "last.pt", self.train_state(), **meta, **extra)
         if is_best:
