@@ -29,7 +29,7 @@ from utils.export import (  # noqa: E402
     ExportOptions,
     NMSSettings,
     compare_with_pytorch,
-    comparison_images,
+    images_to_compare,
     parse_shape,
 )
 
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, path in artifacts.items():
         print(f"{name:12s} {path} ({artifact_bytes(path) / 1e6:.2f} MB)")
     if not args.no_compare:
-        images, source = comparison_images(options, SAMPLE_IMAGES)
+        images, source = images_to_compare(options, SAMPLE_IMAGES)
         if images is None:
             print(source)
         else:

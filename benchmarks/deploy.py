@@ -35,12 +35,13 @@ from utils.common.boxes import non_max_suppression  # noqa: E402
 from utils.common.cli import run_cli  # noqa: E402
 from utils.export import ExportOptions, prepare_for_export, run_export, sensitive_layers  # noqa: E402
 from utils.export.backend import Backend  # noqa: E402
-from utils.export.common import image_files, letterbox_tensor  # noqa: E402
+from utils.export.common import letterbox_tensor  # noqa: E402
 from utils.export.onnx import ONNXRuntimeBackend  # noqa: E402
 from utils.export.openvino import OpenVINOBackend  # noqa: E402
 from utils.export.quantize import quantize_onnx_int8  # noqa: E402
 from utils.export.registry import load_backend  # noqa: E402
 from utils.export.runtime import SETTLE_SECONDS  # noqa: E402
+from utils.tasks import TaskOptions, build_task  # noqa: E402
 from utils.weights.checkpoint import load_checkpoint  # noqa: E402
 
 LOGGER = logging.getLogger("benchmarks.deploy")
@@ -79,7 +80,7 @@ def export_artifacts(weights: Path, data: Path, imgsz: int, work: Path, calib_im
     artifacts = run_export(ExportOptions(weights=weights, include=("onnx", "openvino", "ncnn"), output_dir=folder,
                                          **common))
     artifacts["openvino-bf16"] = artifacts["openvino"]
-    calibration = image_files(data, "train")[:calib_images]
+    calibration = build_task("detect", data, TaskOptions()).calibration_files("train")[:calib_images]
     int8 = dict(int8=True, data=data, calib_images=calib_images, **common)
     if "onnx-int8" in backends:  # each calibration takes tens of seconds and GBs of RAM
         artifacts["onnx-int8"] = quantize_onnx_int8(artifacts["onnx"], folder / "model_int8.onnx", calibration)
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_benchmark(args: argparse.Namespace, work: Path) -> list[dict]:
-    files = image_files(args.data, "val")
+    files = build_task("detect", args.data, TaskOptions()).calibration_files("val")
     rows = []
     for imgsz in args.imgsz:
         artifacts = export_artifacts(args.weights, args.data, imgsz, work, args.calib_images, args.backends,

@@ -113,10 +113,10 @@ def latencies(models: dict[str, Path], sizes: list[int], threads: int, runs: int
     """Median batch-1 inference ms per model, runtime and size; all models in the same interleaved rounds."""
     from benchmarks.deploy import measure_latency, open_backend
     from utils.export import ExportOptions, run_export
-    from utils.export.common import image_files
+    from utils.tasks import TaskOptions, build_task
 
     result: dict = {}
-    files = image_files(ROOT / "data" / "neu-det-sample.yaml", "val")
+    files = build_task("detect", ROOT / "data" / "neu-det-sample.yaml", TaskOptions()).calibration_files("val")
     for size in sizes:
         backends = {}
         for label, weights in models.items():

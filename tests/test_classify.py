@@ -36,6 +36,7 @@ from utils.data.classify_convert import main as convert_main
 from utils.evaluation.classification import validate_classifier
 from utils.inference.classification import predict_images, write_predictions_csv
 from utils.runners.train import make_task
+from utils.tasks import TaskOptions, build_task
 from utils.tasks.base import ModelSource
 from utils.tasks.classify import ClassifyTask, masked_head_losses, sequential_phase
 from utils.train.config import TrainConfig
@@ -539,12 +540,12 @@ def test_int8_export_of_a_two_head_classifier_calibrates_on_its_data(fashion_che
     64 val images (measured 0.77-0.92 for this untrained model with logits up to ~130; chance is 0.33 / 0.25)."""
     from utils.data.classify import ClassificationDataset, load_classify_data, split_samples
     from utils.export import ExportOptions, run_export
-    from utils.export.common import center_crop_tensor, image_files
+    from utils.export.common import center_crop_tensor
     from utils.export.registry import load_backend
     from utils.weights.checkpoint import load_checkpoint
 
     data = FASHION / "fashion-color-type.yaml"
-    files = image_files(data, "val")
+    files = build_task("classify", data, TaskOptions()).calibration_files("val")
     assert len(files) == 487
     samples, _ = split_samples(load_classify_data(data), "val", verify=False)
     loader_image = ClassificationDataset(samples, 32)[0][0].float() / 255

@@ -44,6 +44,13 @@ FIXTURE_EXPECTED = SHARED / "fixtures" / "yolov5n-neu-det-v7.expected.pt"
 V3_YAML = ROOT / "models" / "hub" / "yolov5-v3-style.yaml"
 SAMPLE_VAL = ROOT / "data" / "neu-det-sample" / "images" / "val"
 SAMPLE_YAML = ROOT / "data" / "neu-det-sample.yaml"
+
+
+def sample_train_files() -> list[Path]:
+    """The embedded sample's training images, as the detection task lists them for INT8 calibration."""
+    from utils.tasks import TaskOptions, build_task
+
+    return build_task("detect", SAMPLE_YAML, TaskOptions()).calibration_files("train")
 BACKEND_ATOL = 2e-3
 needs_fixture = pytest.mark.skipif(not FIXTURE.is_file(), reason=f"{FIXTURE} absent (../shared fixtures not present)")
 
@@ -507,10 +514,9 @@ def test_cli_export_and_compare(tmp_path, capsys):
 
 @needs_fixture
 def test_int8_quantized_onnx_runs(fixture_artifacts, fixture_images, fixture_reference, tmp_path):
-    from utils.export.common import image_files
     from utils.export.quantize import quantize_onnx_int8
 
-    files = image_files(SAMPLE_YAML, "train")[:12]
+    files = sample_train_files()[:12]
     out = quantize_onnx_int8(fixture_artifacts["onnx"], tmp_path / "int8.onnx", files)
     backend = load_backend(out)
     assert backend.metadata["precision"] == "int8"
@@ -540,11 +546,10 @@ def test_openvino_int8_is_quantized_by_nncf_and_close(fixture_artifacts, fixture
                                                       tmp_path):
     """The IR quantized by OpenVINO's own quantizer runs every convolution in 8 bits and stays as close to
     PyTorch as ONNX Runtime's PTQ graph (same 0.15 score bound, test above)."""
-    from utils.export.common import image_files
     from utils.export.openvino import quantize_openvino_int8
 
     folder = shutil.copytree(fixture_artifacts["openvino"], tmp_path / "m_openvino_model")
-    quantize_openvino_int8(folder, image_files(SAMPLE_YAML, "train")[:12], (256, 256))
+    quantize_openvino_int8(folder, sample_train_files()[:12], (256, 256))
     precisions = _conv_precisions(folder)
     assert len(precisions) == 60 and set(precisions.values()) <= {"i8", "u8"}
     backend = load_backend(folder)
@@ -558,13 +563,12 @@ def test_openvino_int8_is_quantized_by_nncf_and_close(fixture_artifacts, fixture
 def test_openvino_int8_keep_leaves_the_chosen_layers_float(tmp_path):
     """--int8-keep in the IR: layers 8 and 9 (SPPF) run their convolutions in FP32, every other one in 8 bits."""
     from models.yolo import DetectionModel
-    from utils.export.common import image_files
     from utils.export.openvino import export_openvino, quantize_openvino_int8
 
     model = prepare_for_export(DetectionModel(ROOT / "models" / "yolov5n.yaml", nc=6))
     meta = ExportMetadata(format="openvino", task="detect", stride=32, imgsz=[128, 128], batch=1, names=list("abcdef"))
     folder = export_openvino(model, torch.rand(1, 3, 128, 128), tmp_path / "n_openvino_model", meta)
-    quantize_openvino_int8(folder, image_files(SAMPLE_YAML, "train")[:8], (128, 128), keep_layers=[8, 9])
+    quantize_openvino_int8(folder, sample_train_files()[:8], (128, 128), keep_layers=[8, 9])
     precisions = _conv_precisions(folder)
     assert len(precisions) == 60
     for name, precision in precisions.items():
@@ -593,14 +597,13 @@ def test_int8_keep_leaves_the_chosen_layers_fp32(tmp_path):
     import onnx
 
     from models.yolo import DetectionModel
-    from utils.export.common import image_files
     from utils.export.onnx import export_onnx
     from utils.export.quantize import quantize_onnx_int8
 
     model = prepare_for_export(DetectionModel(ROOT / "models" / "yolov5n.yaml", nc=6))
     meta = ExportMetadata(format="onnx", task="detect", stride=32, imgsz=[128, 128], batch=1, names=list("abcdef"))
     file = export_onnx(model, torch.rand(1, 3, 128, 128), tmp_path / "n.onnx", meta)
-    out = quantize_onnx_int8(file, tmp_path / "q.onnx", image_files(SAMPLE_YAML, "train")[:8], keep_layers=[8, 9])
+    out = quantize_onnx_int8(file, tmp_path / "q.onnx", sample_train_files()[:8], keep_layers=[8, 9])
     graph = onnx.load(str(out)).graph
     producers = {o: n.op_type for n in graph.node for o in n.output}
     quantized_weight = {n.name.split("/")[1]: producers.get(n.input[1]) == "DequantizeLinear"

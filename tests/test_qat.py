@@ -19,6 +19,7 @@ from utils.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_YAML = ROOT / "data" / "neu-det-sample.yaml"
+SAMPLE_VAL = ROOT / "data" / "neu-det-sample" / "images" / "val"
 
 pytest.importorskip("torchao", reason="train.py --qat needs torchao (requirements.txt)")
 
@@ -44,7 +45,7 @@ def qat_run(tmp_path_factory) -> dict:
 def _val_images(n: int = 4) -> torch.Tensor:
     from utils.export.common import sample_images
 
-    return sample_images(SAMPLE_YAML, (128, 128), n)
+    return sample_images(SAMPLE_VAL, (128, 128), n)
 
 
 def test_qat_checkpoint_is_plain_data_and_rebuilds_the_trained_model(qat_run):
@@ -243,7 +244,7 @@ def test_multihead_classifier_qat_checkpoint_exports_to_qdq_and_matches(tmp_path
     assert len(int8_weights) == convs + 2  # every convolution's and both linear layers' weights stored as INT8
     assert ops.count("QuantizeLinear") >= 25  # activations: one per distinct input tensor of those layers
 
-    images = sample_images(SAMPLE_YAML, (64, 64), 4)
+    images = sample_images(SAMPLE_VAL, (64, 64), 4)
     with torch.no_grad():
         expected = prepare_for_export(model)(images)
     output = ONNXRuntimeBackend(artifacts["onnx_int8"])(images)

@@ -30,10 +30,9 @@ from utils.export.common import (
     model_stride,
     prepare_for_export,
     read_metadata,
-    sample_images,
     write_metadata,
 )
-from utils.export.job import ExportJob, sensitive_layers
+from utils.export.job import ExportJob, comparison_images, export_task, sensitive_layers
 from utils.export.onnx import DEFAULT_OPSET, EndToEndDetector, NMSSettings
 from utils.export.registry import REGISTRY, load_backend, register_format, registered_format, unregister_format
 from utils.export.spec import ALL_AXES, ExportFormat, Requirement
@@ -269,7 +268,7 @@ def run_export(options: ExportOptions) -> dict[str, Path]:
     (Path(options.output_dir) if options.output_dir else Path(options.weights).parent).mkdir(parents=True,
                                                                                              exist_ok=True)
     job = ExportJob(prepare_for_export(model), torch.zeros(options.batch_size, 3, *options.imgsz), names, options,
-                    device, paths, REGISTRY)
+                    device, paths, REGISTRY, export_task(model, options.data, options.imgsz))
     for fmt in REGISTRY.plan(options.include, trained_qdq):
         job.done.update((fmt.export_qat if trained_qdq else fmt.export)(job))
     return job.done
@@ -318,11 +317,13 @@ def _max_difference(output: Any, expected: Any) -> float:
     return float((output.float().cpu() - expected).abs().max())
 
 
-def comparison_images(options: ExportOptions, sample_folder: Path, limit: int = 8) -> tuple[torch.Tensor | None, str]:
-    """Real images to compare on: --data val images, else the embedded sample, else none (with the reason)."""
-    if options.data:
-        return sample_images(options.data, options.imgsz, limit), f"{options.data} val images"
-    if sample_folder.is_dir():
-        return sample_images(sample_folder, options.imgsz, limit), str(sample_folder)
-    return None, f"no --data given and {sample_folder} does not exist: outputs were not compared with PyTorch"
+def images_to_compare(options: ExportOptions, sample_folder: Path, limit: int = 8) -> tuple[torch.Tensor | None, str]:
+    """Real images to compare on (the model's task's --data val images, else the embedded sample), or none, with
+    where they came from (or why there are none)."""
+    if not options.data and not sample_folder.is_dir():
+        return None, f"no --data given and {sample_folder} does not exist: outputs were not compared with PyTorch"
+    model, _ = load_for_export(Path(options.weights))
+    task = export_task(model, options.data, options.imgsz)
+    images = comparison_images(task, sample_folder, options.imgsz, limit)
+    return images, f"{options.data} val images" if options.data else str(sample_folder)
 

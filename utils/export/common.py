@@ -200,10 +200,10 @@ def _focus_as_conv(focus: nn.Module) -> nn.Module:
     return replacement.train(focus.training)
 
 
-def sample_images(source: str | Path | None, imgsz: tuple[int, int], limit: int = 8) -> torch.Tensor | None:
-    """Up to ``limit`` letterboxed RGB images in [0, 1] (BCHW float) from a folder, a data YAML's val split, or
-    None when nothing is found; used to compare exported outputs with PyTorch on real pixels."""
-    files = image_files(source)[:limit]
+def sample_images(folder: str | Path, imgsz: tuple[int, int], limit: int = 8) -> torch.Tensor | None:
+    """Up to ``limit`` images of ``folder`` letterboxed to ``imgsz`` (RGB BCHW float in [0, 1]); None when it
+    holds none."""
+    files = folder_images(folder)[:limit]
     if not files:
         return None
     return torch.stack([letterbox_tensor(f, imgsz) for f in files])
@@ -212,41 +212,11 @@ def sample_images(source: str | Path | None, imgsz: tuple[int, int], limit: int 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
-def image_files(source: str | Path | None, split: str = "val") -> list[Path]:
-    """Sorted image files of a folder or of a data YAML's ``split`` (an empty list when there are none); a
-    classification YAML with ``heads`` is read the way the classification trainer reads it."""
-    if source is None:
-        return []
-    source = Path(source)
-    if source.suffix in {".yaml", ".yml"}:
-        if _has_heads(source):
-            return _classification_images(source, split)
-        from utils.data import list_image_files, load_data_config
-
-        config = load_data_config(source)
-        return sorted(Path(p) for p in list_image_files(config.get(split) or config["val"]))
-    return _list_folder(source)
-
-
-def _has_heads(yaml_file: Path) -> bool:
-    import yaml
-
-    try:
-        data = yaml.safe_load(yaml_file.read_text())
-    except (OSError, yaml.YAMLError):
-        return False  # load_data_config reports it properly
-    return isinstance(data, dict) and "heads" in data
-
-
-def _classification_images(yaml_file: Path, split: str) -> list[Path]:
-    from utils.data.classify import load_classify_data, split_samples
-
-    data = load_classify_data(yaml_file)
-    samples, _ = split_samples(data, split if data.sources.get(split) else "val", verify=False)
-    return sorted(Path(path) for path, _ in samples)
-
-
-def _list_folder(folder: Path) -> list[Path]:
+def folder_images(folder: str | Path) -> list[Path]:
+    """Sorted image files under ``folder`` (or ``folder`` itself when it is one image); [] when there are none.
+    The images of a data YAML's split come from the model's task (:meth:`utils.tasks.base.Task.calibration_files`),
+    which reads the YAML as its trainer does."""
+    folder = Path(folder)
     if folder.is_file():
         return [folder] if folder.suffix.lower() in IMAGE_SUFFIXES else []
     if not folder.is_dir():
@@ -255,11 +225,6 @@ def _list_folder(folder: Path) -> list[Path]:
 
 
 ImageTransform = Callable[[str | Path, tuple[int, int]], torch.Tensor]  # (image file, (h, w)) -> RGB CHW in [0, 1]
-
-
-def calibration_transform(task: str) -> ImageTransform:
-    """How INT8 calibration images are prepared: as the task's validation loader prepares them."""
-    return letterbox_tensor if task == "detect" else center_crop_tensor
 
 
 def center_crop_tensor(file: str | Path, imgsz: tuple[int, int]) -> torch.Tensor:

@@ -4,7 +4,9 @@
 artifact goes) and hands it to each format's exporter in turn; an exporter reads what earlier ones wrote from
 ``job.done`` (TensorRT builds from the ONNX) and takes the shared pieces from here: the sidecar of its
 artifact, the INT8 calibration images and kept layers (measured once, for every INT8 format of the run), and
-real images with the model's outputs on them (for choosing an INT8 ONNX's CPU runtime).
+real images with the model's outputs on them (for choosing an INT8 ONNX's CPU runtime). Which images and how
+they are prepared is the model's task's business (:mod:`utils.tasks`): the training split as its trainer lists
+it, each image as its validation loader prepares it (letterbox for detectors, centre crop for classifiers).
 """
 
 from __future__ import annotations
@@ -21,16 +23,18 @@ from torch import nn
 from models.yolo import task_of
 from utils.export.common import (
     ExportMetadata,
-    image_files,
+    ImageTransform,
+    folder_images,
+    letterbox_tensor,
     model_heads,
     model_stride,
-    sample_images,
 )
 
 if TYPE_CHECKING:
     from utils.export import ExportOptions
     from utils.export.registry import FormatRegistry
     from utils.export.spec import ExportFormat
+    from utils.tasks import Task
 
 LOGGER = logging.getLogger(__name__)
 
@@ -49,6 +53,7 @@ class ExportJob:
     device: torch.device
     paths: dict[str, Path]
     registry: FormatRegistry
+    task: Task | None = None  # the model's task on --data (None without --data)
     done: dict[str, Path] = field(default_factory=dict)
     _calibration: tuple[list[Path], list[int]] | None = field(default=None, repr=False)
 
@@ -78,7 +83,11 @@ class ExportJob:
 
     def calibration_files(self) -> list[Path]:
         """The ``--calib-images`` first training images of ``--data``."""
-        return image_files(self.options.data, "train")[: self.options.calib_images]
+        return self.task.calibration_files("train")[: self.options.calib_images] if self.task else []
+
+    def prepare_image(self, file: str | Path, imgsz: tuple[int, int]) -> torch.Tensor:
+        """One image as the model's task validates it (letterboxed without --data: the embedded detection sample)."""
+        return self.task.calibration_image(file, imgsz) if self.task else letterbox_tensor(file, imgsz)
 
     def calibration(self) -> tuple[list[Path], list[int]]:
         """The calibration images and the ``--int8-keep`` most sensitive layers, measured once per run and shared
@@ -86,7 +95,7 @@ class ExportJob:
         if self._calibration is None:
             files = self.calibration_files()
             keep = self.options.int8_keep
-            layers = sensitive_layers(self.model, files, self.options.imgsz, keep) if keep else []
+            layers = sensitive_layers(self.model, files, self.options.imgsz, keep, self.prepare_image) if keep else []
             self._calibration = files, layers
         return self._calibration
 
@@ -98,21 +107,42 @@ class ExportJob:
     def runtime_check(self) -> tuple[torch.Tensor | None, Any]:
         """Real images (--data val, else the embedded sample) and the model's outputs on them, for choosing a
         runtime that reproduces the model (see utils/export/runtime.py); (None, None) when there are no images."""
-        images = sample_images(self.options.data or SAMPLE_IMAGES, self.options.imgsz, 8)
-        if images is None or task_of(self.model) != "detect":
+        if task_of(self.model) != "detect":
+            return None, None
+        images = comparison_images(self.task, SAMPLE_IMAGES, self.options.imgsz, 8)
+        if images is None:
             return None, None
         with torch.no_grad():
             return images, self.model(images)
 
 
 def sensitive_layers(model: nn.Module, files: list[Path], imgsz: tuple[int, int], keep: int,
-                     images: int = 8) -> list[int]:
+                     prepare: ImageTransform = letterbox_tensor, images: int = 8) -> list[int]:
     """The ``keep`` layers whose INT8 rounding alone costs the most at the head, measured on ``images`` of the
-    calibration files (the ranking is logged)."""
+    calibration files prepared by ``prepare`` (the ranking is logged)."""
     from utils.compress.quant.sensitivity import format_sensitivity, measure_layer_sensitivity
-    from utils.export.common import letterbox_tensor
 
-    batch = torch.stack([letterbox_tensor(f, imgsz) for f in files[:images]])
+    batch = torch.stack([prepare(f, imgsz) for f in files[:images]])
     ranking = measure_layer_sensitivity(model, batch)
     LOGGER.info("%s", format_sensitivity(ranking, keep))
     return sorted(item.layer for item in ranking[:keep])
+
+
+def export_task(model: nn.Module, data: str | Path | None, imgsz: tuple[int, int]) -> Task | None:
+    """The model's task on ``--data`` (None without it): INT8 calibration and comparison images come from it."""
+    if not data:
+        return None
+    from utils.tasks import TaskOptions, build_task
+
+    return build_task(task_of(model), data, TaskOptions(imgsz=int(imgsz[0])))
+
+
+def comparison_images(task: Task | None, sample_folder: Path, imgsz: tuple[int, int], limit: int = 8
+                      ) -> torch.Tensor | None:
+    """Up to ``limit`` real images (RGB BCHW in [0, 1]) to compare an export with PyTorch: ``task``'s validation
+    images prepared as it validates them, else the images of ``sample_folder`` letterboxed; None when none."""
+    if task is not None:
+        files = task.calibration_files("val")[:limit]
+        return torch.stack([task.calibration_image(f, imgsz) for f in files]) if files else None
+    files = folder_images(sample_folder)[:limit]
+    return torch.stack([letterbox_tensor(f, imgsz) for f in files]) if files else None

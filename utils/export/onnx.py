@@ -196,7 +196,8 @@ def _quantize(job: ExportJob, onnx_file: Path) -> Path:
     from utils.export.runtime import record_cpu_runtime
 
     files, keep = job.calibration()
-    quantized = quantize_onnx_int8(onnx_file, job.paths[FORMAT.int8_key], files, job.options.imgsz, keep_layers=keep)
+    quantized = quantize_onnx_int8(onnx_file, job.paths[FORMAT.int8_key], files, job.options.imgsz, keep_layers=keep,
+                                   transform=job.prepare_image)
     record_cpu_runtime(quantized, job.cpu_runners(quantized), *job.runtime_check())
     return quantized
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from utils.export.backend import Backend, single_file
-from utils.export.common import ExportMetadata, read_metadata, write_metadata
+from utils.export.common import ExportMetadata, ImageTransform, letterbox_tensor, read_metadata, write_metadata
 from utils.export.onnx import DEFAULT_OPSET, export_onnx
 from utils.export.onnx import FORMAT as ONNX
 from utils.export.spec import ExportFormat, Requirement
@@ -60,7 +60,7 @@ def export_openvino(model: nn.Module, images: torch.Tensor, folder: str | Path, 
 
 
 def quantize_openvino_int8(folder: str | Path, calibration_files: Sequence[str | Path], imgsz: tuple[int, int],
-                           keep_layers: Sequence[int] = ()) -> Path:
+                           keep_layers: Sequence[int] = (), transform: ImageTransform = letterbox_tensor) -> Path:
     """Replace the FP32 IR in ``folder`` by its INT8 copy, calibrated on ``calibration_files``; sidecar says int8.
 
     Activation ranges are the min/max over all calibration images (NNCF's default averages per-image ranges,
@@ -76,7 +76,7 @@ def quantize_openvino_int8(folder: str | Path, calibration_files: Sequence[str |
 
     folder = Path(folder)
     metadata = read_metadata(folder)
-    reader = CalibrationReader.for_artifact(calibration_files, metadata, imgsz)
+    reader = CalibrationReader.for_artifact(calibration_files, metadata, imgsz, transform)
     xml = next(folder.glob("*.xml"))
     ignored = nncf.IgnoredScope(patterns=[rf"^/model\.{int(i)}/.*" for i in keep_layers], validate=False)
     LOGGER.info("OpenVINO INT8 (NNCF): calibrating on %d images; layers %s kept in floating point",
@@ -110,7 +110,7 @@ def export(job: ExportJob) -> dict[str, Path]:
                              options.dynamic_axes(), onnx_file=_plain_onnx(job))
     if options.int8:
         files, keep = job.calibration()
-        folder = quantize_openvino_int8(folder, files, options.imgsz, keep)
+        folder = quantize_openvino_int8(folder, files, options.imgsz, keep, job.prepare_image)
     return {FORMAT.name: folder}
 
 

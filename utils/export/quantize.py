@@ -19,7 +19,6 @@ import numpy as np
 
 from utils.export.common import (
     ImageTransform,
-    calibration_transform,
     letterbox_tensor,
     read_metadata,
     write_metadata,
@@ -50,13 +49,14 @@ class CalibrationReader:
             yield {self.input_name: np.stack([self.transform(f, self.imgsz).numpy() for f in chunk])}
 
     @classmethod
-    def for_artifact(cls, files: Sequence[str | Path], metadata: dict, imgsz: tuple[int, int]) -> CalibrationReader:
-        """Batches the artifact described by ``metadata`` takes (batch 1 when its batch axis is free), prepared as
-        its task's val loader prepares images."""
+    def for_artifact(cls, files: Sequence[str | Path], metadata: dict, imgsz: tuple[int, int],
+                     transform: ImageTransform = letterbox_tensor) -> CalibrationReader:
+        """Batches the artifact described by ``metadata`` takes (batch 1 when its batch axis is free), each image
+        prepared by ``transform`` (the model's task prepares them as its validation loader does)."""
         if not files:
             raise ValueError("INT8 calibration needs images: pass --data with a train split")
         batch = 1 if "batch" in (metadata.get("dynamic") or []) else int(metadata["batch"])
-        return cls(files, imgsz, "images", batch, calibration_transform(metadata["task"]))
+        return cls(files, imgsz, "images", batch, transform)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         """A fresh pass over the batches (NNCF walks calibration data more than once)."""
@@ -131,7 +131,7 @@ def _downstream_of_conv(node, graph) -> bool:
 def quantize_onnx_int8(onnx_in: str | Path, onnx_out: str | Path, calibration_files: Sequence[str | Path],
                        imgsz: tuple[int, int] | None = None, per_channel: bool = True,
                        max_calibration_megapixels: float = 20.0, method: str = "minmax",
-                       keep_layers: Sequence[int] = ()) -> Path:
+                       keep_layers: Sequence[int] = (), transform: ImageTransform = letterbox_tensor) -> Path:
     """Write a QDQ INT8 copy of ``onnx_in`` calibrated on ``calibration_files``; sidecar gets precision int8.
 
     Activations are unsigned 8-bit (SiLU outputs are mostly positive), weights signed 8-bit per channel.
@@ -149,7 +149,7 @@ def quantize_onnx_int8(onnx_in: str | Path, onnx_out: str | Path, calibration_fi
                "percentile": CalibrationMethod.Percentile}
     if method not in methods:
         raise ValueError(f"calibration method {method!r}: choose from {', '.join(methods)}")
-    reader = CalibrationReader.for_artifact(calibration_files, metadata, size)
+    reader = CalibrationReader.for_artifact(calibration_files, metadata, size, transform)
     tail = decode_tail_nodes(onnx_in)
     kept = layer_nodes(onnx_in, keep_layers)
     excluded = sorted(set(tail) | set(kept))

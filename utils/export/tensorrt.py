@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from utils.export.backend import Backend
-from utils.export.common import letterbox_tensor, read_metadata, write_metadata
+from utils.export.common import ImageTransform, letterbox_tensor, read_metadata, write_metadata
 from utils.export.onnx import FORMAT as ONNX
 from utils.export.spec import ExportFormat, Requirement
 
@@ -95,10 +95,12 @@ def _normalised(key: str, value: Any) -> str:
     return ".".join(text.split(".")[:3]) if key == "tensorrt" else text
 
 
-def make_calibrator(trt: Any, files: Sequence[str | Path], imgsz: tuple[int, int], batch: int, cache: Path):
-    """An ``IInt8EntropyCalibrator2`` over letterboxed images; reuses/writes ``cache`` so reruns skip it."""
+def make_calibrator(trt: Any, files: Sequence[str | Path], imgsz: tuple[int, int], batch: int, cache: Path,
+                    transform: ImageTransform = letterbox_tensor):
+    """An ``IInt8EntropyCalibrator2`` over images prepared by ``transform`` (as the model's task validates: letterbox
+    for detectors, centre crop for classifiers); reuses/writes ``cache`` so reruns skip it."""
 
-    class LetterboxEntropyCalibrator(trt.IInt8EntropyCalibrator2):
+    class ImageEntropyCalibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self) -> None:
             super().__init__()
             self.batches = [files[i:i + batch] for i in range(0, len(files) - batch + 1, batch)]
@@ -111,7 +113,7 @@ def make_calibrator(trt: Any, files: Sequence[str | Path], imgsz: tuple[int, int
         def get_batch(self, names):
             if self.index >= len(self.batches):
                 return None
-            images = torch.stack([letterbox_tensor(f, imgsz) for f in self.batches[self.index]])
+            images = torch.stack([transform(f, imgsz) for f in self.batches[self.index]])
             self.device_buffer.copy_(images)
             self.index += 1
             return [int(self.device_buffer.data_ptr())]
@@ -122,12 +124,13 @@ def make_calibrator(trt: Any, files: Sequence[str | Path], imgsz: tuple[int, int
         def write_calibration_cache(self, data) -> None:
             cache.write_bytes(bytes(data))
 
-    return LetterboxEntropyCalibrator()
+    return ImageEntropyCalibrator()
 
 
 def build_engine(onnx_file: str | Path, engine_file: str | Path, half: bool = False, int8: bool = False,
                  workspace_gb: float = 4.0, profile: ShapeProfile | None = None,
-                 calibration_files: Sequence[str | Path] = (), calibration_cache: str | Path | None = None) -> Path:
+                 calibration_files: Sequence[str | Path] = (), calibration_cache: str | Path | None = None,
+                 transform: ImageTransform = letterbox_tensor) -> Path:
     """Build ``engine_file`` from ``onnx_file`` and write its sidecar (with TensorRT version and GPU)."""
     trt = import_tensorrt()
     onnx_file, engine_file = Path(onnx_file), Path(engine_file)
@@ -147,7 +150,7 @@ def build_engine(onnx_file: str | Path, engine_file: str | Path, half: bool = Fa
         size = tuple(metadata["imgsz"])
         batch = profile.opt[0] if profile else int(metadata["batch"])
         cache = Path(calibration_cache or engine_file.with_suffix(".cache"))
-        config.int8_calibrator = make_calibrator(trt, list(calibration_files), size, batch, cache)
+        config.int8_calibrator = make_calibrator(trt, list(calibration_files), size, batch, cache, transform)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_file} (see the log above)")
@@ -209,7 +212,7 @@ def _build(job: ExportJob, onnx_file: Path, calibrate: bool) -> Path:
     calibration = job.calibration_files() if options.int8 and calibrate else []
     int8 = options.int8 or not calibrate  # a QDQ ONNX builds as INT8 from its own scales
     return build_engine(onnx_file, job.paths[FORMAT.name], options.half, int8, options.workspace, profile,
-                        calibration)
+                        calibration, transform=job.prepare_image)
 
 
 class TensorRTBackend(Backend):
