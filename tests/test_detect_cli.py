@@ -148,7 +148,7 @@ def _every_layer_output(model, images: torch.Tensor) -> list[torch.Tensor]:
 
 def test_visualize_saves_each_layers_feature_maps(fixtures_dir, neu_det_yaml, tmp_path):
     """--visualize writes, per image, one PNG and .npy per layer but the head: the first 32 channels it computed."""
-    from utils.runners.detect import prepare_image
+    from utils.inference.predict import prepare_image
     from utils.weights.checkpoint import load_checkpoint
 
     image = neu_det_yaml.parent / "images" / "val" / "crazing_100.jpg"
