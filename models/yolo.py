@@ -20,10 +20,11 @@ from torch import nn
 
 import models.attention
 import models.backbones
+import models.common
 import models.transformer  # noqa: F401
 from models.activations import activation_scope, parse_activation
 from models.channels import apply_widths
-from models.common import Conv, DWConv
+from models.fusion import ConvBN, conv_bn_pairs, fold_conv_bn
 from models.heads import Detect
 from models.registry import REGISTRY, BuildContext
 from models.yaml_config import (
@@ -34,7 +35,7 @@ from models.yaml_config import (
     model_symbols,
     resolve_arg,
 )
-from utils.common.torch_utils import fuse_conv_and_bn, initialize_weights, model_summary
+from utils.common.torch_utils import initialize_weights, model_summary
 
 LOGGER = logging.getLogger(__name__)
 
@@ -182,12 +183,24 @@ class BaseModel(nn.Module):
         return x
 
     def fuse(self) -> BaseModel:
-        """Fold BatchNorm into the preceding convolution of every Conv block (inference only)."""
-        for module in self.model.modules():
-            if isinstance(module, (Conv, DWConv)) and isinstance(getattr(module, "bn", None), nn.BatchNorm2d):
-                module.conv = fuse_conv_and_bn(module.conv, module.bn)
-                module.bn = nn.Identity()
+        """Fold every BatchNorm into the convolution that feeds it (eval-mode statistics, so for inference, and for
+        QAT, which trains with BN frozen into the weights): Conv blocks and every zoo block alike.
+
+        The pairs are read from the graph of one forward (:meth:`conv_bn_pairs`, :mod:`models.fusion`); a
+        convolution whose output anything else reads is not folded, and a BatchNorm not fed by one convolution
+        alone (a YAML ``nn.BatchNorm2d`` row after a Concat) stays a BatchNorm. Folding twice changes nothing.
+        """
+        fold_conv_bn(self, self.conv_bn_pairs())
         return self
+
+    def conv_bn_pairs(self) -> list[ConvBN]:
+        """The Conv2d -> BatchNorm2d pairs :meth:`fuse` folds, by module name, from one eval forward of a zero
+        image of two strides' side (at least 64 px, as QAT captures its graph); the model is left unchanged."""
+        parameter = next(self.parameters())
+        side = 2 * max(int(torch.as_tensor(getattr(self, "stride", 32)).max()), 32)
+        channels = int(getattr(self, "yaml", {}).get("ch", 3))
+        example = torch.zeros(1, channels, side, side, device=parameter.device, dtype=parameter.dtype)
+        return conv_bn_pairs(self, example)
 
     def info(self, imgsz: int | tuple[int, int] = 640, verbose: bool = False) -> dict:
         return model_summary(self, imgsz, verbose)

@@ -128,6 +128,41 @@ def test_float_model_with_qat_weights_is_the_qat_model_without_rounding(qat_run,
         assert torch.allclose(reloaded(images)[0], got, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("name", ["yolov5s-mobilenetv3s", "yolov5s-shufflenetv2"])
+def test_qat_folds_every_batchnorm_of_zoo_detectors(name):
+    """Zoo backbones keep BatchNorms outside Conv blocks (ShuffleNetV2's branch Sequentials and stem): QAT folds
+    them all, so neither a BatchNorm module nor a batch_norm op is left in the prepared graph. After calibration
+    (two batches, as training does before its first epoch) the graph with fake quantization off computes the
+    float model and so does the plain model carrying its weights (1e-4 of the output's magnitude, the bound of
+    the test above), and with it on the scores stay within the bounds of the QDQ test (0.05 at every anchor,
+    1e-3 on average; measured max 3e-3)."""
+    from conftest import spread_weights
+    from torchao.quantization.pt2e import disable_fake_quant
+
+    from models.yolo import DetectionModel
+    from utils.compress.quant.qat import calibrate, float_model_with_qat_weights, prepare_qat
+    from utils.export.common import sample_images
+
+    model = spread_weights(DetectionModel(ROOT / "models" / "zoo" / f"{name}.yaml", width_multiple=0.25, nc=2))
+    images = sample_images(SAMPLE_YAML, (64, 64), 4)
+    with torch.no_grad():
+        expected = model.eval()(images)[0]
+    qat = prepare_qat(model)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in qat.modules())
+    assert not [node for node in qat.body.graph.nodes if "batch_norm" in str(node.target)]
+    calibrate(qat, (images[:2], images[2:]))
+    with torch.no_grad():
+        quantized = qat.eval()(images)[0]
+        qat.body.apply(disable_fake_quant)
+        unrounded = qat(images)[0]
+        plain = float_model_with_qat_weights(qat)(images)[0]
+    bound = 1e-4 * expected.abs().max()
+    assert (unrounded - expected).abs().max() <= bound and (plain - expected).abs().max() <= bound
+    scores, expected_scores = quantized[..., 4:5] * quantized[..., 5:], expected[..., 4:5] * expected[..., 5:]
+    assert (scores - expected_scores).abs().max() <= 0.05 and (scores - expected_scores).abs().mean() <= 1e-3
+    assert not torch.equal(quantized, unrounded)  # fake quantization was on
+
+
 def test_qat_export_for_cpu_runtimes_requantizes_the_trained_weights(qat_run, tmp_path):
     """export.py --qat-placement cpu: x.onnx is the float model with the QAT weights (ONNX Runtime equals
     PyTorch on it), x_int8.onnx is ONNX Runtime's static QDQ of that graph (INT8 per-channel weights, uint8
@@ -181,6 +216,22 @@ def test_qat_refuses_what_it_does_not_support(tmp_path):
         check_qat_flags(_qat_config(tmp_path, compile=True, freeze=["10"]))
     with pytest.raises(UserError, match="--heads-mode sequential"):
         check_qat_flags(_qat_config(tmp_path, heads_mode="sequential"))
+
+
+def test_qat_checkpoint_with_an_unfolded_batchnorm_is_refused_saying_why():
+    """A QAT checkpoint of a zoo model written while only Conv blocks were folded keeps BatchNorm tensors the
+    graph prepared now does not have: the message says so instead of blaming the torch version."""
+    from utils.compress.quant.qat import check_same_graph
+    from utils.weights.checkpoint import CheckpointError
+
+    own = {"body.model.0.conv.weight": 0, "body.model.0.conv.bias": 0}
+    earlier = {"body.model.0.conv.weight": 0, **{f"body.model.0.bn.{k}": 0 for k in ("weight", "bias", "running_mean",
+                                                                                      "running_var")}}
+    with pytest.raises(CheckpointError, match=r"old.pt: the checkpoint's QAT graph keeps BatchNorm model\.0\.bn, which "
+                                              "QAT now folds"):
+        check_same_graph(own, earlier, {"torch": "2.14"}, "old.pt")
+    with pytest.raises(CheckpointError, match=r"saved with torch 2\.14"):
+        check_same_graph(own, {"body.model.0.conv.weight": 0}, {"torch": "2.14"}, "old.pt")
 
 
 FASHION = ROOT.parent / "shared" / "datasets" / "fashion-color-type"

@@ -4,9 +4,15 @@ interface.
 How a model becomes trainable with fake quantization:
 
 1. BatchNorm is folded into the convolutions first (frozen statistics, as TensorRT and ModelOpt's QAT do):
-   the graph then holds plain biased convolutions, so eval and training mode compute the same thing and
-   converting to INT8 is quick (torchao's own Conv+BN QAT rewrite, which keeps BN learning, took 46-65 s to
-   convert yolov5n against 1.8 s folded, and doubles the graph);
+   every BatchNorm2d fed by a convolution whose output nothing else reads, in Conv blocks and zoo blocks
+   alike (ShuffleNetV2 branches, stems), found from the graph of one forward by ``model.fuse()``
+   (:mod:`models.fusion`, no list of block classes). The graph then holds plain biased convolutions, so eval
+   and training mode compute the same thing and converting to INT8 is quick (torchao's own Conv+BN QAT
+   rewrite, which keeps BN learning, took 46-65 s to convert yolov5n against 1.8 s folded, and doubles the
+   graph). A BatchNorm that no single convolution feeds (a YAML ``nn.BatchNorm2d`` row after a Concat) is not
+   folded: it stays a batch_norm op of the graph that keeps learning (batch statistics in training mode,
+   running statistics in eval mode, switched by :meth:`QATModel.train`), and stays a float op of the INT8
+   graph;
 2. the model (training mode, NCHW) is captured by ``torch.export`` with a free batch size and free
    height/width (multiples of the stride), so training batches, the last short batch and validation's
    rectangular batches all run through one graph;
@@ -205,7 +211,8 @@ def _training_graph(model: nn.Module, stride: int) -> torch.fx.GraphModule:
 def prepare_qat(model: nn.Module, recipe: dict[str, Any] | None = None) -> QATModel:
     """Fold BN, capture ``model`` (a float detector or classifier) and insert fake quantizers; not calibrated yet.
 
-    ``model`` itself is changed (fused, training mode, NCHW layout: the graph is captured for that layout).
+    ``model`` itself is changed (fused as ``model.fuse()`` folds for inference: every Conv2d -> BatchNorm2d pair
+    of its graph; training mode; NCHW layout: the graph is captured for that layout).
     """
     require_torchao()
     check_qat_supported(model)
@@ -302,16 +309,28 @@ def rebuild_qat_model(data: dict[str, Any], source: str) -> QATModel:
     model = build_model(data["yaml"])
     model.names = list(data.get("names") or model.names)
     qat = prepare_qat(model, recipe)
-    own = qat.state_dict()
     state = data["state_dict"]
+    check_same_graph(qat.state_dict(), state, recipe, source)
+    qat.load_state_dict(state)  # observers and fake quantizers resize their per-channel buffers themselves
+    return qat.eval()
+
+
+def check_same_graph(own: dict[str, Any], state: dict[str, Any], recipe: dict[str, Any], source: str) -> None:
+    """Refuse a checkpoint whose tensors are not those of the graph prepared here, saying why it differs."""
+    from utils.weights.checkpoint import CheckpointError
+
     missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    folded = [k.removeprefix("body.").removesuffix(".running_var") for k in unexpected if k.endswith(".running_var")]
+    if folded:
+        raise CheckpointError(
+            f"{source}: the checkpoint's QAT graph keeps BatchNorm {folded[0]}, which "
+            "QAT now folds into the convolution feeding it (every Conv-BatchNorm pair, zoo blocks included): it "
+            "was written by an earlier version that folded Conv blocks only; run --qat again from the float weights")
     if missing or unexpected:
         raise CheckpointError(
             f"{source}: the QAT graph prepared here does not match the checkpoint's (missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}); it was saved with torch {recipe.get('torch')} and torchao "
             f"{recipe.get('library_version')}: load it with those versions")
-    qat.load_state_dict(state)  # observers and fake quantizers resize their per-channel buffers themselves
-    return qat.eval()
 
 
 def quantized_graph(model: QATModel) -> nn.Module:
@@ -329,29 +348,30 @@ def quantized_graph(model: QATModel) -> nn.Module:
 @torch.no_grad()
 def float_model_with_qat_weights(model: QATModel) -> nn.Module:
     """The plain float model (built from the YAML) carrying the QAT-trained weights: BatchNorm was folded before
-    QAT, so each BN becomes the identity (scale 1, shift = the folded bias, statistics 0 / 1 - eps).
+    QAT, so the BN of each pair ``fuse()`` folds (the same pairs: same YAML, same graph) becomes the identity
+    (scale 1, shift = the folded bias, statistics 0 / 1 - eps) and its convolution takes the folded weight (and
+    a zero bias, if it has one: the folded bias holds it).
 
     What this is for: a graph that other INT8 tools can quantize their own way (ONNX Runtime's static
     quantizer puts a quantizer on every output, the placement its integer kernels need) from weights that
     learned to live on an 8-bit grid. Activation ranges are calibrated again by that tool.
     """
-    from models.common import Conv, DWConv
     from models.yolo import build_model
 
     plain = build_model(model.yaml)
     plain.names = list(model.names)
     trained = {k.removeprefix("body."): v for k, v in model.state_dict().items() if k.startswith("body.model.")}
     own = plain.state_dict()
-    for name, module in plain.named_modules():
-        if not (isinstance(module, (Conv, DWConv)) and isinstance(getattr(module, "bn", None), nn.BatchNorm2d)):
-            continue
-        module.conv.weight.copy_(trained.pop(f"{name}.conv.weight"))
-        bn = module.bn
+    for pair in plain.conv_bn_pairs():
+        conv, bn = plain.get_submodule(pair.conv), plain.get_submodule(pair.bn)
+        conv.weight.copy_(trained.pop(f"{pair.conv}.weight"))
+        if conv.bias is not None:
+            conv.bias.zero_()
         bn.weight.fill_(1.0)
-        bn.bias.copy_(trained.pop(f"{name}.conv.bias"))
+        bn.bias.copy_(trained.pop(f"{pair.conv}.bias"))
         bn.running_mean.zero_()
         bn.running_var.fill_(1.0 - bn.eps)
-    for key, value in trained.items():  # convolutions outside Conv blocks (heads), linear layers
+    for key, value in trained.items():  # unfolded convolutions (heads), unfolded BatchNorms, linear layers
         if key not in own or own[key].shape != value.shape:
             raise ValueError(f"QAT weight {key} has no place in the float model built from the YAML")
         own[key].copy_(value)
