@@ -23,17 +23,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from utils.common.cli import UserArgumentParser, run_cli  # noqa: E402
-from utils.common.flags import check_export_args  # noqa: E402
-from utils.export import (  # noqa: E402
-    REGISTRY,
-    ExportOptions,
-    NMSSettings,
-    compare_with_pytorch,
-    images_to_compare,
-    parse_shape,
-)
-
-SAMPLE_IMAGES = ROOT / "data" / "neu-det-sample" / "images" / "val"
+from utils.export import REGISTRY, ExportOptions, NMSSettings, parse_shape  # noqa: E402
+from utils.runners.export import check_export_args, run_export  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -100,36 +91,10 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
                          output_dir=args.output_dir, exist_ok=args.exist_ok)
 
 
-def model_parameters(weights: str | Path) -> int:
-    from utils.common.torch_utils import count_parameters
-    from utils.weights.checkpoint import load_checkpoint
-
-    return count_parameters(load_checkpoint(weights).model)
-
-
-def artifact_bytes(path: Path) -> int:
-    """Size on disk of a file or of a folder artifact (OpenVINO, NCNN) with everything in it."""
-    path = Path(path)
-    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 def main(argv: list[str] | None = None) -> int:
     """Export, then report max |artifact - PyTorch|; a user's mistake raises :class:`utils.common.errors.UserError`."""
     args = parse_args(argv)
-    options = options_from_args(args)
-    from utils.export import run_export
-
-    artifacts = run_export(options)
-    print(f"{'model':12s} {options.weights}: {model_parameters(options.weights):,} parameters")
-    for name, path in artifacts.items():
-        print(f"{name:12s} {path} ({artifact_bytes(path) / 1e6:.2f} MB)")
-    if not args.no_compare:
-        images, source = images_to_compare(options, SAMPLE_IMAGES)
-        if images is None:
-            print(source)
-        else:
-            for name, diff in compare_with_pytorch(options, artifacts, images).items():
-                print(f"{name:12s} max |output - PyTorch| = {diff:.3g} on {len(images)} images from {source}")
+    run_export(options_from_args(args), compare=not args.no_compare)
     return 0
 
 

@@ -15,7 +15,7 @@ import argparse
 from prune_slim import add_common_args, options
 from utils.common.cli import UserArgumentParser, run_cli
 from utils.compress.prune.eagleeye import SearchSettings
-from utils.runners.prune import run_eagleeye
+from utils.runners.prune import run_prune_eagleeye
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = SearchSettings(remain_ratio=args.remain_ratio, delta=args.delta, max_iter=args.max_iter,
                               min_keep=args.min_keep, multiple=args.round, spread=args.spread, seed=args.seed)
-    run_eagleeye(options(args), settings, args.calib_batches, args.score_images)
+    run_prune_eagleeye(options(args), settings, args.calib_batches, args.score_images)
     return 0
 
 

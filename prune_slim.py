@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from utils.common.cli import UserArgumentParser, run_cli
-from utils.runners.prune import PruneOptions, run_slim
+from utils.runners.prune import PruneOptions, run_prune_slim
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    run_slim(options(args), args.global_percent, args.remain_ratio)
+    run_prune_slim(options(args), args.global_percent, args.remain_ratio)
     return 0
 
 

@@ -14,13 +14,13 @@ run's first lines say which precision it chose and why (utils/train/precision.py
 from __future__ import annotations
 
 from utils.common.cli import run_cli
-from utils.runners.train import run_training
+from utils.runners.train import run_train
 from utils.train.config import TrainConfig, parse_train_args
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg: TrainConfig = parse_train_args(argv)
-    run_training(cfg)
+    run_train(cfg)
     return 0
 
 

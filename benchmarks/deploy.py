@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from utils.common.boxes import non_max_suppression  # noqa: E402
 from utils.common.cli import run_cli  # noqa: E402
-from utils.export import ExportOptions, prepare_for_export, run_export, sensitive_layers  # noqa: E402
+from utils.export import ExportOptions, export_model, prepare_for_export, sensitive_layers  # noqa: E402
 from utils.export.backend import Backend  # noqa: E402
 from utils.export.common import letterbox_tensor  # noqa: E402
 from utils.export.onnx import ONNXRuntimeBackend  # noqa: E402
@@ -77,7 +77,7 @@ def export_artifacts(weights: Path, data: Path, imgsz: int, work: Path, calib_im
     and the QAT weights re-quantized by each runtime's quantizer (``export.py --qat-placement cpu``)."""
     folder = work / f"img{imgsz}"
     common = dict(imgsz=(imgsz, imgsz), dynamic_batch=True, simplify=True, exist_ok=True)  # a rerun's --workdir
-    artifacts = run_export(ExportOptions(weights=weights, include=("onnx", "openvino", "ncnn"), output_dir=folder,
+    artifacts = export_model(ExportOptions(weights=weights, include=("onnx", "openvino", "ncnn"), output_dir=folder,
                                          **common))
     artifacts["openvino-bf16"] = artifacts["openvino"]
     calibration = build_task("detect", data, TaskOptions()).calibration_files("train")[:calib_images]
@@ -85,7 +85,7 @@ def export_artifacts(weights: Path, data: Path, imgsz: int, work: Path, calib_im
     if "onnx-int8" in backends:  # each calibration takes tens of seconds and GBs of RAM
         artifacts["onnx-int8"] = quantize_onnx_int8(artifacts["onnx"], folder / "model_int8.onnx", calibration)
     if "openvino-int8" in backends:
-        artifacts["openvino-int8"] = run_export(ExportOptions(weights=weights, include=("openvino",),
+        artifacts["openvino-int8"] = export_model(ExportOptions(weights=weights, include=("openvino",),
                                                               output_dir=folder / "nncf", **int8))["openvino"]
     if "onnx-int8-keep" in backends:
         model = prepare_for_export(load_checkpoint(weights).model)
@@ -93,15 +93,15 @@ def export_artifacts(weights: Path, data: Path, imgsz: int, work: Path, calib_im
         artifacts["onnx-int8-keep"] = quantize_onnx_int8(artifacts["onnx"], folder / "model_int8_keep.onnx",
                                                          calibration, keep_layers=layers)
     if "openvino-int8-keep" in backends:
-        kept = run_export(ExportOptions(weights=weights, include=("openvino",), int8_keep=keep,
+        kept = export_model(ExportOptions(weights=weights, include=("openvino",), int8_keep=keep,
                                         output_dir=folder / "nncf_keep", **int8))
         artifacts["openvino-int8-keep"] = kept["openvino"]
     if qat_weights and {"onnx-int8-qat", "openvino-int8-qat"} & set(backends):
-        qat = run_export(ExportOptions(weights=qat_weights, include=("onnx",), imgsz=(imgsz, imgsz), int8=True,
+        qat = export_model(ExportOptions(weights=qat_weights, include=("onnx",), imgsz=(imgsz, imgsz), int8=True,
                                        dynamic=True, output_dir=folder / "qat", exist_ok=True))
         artifacts["onnx-int8-qat"] = artifacts["openvino-int8-qat"] = qat["onnx_int8"]  # OpenVINO reads QDQ ONNX
     if qat_weights and {"onnx-int8-qat-cpu", "openvino-int8-qat-cpu"} & set(backends):
-        requantized = run_export(ExportOptions(weights=qat_weights, include=("onnx", "openvino"), qat_placement="cpu",
+        requantized = export_model(ExportOptions(weights=qat_weights, include=("onnx", "openvino"), qat_placement="cpu",
                                                output_dir=folder / "qat_cpu", **int8))
         artifacts["onnx-int8-qat-cpu"], artifacts["openvino-int8-qat-cpu"] = (requantized["onnx_int8"],
                                                                               requantized["openvino"])

@@ -112,7 +112,7 @@ def model_numbers(weights: Path, args: argparse.Namespace) -> dict[str, float]:
 def latencies(models: dict[str, Path], sizes: list[int], threads: int, runs: int, work: Path) -> dict:
     """Median batch-1 inference ms per model, runtime and size; all models in the same interleaved rounds."""
     from benchmarks.deploy import measure_latency, open_backend
-    from utils.export import ExportOptions, run_export
+    from utils.export import ExportOptions, export_model
     from utils.tasks import TaskOptions, build_task
 
     result: dict = {}
@@ -121,7 +121,7 @@ def latencies(models: dict[str, Path], sizes: list[int], threads: int, runs: int
         backends = {}
         for label, weights in models.items():
             folder = work / "export" / f"{label}-{size}"
-            artifacts = run_export(ExportOptions(weights=weights, include=("onnx", "openvino"), imgsz=(size, size),
+            artifacts = export_model(ExportOptions(weights=weights, include=("onnx", "openvino"), imgsz=(size, size),
                                                  simplify=True, output_dir=folder, exist_ok=True))
             backends[f"{label}|onnx"] = open_backend("onnx", artifacts["onnx"], threads)
             backends[f"{label}|openvino"] = open_backend("openvino", artifacts["openvino"], threads)

@@ -49,11 +49,11 @@ def test_probe_scalar_reaches_every_detection_map():
 
 
 def test_training_with_autobatch_on_cpu_records_the_batch_it_used(tmp_path):
-    from utils.runners.train import run_training
+    from utils.runners.train import run_train
 
     sample = Path(__file__).resolve().parents[1] / "data" / "neu-det-sample.yaml"
     cfg = TrainConfig(cfg="yolov5n.yaml", data=str(sample), imgsz=64, batch_size=-1, epochs=1, workers=0,
                       device="cpu", project=str(tmp_path), name="auto", noautoanchor=True, noval=True, noplots=True,
                       max_batches=1)
-    run_training(cfg)
+    run_train(cfg)
     assert yaml.safe_load((tmp_path / "auto" / "opt.yaml").read_text())["batch_size"] == DEFAULT_BATCH

@@ -518,10 +518,10 @@ def test_val_and_detect_cli_on_a_classifier_checkpoint(fashion_checkpoint, tmp_p
 def test_val_on_an_exported_classifier_matches_pytorch(fashion_checkpoint, tmp_path):
     """val.py takes the ONNX export of a multi-head classifier (heads from its sidecar) and scores every image
     as the checkpoint does: same per-head confusion matrices."""
-    from utils.export import ExportOptions, run_export
+    from utils.export import ExportOptions, export_model
     from utils.runners.val import ValOptions, run_val
 
-    onnx_file = run_export(ExportOptions(weights=fashion_checkpoint, include=("onnx",), imgsz=(32, 32), dynamic=True,
+    onnx_file = export_model(ExportOptions(weights=fashion_checkpoint, include=("onnx",), imgsz=(32, 32), dynamic=True,
                                          output_dir=tmp_path))["onnx"]
     results = [run_val(ValOptions(str(weights), str(FASHION / "fashion-color-type.yaml"), imgsz=32, batch_size=64,
                                   workers=0, device="cpu", project=str(tmp_path), name=Path(weights).suffix[1:],
@@ -539,7 +539,7 @@ def test_int8_export_of_a_two_head_classifier_calibrates_on_its_data(fashion_che
     QDQ, OpenVINO NNCF) keep both heads and mostly agree with PyTorch. Bound: top-1 agreement >= 0.6 per head on
     64 val images (measured 0.77-0.92 for this untrained model with logits up to ~130; chance is 0.33 / 0.25)."""
     from utils.data.classify import ClassificationDataset, load_classify_data, split_samples
-    from utils.export import ExportOptions, run_export
+    from utils.export import ExportOptions, export_model
     from utils.export.common import center_crop_tensor
     from utils.export.registry import load_backend
     from utils.weights.checkpoint import load_checkpoint
@@ -550,7 +550,7 @@ def test_int8_export_of_a_two_head_classifier_calibrates_on_its_data(fashion_che
     samples, _ = split_samples(load_classify_data(data), "val", verify=False)
     loader_image = ClassificationDataset(samples, 32)[0][0].float() / 255
     assert torch.equal(center_crop_tensor(samples[0][0], (32, 32)), loader_image)
-    artifacts = run_export(ExportOptions(weights=fashion_checkpoint, include=("onnx", "openvino"), imgsz=(32, 32),
+    artifacts = export_model(ExportOptions(weights=fashion_checkpoint, include=("onnx", "openvino"), imgsz=(32, 32),
                                          int8=True, data=data, calib_images=64, output_dir=tmp_path))
     images = torch.stack([center_crop_tensor(f, (32, 32)) for f in files[:64]])
     with torch.no_grad():

@@ -27,7 +27,7 @@ from utils.compress.distill import (
     detection_distill_loss,
     detection_distill_terms,
 )
-from utils.runners.train import make_task, run_training
+from utils.runners.train import make_task, run_train
 from utils.train.callbacks import default_callbacks
 from utils.train.config import TrainConfig
 from utils.train.engine import fit
@@ -273,7 +273,7 @@ def test_distilled_sparse_finetune_logs_keeps_teacher_and_resumes_exactly(tmp_pa
     last = tmp_path / "killed" / "weights" / "last.pt"
     saved_cfg = torch.load(last, weights_only=True)["train_state"]["cfg"]
     assert (saved_cfg["teacher"], saved_cfg["sparse"], saved_cfg["sparse_decay"]) == (str(teacher_path), 1e-3, "linear")
-    run_training(TrainConfig(resume=str(last)))
+    run_train(TrainConfig(resume=str(last)))
     resumed = _rows(tmp_path / "killed")
     assert resumed == full, "the resumed run's results.csv differs from the uninterrupted run's"
     a = torch.load(tmp_path / "full" / "weights" / "last.pt", weights_only=True)

@@ -9,14 +9,14 @@ import pytest
 import yaml
 from conftest import make_two_head_set
 
-from utils.runners.train import run_training
+from utils.runners.train import run_train
 from utils.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def evolve_rows(cfg: TrainConfig) -> list[dict[str, float]]:
-    run_training(cfg)
+    run_train(cfg)
     with (Path(cfg.project) / f"{cfg.name}_evolve" / "evolve.csv").open(encoding="utf-8") as fh:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.export import ExportOptions, NMSSettings, run_export
+from utils.export import ExportOptions, NMSSettings, export_model
 from utils.export.common import (
     ExportMetadata,
     MetadataError,
@@ -95,7 +95,7 @@ def fixture_artifacts(tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("fixture-export")
     options = ExportOptions(weights=FIXTURE, include=("torchscript", "onnx", "openvino", "ncnn"), imgsz=(256, 256),
                             batch_size=2, dynamic_batch=True, simplify=True, output_dir=out)
-    return run_export(options)
+    return export_model(options)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def nms_artifact(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("nms-export")
     options = ExportOptions(weights=FIXTURE, include=("onnx",), imgsz=(256, 256), batch_size=2, nms=True,
                             nms_settings=NMSSettings(0.25, 0.45, 300), output_dir=out)
-    return run_export(options)["onnx"]
+    return export_model(options)["onnx"]
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +124,7 @@ def v3_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def v3_artifacts(v3_checkpoint) -> dict[str, Path]:
     options = ExportOptions(weights=v3_checkpoint, include=("onnx", "openvino", "ncnn"), imgsz=(128, 128))
-    return run_export(options)
+    return export_model(options)
 
 
 def _randomise_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
@@ -294,7 +294,7 @@ def zoo_artifacts(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
     checkpoint = save_checkpoint(model.eval(), out / "mobilenetv3s.pt")
     options = ExportOptions(weights=checkpoint, include=("onnx", "openvino", "ncnn"), imgsz=(128, 128),
                             output_dir=out)
-    return checkpoint, run_export(options)
+    return checkpoint, export_model(options)
 
 
 @pytest.fixture(scope="module")
@@ -319,7 +319,7 @@ def classifier_artifacts(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
     checkpoint = save_checkpoint(model.eval(), out / "mcls.pt", None, task="classify")
     options = ExportOptions(weights=checkpoint, include=("onnx", "openvino", "ncnn"), imgsz=(128, 128),
                             dynamic=True, output_dir=out)
-    return checkpoint, run_export(options)
+    return checkpoint, export_model(options)
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino", "ncnn"])

@@ -16,7 +16,7 @@ import torch
 
 import export
 from utils.common.errors import UserError
-from utils.export import ExportOptions, artifact_paths, planned_outputs, run_export
+from utils.export import ExportOptions, artifact_paths, export_model, planned_outputs
 from utils.export.common import ExportMetadata, read_metadata, sample_images, write_metadata
 from utils.export.pytorch import PyTorchBackend
 from utils.export.registry import load_backend
@@ -193,7 +193,7 @@ def test_existing_artifact_is_refused_and_left_as_it_was(tmp_path, include, rela
 
 @needs_fixture
 def test_planned_outputs_are_what_an_export_writes(dynamic_artifacts):
-    """The overwrite check looks exactly where run_export writes: the TorchScript/ONNX/OpenVINO export above
+    """The overwrite check looks exactly where export_model writes: the TorchScript/ONNX/OpenVINO export above
     left nothing else in its folder (the INT8 copy: next test)."""
     out = dynamic_artifacts["onnx"].parent
     options = ExportOptions(weights=FIXTURE, include=("torchscript", "onnx", "openvino"), output_dir=out)
@@ -212,7 +212,7 @@ def test_planned_outputs_of_an_int8_export(tmp_path, sample_data_yaml):
         out = tmp_path / include[0]
         options = ExportOptions(weights=weights, include=include, imgsz=(64, 64), int8=True, data=sample_data_yaml,
                                 calib_images=2, output_dir=out)
-        run_export(options)
+        export_model(options)
         assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in planned_outputs(options)) == expected
 
 

@@ -111,16 +111,16 @@ def test_resumed_float32_run_stays_float32_where_the_default_differs(tmp_path, n
     where the default would be bfloat16."""
     import yaml
 
-    from utils.runners.train import run_training
+    from utils.runners.train import run_train
 
     native_bf16(True)
     cfg = TrainConfig(cfg="yolov5n.yaml", data=str(SAMPLE), imgsz=64, batch_size=8, epochs=1, max_batches=1,
                       workers=0, device="cpu", project=str(tmp_path), name="run", noplots=True, noautoanchor=True,
                       fp32=True)
-    run_training(cfg)
+    run_train(cfg)
     last = tmp_path / "run" / "weights" / "last.pt"
     assert torch.load(last, weights_only=True)["precision"] == "fp32"
-    run_training(dataclasses.replace(TrainConfig(), resume=str(last), extend=1))
+    run_train(dataclasses.replace(TrainConfig(), resume=str(last), extend=1))
     state = torch.load(last, weights_only=True)
     assert state["epoch"] == 1 and state["precision"] == "fp32"
     assert yaml.safe_load((tmp_path / "run" / "opt.yaml").read_text())["precision"] == "fp32"

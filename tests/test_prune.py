@@ -145,10 +145,10 @@ def _one_training_step(model: nn.Module) -> None:
 
 
 def _exports_and_matches(checkpoint: Path, tmp_path: Path) -> None:
-    from utils.export import ExportOptions, run_export
+    from utils.export import ExportOptions, export_model
     from utils.export.registry import load_backend
 
-    artifacts = run_export(ExportOptions(weights=checkpoint, include=("onnx",), imgsz=(IMGSZ, IMGSZ),
+    artifacts = export_model(ExportOptions(weights=checkpoint, include=("onnx",), imgsz=(IMGSZ, IMGSZ),
                                          output_dir=tmp_path))
     model = load_checkpoint(checkpoint).model.eval()
     x = images(batch=1, channels=model.yaml.get("ch", 3))

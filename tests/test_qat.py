@@ -35,10 +35,10 @@ def _qat_config(tmp_path: Path, **overrides) -> TrainConfig:
 @pytest.fixture(scope="module")
 def qat_run(tmp_path_factory) -> dict:
     """One QAT epoch (2 batches) on the embedded sample, from scratch: a real checkpoint in seconds."""
-    from utils.runners.train import run_training
+    from utils.runners.train import run_train
 
     folder = tmp_path_factory.mktemp("qat")
-    metrics = run_training(_qat_config(folder))
+    metrics = run_train(_qat_config(folder))
     return {"weights": folder / "qat" / "weights" / "best.pt", "metrics": metrics, "folder": folder}
 
 
@@ -76,12 +76,12 @@ def test_qat_export_is_qdq_int8_and_onnxruntime_matches_fake_quant(qat_run, tmp_
     import onnx
     from onnx import numpy_helper
 
-    from utils.export import ExportOptions, prepare_for_export, run_export
+    from utils.export import ExportOptions, export_model, prepare_for_export
     from utils.export.onnx import ONNXRuntimeBackend
     from utils.export.registry import load_backend
     from utils.weights.checkpoint import load_checkpoint
 
-    artifacts = run_export(ExportOptions(weights=qat_run["weights"], include=("onnx",), imgsz=(128, 128), int8=True,
+    artifacts = export_model(ExportOptions(weights=qat_run["weights"], include=("onnx",), imgsz=(128, 128), int8=True,
                                          output_dir=tmp_path))
     graph = onnx.load(str(artifacts["onnx_int8"])).graph
     ops = [node.op_type for node in graph.node]
@@ -175,7 +175,7 @@ def test_qat_export_for_cpu_runtimes_requantizes_the_trained_weights(qat_run, tm
     from onnx import numpy_helper
 
     from utils.compress.quant.qat import float_model_with_qat_weights
-    from utils.export import ExportOptions, prepare_for_export, run_export
+    from utils.export import ExportOptions, export_model, prepare_for_export
     from utils.export.onnx import ONNXRuntimeBackend
     from utils.export.openvino import OpenVINOBackend
     from utils.weights.checkpoint import load_checkpoint
@@ -183,11 +183,11 @@ def test_qat_export_for_cpu_runtimes_requantizes_the_trained_weights(qat_run, tm
     options = dict(weights=qat_run["weights"], include=("onnx", "openvino"), imgsz=(128, 128), int8=True,
                    qat_placement="cpu", output_dir=tmp_path)
     with pytest.raises(UserError, match="pass --data"):
-        run_export(ExportOptions(**options))
+        export_model(ExportOptions(**options))
     with pytest.raises(UserError, match="build the engine with the default --qat-placement tensorrt"):
-        run_export(ExportOptions(**{**options, "include": ("onnx", "engine")}, data=SAMPLE_YAML))
+        export_model(ExportOptions(**{**options, "include": ("onnx", "engine")}, data=SAMPLE_YAML))
     assert not any(tmp_path.iterdir())
-    artifacts = run_export(ExportOptions(**options, data=SAMPLE_YAML, calib_images=8))
+    artifacts = export_model(ExportOptions(**options, data=SAMPLE_YAML, calib_images=8))
     images = _val_images()
     with torch.no_grad():
         expected = prepare_for_export(float_model_with_qat_weights(load_checkpoint(qat_run["weights"]).model))(images)
@@ -263,14 +263,14 @@ def test_multihead_classifier_qat_checkpoint_exports_to_qdq_and_matches(tmp_path
     import onnx
 
     from utils.compress.quant.qat import QATClassifier
-    from utils.export import ExportOptions, prepare_for_export, run_export
+    from utils.export import ExportOptions, export_model, prepare_for_export
     from utils.export.common import sample_images
     from utils.export.onnx import ONNXRuntimeBackend
-    from utils.runners.train import run_training
+    from utils.runners.train import run_train
     from utils.weights.checkpoint import load_checkpoint
 
     data = _fashion_subset(tmp_path)
-    run_training(TrainConfig(cfg="yolov5n-mcls-s.yaml", data=str(data), imgsz=64, batch_size=16, epochs=1,
+    run_train(TrainConfig(cfg="yolov5n-mcls-s.yaml", data=str(data), imgsz=64, batch_size=16, epochs=1,
                              workers=0, device="cpu", project=str(tmp_path), name="cls", exist_ok=True, noplots=True,
                              qat=True, head_balance="uncertainty",
                              hyp_override=["lr0=0.001", "warmup_epochs=0", "nbs=16"]))
@@ -282,7 +282,7 @@ def test_multihead_classifier_qat_checkpoint_exports_to_qdq_and_matches(tmp_path
     assert isinstance(model, QATClassifier) and [h["name"] for h in model.heads] == ["color", "type"]
     assert not torch.equal(model.head_balance.log_vars, torch.zeros(2))  # trained with the rest
 
-    artifacts = run_export(ExportOptions(weights=weights, include=("onnx",), imgsz=(64, 64), int8=True,
+    artifacts = export_model(ExportOptions(weights=weights, include=("onnx",), imgsz=(64, 64), int8=True,
                                          output_dir=tmp_path / "export"))
     from models.classify import ClassificationModel
 
@@ -307,19 +307,19 @@ def test_multihead_classifier_qat_checkpoint_exports_to_qdq_and_matches(tmp_path
 
 def test_qat_without_torchao_is_a_clear_error(tmp_path, monkeypatch):
     """Before anything loads: the message names the package and how to install it."""
-    from utils.runners.train import run_training
+    from utils.runners.train import run_train
 
     monkeypatch.setitem(sys.modules, "torchao", None)  # import torchao -> ImportError
     with pytest.raises(UserError, match="pip install 'torchao"):
-        run_training(_qat_config(tmp_path))
+        run_train(_qat_config(tmp_path))
     assert not (tmp_path / "qat").exists()  # refused before the run folder was made
 
 
 def test_qat_weights_cannot_seed_another_run(qat_run, tmp_path):
-    from utils.runners.train import run_training
+    from utils.runners.train import run_train
 
     with pytest.raises(UserError, match="quantization-aware-trained checkpoint"):
-        run_training(_qat_config(tmp_path, cfg="", weights=str(qat_run["weights"]), qat=False))
+        run_train(_qat_config(tmp_path, cfg="", weights=str(qat_run["weights"]), qat=False))
 
 
 def test_sensitivity_ignores_activations_shared_across_layers():

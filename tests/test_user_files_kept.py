@@ -147,16 +147,16 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 
 def test_exist_ok_sets_the_earlier_run_aside(tmp_path, caplog):
-    from utils.runners.train import run_training
+    from utils.runners.train import run_train
 
     run = tmp_path / "runs" / "exp"
-    run_training(_tiny_run(tmp_path, epochs=2))
+    run_train(_tiny_run(tmp_path, epochs=2))
     earlier = {name: (run / name).read_bytes() for name in ("results.csv", "weights/last.pt", "weights/best.pt")}
     events = sorted(p.name for p in run.glob("events.out.tfevents.*"))
     stale = run / "weights" / ".last.pt.k3j2h1.tmp"  # what a kill during save_atomic leaves behind
     stale.write_bytes(b"half a checkpoint")
     with caplog.at_level(logging.INFO):
-        run_training(_tiny_run(tmp_path, seed=1))
+        run_train(_tiny_run(tmp_path, seed=1))
     rows = _rows(run / "results.csv")
     assert [row["epoch"] for row in rows] == ["0"]  # this run's row only, not the earlier run's two
     assert len(list(run.glob("events.out.tfevents.*"))) == 1
@@ -166,19 +166,19 @@ def test_exist_ok_sets_the_earlier_run_aside(tmp_path, caplog):
     assert [row["epoch"] for row in _rows(previous / "results.csv")] == ["0", "1"]
     assert "were moved to" in caplog.text and str(previous) in caplog.text
     assert not stale.exists() and ".last.pt.k3j2h1.tmp" in caplog.text
-    run_training(_tiny_run(tmp_path, seed=2))  # a third run: the second one goes to previous2
+    run_train(_tiny_run(tmp_path, seed=2))  # a third run: the second one goes to previous2
     assert [row["epoch"] for row in _rows(run / "previous2" / "results.csv")] == ["0"]
     assert (run / "previous" / "weights" / "last.pt").read_bytes() == earlier["weights/last.pt"]
 
 
 def test_a_bad_model_yaml_found_while_loading_leaves_no_run_folder(tmp_path):
     from models.yaml_config import ModelConfigError
-    from utils.runners.train import run_training
+    from utils.runners.train import run_train
 
     text = (ROOT / "models" / "yolov5n.yaml").read_text().replace("depth_multiple: 0.33", "depth_multiple: 0")
     (tmp_path / "bad.yaml").write_text(text)
     with pytest.raises(ModelConfigError, match="depth_multiple"):
-        run_training(_tiny_run(tmp_path, cfg=str(tmp_path / "bad.yaml"), exist_ok=False))
+        run_train(_tiny_run(tmp_path, cfg=str(tmp_path / "bad.yaml"), exist_ok=False))
     assert not (tmp_path / "runs" / "exp").exists()
 
 

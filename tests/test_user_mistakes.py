@@ -45,7 +45,7 @@ def detector_checkpoint(tmp_path_factory) -> Path:
 def test_class_ids_beyond_nc_are_dropped_in_training_and_validation(tmp_path):
     """One row of class 9 (nc is 6) in every label file: training and val.py run and score the other rows."""
     from utils.data import list_image_files, scan_dataset
-    from utils.runners.train import run_training
+    from utils.runners.train import run_train
     from utils.runners.val import ValOptions, run_val
 
     data_yaml = _copy_sample(tmp_path)
@@ -56,7 +56,7 @@ def test_class_ids_beyond_nc_are_dropped_in_training_and_validation(tmp_path):
     cfg = TrainConfig(cfg="yolov5n.yaml", data=str(data_yaml), imgsz=64, batch_size=8, epochs=1, workers=0,
                       device="cpu", project=str(tmp_path / "runs"), name="ge_nc", noautoanchor=True, noplots=True,
                       max_batches=2)
-    run_training(cfg)
+    run_train(cfg)
     weights = tmp_path / "runs" / "ge_nc" / "weights" / "best.pt"
     metrics = run_val(ValOptions(str(weights), str(data_yaml), imgsz=64, batch_size=8, workers=0, device="cpu",
                                  project=str(tmp_path / "runs"), name="val", noplots=True))
@@ -142,11 +142,11 @@ def test_train_rounds_the_image_size_with_a_log_line(caplog):
 
 
 def test_export_rounds_the_image_size(detector_checkpoint, tmp_path):
-    from utils.export import ExportOptions, read_metadata, run_export
+    from utils.export import ExportOptions, export_model, read_metadata
 
     options = ExportOptions(weights=detector_checkpoint, include=("torchscript",), imgsz=(33, 100),
                             output_dir=tmp_path)
-    artifacts = run_export(options)
+    artifacts = export_model(options)
     assert options.imgsz == (64, 128)
     assert read_metadata(artifacts["torchscript"])["imgsz"] == [64, 128]
 

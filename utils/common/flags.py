@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from utils.common.errors import FlagError, MissingFileError
 
 if TYPE_CHECKING:
-    import argparse
+    pass
 
 LOGGER = logging.getLogger(__name__)
 
@@ -78,22 +78,6 @@ def image_sizes(flag: str, sizes: int | Sequence[int]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- per script
-def check_export_args(args: argparse.Namespace) -> None:
-    """export.py: sizes, batch, counts and thresholds in their domain, weights (and --data) present."""
-    existing_weights(args.weights)
-    if len(args.imgsz) not in (1, 2):
-        raise FlagError(f"--imgsz {' '.join(map(str, args.imgsz))}: give one size or height and width")
-    image_sizes("--imgsz", args.imgsz)
-    at_least("--batch-size", args.batch_size, 1)
-    at_least("--opset", args.opset, 7, " (ONNX opsets below 7 cannot express the model)")
-    at_least("--calib-images", args.calib_images, 1)
-    positive("--workspace", args.workspace, " GB")
-    fraction("--conf-thres", args.conf_thres)
-    fraction("--iou-thres", args.iou_thres)
-    at_least("--max-det", args.max_det, 1)
-    existing_path("--data", args.data)
-
-
 # ---------------------------------------------------------------------------------------------- image size
 def check_img_size(imgsz: int, stride: int, floor: int = 0, flag: str = "--imgsz") -> int:
     """``imgsz`` rounded up to a multiple of ``stride`` (at least ``floor``); logs when it changes.

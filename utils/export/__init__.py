@@ -1,7 +1,7 @@
 """Export pipeline: one checkpoint -> the artifacts of the registered formats (TorchScript / ONNX / OpenVINO /
 NCNN / TensorRT) + sidecars.
 
-``export.py`` is a thin CLI over :func:`run_export`. Each format is described once, in its own module, by an
+``export.py`` is a thin CLI over :func:`export_model`. Each format is described once, in its own module, by an
 :class:`~utils.export.spec.ExportFormat` (naming, what it supports, exporter, backend) held by
 :mod:`utils.export.registry`; this runner reads the descriptions and names no format. Errors are raised,
 never logged-and-skipped, so a failed export gives a non-zero exit code (unlike YOLOv5, which carries on).
@@ -32,8 +32,8 @@ from utils.export.common import (
     read_metadata,
     write_metadata,
 )
-from utils.export.job import ExportJob, comparison_images, export_task, sensitive_layers
-from utils.export.onnx import DEFAULT_OPSET, EndToEndDetector, NMSSettings
+from utils.export.job import ExportJob, export_task, sensitive_layers
+from utils.export.onnx import DEFAULT_OPSET, NMSSettings
 from utils.export.registry import REGISTRY, load_backend, register_format, registered_format, unregister_format
 from utils.export.spec import ALL_AXES, ExportFormat, Requirement
 
@@ -51,7 +51,7 @@ __all__ = [
     "NMSSettings",
     "Requirement",
     "artifact_paths",
-    "compare_with_pytorch",
+    "export_model",
     "focus_to_conv",
     "load_backend",
     "metadata_path",
@@ -61,7 +61,6 @@ __all__ = [
     "read_metadata",
     "register_format",
     "registered_format",
-    "run_export",
     "sensitive_layers",
     "unregister_format",
     "write_metadata",
@@ -127,7 +126,7 @@ def artifact_paths(weights: Path, output_dir: Path | None = None) -> dict[str, P
 
 
 def planned_outputs(options: ExportOptions, trained_qdq: bool = False) -> list[Path]:
-    """Every file or folder :func:`run_export` will write for ``options``: artifacts and their JSON sidecars.
+    """Every file or folder :func:`export_model` will write for ``options``: artifacts and their JSON sidecars.
 
     ``trained_qdq``: the weights are a QAT checkpoint exported as its trained QDQ graph (``--qat-placement
     tensorrt``), which writes the INT8 ONNX and builds the other formats from it.
@@ -243,7 +242,7 @@ def load_for_export(weights: Path) -> tuple[nn.Module, list[str]]:
     return loaded.model, [str(n) for n in names]
 
 
-def run_export(options: ExportOptions) -> dict[str, Path]:
+def export_model(options: ExportOptions) -> dict[str, Path]:
     """Export ``options.weights`` to every format in ``options.include``; returns artifact key -> path (the format
     names, ``onnx_int8`` for the INT8 copy, and the artifacts the requested ones were built from).
 
@@ -288,42 +287,3 @@ def _qat_weights_for_cpu_runtimes(model: nn.Module) -> nn.Module:
     LOGGER.info("QAT checkpoint, --qat-placement cpu: exporting its trained weights as a float model and quantizing "
                 "that with each CPU runtime's own quantizer (calibrated on --data)")
     return float_model_with_qat_weights(model)
-
-
-def compare_with_pytorch(options: ExportOptions, artifacts: dict[str, Path],
-                         images: torch.Tensor) -> dict[str, float]:
-    """Max |exported - PyTorch| over ``images`` for each artifact (the same decoded output, or the NMS table)."""
-    model, _ = load_for_export(Path(options.weights))
-    reference_model = prepare_for_export(model)
-    with torch.no_grad():
-        reference = reference_model(images)
-        end_to_end = EndToEndDetector(reference_model, len(model.names), options.nms_settings) if options.nms else None
-        reference_nms = end_to_end(images)[0] if end_to_end is not None else None
-    differences = {}
-    for name, path in artifacts.items():
-        backend = load_backend(path, device=options.device, fp16=options.half)
-        output = backend(images.half() if backend.fp16 else images)
-        expected = reference_nms if getattr(backend, "end2end", False) else reference
-        differences[name] = _max_difference(output, expected)
-    return differences
-
-
-def _max_difference(output: Any, expected: Any) -> float:
-    """Max |output - expected| for one tensor or a dict of heads; a backend's tuple output (``--nms``:
-    detections, counts) is compared by its first tensor."""
-    if isinstance(expected, dict):
-        return max(_max_difference(output[name], logits) for name, logits in expected.items())
-    output = output[0] if isinstance(output, (tuple, list)) else output
-    return float((output.float().cpu() - expected).abs().max())
-
-
-def images_to_compare(options: ExportOptions, sample_folder: Path, limit: int = 8) -> tuple[torch.Tensor | None, str]:
-    """Real images to compare on (the model's task's --data val images, else the embedded sample), or none, with
-    where they came from (or why there are none)."""
-    if not options.data and not sample_folder.is_dir():
-        return None, f"no --data given and {sample_folder} does not exist: outputs were not compared with PyTorch"
-    model, _ = load_for_export(Path(options.weights))
-    task = export_task(model, options.data, options.imgsz)
-    images = comparison_images(task, sample_folder, options.imgsz, limit)
-    return images, f"{options.data} val images" if options.data else str(sample_folder)
-

@@ -1,6 +1,6 @@
 """One export run as the format exporters see it, and the steps they share.
 
-:func:`utils.export.run_export` builds an :class:`ExportJob` (the prepared model, the flags, where each
+:func:`utils.export.export_model` builds an :class:`ExportJob` (the prepared model, the flags, where each
 artifact goes) and hands it to each format's exporter in turn; an exporter reads what earlier ones wrote from
 ``job.done`` (TensorRT builds from the ONNX) and takes the shared pieces from here: the sidecar of its
 artifact, the INT8 calibration images and kept layers (measured once, for every INT8 format of the run), and

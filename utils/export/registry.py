@@ -1,6 +1,6 @@
 """The export formats: name / artifact -> :class:`~utils.export.spec.ExportFormat`.
 
-export.py's ``--include`` (help and validation), :func:`utils.export.run_export`, :func:`load_backend` (so val.py
+export.py's ``--include`` (help and validation), :func:`utils.export.export_model`, :func:`load_backend` (so val.py
 and detect.py) and the INT8 runtime choice read this registry and name no format.
 Adding a format is one module defining ``FORMAT`` (its description, exporter and backend) registered here, or,
 from outside the project, :func:`register_format` (reversible with :func:`unregister_format`, or for a block of

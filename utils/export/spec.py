@@ -114,7 +114,7 @@ class ExportFormat:
 
     @property
     def int8_key(self) -> str:
-        """The key of the INT8 copy among run_export's artifacts (``onnx_int8``)."""
+        """The key of the INT8 copy among export_model's artifacts (``onnx_int8``)."""
         return f"{self.name}_int8"
 
     def artifacts(self, folder: Path, stem: str) -> dict[str, Path]:

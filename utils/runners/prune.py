@@ -114,7 +114,7 @@ def sparse_share(model: nn.Module, analysis: ChannelAnalysis) -> float:
     return float((values < SMALL_GAMMA).float().mean())
 
 
-def run_slim(opts: PruneOptions, global_percent: float | None, remain_ratio: float | None) -> PruneResult:
+def run_prune_slim(opts: PruneOptions, global_percent: float | None, remain_ratio: float | None) -> PruneResult:
     """Network Slimming to one global |gamma| threshold (given as a share of channels, or found for a budget)."""
     check_options(opts)
     if (global_percent is None) == (remain_ratio is None):
@@ -147,7 +147,7 @@ def run_slim(opts: PruneOptions, global_percent: float | None, remain_ratio: flo
     return _finish(model, meta, analysis, plan, opts, note, task)
 
 
-def run_eagleeye(opts: PruneOptions, settings: eagleeye.SearchSettings, calibration_batches: int,
+def run_prune_eagleeye(opts: PruneOptions, settings: eagleeye.SearchSettings, calibration_batches: int,
                  score_images: int) -> PruneResult:
     """EagleEye search; writes ``<path stem>_candidates.csv`` and ``_candidates.png`` beside the YAML."""
     check_options(opts)

@@ -80,7 +80,7 @@ def with_default_model(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, cfg=DEFAULT_MODEL)
 
 
-def run_training(cfg: TrainConfig) -> dict[str, float]:
+def run_train(cfg: TrainConfig) -> dict[str, float]:
     from utils.compress.distill import check_distill_flags
     from utils.compress.sparsity import check_sparse_flags
     from utils.train.autobatch import resolve_batch_size

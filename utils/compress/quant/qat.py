@@ -317,7 +317,7 @@ def rebuild_qat_model(data: dict[str, Any], source: str) -> QATModel:
 
 def check_same_graph(own: dict[str, Any], state: dict[str, Any], recipe: dict[str, Any], source: str) -> None:
     """Refuse a checkpoint whose tensors are not those of the graph prepared here, saying why it differs."""
-    from utils.weights.checkpoint import CheckpointError
+    from utils.common.errors import CheckpointError
 
     missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
     folded = [k.removeprefix("body.").removesuffix(".running_var") for k in unexpected if k.endswith(".running_var")]
