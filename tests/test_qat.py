@@ -144,7 +144,7 @@ def test_qat_folds_every_batchnorm_of_zoo_detectors(name):
     from utils.export.common import sample_images
 
     model = spread_weights(DetectionModel(ROOT / "models" / "zoo" / f"{name}.yaml", width_multiple=0.25, nc=2))
-    images = sample_images(SAMPLE_YAML, (64, 64), 4)
+    images = sample_images(SAMPLE_VAL, (64, 64), 4)
     with torch.no_grad():
         expected = model.eval()(images)[0]
     qat = prepare_qat(model)

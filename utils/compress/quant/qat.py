@@ -82,11 +82,15 @@ def check_qat_flags(cfg: Any) -> None:
 def check_qat_supported(model: nn.Module, source: str = "the model") -> None:
     """Refuse, with the reason, models that QAT does not handle: those ending in neither a Detect head nor a
     classification head."""
+    from models.yaml_config import ModelConfigError
     from models.yolo import task_of
 
-    if not hasattr(model, "model"):
-        raise UserError(f"--qat: {source} is a {type(model).__name__}, not a YOLO detector or classifier")
-    task_of(model)  # a model ending in anything but a detection or classification head is refused, by name
+    head = model.model[-1] if hasattr(model, "model") else model
+    try:
+        task_of(head)
+    except ModelConfigError:
+        raise UserError(f"--qat: {source} ends in {type(head).__name__}, neither a Detect head nor a classification "
+                        "head; quantization-aware training supports detectors and classifiers only") from None
 
 
 def qat_recipe(stride: int) -> dict[str, Any]:
