@@ -19,7 +19,7 @@ from utils.export.backend import Backend
 from utils.export.common import prepare_for_export, read_metadata, write_metadata
 from utils.export.onnx import ONNXRuntimeBackend
 from utils.export.registry import REGISTRY, load_backend
-from utils.runners.val import run_validation
+from utils.runners.val import ValOptions, run_val
 
 COMPAT = Path(__file__).resolve().parent / "fixtures" / "compat"
 
@@ -72,11 +72,11 @@ def test_a_format_registered_in_a_test_exports_and_validates_like_the_checkpoint
         assert difference is not None and float(difference.group(1)) == 0.0
         assert read_metadata(artifact)["dynamic"] == ["batch", "height", "width"]
         assert isinstance(load_backend(artifact), StateDictBackend)
-        exported = run_validation(str(artifact), name="statedict", **validate)
+        exported = run_val(ValOptions(str(artifact), name="statedict", **validate))
         with pytest.raises(UserError, match=r"--int8 applies to onnx, openvino and engine only"):
             export.main(["--weights", str(weights), "--include", "statedict", "--int8", "--data",
                          str(sample_data_yaml), "--output-dir", str(tmp_path / "int8")])
-    original = run_validation(str(weights), name="pt", **validate)
+    original = run_val(ValOptions(str(weights), name="pt", **validate))
     assert exported["n_images"] == original["n_images"] == 12
     for key in ("P", "R", "mAP50", "mAP50-95"):  # same weights and graph; float sums may round apart in the 7th digit
         assert exported[key] == pytest.approx(original[key], rel=1e-6, abs=1e-7), key
