@@ -110,7 +110,7 @@ def run_multisource(args: argparse.Namespace) -> dict:
 
 def run_table(args: argparse.Namespace) -> list[dict]:
     """Params and GFLOPs (at --imgsz) of every YAML in models/cls, default heads / nc."""
-    from models.classify import ClassificationModel
+    from models.yolo import ClassificationModel
     from utils.common.torch_utils import model_summary
 
     rows = []

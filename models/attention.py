@@ -42,7 +42,7 @@ class SqueezeExcite(nn.Module):
         return x * self.gate(self.fc2(self.act(self.fc1(self.pool(x)))))
 
 
-@register(width_args=(0,), out=out_same, coupling="tied")
+@register(width_args=(0,), out=out_same, coupling="tied", example=[16])
 class SE(SqueezeExcite):
     """YAML-level SE: ``[-1, 1, SE, [c, reduction]]`` with a sigmoid gate and ``c // reduction`` (min 8) squeeze."""
 
@@ -79,7 +79,7 @@ class SpatialAttention(nn.Module):
         return torch.sigmoid(self.conv(descriptor))
 
 
-@register(width_args=(0,), out=out_same, coupling="tied", pruning=KEEP_WHOLE)  # spatial gate averages channels
+@register(width_args=(0,), out=out_same, coupling="tied", pruning=KEEP_WHOLE, example=[16])  # spatial gate: mean
 class CBAM(nn.Module):
     """Convolutional Block Attention Module (Woo et al. 2018): channel gate, then spatial gate.
 
@@ -98,7 +98,7 @@ class CBAM(nn.Module):
         return x * self.spatial_attention(x)
 
 
-@register(width_args=(0,), out=out_same, coupling="tied", pruning=KEEP_WHOLE)  # grouped convs, LayerNorm
+@register(width_args=(0,), out=out_same, coupling="tied", pruning=KEEP_WHOLE, example=[16])  # grouped convs, LayerNorm
 class SKAttention(nn.Module):
     """Selective-kernel attention (Li et al. 2019, SKNet): branches with different receptive fields are
     fused by a softmax over branches, computed per channel from the pooled sum.

@@ -21,7 +21,7 @@ from torch import nn
 from models.activations import make_activation
 from models.attention import SqueezeExcite
 from models.common import C3, Conv
-from models.registry import KEEP_WHOLE, register
+from models.registry import KEEP_WHOLE, Example, register
 
 __all__ = [
     "C3Ghost",
@@ -55,7 +55,7 @@ def _hswish_or_relu(use_hs: bool) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------- MobileNetV3
-@register(width_args=(), aliases=("conv_bn_hswish", "MobileNetV3_FirstLayer"))
+@register(width_args=(), aliases=("conv_bn_hswish", "MobileNetV3_FirstLayer"), example=[24, 3, 2])
 class ConvBNHswish(Conv):
     """MobileNetV3 / PP-LCNet stem: conv + BN + h-swish, whatever the model's default activation is."""
 
@@ -63,7 +63,7 @@ class ConvBNHswish(Conv):
         super().__init__(c1, c2, k, s, act=nn.Hardswish(inplace=True))
 
 
-@register(width_args=(), aliases=("MobileNetV3_InvertedResidual", "InvertedResidual"))
+@register(width_args=(), aliases=("MobileNetV3_InvertedResidual", "InvertedResidual"), example=[24, 3, 48, 1, 1, 2])
 class MobileNetV3Block(nn.Module):
     """MobileNetV3 bneck (Howard et al. 2019): 1x1 expand, k x k depthwise, optional SE, linear 1x1 project.
 
@@ -89,7 +89,7 @@ class MobileNetV3Block(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- ShuffleNetV2
-@register(width_args=(), aliases=("conv_bn_relu_maxpool", "Conv_maxpool"))
+@register(width_args=(), aliases=("conv_bn_relu_maxpool", "Conv_maxpool"), example=[24])
 class ShuffleStem(nn.Module):
     """ShuffleNetV2 stem: 3x3/2 conv + BN + ReLU, then 3x3/2 max-pool (output at stride 4)."""
 
@@ -110,7 +110,8 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.view(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
 
 
-@register(width_args=(), aliases=("Shuffle_Block", "ShuffleNetV2_InvertedResidual"), pruning=KEEP_WHOLE)
+@register(width_args=(), aliases=("Shuffle_Block", "ShuffleNetV2_InvertedResidual"), pruning=KEEP_WHOLE,
+          example=(Example([32, 2]), Example([16, 1])))
 class ShuffleBlock(nn.Module):
     """ShuffleNetV2 unit (Ma et al. 2018). Stride 1: split channels in half, transform one half, concat,
     shuffle. Stride 2: both branches see the whole input and each yields half the output channels.
@@ -164,7 +165,7 @@ def _shuffle_main(c_in: int, c_out: int, stride: int) -> nn.Sequential:
 
 
 # ------------------------------------------------------------------------------------------------- GhostNet
-@register(width_args=(0,))
+@register(width_args=(0,), example=[32, 3, 2])
 class GhostConv(nn.Module):
     """Ghost module (Han et al. 2020): half the outputs from a real conv, the other half from a cheap
     depthwise conv over those ("ghost" features). ``dw_k=5`` is YOLOv5's choice, GhostNet's paper uses 3."""
@@ -181,7 +182,7 @@ class GhostConv(nn.Module):
         return torch.cat((y, self.cv2(y)), 1)
 
 
-@register(width_args=(0, 1))
+@register(width_args=(0, 1), example=(Example([32, 48, 5, 2, True]), Example([16, 32, 3, 1])))
 class GhostBottleneck(nn.Module):
     """GhostNet bottleneck: ghost expand, depthwise k x k when striding, optional SE, ghost project (linear).
 
@@ -206,7 +207,7 @@ class GhostBottleneck(nn.Module):
         return self.ghost2(self.se(self.dw(self.ghost1(x)))) + self.shortcut(x)
 
 
-@register(repeat="inner")
+@register(repeat="inner", example=Example([32], n=2))
 class C3Ghost(C3):
     """C3 whose bottlenecks are GhostBottlenecks: the CSP split with ghost features inside (YOLOv5 hub)."""
 
@@ -217,7 +218,7 @@ class C3Ghost(C3):
 
 
 # ---------------------------------------------------------------------------------------- EfficientNet-Lite
-@register(width_args=())
+@register(width_args=(), example=[32])
 class EfficientStem(Conv):
     """EfficientNet-Lite stem: 3x3/2 conv + BN + ReLU6 (Lite replaces swish with ReLU6 for quantisation)."""
 
@@ -225,7 +226,7 @@ class EfficientStem(Conv):
         super().__init__(c1, c2, k, s, act=nn.ReLU6(inplace=True))
 
 
-@register(width_args=(), aliases=("MBConvBlock",))
+@register(width_args=(), aliases=("MBConvBlock",), example=(Example([16, 5, 1, 6, 0.2]), Example([24, 3, 2, 1])))
 class MBConv(nn.Module):
     """EfficientNet-Lite MBConv: 1x1 expand (x ``expand``), k x k depthwise, linear 1x1 project, no SE, ReLU6.
 
@@ -259,7 +260,7 @@ def _drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------- PP-LCNet
-@register(width_args=(), aliases=("LC_Block",))
+@register(width_args=(), aliases=("LC_Block",), example=[32, 5, 2, True, 16])
 class DepthSepConv(nn.Module):
     """PP-LCNet block (Cui et al. 2021): depthwise k x k + BN + h-swish, optional SE, pointwise 1x1 + BN +
     h-swish. Args ``[c_out, k, s, use_se, se_reduction]``; the paper puts SE and 5x5 kernels only in the
@@ -276,7 +277,7 @@ class DepthSepConv(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------- factorised conv
-@register(width_args=(0,))
+@register(width_args=(0,), example=[32, 3, 2])
 class FactorizedConv(nn.Module):
     """k x 1 then 1 x k convolution (Inception-v3 factorisation): the receptive field of k x k for 2k
     instead of k^2 weights per channel pair; one BN + activation at the end since the pair is linear."""
@@ -292,7 +293,7 @@ class FactorizedConv(nn.Module):
         return self.act(self.bn(self.conv_h(self.conv_v(x))))
 
 
-@register(width_args=(0,))
+@register(width_args=(0,), example=[16, 3, 1, 1, 1.0, True])
 class CrossConv(nn.Module):
     """YOLOv5's cross convolution: 1 x k Conv then k x 1 Conv (each with BN + act), optional residual."""
 

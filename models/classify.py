@@ -1,7 +1,8 @@
 """Classifiers on YOLOv5 backbones: single-head ``Classify`` (v7.0 layout) and ``MultiHeadClassify``.
 
 Both heads are ordinary registered blocks, so a classifier YAML is a detection backbone plus one head row and
-is built by the same :func:`models.yolo.parse_model`.
+is built by the same :func:`models.yolo.parse_model`; the model class, ``ClassificationModel``, sits next to
+``DetectionModel`` in :mod:`models.yolo` (as in YOLOv5 v7.0), so this module needs nothing from the builder.
 
 Multi-head sizes (after the edge-device design this issue started from):
 
@@ -23,23 +24,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from models.common import C3, Conv, autopad
-from models.registry import BuildContext, ModuleSpec, Pruning, make_divisible, out_none, register
-from models.yaml_config import ModelConfigError, load_model_yaml
-from models.yolo import BaseModel, parse_model
-from utils.common.torch_utils import initialize_weights
+from models.registry import REGISTRY, BuildContext, Example, ModuleSpec, Pruning, make_divisible, out_none, register
+from models.yaml_config import ModelConfigError, last_module_name
 
 LOGGER = logging.getLogger(__name__)
 
 __all__ = [
     "C3Light",
-    "ClassificationModel",
     "Classify",
     "DPConv",
     "DWSConv",
@@ -57,7 +54,7 @@ DEFAULT_HIDDEN = 1280  # v7.0 Classify width (EfficientNet-B0's last conv)
 
 
 # ---------------------------------------------------------------------------------------------- conv variants
-@register(repeat="outer")
+@register(repeat="outer", example=[32, 3, 2])
 class DPConv(nn.Module):
     """A 3x3 conv factorised as 3x1 -> 1x3 -> 1x1 (``e`` of the output channels inside).
 
@@ -76,7 +73,7 @@ class DPConv(nn.Module):
         return self.cv3(self.cv2(self.cv1(x)))
 
 
-@register(repeat="outer")
+@register(repeat="outer", example=[32, 3, 2])
 class DWSConv(nn.Module):
     """Depthwise-separable conv: k x k depthwise (groups = c1) then 1x1 pointwise; ~(k^2 + c2)/(k^2 c2) of Conv."""
 
@@ -114,7 +111,7 @@ class BottleneckLight(nn.Module):
         return x + y if self.add else y
 
 
-@register(repeat="inner")
+@register(repeat="inner", example=(Example([32, True, "dp"], n=2), Example([16, False, "dw"])))
 class C3Light(nn.Module):
     """C3 whose bottlenecks use a conv variant: YAML ``[-1, n, C3Light, [c2, shortcut, 'dp' | 'dw']]``."""
 
@@ -144,7 +141,9 @@ def _bind_classify(spec: ModuleSpec, c_in: list[int], args: list, ctx: BuildCont
 
 
 @register(c1=False, width_args=(), out=out_none, coupling="head", multi_input=True, bind_fn=_bind_classify,
-          pruning=Pruning(fixed_outputs=("linear",)), task="classify")
+          pruning=Pruning(fixed_outputs=("linear",)), task="classify",
+          example=(Example(["nc", 1, 1, None, 1, 0.0, 32], symbols={"nc": 3}),  # hidden 32 instead of 1280
+                   Example(["nc", 1, 1, None, 1, 0.1, 32], inputs=(16, 32), symbols={"nc": 3})))
 class Classify(nn.Module):
     """v7.0 classification head: Conv to 1280, global average pool, dropout, linear -> (b, nc) logits.
 
@@ -278,7 +277,12 @@ class HeadBranch(nn.Module):
 
 
 @register(c1=False, width_args=(), out=out_none, coupling="head", multi_input=True, bind_fn=_bind_multihead,
-          pruning=Pruning(fixed_outputs=("branches.*.tail.linear", "branches.*.tail.classifier")), task="classify")
+          pruning=Pruning(fixed_outputs=("branches.*.tail.linear", "branches.*.tail.classifier")), task="classify",
+          example=(Example(["heads", {"size": "m", "stage": [32, 1], "hidden": 32, "conv": "dp"}],
+                           symbols={"heads": [2, 3]}),
+                   Example(["heads", {"size": "l", "stage": [32, 1], "hidden": 32, "conv": "dw", "fc": False}],
+                           symbols={"heads": [2, 3]}),
+                   Example(["heads", {"hidden": 32}], inputs=(16, 32), symbols={"heads": [2, 3]})))
 class MultiHeadClassify(nn.Module):
     """Several classifiers on shared features; returns ``{head_name: logits (b, nc_k)}`` in heads order.
 
@@ -324,115 +328,11 @@ class HeadUncertaintyWeights(nn.Module):
         return terms.sum()
 
 
-# ---------------------------------------------------------------------------------------------- the model
-def _last_row_module(cfg: dict) -> str:
-    rows = (cfg.get("backbone") or []) + (cfg.get("head") or [])
-    return rows[-1][2] if rows and isinstance(rows[-1], list) and len(rows[-1]) == 4 else ""
-
-
+# ---------------------------------------------------------------------------------------------- YAML helpers
 def is_classifier_config(cfg: dict) -> bool:
     """True when the YAML's last layer is a classification head (``Classify``, ``MultiHeadClassify``)."""
-    from models.registry import REGISTRY
-
-    name = _last_row_module(cfg)
+    name = last_module_name(cfg)
     return name in REGISTRY and REGISTRY.get(name).task == "classify"
-
-
-class ClassificationModel(BaseModel):
-    """A classifier from a YAML (backbone + Classify / MultiHeadClassify), v7.0 attribute names.
-
-    ``heads`` is always a list of ``{name, names}`` (one entry for ``Classify``); ``names`` is the flat class
-    list (``'head/class'`` for multi-head models) so code that only knows ``names`` still sees every output.
-    The head spec is written back into ``yaml`` so a checkpoint rebuilt from its YAML has the same heads.
-    """
-
-    def __init__(self, cfg: str | Path | dict = "yolov5s-cls.yaml", ch: int = 3, nc: int | None = None,
-                 heads: list | None = None):
-        super().__init__()
-        self.yaml = load_model_yaml(cfg)
-        self.yaml_file = self.yaml.get("yaml_file", "")
-        if not is_classifier_config(self.yaml):
-            raise ModelConfigError(f"{self.yaml_file or '<dict>'}: last layer must be Classify or MultiHeadClassify")
-        self._apply_overrides(nc, heads)
-        ch = self.yaml["ch"] = self.yaml.get("ch", ch)
-        self.model, self.save = parse_model(self.yaml, ch=[ch])
-        self.heads = self._head_spec()
-        self.names = self._flat_names()
-        initialize_weights(self)
-        self.stride = self._measure_stride(ch)
-        if self.yaml.get("head_balance") == "uncertainty":
-            self.head_balance = HeadUncertaintyWeights(len(self.heads))
-
-    def _apply_overrides(self, nc: int | None, heads: list | None) -> None:
-        if heads is not None:
-            spec = normalize_heads(heads)
-            self.yaml["heads"] = spec
-            for k, head in enumerate(spec, 1):
-                if f"nc{k}" in self.yaml:
-                    self.yaml[f"nc{k}"] = len(head["names"])
-            if len(spec) == 1 and _last_row_module(self.yaml) == "Classify":
-                self.yaml["nc"], self.yaml["names"] = len(spec[0]["names"]), spec[0]["names"]
-                self.yaml["head_name"] = spec[0]["name"]
-        if nc is not None:
-            self.yaml["nc"] = nc
-            if len(self.yaml.get("names") or []) != nc:
-                self.yaml.pop("names", None)
-        if "nc" not in self.yaml and _last_row_module(self.yaml) == "Classify":
-            raise ModelConfigError(f"{self.yaml_file or '<dict>'}: no 'nc' (number of classes) given")
-
-    def _head_spec(self) -> list[dict[str, Any]]:
-        head = self.model[-1]
-        if isinstance(head, MultiHeadClassify):
-            given = normalize_heads(self.yaml["heads"]) if self.yaml.get("heads") else []
-            if given and [len(h["names"]) for h in given] != head.ncs:
-                raise ModelConfigError(f"{self.yaml_file}: the head row's class counts {head.ncs} do not match "
-                                       f"'heads' {[len(h['names']) for h in given]}")
-            spec = given or [{"name": n, "names": [str(i) for i in range(c)]}
-                             for n, c in zip(head.head_names, head.ncs)]
-            self.yaml["heads"] = spec
-            return spec
-        nc = head.linear.out_features
-        names = self.yaml.get("names") or [str(i) for i in range(nc)]
-        return [{"name": self.yaml.get("head_name", "class"), "names": list(names)}]
-
-    def _flat_names(self) -> list[str]:
-        if len(self.heads) == 1 and not isinstance(self.model[-1], MultiHeadClassify):
-            return list(self.heads[0]["names"])
-        return [f"{h['name']}/{n}" for h in self.heads for n in h["names"]]
-
-    def _measure_stride(self, ch: int, side: int = 64) -> torch.Tensor:
-        """Largest down-sampling of any conv in a dry forward (32 for YOLOv5 backbones), read by exporters."""
-        smallest: list[int] = []
-        hooks = [m.register_forward_hook(lambda _m, _i, out: smallest.append(min(out.shape[-2:])))
-                 for m in self.modules() if isinstance(m, nn.Conv2d)]
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                self.probe_forward(torch.zeros(1, ch, side, side))
-        finally:
-            for hook in hooks:
-                hook.remove()
-            self.train(was_training)
-        return torch.tensor([float(side // max(min(smallest), 1))])
-
-    @property
-    def nc(self) -> int:
-        """Total outputs over all heads (``len(names)``)."""
-        return len(self.names)
-
-    @property
-    def multi_head(self) -> bool:
-        return isinstance(self.model[-1], MultiHeadClassify)
-
-    def head_prefix(self, k: int) -> str:
-        """Parameter-name prefix of head ``k`` (the whole head layer for single-head models)."""
-        last = len(self.model) - 1
-        return f"model.{last}.branches.{k}." if self.multi_head else f"model.{last}."
-
-    def shared_prefixes(self) -> list[str]:
-        """Prefixes of the layers every head uses (all layers before the head)."""
-        return [f"model.{i}." for i in range(len(self.model) - 1)]
 
 
 def as_head_dict(preds: torch.Tensor | dict[str, torch.Tensor], heads: Sequence[dict]) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ from models.registry import (
     KEEP_WHOLE,
     REGISTRY,
     BuildContext,
+    Example,
     ModuleSpec,
     make_divisible,
     out_same,
@@ -62,7 +63,7 @@ def resolve_act(act: bool | nn.Module) -> nn.Module:
     return act if isinstance(act, nn.Module) else nn.Identity()
 
 
-@register(repeat="outer")
+@register(repeat="outer", example=[32, 3, 2])
 class Conv(nn.Module):
     """Conv2d (no bias) + BatchNorm2d + activation, the unit every YOLOv5 block is made of."""
 
@@ -76,7 +77,7 @@ class Conv(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
 
-@register(repeat="outer", coupling="tied")
+@register(repeat="outer", coupling="tied", example=[16, 3, 1])  # tied when c2 == c1, as YOLOv5 uses it
 class DWConv(Conv):
     """Depthwise convolution: groups = gcd(c1, c2)."""
 
@@ -84,7 +85,7 @@ class DWConv(Conv):
         super().__init__(c1, c2, k, s, g=math.gcd(c1, c2), d=d, act=act)
 
 
-@register(repeat="outer")
+@register(repeat="outer", example=[32, 3])
 class Focus(nn.Module):
     """Space-to-depth (2x2 pixels -> 4 channels) followed by a Conv; the v1-v5 stem before the 6x6 conv."""
 
@@ -101,7 +102,7 @@ def space_to_depth(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((x[..., ::2, ::2], x[..., 1::2, ::2], x[..., ::2, 1::2], x[..., 1::2, 1::2]), 1)
 
 
-@register(repeat="outer")
+@register(repeat="outer", example=(Example([16]), Example([32, False])))
 class Bottleneck(nn.Module):
     """1x1 reduce, 3x3 expand, residual add when shapes allow."""
 
@@ -117,7 +118,7 @@ class Bottleneck(nn.Module):
         return x + y if self.add else y
 
 
-@register(repeat="inner")
+@register(repeat="inner", example=Example([32], n=2))
 class BottleneckCSP(nn.Module):
     """Cross Stage Partial bottleneck (CSPNet): one path through ``n`` Bottlenecks, one bypass, BN over both."""
 
@@ -138,7 +139,7 @@ class BottleneckCSP(nn.Module):
         return self.cv4(self.act(self.bn(torch.cat((main, bypass), 1))))
 
 
-@register(repeat="inner")
+@register(repeat="inner", example=Example([32], n=2))
 class C3(nn.Module):
     """CSP bottleneck with three Convs (YOLOv5 v4+): cheaper than BottleneckCSP, no separate BN."""
 
@@ -154,7 +155,7 @@ class C3(nn.Module):
         return self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), 1))
 
 
-@register(repeat="outer")
+@register(repeat="outer", example=[32, [3, 5]])
 class SPP(nn.Module):
     """Spatial pyramid pooling (YOLOv3-SPP): parallel max-pools of several kernel sizes, concatenated."""
 
@@ -170,7 +171,7 @@ class SPP(nn.Module):
         return self.cv2(torch.cat([x, *(pool(x) for pool in self.m)], 1))
 
 
-@register(repeat="outer")
+@register(repeat="outer", example=[32, 5])
 class SPPF(nn.Module):
     """SPP-Fast: three chained k x k max-pools equal SPP(k, 2k-1, 3k-2) at a fraction of the cost."""
 
@@ -188,7 +189,8 @@ class SPPF(nn.Module):
         return self.cv2(torch.cat((x, y1, y2, self.m(y2)), 1))
 
 
-@register(c1=False, width_args=(), out=out_sum, coupling="concat", multi_input=True)
+@register(c1=False, width_args=(), out=out_sum, coupling="concat", multi_input=True,
+          example=Example([1], inputs=(8, 16)))
 class Concat(nn.Module):
     """Concatenate a list of tensors along ``dimension`` (channels)."""
 
@@ -208,7 +210,7 @@ def _out_expand(c_in, args) -> int:
     return c_in[0] // args[0] ** 2
 
 
-@register(c1=False, width_args=(), out=_out_contract, coupling="tied", pruning=KEEP_WHOLE)
+@register(c1=False, width_args=(), out=_out_contract, coupling="rearrange", pruning=KEEP_WHOLE, example=[2])
 class Contract(nn.Module):
     """Space-to-depth by ``gain``: (b, c, h, w) -> (b, c*g*g, h/g, w/g)."""
 
@@ -223,7 +225,7 @@ class Contract(nn.Module):
         return x.view(b, c * g * g, h // g, w // g)
 
 
-@register(c1=False, width_args=(), out=_out_expand, coupling="tied", pruning=KEEP_WHOLE)
+@register(c1=False, width_args=(), out=_out_expand, coupling="rearrange", pruning=KEEP_WHOLE, example=[2])
 class Expand(nn.Module):
     """Depth-to-space by ``gain``, the inverse of :class:`Contract`."""
 
@@ -243,10 +245,10 @@ def _bind_batchnorm(spec: ModuleSpec, c_in: list[int], args: list, ctx: BuildCon
 
 
 register_external(nn.Upsample, name="nn.Upsample", aliases=("Upsample",), c1=False, width_args=(),
-                  out=out_same, coupling="tied")
+                  out=out_same, coupling="tied", example=[None, 2, "nearest"])
 register_external(nn.BatchNorm2d, name="nn.BatchNorm2d", aliases=("BatchNorm2d",), out=out_same,
-                  coupling="tied", bind_fn=_bind_batchnorm)
+                  coupling="tied", bind_fn=_bind_batchnorm, example=[])
 register_external(nn.MaxPool2d, name="nn.MaxPool2d", aliases=("MaxPool2d",), c1=False, width_args=(),
-                  out=out_same, coupling="tied")
+                  out=out_same, coupling="tied", example=[3, 1, 1])
 register_external(nn.Identity, name="nn.Identity", aliases=("Identity",), c1=False, width_args=(),
-                  out=out_same, coupling="tied")
+                  out=out_same, coupling="tied", example=[])

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from models.registry import BuildContext, ModuleSpec, Pruning, out_none, register
+from models.registry import BuildContext, Example, ModuleSpec, Pruning, out_none, register
 
 
 def _bind_detect(spec: ModuleSpec, c_in: list[int], args: list, ctx: BuildContext, n: int):
@@ -24,7 +24,9 @@ def _bind_detect(spec: ModuleSpec, c_in: list[int], args: list, ctx: BuildContex
 
 
 @register(c1=False, width_args=(), out=out_none, coupling="head", multi_input=True, bind_fn=_bind_detect,
-          pruning=Pruning(fixed_outputs=("m",)), task="detect")
+          pruning=Pruning(fixed_outputs=("m",)), task="detect",
+          example=Example(["nc", "anchors"], inputs=(16, 32),
+                          symbols={"nc": 3, "anchors": [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119]]}))
 class Detect(nn.Module):
     """Per-level 1x1 convs predicting ``na`` anchors x (xywh, objectness, nc classes).
 

@@ -9,8 +9,10 @@ A YAML row is ``[from, n, Module, args]``. What differs between blocks is only *
 * how the output channel count follows (``out``),
 * how the block couples channels (``coupling``) and which of its channels the pruning tools must keep
   (``pruning``),
-* for a head, which task a model ending in it performs (``task``: "detect", "classify"); the tasks, the
-  tools and the checkpoint code ask :func:`utils.tasks.task_of`, which reads this declaration.
+* for a head, which task a model ending in it performs (``task``: "detect", "classify"); everything that needs
+  to know asks :func:`task_of`, which reads this declaration,
+* a small YAML row it builds from (``example``) and whether it exports to ONNX (``onnx``), which the contract
+  test (``tests/test_registry.py``) reads to build, run and export every registered block.
 
 Each block declares this once with :func:`register`; ``parse_model`` reads the declarations and never lists
 classes. Adding a block therefore means one class plus one decorator.
@@ -22,17 +24,19 @@ import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from torch import nn
 
 Repeat = Literal["inner", "outer", "fixed"]
 # How output channels relate to input channels, read by the pruning tools (roadmap item 7):
-#   "free"   output channels can shrink independently (Conv, C3's cv3, ...)
-#   "tied"   output channels equal input channels and must shrink with them (depthwise, attention, BN)
-#   "concat" output is the concatenation of the inputs
-#   "head"   a prediction head; its outputs are fixed by the task
-Coupling = Literal["free", "tied", "concat", "head"]
+#   "free"      output channels can shrink independently (Conv, C3's cv3, ...)
+#   "tied"      output channels equal input channels and must shrink with them (depthwise, attention, BN)
+#   "rearrange" output holds the input's values, regrouped into more or fewer channels (Contract, Expand)
+#   "concat"    output is the concatenation of the inputs
+#   "head"      a prediction head; its outputs are fixed by the task
+Coupling = Literal["free", "tied", "rearrange", "concat", "head"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,40 @@ class Pruning:
 
 PRUNE_FREELY = Pruning()
 KEEP_WHOLE = Pruning(whole=("",))
+
+
+@dataclass(frozen=True, eq=False)
+class Example:
+    """A one-line YAML use of a block: what the registry contract test builds, runs and exports.
+
+    The test makes each input with a ``Conv`` row from a 3-channel image (``inputs`` gives their channels,
+    multiples of 8 as the stem rounds to 8; a multi-input block reads all of them, all of one size) and then
+    adds ``[from, n, <name>, args]``. ``symbols`` are the
+    top-level YAML keys the arguments name (``nc``, ``anchors``, ``heads``), so heads build exactly as in a
+    model YAML. Keep channels small: the contract test runs every registered block.
+    """
+
+    args: list = field(default_factory=list)
+    inputs: tuple[int, ...] = (16,)
+    n: int = 1
+    symbols: dict[str, Any] = field(default_factory=dict)
+
+
+def as_examples(example: list | Example | Sequence[Example] | None) -> tuple[Example, ...]:
+    """``example=`` as :func:`register` accepts it -> a tuple of :class:`Example` (empty when not declared).
+
+    A plain list is the YAML arguments of one example on a single 16-channel input; several examples are
+    for blocks whose sub-modules differ between variants (a declared pruning path may exist in one only).
+    """
+    if example is None:
+        return ()
+    if isinstance(example, Example):
+        return (example,)
+    if isinstance(example, list):
+        return (Example(args=example),)
+    if isinstance(example, tuple) and example and all(isinstance(e, Example) for e in example):
+        return example
+    raise TypeError(f"example must be a list of YAML args, an Example or a tuple of Examples, got {example!r}")
 
 
 def make_divisible(x: float, divisor: int = 8) -> int:
@@ -110,6 +148,8 @@ class ModuleSpec:
     bind_fn: Callable[[ModuleSpec, list[int], list, BuildContext, int], tuple[list, int]] | None = None
     pruning: Pruning = PRUNE_FREELY
     task: str | None = None  # heads: the task of a model that ends in this block
+    examples: tuple[Example, ...] = ()  # see Example; the contract test fails a block that declares none
+    onnx: bool = True  # the block exports to ONNX and ONNX Runtime reproduces it (the contract test checks)
 
     def bind(self, c_in: list[int], args: list, ctx: BuildContext, n: int) -> tuple[list, int]:
         """Turn YAML args into constructor args; returns ``(ctor_args, n_outer)``.
@@ -162,6 +202,12 @@ class Registry:
     def spec_for(self, cls: type) -> ModuleSpec | None:
         """The spec registered for exactly ``cls`` (None when the class is not a registered block)."""
         return next((spec for spec in self._specs.values() if spec.cls is cls), None)
+    def remove(self, name: str) -> ModuleSpec:
+        """Unregister ``name`` and every alias of its class (a block registered for a test, then dropped)."""
+        spec = self.get(name)
+        for key in [k for k, s in self._specs.items() if s.cls is spec.cls]:
+            del self._specs[key]
+        return spec
 
     def names(self) -> list[str]:
         return sorted(self._specs)
@@ -193,8 +239,15 @@ def register(
     bind_fn: Callable | None = None,
     pruning: Pruning = PRUNE_FREELY,
     task: str | None = None,
+    example: list | Example | Sequence[Example] | None = None,
+    onnx: bool = True,
 ) -> Callable[[type[nn.Module]], type[nn.Module]]:
-    """Class decorator: declare how a block is built from a YAML row (see module docstring)."""
+    """Class decorator: declare how a block is built from a YAML row (see module docstring).
+
+    ``example`` is a small row's YAML arguments (``[64, 3, 2]``), or an :class:`Example` (several input
+    layers, a repeat, YAML symbols), or a tuple of them; ``onnx=False`` says the block does not export to
+    ONNX. Both are read by the registry contract test, which builds every registered block from its example.
+    """
 
     def wrap(cls: type[nn.Module]) -> type[nn.Module]:
         spec = ModuleSpec(
@@ -209,6 +262,8 @@ def register(
             bind_fn=bind_fn,
             pruning=pruning,
             task=task,
+            examples=as_examples(example),
+            onnx=onnx,
         )
         REGISTRY.add(spec, aliases)
         return cls
@@ -219,3 +274,31 @@ def register(
 def register_external(cls: type[nn.Module], **kwargs: Any) -> None:
     """Register a class we do not own (``torch.nn`` layers) under its YAML names."""
     register(**kwargs)(cls)
+
+
+def task_of(model_or_cfg: nn.Module | str | Path | dict) -> str:
+    """'detect' or 'classify': the ``task`` that the registry entry of the model's head declares.
+
+    ``model_or_cfg`` is a model (its last layer; a stand-in head, such as a quantization-aware model's, names the
+    registered head it stands for in ``stands_for``) or a model YAML (path, bare name or dict: its last row).
+    This is the one place that answers the question; everything else asks here.
+    """
+    from models.yaml_config import ModelConfigError, layer_rows, load_model_yaml
+
+    if isinstance(model_or_cfg, nn.Module):
+        head = model_or_cfg.model[-1] if hasattr(model_or_cfg, "model") else model_or_cfg
+        head_class = getattr(head, "stands_for", type(head))
+        spec, where = REGISTRY.spec_for(head_class), f"the model's last layer ({head_class.__name__})"
+    else:
+        cfg = load_model_yaml(model_or_cfg)
+        rows = layer_rows(cfg)  # a YAML without its sections or with malformed rows is refused here, by name
+        if not rows:
+            raise ModelConfigError(f"{cfg.get('yaml_file', '<dict>')}: no layers in 'backbone' and 'head'")
+        name = rows[-1][1][2]
+        spec = REGISTRY.get(name) if name in REGISTRY else None
+        where = f"{cfg.get('yaml_file', '<dict>')}: the last layer ({name})"
+    if spec is None or spec.task is None:
+        heads = sorted({s.name for s in REGISTRY.specs() if s.task})
+        raise ModelConfigError(f"{where} is not the head of a known task; a model must end in one of "
+                               f"{', '.join(heads)}")
+    return spec.task

@@ -3,6 +3,10 @@
 ``python models/yolo.py --cfg yolov5s.yaml --imgsz 640 --profile --roofline --peak-gflops 1000
 --bandwidth-gbs 100`` prints what a deployment engineer needs before choosing a board: parameters, FLOPs,
 bytes moved, arithmetic intensity, and whether the model is compute- or memory-bound there.
+
+Everything here works on a model already built (``models.yolo.main`` builds it), so this module imports
+nothing from ``models``. It holds the command line's flags too; their domain checks come from
+``utils.common.flags``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from models.registry import task_of
 from utils.common.cli import UserArgumentParser
 from utils.common.flags import at_least, check_img_size, positive
 from utils.common.torch_utils import count_parameters, model_gflops
@@ -174,17 +179,8 @@ def check_report_args(args: argparse.Namespace) -> None:
     positive("--bandwidth-gbs", args.bandwidth_gbs)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from models.yaml_config import load_model_yaml
-    from models.yolo import build_model, task_of
-
-    args = parse_args(argv)
-    check_report_args(args)
-    cfg = load_model_yaml(args.cfg)
-    for key in ("depth_multiple", "width_multiple"):
-        if getattr(args, key) is not None:
-            cfg[key] = getattr(args, key)
-    model = build_model(cfg, nc=args.nc).eval()
+def print_report(model: nn.Module, args: argparse.Namespace) -> None:
+    """Print the table, cost and roofline of a built model (eval mode) for the flags of :func:`parse_args`."""
     if task_of(model) == "detect":  # detectors run at multiples of their largest stride only
         args.imgsz = check_img_size(args.imgsz, max(int(model.stride.max()), 32))
     report = roofline(model, args.imgsz, 2 if args.half_bytes else 4, args.peak_gflops, args.bandwidth_gbs)
@@ -194,4 +190,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{'layer':>5} {'module':<40} {'ms':>9}")
         for index, kind, ms in profile_layers(model, args.imgsz):
             print(f"{index:>5} {kind:<40} {ms:9.2f}")
-    return 0

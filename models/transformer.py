@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.common import C3, Conv
-from models.registry import KEEP_WHOLE, Pruning, register
+from models.registry import KEEP_WHOLE, Example, Pruning, register
 
 __all__ = [
     "C3STR",
@@ -50,7 +50,7 @@ class TransformerLayer(nn.Module):
         return self.fc2(self.fc1(x)) + x
 
 
-@register(repeat="fixed", pruning=KEEP_WHOLE)  # heads split the channels; the output reshape uses c2
+@register(repeat="fixed", pruning=KEEP_WHOLE, example=[32, 4, 2])  # heads split the channels; the reshape uses c2
 class TransformerBlock(nn.Module):
     """Global self-attention over all pixels of a map: optional 1x1 Conv to ``c2``, learnable position term."""
 
@@ -70,7 +70,7 @@ class TransformerBlock(nn.Module):
         return tokens.permute(1, 2, 0).reshape(b, self.c2, h, w)
 
 
-@register(repeat="inner")
+@register(repeat="inner", example=Example([32], n=2))
 class C3TR(C3):
     """C3 with a TransformerBlock (4 heads, ``n`` layers) in place of the bottleneck stack (TPH-YOLOv5).
 
@@ -217,7 +217,7 @@ class SwinStage(nn.Module):
         return self.blocks(x)
 
 
-@register(repeat="inner", pruning=Pruning(whole=("m",)))  # Swin: LayerNorm over channels, heads split them
+@register(repeat="inner", pruning=Pruning(whole=("m",)), example=Example([64], n=2))  # Swin: LayerNorm, heads
 class C3STR(C3):
     """C3 with a Swin stage (window 8, shifted every other block) as the bottleneck stack (seed 004's C3STR).
 
@@ -237,7 +237,7 @@ def _out_bifpn(c_in: list[int], args: list) -> int:
 
 
 @register(width_args=(0,), out=_out_bifpn, multi_input=True, aliases=("BiFPN_Add2", "BiFPN_Add3"),
-          pruning=Pruning(scalar_params=("w",)))
+          pruning=Pruning(scalar_params=("w",)), example=Example([32], inputs=(16, 16)))
 class BiFPNAdd(nn.Module):
     """EfficientDet's fast normalised fusion: ``Conv(sum_i w_i x_i / (sum_i w_i + eps))`` with ``w = relu(w')``.
 

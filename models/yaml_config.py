@@ -46,6 +46,12 @@ def load_model_yaml(cfg: str | Path | dict) -> dict:
     return data
 
 
+def last_module_name(cfg: dict) -> str:
+    """The module name of the YAML's last row (``Detect``, ``Classify``...), which decides the model class."""
+    rows = (cfg.get("backbone") or []) + (cfg.get("head") or [])
+    return rows[-1][2] if rows and isinstance(rows[-1], list) and len(rows[-1]) == 4 else ""
+
+
 def resolve_arg(value: Any, symbols: dict[str, Any]) -> Any:
     """Resolve one YAML argument without ``eval``: symbol, constant, literal, or the string itself."""
     if isinstance(value, list):

@@ -1,8 +1,11 @@
 """Model builder: ``parse_model`` turns a YAML into an ``nn.Sequential`` of registered blocks.
 
-The models keep YOLOv5 v7.0's import paths and attribute names (``models.yolo.DetectionModel`` with
-``yaml, model, save, names, stride``; each layer with ``i, f, type, np``) so official checkpoints unpickle
-into these classes. Run ``python models/yolo.py --cfg yolov5s.yaml`` for the layer table and profile.
+The models keep YOLOv5 v7.0's import paths and attribute names (``models.yolo.DetectionModel`` and
+``models.yolo.ClassificationModel`` with ``yaml, model, save, names, stride``; each layer with
+``i, f, type, np``) so official checkpoints unpickle into these classes. Run
+``python models/yolo.py --cfg yolov5s.yaml`` for the layer table and profile (:mod:`models.report`).
+
+Importing any ``models`` module registers every block (``models/__init__.py``), so a YAML may name any of them.
 """
 
 from __future__ import annotations
@@ -14,22 +17,21 @@ if __package__ in (None, ""):  # executed as `python models/yolo.py`: make the r
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import logging
+from typing import Any
 
 import torch
 from torch import nn
 
-import models.attention
-import models.backbones
-import models.common
-import models.transformer  # noqa: F401
 from models.activations import activation_scope, parse_activation
 from models.channels import apply_widths
+from models.classify import HeadUncertaintyWeights, MultiHeadClassify, is_classifier_config, normalize_heads
 from models.fusion import ConvBN, conv_bn_pairs, fold_conv_bn
 from models.heads import Detect
-from models.registry import REGISTRY, BuildContext
+from models.registry import REGISTRY, BuildContext, task_of
 from models.yaml_config import (
     ModelConfigError,
     check_model_numbers,
+    last_module_name,
     layer_rows,
     load_model_yaml,
     model_symbols,
@@ -39,7 +41,8 @@ from utils.common.torch_utils import initialize_weights, model_summary
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["BaseModel", "Detect", "DetectionModel", "Model", "build_model", "parse_model"]
+__all__ = ["BaseModel", "ClassificationModel", "Detect", "DetectionModel", "Model", "build_model", "main",
+           "parse_model"]
 
 
 def _check_from(index: int, f: int | list[int], where: str) -> list[int]:
@@ -273,30 +276,101 @@ def _check_anchor_order(head: Detect) -> None:
         head.anchors[:] = head.anchors.flip(0)
 
 
-def task_of(model_or_cfg: nn.Module | str | Path | dict) -> str:
-    """'detect' or 'classify': the ``task`` that the registry entry of the model's head declares.
+class ClassificationModel(BaseModel):
+    """A classifier from a YAML (backbone + Classify / MultiHeadClassify), v7.0 attribute names.
 
-    ``model_or_cfg`` is a model (its last layer; a stand-in head, such as a quantization-aware model's, names the
-    registered head it stands for in ``stands_for``) or a model YAML (path, bare name or dict: its last row).
-    This is the one place that answers the question; everything else asks here.
+    ``heads`` is always a list of ``{name, names}`` (one entry for ``Classify``); ``names`` is the flat class
+    list (``'head/class'`` for multi-head models) so code that only knows ``names`` still sees every output.
+    The head spec is written back into ``yaml`` so a checkpoint rebuilt from its YAML has the same heads.
     """
-    if isinstance(model_or_cfg, nn.Module):
-        head = model_or_cfg.model[-1] if hasattr(model_or_cfg, "model") else model_or_cfg
-        head_class = getattr(head, "stands_for", type(head))
-        spec, where = REGISTRY.spec_for(head_class), f"the model's last layer ({head_class.__name__})"
-    else:
-        cfg = load_model_yaml(model_or_cfg)
-        rows = layer_rows(cfg)  # a YAML without its sections or with malformed rows is refused here, by name
-        if not rows:
-            raise ModelConfigError(f"{cfg.get('yaml_file', '<dict>')}: no layers in 'backbone' and 'head'")
-        name = rows[-1][1][2]
-        spec = REGISTRY.get(name) if name in REGISTRY else None
-        where = f"{cfg.get('yaml_file', '<dict>')}: the last layer ({name})"
-    if spec is None or spec.task is None:
-        heads = sorted({s.name for s in REGISTRY.specs() if s.task})
-        raise ModelConfigError(f"{where} is not the head of a known task; a model must end in one of "
-                               f"{', '.join(heads)}")
-    return spec.task
+
+    def __init__(self, cfg: str | Path | dict = "yolov5s-cls.yaml", ch: int = 3, nc: int | None = None,
+                 heads: list | None = None):
+        super().__init__()
+        self.yaml = load_model_yaml(cfg)
+        self.yaml_file = self.yaml.get("yaml_file", "")
+        if not is_classifier_config(self.yaml):
+            raise ModelConfigError(f"{self.yaml_file or '<dict>'}: last layer must be Classify or MultiHeadClassify")
+        self._apply_overrides(nc, heads)
+        ch = self.yaml["ch"] = self.yaml.get("ch", ch)
+        self.model, self.save = parse_model(self.yaml, ch=[ch])
+        self.heads = self._head_spec()
+        self.names = self._flat_names()
+        initialize_weights(self)
+        self.stride = self._measure_stride(ch)
+        if self.yaml.get("head_balance") == "uncertainty":
+            self.head_balance = HeadUncertaintyWeights(len(self.heads))
+
+    def _apply_overrides(self, nc: int | None, heads: list | None) -> None:
+        if heads is not None:
+            spec = normalize_heads(heads)
+            self.yaml["heads"] = spec
+            for k, head in enumerate(spec, 1):
+                if f"nc{k}" in self.yaml:
+                    self.yaml[f"nc{k}"] = len(head["names"])
+            if len(spec) == 1 and last_module_name(self.yaml) == "Classify":
+                self.yaml["nc"], self.yaml["names"] = len(spec[0]["names"]), spec[0]["names"]
+                self.yaml["head_name"] = spec[0]["name"]
+        if nc is not None:
+            self.yaml["nc"] = nc
+            if len(self.yaml.get("names") or []) != nc:
+                self.yaml.pop("names", None)
+        if "nc" not in self.yaml and last_module_name(self.yaml) == "Classify":
+            raise ModelConfigError(f"{self.yaml_file or '<dict>'}: no 'nc' (number of classes) given")
+
+    def _head_spec(self) -> list[dict[str, Any]]:
+        head = self.model[-1]
+        if isinstance(head, MultiHeadClassify):
+            given = normalize_heads(self.yaml["heads"]) if self.yaml.get("heads") else []
+            if given and [len(h["names"]) for h in given] != head.ncs:
+                raise ModelConfigError(f"{self.yaml_file}: the head row's class counts {head.ncs} do not match "
+                                       f"'heads' {[len(h['names']) for h in given]}")
+            spec = given or [{"name": n, "names": [str(i) for i in range(c)]}
+                             for n, c in zip(head.head_names, head.ncs)]
+            self.yaml["heads"] = spec
+            return spec
+        nc = head.linear.out_features
+        names = self.yaml.get("names") or [str(i) for i in range(nc)]
+        return [{"name": self.yaml.get("head_name", "class"), "names": list(names)}]
+
+    def _flat_names(self) -> list[str]:
+        if len(self.heads) == 1 and not isinstance(self.model[-1], MultiHeadClassify):
+            return list(self.heads[0]["names"])
+        return [f"{h['name']}/{n}" for h in self.heads for n in h["names"]]
+
+    def _measure_stride(self, ch: int, side: int = 64) -> torch.Tensor:
+        """Largest down-sampling of any conv in a dry forward (32 for YOLOv5 backbones), read by exporters."""
+        smallest: list[int] = []
+        hooks = [m.register_forward_hook(lambda _m, _i, out: smallest.append(min(out.shape[-2:])))
+                 for m in self.modules() if isinstance(m, nn.Conv2d)]
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                self.probe_forward(torch.zeros(1, ch, side, side))
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self.train(was_training)
+        return torch.tensor([float(side // max(min(smallest), 1))])
+
+    @property
+    def nc(self) -> int:
+        """Total outputs over all heads (``len(names)``)."""
+        return len(self.names)
+
+    @property
+    def multi_head(self) -> bool:
+        return isinstance(self.model[-1], MultiHeadClassify)
+
+    def head_prefix(self, k: int) -> str:
+        """Parameter-name prefix of head ``k`` (the whole head layer for single-head models)."""
+        last = len(self.model) - 1
+        return f"model.{last}.branches.{k}." if self.multi_head else f"model.{last}."
+
+    def shared_prefixes(self) -> list[str]:
+        """Prefixes of the layers every head uses (all layers before the head)."""
+        return [f"model.{i}." for i in range(len(self.model) - 1)]
 
 
 def build_model(cfg: str | Path | dict, nc: int | None = None, ch: int = 3) -> BaseModel:
@@ -304,13 +378,24 @@ def build_model(cfg: str | Path | dict, nc: int | None = None, ch: int = 3) -> B
     config = load_model_yaml(cfg)
     if task_of(config) == "detect":
         return DetectionModel(config, ch=ch, nc=nc)
-    from models.classify import ClassificationModel  # imported on demand: detection needs none of it
-
     return ClassificationModel(config, ch=ch, nc=nc)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python models/yolo.py``: build the YAML and print its layer table, cost and roofline."""
+    from models import report  # the command line's flags and printing; building models needs none of it
+
+    args = report.parse_args(argv)
+    report.check_report_args(args)
+    cfg = load_model_yaml(args.cfg)
+    for key in ("depth_multiple", "width_multiple"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    report.print_report(build_model(cfg, nc=args.nc).eval(), args)
+    return 0
+
+
 if __name__ == "__main__":
-    from models.report import main
     from utils.common.cli import run_cli
 
     raise SystemExit(run_cli(main))

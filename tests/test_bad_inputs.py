@@ -22,7 +22,7 @@ import detect
 import export
 import train
 import val
-from models import report as model_report
+from models import yolo as model_cli
 from utils.common.cli import TRACEBACK_ENV, run_cli
 from utils.common.errors import UserError
 from utils.data import converters
@@ -35,7 +35,7 @@ SAMPLE = ROOT / "data" / "neu-det-sample"
 NAMES = "[crazing, inclusion, patches, pitted_surface, rolled-in_scale, scratches]"
 
 SCRIPTS = {"train": train.main, "val": val.main, "detect": detect.main, "export": export.main,
-           "model": model_report.main, "autoanchor": autoanchor.main, "report": data_report.main,
+           "model": model_cli.main, "autoanchor": autoanchor.main, "report": data_report.main,
            "preview": data_preview.main, "convert": converters.main}
 WRITES_RUNS = {"train", "val", "detect"}  # scripts that take --project
 
@@ -102,7 +102,7 @@ def bad(tmp_path_factory) -> SimpleNamespace:
     detector = DetectionModel("yolov5n.yaml", nc=6)
     detector.names = ["crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches"]
     save_checkpoint(detector, root / "det6.pt")
-    from models.classify import ClassificationModel
+    from models.yolo import ClassificationModel
 
     save_checkpoint(ClassificationModel("yolov5n-cls.yaml", nc=6), root / "cls.pt")
     raw = (root / "det6.pt").read_bytes()

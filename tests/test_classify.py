@@ -15,13 +15,13 @@ import yaml
 from conftest import make_two_head_set, write_jpg
 
 from models.classify import (
-    ClassificationModel,
     Classify,
     MultiHeadClassify,
     is_classifier_config,
     normalize_heads,
 )
 from models.yaml_config import ModelConfigError, load_model_yaml
+from models.yolo import ClassificationModel
 from utils.common.torch_utils import count_parameters, model_gflops
 from utils.data.classify import (
     create_classify_loader,

@@ -14,8 +14,7 @@ import torch
 import yaml
 
 import train
-from models.classify import ClassificationModel
-from models.yolo import DetectionModel
+from models.yolo import ClassificationModel, DetectionModel
 from utils.common.cli import run_cli
 from utils.compress.distill import (
     Distillation,

@@ -302,7 +302,7 @@ def classifier_artifacts(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
     """yolov5n-mcls-s with two heads. A fresh model's activations fade towards zero with depth in eval mode
     (unit BN statistics), so the statistics are measured on real images and the last layers scaled up: the
     logits then span several units and depend on the image."""
-    from models.classify import ClassificationModel
+    from models.yolo import ClassificationModel
     from utils.weights.checkpoint import save_checkpoint
 
     torch.manual_seed(0)

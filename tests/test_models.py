@@ -1,4 +1,5 @@
-"""Model core: registry contract, every model YAML, exact published sizes, bad YAMLs, activations."""
+"""Model core: every model YAML, exact published sizes, bad YAMLs, activations (the per-block registry contract
+is tests/test_registry.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import torch
 from torch import nn
 
 from models.activations import activation_scope, make_activation
-from models.registry import REGISTRY, BuildContext
 from models.yaml_config import ModelConfigError, load_model_yaml
 from models.yolo import DetectionModel, build_model
 from utils.common.torch_utils import count_parameters, model_gflops
@@ -169,48 +169,7 @@ def test_fold_takes_only_convs_read_by_their_batchnorm_alone():
     assert torch.allclose(before, after, atol=1e-5, rtol=1e-5)
 
 
-# ---------------------------------------------------------------- registry contract, parametrised
-def _build_from_spec(spec, c1=16):
-    """Build one registered block the way parse_model would, with a small typical YAML row."""
-    ctx = BuildContext(1.0, 1.0, {"nc": 4, "anchors": [[10, 13, 16, 30, 33, 23]]})
-    if spec.name in {"Concat"}:
-        return spec.bind([c1, c1], [1], ctx, 1), [c1, c1]
-    if spec.name == "Detect":
-        return spec.bind([c1], [4, [[10, 13, 16, 30, 33, 23]]], ctx, 1), [c1]
-    row_args = [] if not spec.width_args else [32]
-    if spec.name in {"Contract", "Expand"}:
-        row_args = [2]
-    if spec.name in {"nn.Upsample"}:
-        row_args = [None, 2, "nearest"]
-    if spec.name in {"nn.MaxPool2d"}:
-        row_args = [3, 1, 1]
-    depth = 2 if spec.repeat == "inner" else 1  # outer repeats only make sense for c1 == c2 rows
-    return spec.bind([c1], row_args, ctx, depth), [c1]
-
-
-CORE_MODULES = {"models.common", "models.heads", "torch.nn.modules.upsampling", "torch.nn.modules.batchnorm",
-                "torch.nn.modules.pooling", "torch.nn.modules.linear"}
-CORE_SPECS = [s for s in REGISTRY.specs() if s.cls.__module__ in CORE_MODULES]
-
-
-@pytest.mark.parametrize("spec", CORE_SPECS, ids=lambda s: s.name)
-def test_registry_block_contract(spec):
-    """Build, forward, declared output channels == actual, backward."""
-    (ctor_args, n), c_in = _build_from_spec(spec)
-    layer = nn.Sequential(*(spec.cls(*ctor_args) for _ in range(n))) if n > 1 else spec.cls(*ctor_args)
-    inputs = [torch.rand(2, c, 16, 16, requires_grad=True) for c in c_in]
-    if spec.name == "Detect":
-        layer.stride = torch.tensor([8.0])
-        out = layer(inputs)
-        out[0].sum().backward()
-        assert out[0].shape == (2, 3, 16, 16, 9)
-        return
-    out = layer(inputs if spec.multi_input else inputs[0])
-    assert out.shape[1] == spec.out_channels(c_in, ctor_args)
-    out.float().sum().backward()
-    assert inputs[0].grad is not None
-
-
+# ---------------------------------------------------------------- YAML mistakes (block contract: test_registry.py)
 def test_registry_lists_known_modules_on_unknown_name(tmp_path):
     cfg = load_model_yaml("yolov5n.yaml")
     cfg["backbone"][2][2] = "C3x"

@@ -284,7 +284,7 @@ def test_multihead_classifier_qat_checkpoint_exports_to_qdq_and_matches(tmp_path
 
     artifacts = export_model(ExportOptions(weights=weights, include=("onnx",), imgsz=(64, 64), int8=True,
                                          output_dir=tmp_path / "export"))
-    from models.classify import ClassificationModel
+    from models.yolo import ClassificationModel
 
     graph = onnx.load(str(artifacts["onnx_int8"])).graph
     ops = [node.op_type for node in graph.node]

@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 import train
-from models.classify import ClassificationModel
-from models.yolo import DetectionModel
+from models.yolo import ClassificationModel, DetectionModel
 from utils.common.cli import run_cli
 from utils.compress.sparsity import (
     SHARE_COLUMN,

@@ -153,7 +153,7 @@ def test_export_rounds_the_image_size(detector_checkpoint, tmp_path):
 
 def test_detect_classifies_with_a_classifier_checkpoint(tmp_path, caplog):
     """A classifier checkpoint in detect.py: a line per image, annotated copies, label files and the CSV."""
-    from models.classify import ClassificationModel
+    from models.yolo import ClassificationModel
     from utils.runners.detect import DetectOptions, run_detect
     from utils.weights.checkpoint import save_checkpoint
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.yolo import task_of
+from models.registry import task_of
 from utils.common.errors import UserError
 
 if TYPE_CHECKING:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.yolo import task_of
+from models.registry import task_of
 from utils.common.errors import UserError
 from utils.export.backend import Backend
 from utils.export.common import (

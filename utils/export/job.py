@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from models.yolo import task_of
+from models.registry import task_of
 from utils.export.common import (
     ExportMetadata,
     ImageTransform,

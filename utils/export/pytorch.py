@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from models.yolo import task_of
+from models.registry import task_of
 from utils.common.torch_utils import fastest_memory_format
 from utils.export.backend import Backend
 from utils.export.common import model_stride

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from models.yolo import task_of
+from models.registry import task_of
 from utils.common.errors import UserError
 from utils.tasks.base import EpochPlan, EvalSettings, ModelInfo, ModelSource, Task, TaskOptions
 

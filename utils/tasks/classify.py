@@ -78,6 +78,7 @@ def sequential_phase(epoch: int, epochs: int, n_heads: int, finetune_epochs: int
 
 
 
+# ---------------------------------------------------------------------------------------------- weights
 # ---------------------------------------------------------------------------------------------- the task
 class ClassifyTask:
     """Everything classification-specific that the trainer and the tools delegate."""
@@ -119,9 +120,9 @@ class ClassifyTask:
     # ---------------------------------------------------------------- model
     def build_model(self, source: ModelSource) -> nn.Module:
         """From --cfg and/or --weights; a detector checkpoint seeds the backbone of a --cfg classifier."""
-        from models.classify import ClassificationModel
+        from models.registry import task_of
         from models.yaml_config import load_model_yaml
-        from models.yolo import task_of
+        from models.yolo import ClassificationModel
         from utils.weights.checkpoint import load_checkpoint, transfer_from_detector, transfer_weights
 
         if not source.cfg and not source.weights:
@@ -144,8 +145,8 @@ class ClassifyTask:
         return model
 
     def _check_head_count(self, model_yaml: dict, source: ModelSource) -> None:
+        from models.registry import task_of
         from models.yaml_config import ModelConfigError
-        from models.yolo import task_of
 
         if task_of(model_yaml) != "classify":
             raise ModelConfigError(f"{source.cfg or source.weights}: not a classifier (last layer must be Classify or "

@@ -67,11 +67,8 @@ def legacy_allow_list() -> list:
     anything, so a look-alike (``yolov5x.models.yolo.DetectionModel``) or a function reached through a mapped
     module (``yolov5.models.common.os.system``) is not found and the file is refused.
     """
-    import models.classify  # registers Classify / MultiHeadClassify
-    import models.yolo  # noqa: F401  (imports every block module, filling the registry)
-    from models.classify import ClassificationModel
-    from models.registry import REGISTRY
-    from models.yolo import DetectionModel
+    from models.registry import REGISTRY  # importing the package registers every block
+    from models.yolo import ClassificationModel, DetectionModel
 
     allowed: list = list(_TORCH_NN_CLASSES)
     for cls in REGISTRY.classes():
@@ -231,7 +228,7 @@ def library_versions() -> dict[str, str]:
 
 def checkpoint_dict(model: nn.Module, train_state: dict | None = None, **meta: Any) -> dict[str, Any]:
     """Our format: only tensors and plain data (safe to load with ``weights_only=True``)."""
-    from models.yolo import task_of
+    from models.registry import task_of
     from utils.common.torch_utils import de_parallel
 
     bare = de_parallel(model)

@@ -89,8 +89,8 @@ def trace_channels(model: nn.Module, imgsz: int = 64) -> ChannelAnalysis:
             p.requires_grad_(True)
         with _stubbed(model, _outermost(constraints.whole), example):
             graph = tp.DependencyGraph().build_dependency(
-                model, example_inputs=example, output_transform=flatten_outputs, verbose=False,
-                ignored_params=declared_scalar_params(layers))
+                model, example_inputs=example, forward_fn=_forward_with_raw_heads, output_transform=flatten_outputs,
+                verbose=False, ignored_params=declared_scalar_params(layers))
             names = {module: path for path, module in layers.named_modules()}
         analysis = ChannelAnalysis(groups=[])
         for path in _outermost(constraints.whole):
@@ -102,6 +102,25 @@ def trace_channels(model: nn.Module, imgsz: int = 64) -> ChannelAnalysis:
             p.requires_grad_(False)
         model.train(was_training)
     return analysis
+
+
+def _forward_with_raw_heads(model: nn.Module, example: torch.Tensor) -> Any:
+    """The traced forward pass (Torch-Pruning has just put the model in eval mode): the heads
+    (``coupling="head"``) return their raw predictions, as in training.
+
+    An eval-mode ``Detect`` also decodes: it reshapes every level to (batch, cells, outputs) and concatenates the
+    levels along the cells. The trace follows that concatenation as if it joined channels, and Torch-Pruning's
+    index maps through it cost more the more cells and levels there are (one prediction conv of a P2 detector
+    took minutes to group at 64 px). The decoding holds no parameters and only rearranges the prediction convs'
+    outputs, whose channels are fixed by the task anyway, so leaving it out changes no group. Only the head's own
+    flag is set (not its children's): BatchNorm layers inside a head stay in eval mode and keep their statistics.
+    """
+    specs = {spec.cls: spec for spec in REGISTRY.specs()}
+    for layer in model.model:
+        spec = specs.get(type(layer))
+        if spec is not None and spec.coupling == "head":
+            layer.training = True
+    return model(example)
 
 
 class _TraceStub(nn.Conv2d):

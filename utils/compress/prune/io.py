@@ -14,8 +14,8 @@ from typing import Any
 
 from torch import nn
 
+from models.registry import task_of
 from models.yaml_config import dump_model_yaml
-from models.yolo import task_of
 from utils.common.errors import UserError
 from utils.weights.checkpoint import save_checkpoint
 

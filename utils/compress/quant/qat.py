@@ -82,8 +82,8 @@ def check_qat_flags(cfg: Any) -> None:
 def check_qat_supported(model: nn.Module, source: str = "the model") -> None:
     """Refuse, with the reason, models that QAT does not handle: those ending in neither a Detect head nor a
     classification head."""
+    from models.registry import task_of
     from models.yaml_config import ModelConfigError
-    from models.yolo import task_of
 
     head = model.model[-1] if hasattr(model, "model") else model
     try:
@@ -222,7 +222,7 @@ def prepare_qat(model: nn.Module, recipe: dict[str, Any] | None = None) -> QATMo
     check_qat_supported(model)
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
-    from models.yolo import task_of
+    from models.registry import task_of
     from utils.compress.quant.quantizer import tensorrt_quantizer
 
     head = model.model[-1]
