@@ -3,11 +3,14 @@
 Each case must end with exit status 2 and exactly one stderr line ``error: ...`` that names the culprit (flag,
 file, key or layer), never a traceback; the data set must be byte-identical afterwards and no run folder may be
 left behind. Most cases run in-process through ``run_cli`` (fast); a few run as real processes to prove the
-exit path end to end. ``YOLOKIT_TRACEBACK=1`` turns the line back into the traceback.
+exit path end to end, among them the folders and files the user may not write or read: those run with the
+permission really denied (as root, in a process that lost root's power to ignore permission bits).
+``YOLOKIT_TRACEBACK=1`` turns the line back into the traceback.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import shutil
@@ -20,6 +23,8 @@ import pytest
 
 import detect
 import export
+import prune_eagleeye
+import prune_slim
 import train
 import val
 from models import yolo as model_cli
@@ -36,7 +41,8 @@ NAMES = "[crazing, inclusion, patches, pitted_surface, rolled-in_scale, scratche
 
 SCRIPTS = {"train": train.main, "val": val.main, "detect": detect.main, "export": export.main,
            "model": model_cli.main, "autoanchor": autoanchor.main, "report": data_report.main,
-           "preview": data_preview.main, "convert": converters.main}
+           "preview": data_preview.main, "convert": converters.main, "slim": prune_slim.main,
+           "eagleeye": prune_eagleeye.main}
 WRITES_RUNS = {"train", "val", "detect"}  # scripts that take --project
 
 
@@ -115,6 +121,10 @@ def bad(tmp_path_factory) -> SimpleNamespace:
     torch.save(torch.zeros(3), root / "tensor.pt")
     (root / "list.txt").write_text("images/nope.jpg\n")
     (root / "model.xyz").write_text("?")
+    held = root / "held"  # an earlier run's folder holding files a new --exist-ok run there would read
+    held.mkdir()
+    shutil.copy(data / "images" / "val" / "crazing_100.jpg", held)
+    shutil.copy(root / "det6.pt", held)
     return SimpleNamespace(root=root, data=data)
 
 
@@ -222,6 +232,20 @@ CASES = [
     ("detect", "--weights {r}/det6.pt --visualize --augment", "--visualize"),
     ("detect", "--weights {r}/text.pt", "text.pt: not a readable PyTorch checkpoint"),
     ("detect", "--weights {r}/folder.pt", "folder.pt: is a folder"),
+    # an output folder that is a file (permission cases: PROCESS_CASES); --exist-ok on a folder holding an input
+    ("train", "--project {r}/list.txt", "--project {r}/list.txt: {r}/list.txt is a file, not a folder"),
+    ("val", "--weights {r}/det6.pt --project {r}/list.txt/runs", "{r}/list.txt is a file, not a folder"),
+    ("detect", "--weights {r}/det6.pt --project {r}/list.txt", "--project {r}/list.txt: {r}/list.txt is a file"),
+    ("export", "--weights {r}/det6.pt --output-dir {r}/list.txt", "--output-dir {r}/list.txt: {r}/list.txt is a"),
+    ("slim", "--weights {r}/det6.pt --data {r}/data_ok.yaml --path {r}/list.txt/p.yaml --global-percent 0.3",
+     "--path {r}/list.txt/p.yaml: {r}/list.txt is a file, not a folder"),
+    ("eagleeye", "--weights {r}/det6.pt --data {r}/data_ok.yaml --path {r}/list.txt/p.yaml --remain-ratio 0.5",
+     "{r}/list.txt is a file, not a folder"),
+    ("train", "--weights {r}/held/det6.pt --project {r} --name held --exist-ok",
+     "--weights {r}/held/det6.pt lies in the run folder {r}/held"),
+    ("val", "--weights {r}/held/det6.pt --project {r} --name held --exist-ok", "--weights {r}/held/det6.pt lies in"),
+    ("detect", "--weights {r}/det6.pt --source {r}/held/crazing_100.jpg --project {r} --name held --exist-ok",
+     "--source {r}/held/crazing_100.jpg lies in the run folder"),
     # export.py
     ("export", "--weights {r}/zero.pt", "zero.pt: the file is empty"),
     ("export", "--weights {r}/missing.pt", "--weights"),
@@ -263,7 +287,8 @@ CASES = [
 def _argv(script: str, template: str, bad: SimpleNamespace, project: Path) -> list[str]:
     argv = template.format(r=bad.root, d=bad.data).split()
     if script in WRITES_RUNS:
-        argv += ["--project", str(project)] + ([] if "--device" in argv else ["--device", "cpu"])
+        argv += ([] if "--project" in argv else ["--project", str(project)])
+        argv += [] if "--device" in argv else ["--device", "cpu"]
     if script == "train" and "--cfg" not in argv and "--weights" not in argv and "--resume" not in argv:
         argv += ["--cfg", "yolov5n.yaml"]
     if script == "train" and "--data" not in argv:
@@ -283,24 +308,14 @@ def _check_one_error_line(rc: int, out: str, err: str, culprit: str) -> None:
 
 @pytest.mark.parametrize(("script", "template", "culprit"), CASES, ids=[f"{s}: {t}" for s, t, _ in CASES])
 def test_bad_input_is_one_error_line(script, template, culprit, bad, tmp_path, capsys):
-    before = tree_digest(bad.data)
+    before, held = tree_digest(bad.data), tree_digest(bad.root / "held")
     project = tmp_path / "runs"
     rc = run_cli(SCRIPTS[script], _argv(script, template, bad, project))
     out, err = capsys.readouterr()
-    _check_one_error_line(rc, out, err, culprit)
+    _check_one_error_line(rc, out, err, culprit.format(r=bad.root))
     assert tree_digest(bad.data) == before, "the data set was modified"
+    assert tree_digest(bad.root / "held") == held, "an earlier run was moved or modified"
     assert not project.exists() or not any(project.iterdir()), f"run folder left behind: {list(project.iterdir())}"
-
-
-def test_unreadable_file_is_one_error_line(bad, tmp_path, capsys):
-    if os.geteuid() == 0:
-        pytest.skip("running as root: permission bits do not stop root from reading a file")
-    secret = tmp_path / "secret.yaml"
-    secret.write_text((bad.root / "data_ok.yaml").read_text())
-    secret.chmod(0)
-    rc = run_cli(train.main, ["--data", str(secret), "--cfg", "yolov5n.yaml", "--project", str(tmp_path / "r")])
-    out, err = capsys.readouterr()
-    _check_one_error_line(rc, out, err, "secret.yaml' is not readable (permission denied)")
 
 
 def test_traceback_env_shows_the_traceback(bad, monkeypatch):
@@ -317,23 +332,96 @@ def test_internal_errors_keep_their_traceback():
         run_cli(broken, [])
 
 
-# end to end: real processes, exit status and stderr as a shell sees them
+# end to end: real processes, exit status and stderr as a shell sees them. {r}: the folder of broken files, {d}: the
+# data copy, {ro}: a folder the process may read but not write (holding a readable det6.pt), {secret}: a data YAML
+# it may not read; rows naming {ro} or {secret} run with the permission really denied.
 PROCESS_CASES = [
     (["train.py", "--epochs", "0"], "--epochs 0"),
     (["val.py", "--weights", "{r}/zero.pt"], "zero.pt: the file is empty"),
     (["detect.py", "--weights", "{r}/det6.pt", "--source", "{r}/missing.jpg"], "missing.jpg"),
     (["export.py", "--weights", "{r}/det6.pt", "--imgsz", "0"], "--imgsz 0"),
     (["models/yolo.py", "--cfg", "{r}/depth0.yaml"], "depth_multiple"),
+    (["train.py", "--cfg", "yolov5n.yaml", "--data", "{r}/data_ok.yaml", "--project", "{ro}/runs"],
+     "--project {ro}/runs: cannot write to the folder {ro}"),
+    (["val.py", "--weights", "{r}/det6.pt", "--data", "{r}/data_ok.yaml", "--project", "{ro}"],
+     "--project {ro}: cannot write to the folder {ro}"),
+    (["detect.py", "--weights", "{r}/det6.pt", "--source", "{d}/images/val", "--project", "{ro}"],
+     "--project {ro}: cannot write to the folder {ro}"),
+    (["export.py", "--weights", "{r}/det6.pt", "--output-dir", "{ro}/out"], "--output-dir {ro}/out: cannot write"),
+    (["export.py", "--weights", "{ro}/det6.pt"], "--weights {ro}/det6.pt: cannot write to the folder {ro}"),
+    (["prune_slim.py", "--weights", "{r}/det6.pt", "--data", "{r}/data_ok.yaml", "--path", "{ro}/pruned.yaml",
+      "--global-percent", "0.3"], "--path {ro}/pruned.yaml: cannot write to the folder {ro}"),
+    (["prune_eagleeye.py", "--weights", "{r}/det6.pt", "--data", "{r}/data_ok.yaml", "--path", "{ro}/pruned.yaml",
+      "--remain-ratio", "0.5"], "--path {ro}/pruned.yaml: cannot write to the folder {ro}"),
 ]
+PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2  # <linux/prctl.h>, <linux/capability.h>
 
 
-@pytest.mark.parametrize(("argv", "culprit"), PROCESS_CASES, ids=[a[0] for a, _ in PROCESS_CASES])
-def test_bad_input_in_a_real_process(argv, culprit, bad, tmp_path):
-    args = [a.format(r=bad.root) for a in argv]
-    if args[0] in ("train.py", "val.py", "detect.py"):
-        args += ["--project", str(tmp_path / "runs")]
+def _without_root_override() -> None:
+    """preexec for root: drop the capabilities that let root ignore permission bits from the bounding set, so the
+    script (after exec) meets every permission a normal user meets. Why not another uid: the interpreter here may
+    live in root's 0700 home, where another user cannot even start it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), f"prctl(PR_CAPBSET_DROP, {cap})")
+
+
+@pytest.fixture(scope="module")
+def denied(bad) -> SimpleNamespace:
+    """A read-only folder (with a readable weights file) and an unreadable data YAML, plus the subprocess keyword
+    arguments under which their permissions hold; skips where this platform cannot deny root anything."""
+    ro, secret = bad.root / "ro", bad.root / "secret.yaml"
+    ro.mkdir()
+    shutil.copy(bad.root / "det6.pt", ro)
+    secret.write_text((bad.root / "data_ok.yaml").read_text())
+    (ro / "det6.pt").chmod(0o444)
+    ro.chmod(0o555)
+    secret.chmod(0)
+    kwargs = {"preexec_fn": _without_root_override} if os.geteuid() == 0 else {}
+    probe = "import os, sys; sys.exit(os.access(sys.argv[1], os.W_OK) or os.access(sys.argv[2], os.R_OK))"
+    try:
+        allowed = subprocess.run([sys.executable, "-c", probe, str(ro), str(secret)], timeout=60, **kwargs).returncode
+        reason = "this platform ignores permission bits (a probe could still write and read)" if allowed else None
+    except subprocess.SubprocessError as exc:  # prctl refused: no CAP_SETPCAP (e.g. an unprivileged container)
+        reason = f"running as root and root's override of permission bits cannot be dropped here: {exc}"
+    yield SimpleNamespace(ro=ro, secret=secret, kwargs=kwargs, reason=reason)
+    ro.chmod(0o755)
+    secret.chmod(0o644)
+
+
+def _run_script(argv: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != TRACEBACK_ENV}
-    proc = subprocess.run([sys.executable, str(ROOT / args[0]), *args[1:]], capture_output=True, text=True,
-                          cwd=tmp_path, env=env, timeout=300)
-    _check_one_error_line(proc.returncode, proc.stdout, proc.stderr, culprit)
+    return subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:]], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300, **kwargs)
+
+
+@pytest.mark.parametrize(("argv", "culprit"), PROCESS_CASES,
+                         ids=[" ".join(a[:1] + [x for x in a if "{ro}" in x]) for a, _ in PROCESS_CASES])
+def test_bad_input_in_a_real_process(argv, culprit, bad, tmp_path, request):
+    kwargs = {}
+    if any("{ro}" in a or "{secret}" in a for a in argv):
+        denied = request.getfixturevalue("denied")
+        if denied.reason:
+            pytest.skip(denied.reason)
+        kwargs = denied.kwargs
+        names = {"ro": denied.ro, "secret": denied.secret}
+    else:
+        names = {}
+    args = [a.format(r=bad.root, d=bad.data, **names) for a in argv]
+    if args[0] in ("train.py", "val.py", "detect.py") and "--project" not in args:
+        args += ["--project", str(tmp_path / "runs")]
+    proc = _run_script(args, tmp_path, **kwargs)
+    _check_one_error_line(proc.returncode, proc.stdout, proc.stderr, culprit.format(r=bad.root, **names))
     assert not (tmp_path / "runs").exists()
+    if names:
+        assert sorted(p.name for p in names["ro"].iterdir()) == ["det6.pt"], "something was written in {ro}"
+
+
+def test_unreadable_file_is_one_error_line(bad, denied, tmp_path):
+    if denied.reason:
+        pytest.skip(denied.reason)
+    proc = _run_script(["train.py", "--data", str(denied.secret), "--cfg", "yolov5n.yaml", "--project",
+                        str(tmp_path / "r")], tmp_path, **denied.kwargs)
+    _check_one_error_line(proc.returncode, proc.stdout, proc.stderr, "secret.yaml' is not readable (permission denied)")
+    assert not (tmp_path / "r").exists()

@@ -1,9 +1,9 @@
 """Nothing of the user's is changed or lost (issue 25, section 3), and no two files share a cache entry.
 
 A scan that repairs a truncated JPEG leaves the data set byte-identical (the repaired copy lives in the cache
-folder), a new run started with ``--exist-ok`` in an earlier run's folder sets that run's results, events and
-weights aside instead of mixing with or overwriting them, and temp files of an interrupted checkpoint save are
-cleaned up by the next run in that folder.
+folder), a new run of train.py, val.py or detect.py started with ``--exist-ok`` in an earlier run's folder sets
+everything of that run aside (``previous``, ``previous2``...) instead of mixing with or overwriting it, and temp
+files of an interrupted checkpoint save are cleaned up by the next run in that folder.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import yaml
 
 from utils.train.config import TrainConfig
 
@@ -169,6 +170,10 @@ def test_exist_ok_sets_the_earlier_run_aside(tmp_path, caplog):
     run_train(_tiny_run(tmp_path, seed=2))  # a third run: the second one goes to previous2
     assert [row["epoch"] for row in _rows(run / "previous2" / "results.csv")] == ["0"]
     assert (run / "previous" / "weights" / "last.pt").read_bytes() == earlier["weights/last.pt"]
+    seeds = {folder: yaml.safe_load((run / folder / "opt.yaml").read_text())["seed"]
+             for folder in ("previous", "previous2", ".")}
+    assert seeds == {"previous": 0, "previous2": 1, ".": 2}  # each run's YAMLs kept with its results
+    assert all((run / folder / "hyp.yaml").is_file() for folder in seeds)
 
 
 def test_a_bad_model_yaml_found_while_loading_leaves_no_run_folder(tmp_path):
@@ -194,3 +199,71 @@ def test_stale_checkpoint_temp_files_are_removed(tmp_path):
         path.write_text("user file")
     assert sorted(remove_stale_temp_files(tmp_path)) == sorted(leftovers)
     assert all(p.exists() for p in keep) and not any(p.exists() for p in leftovers)
+
+
+
+def test_a_run_that_fails_while_loading_puts_the_earlier_run_back(tmp_path):
+    """--exist-ok sets the earlier run aside before setup; a mistake found while loading moves it back."""
+    from utils.common.errors import UserError
+    from utils.runners.train import run_train
+
+    run = tmp_path / "runs" / "exp"
+    run_train(_tiny_run(tmp_path))
+    before = tree_digest(run)
+    junk = tmp_path / "junk" / "images"  # image names, no images: found only while the loaders are built
+    junk.mkdir(parents=True)
+    (junk / "page.jpg").write_text("<html>not an image</html>\n")
+    (tmp_path / "junk.yaml").write_text(f"path: {junk.parent}\ntrain: images\nval: images\nnc: 6\n")
+    with pytest.raises(UserError, match="no usable images"):
+        run_train(_tiny_run(tmp_path, data=str(tmp_path / "junk.yaml")))
+    assert tree_digest(run) == before
+    assert not (run / "previous").exists()
+
+
+def _this_run(run: Path) -> dict[str, str]:
+    """The run folder's files but the earlier runs set aside in it."""
+    return {k: v for k, v in tree_digest(run).items() if not k.split("/")[0].startswith("previous")}
+
+
+def _val(weights: Path, project: Path, **flags) -> None:
+    from utils.runners.val import ValOptions, run_val
+
+    run_val(ValOptions(str(weights), str(SAMPLE_YAML), imgsz=128, batch_size=16, workers=0, device="cpu",
+                       project=str(project), name="exp", exist_ok=True, noplots=True, **flags))
+
+
+def _detect(weights: Path, project: Path, image: str, **flags) -> None:
+    from utils.runners.detect import DetectOptions, run_detect
+
+    run_detect(DetectOptions(str(weights), str(SAMPLE / "images" / "val" / image), imgsz=128, device="cpu",
+                             project=str(project), name="exp", exist_ok=True, save_txt=True, **flags))
+
+
+# three runs into one folder with --exist-ok, each writing other files than the one before
+EXIST_OK_RUNS = {
+    "val": [lambda w, p: _val(w, p, save_txt=True), lambda w, p: _val(w, p, save_json=True),
+            lambda w, p: _val(w, p, save_txt=True, save_conf=True)],
+    "detect": [lambda w, p: _detect(w, p, "crazing_100.jpg"), lambda w, p: _detect(w, p, "inclusion_105.jpg"),
+               lambda w, p: _detect(w, p, "crazing_102.jpg", save_crop=True)],
+}
+
+
+@pytest.mark.parametrize("script", EXIST_OK_RUNS)
+def test_exist_ok_sets_an_earlier_val_or_detect_run_aside_whole(script, fixtures_dir, tmp_path, caplog):
+    """val.py and detect.py with --exist-ok: the earlier run's labels, images and JSON move aside whole, a later
+    run's set-aside never overwrites an earlier one, and one log line says where they went."""
+    weights, project = fixtures_dir / "yolov5n-neu-det-v7.pt", tmp_path / "runs"
+    run = project / "exp"
+    first, second, third = EXIST_OK_RUNS[script]
+    first(weights, project)
+    runs = [_this_run(run)]
+    for later in (second, third):
+        with caplog.at_level(logging.WARNING):
+            later(weights, project)
+        runs.append(_this_run(run))
+    assert all(runs) and set(runs[0]) - set(runs[1]), "the first run's files were left mixed with the second's"
+    assert _this_run(run / "previous") == runs[0]  # the first run, whole, and nothing of the second
+    assert _this_run(run / "previous2") == runs[1]
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("previous")) == ["previous", "previous2"]
+    moves = [r.getMessage() for r in caplog.records if "were moved to" in r.getMessage()]
+    assert len(moves) == 2 and str(run / "previous") in moves[0] and str(run / "previous2") in moves[1]

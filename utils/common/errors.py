@@ -31,5 +31,10 @@ class UnreadableFileError(UserError, OSError):
     """A file the user named exists but cannot be read (permissions, a folder where a file was expected)."""
 
 
+class UnwritableFolderError(UserError, OSError):
+    """An output folder the user named (``--project``, ``--output-dir``, the folder of ``--path``) that cannot be
+    created or written: no permission, a read-only file system, or a file where a folder should be."""
+
+
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read or does not fit the model or the data; the message names the file."""

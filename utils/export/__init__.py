@@ -12,6 +12,7 @@ before anything is loaded or written, so a refused export leaves every file as i
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,8 @@ import torch
 from torch import nn
 
 from models.registry import task_of
-from utils.common.errors import UserError
+from utils.common.errors import UnwritableFolderError, UserError
+from utils.common.paths import check_writable_folder
 from utils.export.backend import Backend
 from utils.export.common import (
     ExportMetadata,
@@ -148,8 +150,22 @@ def check_overwrite(options: ExportOptions, trained_qdq: bool = False) -> None:
         raise ExportOptionError(f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; pass "
                                 f"--exist-ok to replace {'it' if len(existing) == 1 else 'them'}, or --output-dir "
                                 "DIR to export elsewhere")
+    locked = [path for path in existing if not os.access(path, os.W_OK)]
+    if locked:
+        raise UnwritableFolderError(f"--exist-ok: {', '.join(locked)} cannot be replaced (not writable by this user); "
+                                    "fix the permissions, or pass --output-dir DIR to export elsewhere")
     for path in existing:
         LOGGER.warning("replacing %s (--exist-ok)", path)
+
+
+def check_output_folder(options: ExportOptions) -> Path:
+    """The folder the artifacts go to (--output-dir, else beside --weights) exists or can be created, and is
+    writable: refused before the checkpoint is read, not after an export that could not be saved."""
+    if options.output_dir:
+        return check_writable_folder(options.output_dir, "--output-dir", options.output_dir)
+    return check_writable_folder(Path(options.weights).parent, "--weights", options.weights,
+                                 "artifacts are written beside the weights: pass --output-dir DIR, a folder you can "
+                                 "write to")
 
 
 def _listed(names: list[str]) -> str:
@@ -175,7 +191,8 @@ def check_options(options: ExportOptions, device: torch.device) -> None:
         raise ExportOptionError("--int8 with --nms is not supported: quantize the plain graph and run NMS outside")
     if options.int8_keep < 0 or (options.int8_keep and not options.int8):
         raise ExportOptionError("--int8-keep N takes N >= 0 and goes with --int8")
-    check_overwrite(options)  # before the checkpoint is read: refusing costs nothing
+    check_output_folder(options)  # before the checkpoint is read: refusing costs nothing
+    check_overwrite(options)
     qat = _qat_recipe(options.weights) is not None
     if qat:
         _check_qat_export(options, included)

@@ -10,7 +10,7 @@ import torch
 
 from utils.common.errors import FlagError
 from utils.common.flags import at_least, existing_weights, fraction, image_sizes
-from utils.common.paths import REPO_ROOT, increment_path
+from utils.common.paths import REPO_ROOT, check_set_aside, check_writable_folder, increment_path, set_aside_earlier_run
 from utils.tasks import ModelInfo, model_info
 
 
@@ -25,7 +25,8 @@ def add_inference_args(parser: argparse.ArgumentParser, run_kind: str) -> None:
     parser.add_argument("--save-conf", action="store_true", help="save confidences in --save-txt labels")
     parser.add_argument("--project", default=str(REPO_ROOT / "runs" / run_kind), help="save to project/name")
     parser.add_argument("--name", default="exp", help="save to project/name")
-    parser.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
+    parser.add_argument("--exist-ok", action="store_true", help="write into an existing project/name (no name2, ...); "
+                        "an earlier run there moves whole to project/name/previous (previous2, ...)")
 
 
 def check_inference_args(args: argparse.Namespace, script: str) -> None:
@@ -65,14 +66,25 @@ def load_predictor(weights: str, device: torch.device, half: bool) -> tuple[Any,
 
 class RunDir:
     """``project/name`` (or the next free ``name2``, ``name3``... without ``exist_ok``), made only when a script
-    is ready to write there: a mistake found while loading leaves no empty folder behind."""
+    is ready to write there: a mistake found while loading leaves no empty folder behind. With ``exist_ok`` an
+    earlier run found there is set aside whole (``previous``, ``previous2``...), as train.py does."""
 
     def __init__(self, project: str | Path, name: str, exist_ok: bool):
+        self.project = project
         self.path = Path(project) / name
         self.exist_ok = exist_ok
 
+    def check(self, inputs: dict[str, str | None]) -> None:
+        """Before any model loads: the folder can be created and written, and (``exist_ok``) its earlier run can be
+        set aside without moving ``inputs`` (flag -> file this run reads) from under it."""
+        check_writable_folder(self.path if self.exist_ok else increment_path(self.path), "--project", self.project)
+        if self.exist_ok:
+            check_set_aside(self.path, "--project/--name", inputs)
+
     def create(self) -> Path:
         path = self.path if self.exist_ok else increment_path(self.path)
+        if self.exist_ok:
+            set_aside_earlier_run(path)
         path.mkdir(parents=True, exist_ok=True)
         return path
 

@@ -79,11 +79,11 @@ def run_detect(opts: DetectOptions) -> list[dict[str, Any]]:
 
     if opts.view_img:
         check_display()
-
+    run_dir = RunDir(opts.project, opts.name, opts.exist_ok)
+    run_dir.check({"--weights": opts.weights, "--source": opts.source, "--data": opts.data})
     torch_device = select_device(opts.device)
     predictor, info = load_predictor(opts.weights, torch_device, opts.half)
     files = expand_source(opts.source)
-    run_dir = RunDir(opts.project, opts.name, opts.exist_ok)
     if info.task == "classify":
         outputs = OutputOptions(run_dir.create(), [], opts.save_txt, opts.save_conf, nosave=opts.nosave,
                                 line_thickness=opts.line_thickness, view_img=opts.view_img)

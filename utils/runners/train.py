@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from utils.common.errors import FlagError, MissingFileError
-from utils.common.paths import latest_run
+from utils.common.paths import check_set_aside, check_writable_folder, increment_path, latest_run
 from utils.common.torch_utils import select_device
 from utils.train.config import TrainConfig, check_train_config
 from utils.train.precision import requested_precision, resumed_precision, with_precision
@@ -80,13 +80,35 @@ def with_default_model(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, cfg=DEFAULT_MODEL)
 
 
+def check_run_folder(cfg: TrainConfig, in_place: bool) -> None:
+    """Before anything loads: the run folder (``--evolve``: its folder of generations) can be created and written,
+    and, written in place (``in_place``: --exist-ok, or DDP), its earlier run can be set aside whole."""
+    if cfg.evolve:
+        check_writable_folder(Path(cfg.project) / f"{cfg.name}_evolve", "--project", cfg.project)
+        return
+    save_dir = cfg.save_dir if in_place else increment_path(cfg.save_dir)
+    check_writable_folder(save_dir, "--project", cfg.project)
+    if in_place:
+        check_set_aside(save_dir, "--project/--name", {"--weights": cfg.weights, "--cfg": cfg.cfg, "--data": cfg.data,
+                                                       "--hyp": cfg.hyp, "--teacher": cfg.teacher})
+
+
+def check_resumed_folder(cfg: TrainConfig, flag_value: str | bool) -> None:
+    """A resumed run appends to results.csv and replaces weights/last.pt: both folders must be writable."""
+    shown = flag_value if isinstance(flag_value, str) else cfg.save_dir
+    for folder in (cfg.save_dir, cfg.save_dir / "weights"):
+        check_writable_folder(folder, "--resume", shown, "make the run folder writable, or copy it and resume the copy")
+
+
 def run_train(cfg: TrainConfig) -> dict[str, float]:
     from utils.compress.distill import check_distill_flags
     from utils.compress.sparsity import check_sparse_flags
     from utils.train.autobatch import resolve_batch_size
-    from utils.train.engine import fit
+    from utils.train.engine import distributed_context, fit
 
     check_train_config(cfg)  # before anything loads: a bad flag leaves no run folder behind
+    if not cfg.resume:
+        check_run_folder(cfg, in_place=cfg.exist_ok or distributed_context()[2] > 1)
     check_sparse_flags(cfg)
     check_distill_flags(cfg)
     requested_precision(cfg)  # contradictory precision flags fail before anything loads
@@ -102,5 +124,7 @@ def run_train(cfg: TrainConfig) -> dict[str, float]:
         return evolve(cfg, make_task)
     state = None
     if cfg.resume:
+        flag_value = cfg.resume
         cfg, state = resume_config(cfg)
+        check_resumed_folder(cfg, flag_value)
     return fit(make_task(cfg), cfg, resume_state=state)

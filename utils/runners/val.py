@@ -62,6 +62,8 @@ def eval_settings(opts: ValOptions) -> EvalSettings:
 
 def run_val(opts: ValOptions) -> dict[str, Any]:
     """Validate ``opts.weights`` on the ``opts.task`` split of ``opts.data``; returns the metrics dict."""
+    run_dir = RunDir(opts.project, opts.name, opts.exist_ok)
+    run_dir.check({"--weights": opts.weights, "--data": opts.data})
     device = select_device(opts.device)
     predictor, info = load_predictor(opts.weights, device, opts.half)
     task = build_task(info.task, opts.data, TaskOptions(imgsz=opts.imgsz, batch_size=opts.batch_size,
@@ -79,7 +81,7 @@ def run_val(opts: ValOptions) -> dict[str, Any]:
     # artifacts get square, unpadded batches of their own size, as v7.0 does for every exported model
     rect = isinstance(predictor, torch.nn.Module) or bool(getattr(predictor, "dynamic_hw", False))
     loader = task.val_loader(split, rect=rect)
-    save_dir = RunDir(opts.project, opts.name, opts.exist_ok).create()
+    save_dir = run_dir.create()
     settings = dataclasses.replace(settings, save_dir=save_dir, device=device)
     metrics = task.evaluate(predictor, loader, settings)
     print(task.report(metrics, opts.verbose))

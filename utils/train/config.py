@@ -140,7 +140,8 @@ class TrainConfig:
     workers: int = _flag(2, "max dataloader workers (per rank under DDP)")
     project: str = _flag(str(ROOT / "runs" / "train"), "save to project/name")
     name: str = _flag("exp", "save to project/name")
-    exist_ok: bool = _flag(False, "existing project/name ok, do not increment")
+    exist_ok: bool = _flag(False, "write into an existing project/name (no name2, ...); an earlier run there moves "
+                                  "whole to project/name/previous (previous2, ...)")
     cos_lr: bool = _flag(False, "cosine learning-rate schedule")
     label_smoothing: float = _flag(0.0, "label smoothing epsilon")
     patience: int = _flag(100, "early stop after this many epochs without improvement")

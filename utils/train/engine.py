@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from utils.common.errors import UserError
-from utils.common.paths import increment_path, remove_unused_run_dir, set_aside_earlier_run
+from utils.common.paths import increment_path, remove_unused_run_dir, restore_earlier_run, set_aside_earlier_run
 from utils.common.torch_utils import (
     de_parallel,
     float_outputs,
@@ -98,6 +98,7 @@ class Trainer:
         self.last_opt_step = -1
         self.epoch_lrs: list[float] = []
         self.resume_state: dict[str, Any] | None = None
+        self.set_aside: Path | None = None  # where --exist-ok moved an earlier run in the run folder
 
     # ------------------------------------------------------------------ setup
     def _init_device(self) -> torch.device:
@@ -170,23 +171,31 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _prepare_run_dir(self) -> None:
-        """Create the run folder; in an existing one, set an earlier run's results aside (--exist-ok) and drop
-        temp files of an interrupted checkpoint save (--resume)."""
+        """Create the run folder; in an existing one, set an earlier run aside whole (--exist-ok: utils.common.paths
+        logs where it went) and drop temp files of an interrupted checkpoint save (--resume)."""
+        if self.weights_dir.is_dir():  # half-written checkpoints belong to no run: dropped, not set aside
+            remove_stale_temp_files(self.weights_dir)
         if not (self.created_save_dir or self.resume_state):
-            moved = set_aside_earlier_run(self.save_dir)
-            if moved is not None:
-                LOGGER.warning("--exist-ok: %s held an earlier run; its results.csv, TensorBoard events and weights "
-                               "were moved to %s so that this run neither mixes with nor overwrites them (plots "
-                               "and YAMLs are rewritten)", self.save_dir, moved)
+            self.set_aside = set_aside_earlier_run(self.save_dir)
         self.weights_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temp_files(self.weights_dir)
+
+    def _undo_run_dir(self) -> None:
+        """After a user error found during setup: remove what setup wrote and put a set-aside earlier run back, so
+        that the folder is as the user left it (or gone, when setup created it)."""
+        if self.created_save_dir:
+            remove_unused_run_dir(self.save_dir)
+        elif not self.resume_state:
+            remove_unused_run_dir(self.save_dir, keep_folder=True)
+            if self.set_aside is not None:
+                restore_earlier_run(self.save_dir, self.set_aside)
+                LOGGER.info("%s: the earlier run was put back (this run stopped before training)", self.save_dir)
 
     def fit(self) -> dict[str, float]:
         try:
             self.setup()
-        except UserError:  # a mistake found while loading: leave no empty run folder behind
-            if self.is_main and self.created_save_dir:
-                remove_unused_run_dir(self.save_dir)
+        except UserError:  # a mistake found while loading: leave the run folder as it was
+            if self.is_main:
+                self._undo_run_dir()
             raise
         LOGGER.info("Logging results to %s; training for %d epochs", self.save_dir, self.epochs)
         for epoch in range(self.start_epoch, self.epochs):

@@ -17,6 +17,7 @@ from torch import nn
 from models.registry import task_of
 from models.yaml_config import dump_model_yaml
 from utils.common.errors import UserError
+from utils.common.paths import check_writable_folder
 from utils.weights.checkpoint import save_checkpoint
 
 
@@ -29,13 +30,15 @@ def pruned_paths(path: str | Path) -> tuple[Path, Path]:
 
 
 def check_writable(path: str | Path, exist_ok: bool) -> tuple[Path, Path]:
-    """Refuse to replace an earlier result unless asked (checked before any work starts)."""
+    """Refuse to replace an earlier result unless asked, and a folder we cannot write in (checked before any work
+    starts: pruning and validation take minutes, and their result would be lost at the first write)."""
     yaml_path, weights_path = pruned_paths(path)
     for target in (yaml_path, weights_path):
         if target.exists() and not exist_ok:
             raise UserError(f"{target} already exists; pass --exist-ok to replace it or choose another --path")
     if not yaml_path.parent.exists():
         raise UserError(f"--path {path}: folder {yaml_path.parent} does not exist; create it first")
+    check_writable_folder(yaml_path.parent, "--path", path, "choose a --path in a folder you can write to")
     return yaml_path, weights_path
 
 
