@@ -9,6 +9,7 @@ exit path end to end. ``YOLOKIT_TRACEBACK=1`` turns the line back into the trace
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -90,6 +91,7 @@ def bad(tmp_path_factory) -> SimpleNamespace:
     for k in range(3):
         (junk / f"page{k}.jpg").write_text("<html>not an image</html>\n")
     _label_less_sets(root, data)
+    _annotation_files(root)
     model = (ROOT / "models" / "yolov5n.yaml").read_text(encoding="utf-8")
     models = {
         "depth0.yaml": _model_yaml(model, "depth_multiple: 0.33", "depth_multiple: 0"),
@@ -136,6 +138,22 @@ def _label_less_sets(root: Path, data: Path) -> None:
                 (root / name / "labels" / "train" / f"{image.stem}.txt").write_text(texts[k])
         yaml_text = f"path: {root / name}\ntrain: images/train\nval: {data / 'images' / 'val'}\nnames: {NAMES}\n"
         (root / f"{name}.yaml").write_text(yaml_text, encoding="utf-8")
+
+
+def _annotation_files(root: Path) -> None:
+    """VOC and COCO annotations with one problem each, for the converters' --strict."""
+    (root / "voc").mkdir()
+    (root / "voc" / "a.xml").write_text(
+        "<annotation><size><width>200</width><height>100</height></size><object><name>dog</name><bndbox>"
+        "<xmin>51</xmin><ymin>21</ymin><xmax>11</xmax><ymax>81</ymax></bndbox></object></annotation>")
+    images = [{"id": 1, "file_name": "a/x.jpg", "width": 10, "height": 10}]
+    category = [{"id": 1, "name": "dog"}]
+    coco = {"coco_unknown.json": {"images": images, "categories": category,
+                                  "annotations": [{"id": 5, "image_id": 1, "category_id": 2, "bbox": [1, 1, 2, 2]}]},
+            "coco_dup.json": {"images": [*images, {"id": 2, "file_name": "b/x.jpg", "width": 10, "height": 10}],
+                              "categories": category, "annotations": []}}
+    for name, content in coco.items():
+        (root / name).write_text(json.dumps(content))
 
 
 # (script, arguments, text the error line must contain); {r} is the folder of broken files, {d} the data copy
@@ -284,6 +302,14 @@ CASES = [
     ("convert", "coco2yolo --json {r}/bad.json --out {r}/out", "bad.json: not a COCO detection JSON"),
     ("convert", "coco2yolo --json {r}/missing.json --out {r}/out", "missing.json"),
     ("convert", "split --images {d}/images/train --out {r}/out --fractions 0.5 0.7", "--fractions"),
+    ("convert", "voc2yolo --xml {r}/voc --out {r}/out --strict", "a.xml object 1: xmin 51 ymin 21 xmax 11 ymax 81: "
+                                                                 "xmin > xmax, swapped; nothing was written to"),
+    ("convert", "coco2yolo --json {r}/coco_unknown.json --out {r}/out --strict",
+     "coco_unknown.json annotations[0] (id 5): category_id 2 is not in categories, dropped"),
+    ("convert", "coco2yolo --json {r}/coco_dup.json --out {r}/out", "images 'a/x.jpg' and 'b/x.jpg' would both be "
+                                                                     "labelled by x.txt"),
+    ("convert", "voc2yolo --xml {r}/voc --out {r}/list.txt", "--out"),
+    ("convert", "voc2yolo --xml {r}/empty --out {r}/out", "--xml"),
     ("convert", "subset --data {r}/data_ok.yaml --out {r}/out --n 0", "--n 0"),
 ]
 
