@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
+import logging
 import os
 import shutil
 import subprocess
@@ -94,6 +96,8 @@ def bad(tmp_path_factory) -> SimpleNamespace:
     junk.mkdir(parents=True)
     for k in range(3):
         (junk / f"page{k}.jpg").write_text("<html>not an image</html>\n")
+    _label_less_sets(root, data)
+    _annotation_files(root)
     model = (ROOT / "models" / "yolov5n.yaml").read_text(encoding="utf-8")
     models = {
         "depth0.yaml": _model_yaml(model, "depth_multiple: 0.33", "depth_multiple: 0"),
@@ -126,6 +130,40 @@ def bad(tmp_path_factory) -> SimpleNamespace:
     shutil.copy(data / "images" / "val" / "crazing_100.jpg", held)
     shutil.copy(root / "det6.pt", held)
     return SimpleNamespace(root=root, data=data)
+
+
+def _label_less_sets(root: Path, data: Path) -> None:
+    """Four training images each with no labels folder, only empty label files, or only rows the scan drops
+    (class ids >= nc 6, one out of range); their val split is the sample's, with labels."""
+    images = sorted((data / "images" / "train").glob("*.jpg"))[:4]
+    rows = {"nolabels": None, "emptylabels": [""] * 4,
+            "dropped": ["6 0.5 0.5 0.2 0.2\n", "9 0.5 0.5 0.2 0.2\n7 0.1 0.1 0.1 0.1\n", "0 1.5 0.5 0.2 0.2\n",
+                        "6 0.5 0.5 0.2 0.2\n"]}
+    for name, texts in rows.items():
+        (root / name / "images" / "train").mkdir(parents=True)
+        for k, image in enumerate(images):
+            shutil.copyfile(image, root / name / "images" / "train" / image.name)
+            if texts is not None:
+                (root / name / "labels" / "train").mkdir(parents=True, exist_ok=True)
+                (root / name / "labels" / "train" / f"{image.stem}.txt").write_text(texts[k])
+        yaml_text = f"path: {root / name}\ntrain: images/train\nval: {data / 'images' / 'val'}\nnames: {NAMES}\n"
+        (root / f"{name}.yaml").write_text(yaml_text, encoding="utf-8")
+
+
+def _annotation_files(root: Path) -> None:
+    """VOC and COCO annotations with one problem each, for the converters' --strict."""
+    (root / "voc").mkdir()
+    (root / "voc" / "a.xml").write_text(
+        "<annotation><size><width>200</width><height>100</height></size><object><name>dog</name><bndbox>"
+        "<xmin>51</xmin><ymin>21</ymin><xmax>11</xmax><ymax>81</ymax></bndbox></object></annotation>")
+    images = [{"id": 1, "file_name": "a/x.jpg", "width": 10, "height": 10}]
+    category = [{"id": 1, "name": "dog"}]
+    coco = {"coco_unknown.json": {"images": images, "categories": category,
+                                  "annotations": [{"id": 5, "image_id": 1, "category_id": 2, "bbox": [1, 1, 2, 2]}]},
+            "coco_dup.json": {"images": [*images, {"id": 2, "file_name": "b/x.jpg", "width": 10, "height": 10}],
+                              "categories": category, "annotations": []}}
+    for name, content in coco.items():
+        (root / name).write_text(json.dumps(content))
 
 
 # (script, arguments, text the error line must contain); {r} is the folder of broken files, {d} the data copy
@@ -199,6 +237,13 @@ CASES = [
     ("train", "--resume {r}/zero.pt", "zero.pt: the file is empty"),
     # train.py: a problem found only while loading (after the run folder was made): it is removed again
     ("train", "--data {r}/junk.yaml", "no usable images"),
+    # train.py: a training split without a single box (before any epoch, like v7.0's "No labels found")
+    ("train", "--data {r}/nolabels.yaml", "nolabels/labels/train for the 4 images, nothing to train on: no label "
+                                          "file found: each image's labels are the .txt file"),
+    ("train", "--data {r}/emptylabels.yaml", "emptylabels/labels/train for the 4 images, nothing to train on: its 4 "
+                                             "label files are empty: add a row"),
+    ("train", "--data {r}/dropped.yaml", "dropped/labels/train for the 4 images, nothing to train on: every row of "
+                                         "its 4 label files was dropped (class_ge_nc 4, out_of_range 1;"),
     # val.py
     ("val", "--weights {r}/det6.pt --conf-thres 2", "--conf-thres 2"),
     ("val", "--weights {r}/det6.pt --iou-thres -0.1", "--iou-thres -0.1"),
@@ -273,6 +318,7 @@ CASES = [
     # python -m utils.train.autoanchor / utils.data.*
     ("autoanchor", "--data {r}/nc0.yaml", "nc0.yaml"),
     ("autoanchor", "--data {r}/data_ok.yaml --n 0", "--n 0"),
+    ("autoanchor", "--data {r}/nolabels.yaml", "nolabels/labels/train for the 4 images"),
     ("report", "--data {r}/missing.yaml", "missing.yaml"),
     ("report", "--data {r}/data_ok.yaml --imgsz 0", "--imgsz 0"),
     ("preview", "--data {r}/data_ok.yaml --split test", "--split test"),
@@ -280,6 +326,14 @@ CASES = [
     ("convert", "coco2yolo --json {r}/bad.json --out {r}/out", "bad.json: not a COCO detection JSON"),
     ("convert", "coco2yolo --json {r}/missing.json --out {r}/out", "missing.json"),
     ("convert", "split --images {d}/images/train --out {r}/out --fractions 0.5 0.7", "--fractions"),
+    ("convert", "voc2yolo --xml {r}/voc --out {r}/out --strict", "a.xml object 1: xmin 51 ymin 21 xmax 11 ymax 81: "
+                                                                 "xmin > xmax, swapped; nothing was written to"),
+    ("convert", "coco2yolo --json {r}/coco_unknown.json --out {r}/out --strict",
+     "coco_unknown.json annotations[0] (id 5): category_id 2 is not in categories, dropped"),
+    ("convert", "coco2yolo --json {r}/coco_dup.json --out {r}/out", "images 'a/x.jpg' and 'b/x.jpg' would both be "
+                                                                     "labelled by x.txt"),
+    ("convert", "voc2yolo --xml {r}/voc --out {r}/list.txt", "--out"),
+    ("convert", "voc2yolo --xml {r}/empty --out {r}/out", "--xml"),
     ("convert", "subset --data {r}/data_ok.yaml --out {r}/out --n 0", "--n 0"),
 ]
 
@@ -316,6 +370,25 @@ def test_bad_input_is_one_error_line(script, template, culprit, bad, tmp_path, c
     assert tree_digest(bad.data) == before, "the data set was modified"
     assert tree_digest(bad.root / "held") == held, "an earlier run was moved or modified"
     assert not project.exists() or not any(project.iterdir()), f"run folder left behind: {list(project.iterdir())}"
+
+
+def test_val_split_without_labels_warns_once_and_trains(bad, tmp_path, caplog):
+    """Only the training split must have labels: a val split without any is v7.0's one-line warning, and
+    training runs (its P, R and mAP are 0)."""
+    root = tmp_path / "set"
+    for split in ("train", "val"):
+        shutil.copytree(bad.data / "images" / split, root / "images" / split)
+    shutil.copytree(bad.data / "labels" / "train", root / "labels" / "train")
+    (tmp_path / "set.yaml").write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames: {NAMES}\n")
+    argv = ["--data", str(tmp_path / "set.yaml"), "--cfg", "yolov5n.yaml", "--imgsz", "64", "--epochs", "1",
+            "--max-batches", "1", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--noplots",
+            "--project", str(tmp_path / "runs")]
+    with caplog.at_level(logging.INFO):
+        assert run_cli(train.main, argv) == 0
+    warnings = [r.getMessage() for r in caplog.records if "no labels" in r.getMessage()]
+    assert warnings == [f"val: WARNING no labels in {root / 'labels' / 'val'} for the 12 images (no label file "
+                        "found): they count as images without objects, so P, R and mAP are 0"]
+    assert (tmp_path / "runs" / "exp" / "weights" / "last.pt").is_file()
 
 
 def test_traceback_env_shows_the_traceback(bad, monkeypatch):

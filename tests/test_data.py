@@ -456,6 +456,124 @@ def test_coco_round_trip(tmp_path):
     assert (tmp_path / "labels" / "img8.txt").read_text() == ""
 
 
+def _voc_object(name: str | None, box: tuple | None, difficult: int = 0) -> str:
+    name_tag = "" if name is None else f"<name>{name}</name>"
+    box_tag = "" if box is None else "<bndbox>" + "".join(
+        f"<{k}>{v}</{k}>" for k, v in zip(("xmin", "ymin", "xmax", "ymax"), box)) + "</bndbox>"
+    return f"<object>{name_tag}<difficult>{difficult}</difficult>{box_tag}</object>"
+
+
+def _voc_file(folder: Path, stem: str, size: tuple[int, int] | None, objects: list[str]) -> None:
+    size_tag = "" if size is None else f"<size><width>{size[0]}</width><height>{size[1]}</height></size>"
+    (folder / f"{stem}.xml").write_text(f"<annotation>{size_tag}{''.join(objects)}</annotation>")
+
+
+def tree_digest(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_voc_reports_every_dropped_and_repaired_object(tmp_path, capsys):
+    """Swapped corners and boxes beyond the image are repaired, the rest dropped; every one is counted and the
+    first of each reason named by file and object; --strict refuses them and writes nothing."""
+    from utils.common.cli import run_cli
+    from utils.data.converters import main, read_voc
+
+    xml = tmp_path / "xml"
+    xml.mkdir()
+    _voc_file(xml, "a", (200, 100), [
+        _voc_object("dog", (11, 21, 51, 81)),
+        _voc_object("dog", (51, 21, 11, 81)),  # xmin > xmax: swapped (v7.0-style code wrote a zero-width row)
+        _voc_object("cat", (101, 1, 260, 51)),  # 59 px beyond the right edge: clipped
+        _voc_object("cat", (5, 5, 5, 40)),  # zero width
+        _voc_object("cat", (300, 1, 400, 50)),  # right of the image
+        _voc_object("cat", ("abc", 1, 20, 20)),
+        _voc_object(None, (1, 1, 20, 20)),
+        _voc_object("cat", (1, 1, 20, 20), difficult=1),
+        _voc_object("cat", (0, 0, 20, 20)),  # 1 px beyond (a 0-based tool): clipped without a report
+    ])
+    _voc_file(xml, "b", None, [_voc_object("dog", (1, 1, 10, 10))])  # no size: no b.txt
+    _voc_file(xml, "c", None, [])
+    before = tree_digest(xml)
+    report = read_voc(xml).report
+    assert report.dropped == {"zero_size": 1, "outside_image": 1, "bad_box": 1, "no_name": 1, "no_image_size": 1}
+    assert report.repaired == {"swapped_corners": 1, "clipped": 1} and report.skipped == {"difficult": 1}
+    assert report.examples["swapped_corners"] == [f"{xml / 'a.xml'} object 2: xmin 51 ymin 21 xmax 11 ymax 81: "
+                                                  "xmin > xmax, swapped"]
+    assert report.examples["clipped"] == [f"{xml / 'a.xml'} object 3: xmin 101 ymin 1 xmax 260 ymax 51: 59 px "
+                                          "beyond the 200x100 image, clipped"]
+    assert report.examples["no_image_size"] == [f"{xml / 'b.xml'} object 1: no positive <width> and <height> in "
+                                                "<size>, dropped"]
+    assert report.first == report.examples["swapped_corners"][0]
+    assert read_voc(xml, names=["cat", "dgo"]).report.dropped["class_not_in_names"] == 3
+    lines = read_voc(xml, names=["dog"]).report.lines()
+    assert lines[0] == ("7 annotations dropped (class_not_in_names 5, no_image_size 1, no_name 1), 1 repaired "
+                        "(swapped_corners 1)")
+    assert lines[1:5] == [f"class_not_in_names: {xml / 'a.xml'} object {k}: class 'cat' is not in --names, dropped"
+                          for k in (3, 4, 5)] + ["class_not_in_names: ... and 2 more"]
+
+    assert run_cli(main, ["voc2yolo", "--xml", str(xml), "--out", str(tmp_path / "strict"), "--strict"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: voc2yolo --strict: {xml}: 5 annotations dropped (bad_box 1, no_image_size 1, no_name 1, "
+                   "outside_image 1, zero_size 1), 2 repaired (clipped 1, swapped_corners 1); first: "
+                   f"{report.first}; nothing was written to {tmp_path / 'strict'} (without --strict the labels are "
+                   "written with these drops and repairs)\n")
+    assert not (tmp_path / "strict").exists()
+
+    assert run_cli(main, ["voc2yolo", "--xml", str(xml), "--out", str(tmp_path / "labels")]) == 0
+    assert sorted(p.name for p in (tmp_path / "labels").iterdir()) == ["a.txt", "c.txt"]
+    rows = np.loadtxt(tmp_path / "labels" / "a.txt")
+    assert np.allclose(rows, [[1, 30 / 200, 50 / 100, 40 / 200, 60 / 100], [1, 30 / 200, 50 / 100, 40 / 200, 60 / 100],
+                              [0, 150 / 200, 25 / 100, 0.5, 0.5], [0, 9.5 / 200, 9.5 / 100, 19 / 200, 19 / 100]],
+                       atol=1e-6)
+    assert (tmp_path / "labels" / "c.txt").read_text() == ""
+    assert tree_digest(xml) == before
+
+
+def test_coco_reports_every_dropped_and_repaired_annotation(tmp_path, capsys):
+    """Unknown category or image ids, negative, zero or malformed boxes are dropped, boxes beyond the image
+    clipped; every one is counted and named by its index and id; --strict refuses them and writes nothing."""
+    from utils.common.cli import run_cli
+    from utils.data.converters import main, read_coco
+
+    anns = [(7, 90, [10, 5, 20, 10]), (7, 1, [50, 25, 50, 25]), (7, 3, [1, 1, 5, 5]), (7, 1, [10, 10, -5, 5]),
+            (99, 1, [1, 1, 5, 5]), (7, 1, [80, 40, 40, 20]), (8, 1, [0, 0, 0, 5]), (9, 1, [1, 1, 2, 2]),
+            (8, 1, "abc")]
+    coco = {"images": [{"id": 7, "file_name": "x/img7.jpg", "width": 100, "height": 50},
+                       {"id": 8, "file_name": "img8.jpg", "width": 10, "height": 10},
+                       {"id": 9, "file_name": "img9.jpg"}],
+            "categories": [{"id": 90, "name": "toothbrush"}, {"id": 1, "name": "person"}],
+            "annotations": [{"id": 100 + i, "image_id": im, "category_id": cat, "bbox": box, "iscrowd": 0}
+                            for i, (im, cat, box) in enumerate(anns)]
+            + [{"id": 200, "image_id": 7, "category_id": 1, "bbox": [0, 0, 100, 50], "iscrowd": 1}]}
+    source = tmp_path / "ann.json"
+    source.write_text(json.dumps(coco))
+    before = source.read_bytes()
+    report = read_coco(source).report
+    assert report.dropped == {"unknown_category": 1, "negative_size": 1, "unknown_image": 1, "zero_size": 1,
+                              "no_image_size": 1, "bad_box": 1}
+    assert report.repaired == {"clipped": 1} and report.skipped == {"iscrowd": 1}
+    assert report.first == f"{source} annotations[2] (id 102): category_id 3 is not in categories, dropped"
+    assert report.examples["negative_size"] == [f"{source} annotations[3] (id 103): bbox [10, 10, -5, 5]: negative "
+                                                "width or height, dropped"]
+    assert report.examples["clipped"] == [f"{source} annotations[5] (id 105): bbox [80, 40, 40, 20]: 20 px beyond "
+                                          "the 100x50 image, clipped"]
+
+    assert run_cli(main, ["coco2yolo", "--json", str(source), "--out", str(tmp_path / "strict"), "--strict"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: coco2yolo --strict: {source}: 6 annotations dropped (bad_box 1, negative_size 1, "
+                   "no_image_size 1, unknown_category 1, unknown_image 1, zero_size 1), 1 repaired (clipped 1); "
+                   f"first: {report.first}; nothing was written to {tmp_path / 'strict'} (without --strict the "
+                   "labels are written with these drops and repairs)\n")
+    assert not (tmp_path / "strict").exists()
+
+    assert run_cli(main, ["coco2yolo", "--json", str(source), "--out", str(tmp_path / "labels")]) == 0
+    assert sorted(p.name for p in (tmp_path / "labels").iterdir()) == ["img7.txt", "img8.txt"]  # img9: no size
+    rows = np.loadtxt(tmp_path / "labels" / "img7.txt")
+    assert np.allclose(rows, [[1, 0.2, 0.2, 0.2, 0.2], [0, 0.75, 0.75, 0.5, 0.5], [0, 0.9, 0.9, 0.2, 0.2]])
+    assert (tmp_path / "labels" / "img8.txt").read_text() == ""
+    assert source.read_bytes() == before
+
+
 def test_split_and_subset(tmp_path):
     images = SAMPLE / "images" / "train"
     first = split_dataset(images, tmp_path / "s1", (0.5, 0.5, 0.0), seed=1)

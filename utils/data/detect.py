@@ -129,13 +129,48 @@ def class_balanced_image_weights(labels: list[np.ndarray], nc: int,
     return weights / weights.sum()
 
 
+def labels_folders(label_files: list[str], shown: int = 3) -> str:
+    """The folders the label files were looked for in, for messages (the first ``shown``, then a count)."""
+    folders = list(dict.fromkeys(str(Path(f).parent) for f in label_files))
+    more = f" and {len(folders) - shown} more folders" if len(folders) > shown else ""
+    return ", ".join(folders[:shown]) + more
+
+
+def check_some_labels(label_files: list[str], report: ScanReport, prefix: str, required: bool) -> None:
+    """A split without a single box: an error where labels are required (training), else one warning line.
+
+    YOLOv5 v7.0 stops training with "No labels found" only when no label file has a row; a set whose every row
+    was dropped (wrong ``nc``, pixel coordinates, polygons) would train on backgrounds alone, so it stops too.
+    The message names the folder the labels were looked for in: a wrong folder is the usual cause.
+    """
+    where, (what, advice) = labels_folders(label_files), _why_no_labels(report)
+    if required:
+        raise MissingFileError(f"{prefix}no labels in {where} for the {report.images} images, nothing to train "
+                               f"on: {what}: {advice}")
+    LOGGER.warning("%sWARNING no labels in %s for the %d images (%s): they count as images without objects, so "
+                   "P, R and mAP are 0", prefix, where, report.images, what)
+
+
+def _why_no_labels(report: ScanReport) -> tuple[str, str]:
+    """(what the scan saw, what to do): rows that were all dropped, empty files only, or no label file at all."""
+    if report.found:
+        dropped = ", ".join(f"{k} {v}" for k, v in report.rows_dropped.items() if v)
+        return (f"every row of its {report.found} label files was dropped ({dropped}; the scan's warnings name "
+                "the files)", "fix the rows (class cx cy w h, normalised to [0, 1]) or the data YAML's nc")
+    if report.empty:
+        none = f" and {report.missing} images have none" if report.missing else ""
+        return f"its {report.empty} label files are empty{none}", "add a row class cx cy w h per object"
+    return ("no label file found", "each image's labels are the .txt file of the same name in the folder given by "
+            "swapping the last /images/ of its path for /labels/")
+
+
 class DetectionDataset(Dataset):
     """Images + YOLO labels, with optional mosaic/affine/HSV/flip augmentation and image caches."""
 
     def __init__(self, path: str | Path | list, img_size: int = 640, batch_size: int = 16, augment: bool = False,
                  hyp: dict | None = None, rect: bool = False, image_weights: bool = False, cache: str | None = None,
                  single_cls: bool = False, stride: int = 32, pad: float = 0.0, prefix: str = "", seed: int = 0,
-                 nc: int | None = None, cache_dir: str | Path | None = None):
+                 nc: int | None = None, cache_dir: str | Path | None = None, require_labels: bool = False):
         if cache not in CACHE_MODES:
             raise FlagError(f"--cache {cache}: choose one of ram, ram-jpeg, disk")
         self.img_size, self.augment, self.rect, self.stride = img_size, augment, rect, stride
@@ -152,6 +187,8 @@ class DetectionDataset(Dataset):
         scan = scan_dataset(list_image_files(path), nc=nc, cache_dir=cache_dir, prefix=prefix)
         if not scan.im_files:
             raise MissingFileError(f"{prefix}no usable images in {path}: {scan.report.summary()}")
+        if not scan.report.instances:
+            check_some_labels(scan.label_files, scan.report, prefix, require_labels)
         self.report: ScanReport = scan.report
         self.im_files, self.label_files = scan.im_files, scan.label_files
         self.labels, self.shapes = scan.labels, scan.shapes
@@ -422,18 +459,21 @@ def create_dataloader(path: str | Path | list, imgsz: int, batch_size: int, stri
                       augment: bool = False, cache: str | None = None, pad: float = 0.0, rect: bool = False,
                       workers: int = 0, shuffle: bool = False, seed: int = 0, single_cls: bool = False,
                       image_weights: bool = False, prefix: str = "", nc: int | None = None,
-                      cache_dir: str | Path | None = None) -> tuple[DataLoader, DetectionDataset]:
+                      cache_dir: str | Path | None = None,
+                      require_labels: bool = False) -> tuple[DataLoader, DetectionDataset]:
     """v7.0-compatible loader; val in v7.0 is ``rect=True, pad=0.5, augment=False, shuffle=False``.
 
     ``nc`` (optional) drops label rows with class ids >= nc at scan time; ``cache_dir`` redirects every cache
-    file (scan cache, .npy images, repaired JPEGs) away from the data folder.
+    file (scan cache, .npy images, repaired JPEGs) away from the data folder. ``require_labels`` (training) makes
+    a split without a single box an error instead of a warning, raised before any image cache is filled.
     """
     if rect and shuffle:
         LOGGER.warning("%srect=True is incompatible with shuffle; shuffle disabled", prefix)
         shuffle = False
     dataset = DetectionDataset(path, imgsz, batch_size, augment=augment, hyp=hyp, rect=rect,
                                image_weights=image_weights, cache=cache, single_cls=single_cls, stride=stride,
-                               pad=pad, prefix=prefix, seed=seed, nc=nc, cache_dir=cache_dir)
+                               pad=pad, prefix=prefix, seed=seed, nc=nc, cache_dir=cache_dir,
+                               require_labels=require_labels)
     batch_size = min(batch_size, len(dataset))
     num_workers = min(os.cpu_count() or 1, batch_size if batch_size > 1 else 0, workers)
     generator = torch.Generator()

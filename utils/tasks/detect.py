@@ -118,14 +118,16 @@ class DetectTask:
         return train_loader, val_loader
 
     def build_train_loader(self) -> tuple[DataLoader, Dataset]:
-        """(loader, data set) of the augmented training split, at ``self.imgsz`` and ``self.stride``."""
+        """(loader, data set) of the augmented training split, at ``self.imgsz`` and ``self.stride``; a split
+        without a single box stops training here, before the first epoch (a val split without one only warns)."""
         from utils.data import create_dataloader
 
         opts = self.options
         return create_dataloader(
             self.data["train"], self.imgsz, opts.batch_size, self.stride, hyp=self.hyp, augment=True,
             cache=opts.cache, rect=opts.rect, workers=opts.workers, shuffle=not opts.rect, seed=opts.seed,
-            single_cls=opts.single_cls, image_weights=opts.image_weights, prefix="train: ", nc=self.data_nc)
+            single_cls=opts.single_cls, image_weights=opts.image_weights, prefix="train: ", nc=self.data_nc,
+            require_labels=True)
 
     def val_loader(self, split: str = "val", batch_size: int | None = None, rect: bool = True) -> DataLoader:
         """v7.0's validation batches: rectangular with pad 0.5 (``rect``), else square and unpadded."""

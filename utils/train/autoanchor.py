@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     data = load_data_config(args.data)
     if not data.get("train"):
         raise DataConfigError(f"{data['yaml_file']}: no 'train' split to cluster anchors on")
-    _, dataset = create_dataloader(data["train"], args.imgsz, 1, 32, augment=False, nc=data["nc"])
+    _, dataset = create_dataloader(data["train"], args.imgsz, 1, 32, augment=False, nc=data["nc"],
+                                   require_labels=True)
     wh = label_sizes(dataset, args.imgsz, jitter=False)
     anchors = kmean_anchors(wh, args.n, args.thr, args.generations)
     bpr, aat = anchor_fit(wh, anchors, args.thr)

@@ -113,7 +113,8 @@ class TrainConfig:
 
     weights: str = _flag("", "initial weights: .pt checkpoint, or torchvision .pth for backbones ('' = scratch)")
     cfg: str = _flag("", "model YAML (models/yolov5s.yaml or a bare name); '' = from --weights")
-    data: str = _flag(str(DEFAULT_DATA), "data-set YAML")
+    data: str = _flag(str(DEFAULT_DATA), "data-set YAML (detection: a train split without a single box is refused "
+                                         "before training; a val split without labels only warns)")
     hyp: str = _flag(str(DEFAULT_HYP), "hyperparameter YAML")
     hyp_override: list[str] = _flag(None, "override hyp values: --hyp-override lr0=0.005 mosaic=0", nargs="*")
     epochs: int = _flag(100, "total training epochs")
