@@ -23,6 +23,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from utils.common.cli import UserArgumentParser, run_cli  # noqa: E402
+from utils.common.flags import IMGSZ_HELP  # noqa: E402
 from utils.export import REGISTRY, ExportOptions, NMSSettings, parse_shape  # noqa: E402
 from utils.export.onnx import DEFAULT_OPSET, MIN_OPSET, MIN_OPSET_INT8, MIN_OPSET_NMS, highest_opset  # noqa: E402
 from utils.runners.export import check_export_args, run_export  # noqa: E402
@@ -33,7 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weights", type=Path, required=True, help="checkpoint .pt")
     parser.add_argument("--include", nargs="+", default=["torchscript"],
                         help=f"formats: {', '.join(REGISTRY.exportable_names())}")
-    parser.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640], help="h w (or one size)")
+    parser.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640],
+                        help=f"h w (or one size), each {IMGSZ_HELP}")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--dynamic", action="store_true",
                         help="as YOLOv5 v7.0: dynamic batch, height and width (ONNX/OpenVINO; TensorRT: a profile of "
