@@ -23,7 +23,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from utils.common.cli import UserArgumentParser, run_cli  # noqa: E402
+from utils.common.flags import IMGSZ_HELP  # noqa: E402
 from utils.export import REGISTRY, ExportOptions, NMSSettings, parse_shape  # noqa: E402
+from utils.export.onnx import DEFAULT_OPSET, MIN_OPSET, MIN_OPSET_INT8, MIN_OPSET_NMS, highest_opset  # noqa: E402
 from utils.runners.export import check_export_args, run_export  # noqa: E402
 
 
@@ -32,7 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weights", type=Path, required=True, help="checkpoint .pt")
     parser.add_argument("--include", nargs="+", default=["torchscript"],
                         help=f"formats: {', '.join(REGISTRY.exportable_names())}")
-    parser.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640], help="h w (or one size)")
+    parser.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640],
+                        help=f"h w (or one size), each {IMGSZ_HELP}")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--dynamic", action="store_true",
                         help="as YOLOv5 v7.0: dynamic batch, height and width (ONNX/OpenVINO; TensorRT: a profile of "
@@ -44,7 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--exist-ok", action="store_true",
                         help="replace artifacts that already exist (default: refuse and leave them as they are)")
     parser.add_argument("--simplify", action="store_true", help="simplify the ONNX graph with onnxslim")
-    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                        help=f"ONNX opset: {MIN_OPSET} to {highest_opset()} with this torch; --nms needs "
+                             f"{MIN_OPSET_NMS} or higher, --int8 {MIN_OPSET_INT8} or higher")
     parser.add_argument("--half", action="store_true", help="FP16 (TorchScript/ONNX need --device 0)")
     parser.add_argument("--int8", action="store_true",
                         help=f"INT8: {' / '.join(fmt.int8 for fmt in REGISTRY.exportable() if fmt.int8)}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 from utils.common.cli import UserArgumentParser, run_cli
+from utils.common.flags import IMGSZ_HELP
 from utils.runners.prune import PruneOptions, run_prune_slim
 
 
@@ -22,7 +23,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", required=True, help="trained checkpoint (.pt)")
     parser.add_argument("--data", required=True, help="data-set YAML (validation before fine-tuning)")
     parser.add_argument("--path", required=True, help="pruned model YAML to write; the checkpoint goes beside it (.pt)")
-    parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="image size for FLOPs and val")
+    parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=640,
+                        help=f"image size for FLOPs and val ({IMGSZ_HELP})")
     parser.add_argument("--batch-size", "--batch", type=int, default=32, help="validation batch size")
     parser.add_argument("--workers", type=int, default=2, help="dataloader workers")
     parser.add_argument("--round", type=int, default=8, help="round kept widths up to a multiple of this (1: none)")

@@ -21,7 +21,7 @@ from torch import nn
 
 from models.registry import task_of
 from utils.common.cli import UserArgumentParser
-from utils.common.flags import at_least, check_img_size, positive
+from utils.common.flags import IMGSZ_HELP, at_least, check_img_size, image_sizes, positive
 from utils.common.torch_utils import count_parameters, model_gflops
 
 LOGGER = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--nc", type=int, default=None, help="override the number of classes")
     parser.add_argument("--depth-multiple", type=float, default=None, help="override depth_multiple")
     parser.add_argument("--width-multiple", type=float, default=None, help="override width_multiple")
-    parser.add_argument("--imgsz", "--img", type=int, default=640, help="input size (pixels)")
+    parser.add_argument("--imgsz", "--img", type=int, default=640, help=f"input size ({IMGSZ_HELP})")
     parser.add_argument("--profile", action="store_true", help="add per-layer forward time")
     parser.add_argument("--half-bytes", action="store_true", help="count 2 bytes per element (FP16) for traffic")
     parser.add_argument("--peak-gflops", type=float, default=None, help="device peak GFLOP/s for the roofline")
@@ -174,7 +174,7 @@ def check_report_args(args: argparse.Namespace) -> None:
     at_least("--nc", args.nc, 1)
     positive("--depth-multiple", args.depth_multiple)
     positive("--width-multiple", args.width_multiple)
-    at_least("--imgsz", args.imgsz, 1)
+    image_sizes("--imgsz", args.imgsz)
     positive("--peak-gflops", args.peak_gflops)
     positive("--bandwidth-gbs", args.bandwidth_gbs)
 

@@ -97,14 +97,35 @@ def layer_rows(cfg: dict) -> list[tuple[str, list]]:
     return rows
 
 
+# The most times one row may repeat its block once depth_multiple is applied. The deepest stage of any published
+# YOLOv5 model repeats 12 times (YOLOv5x: 9 x 1.33), YOLOv8x's 6; 100 is far beyond any real model, while a typo
+# like n: 3000000 would otherwise build blocks until memory runs out, minutes later, without naming the row.
+MAX_REPEATS = 100
+
+
+def scaled_repeats(n: int, depth_multiple: float) -> int:
+    """How many times a row with repeat count ``n`` builds its block (YOLOv5: ``n`` scaled, at least 1; a row of
+    1 stays 1)."""
+    return max(round(n * depth_multiple), 1) if n > 1 else n
+
+
 def check_model_numbers(cfg: dict) -> None:
-    """``depth_multiple`` / ``width_multiple`` must be numbers > 0 and class counts (``nc``, ``nc1``...)
-    integers >= 1: anything else would build a model of the wrong size without a word."""
+    """``depth_multiple`` / ``width_multiple`` must be numbers > 0, class counts (``nc``, ``nc1``...) integers
+    >= 1 and every row's scaled repeat count at most ``MAX_REPEATS``: anything else would build a model of the wrong
+    size without a word, or never finish building it."""
     where = cfg.get("yaml_file", "<dict>")
     for key in ("depth_multiple", "width_multiple"):
         value = cfg.get(key, 1.0)
         if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
             raise ModelConfigError(f"{where}: {key} must be a number greater than 0, got {value!r}")
+    depth_multiple = cfg.get("depth_multiple", 1.0)
+    for index, (_, row) in enumerate(layer_rows(cfg)):
+        repeats = scaled_repeats(row[1], depth_multiple)
+        if repeats > MAX_REPEATS:
+            scaled = f" x depth_multiple {depth_multiple:g} = {repeats}" if repeats != row[1] else ""
+            raise ModelConfigError(f"{where}: layer {index} ({row[2]}): repeat count n {row[1]}{scaled} exceeds "
+                                   f"{MAX_REPEATS} (the deepest published YOLOv5 stage repeats 12 times); give the "
+                                   "number of blocks the row should build")
     for key, value in cfg.items():
         is_class_count = key == "nc" or (key.startswith("nc") and key[2:].isdigit())
         if is_class_count and value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -133,7 +154,7 @@ def dump_model_yaml(cfg: dict, header: str = "") -> str:
 
 
 def _nested(value: Any) -> str:
-    if isinstance(value, dict):
+    if isinstance(value, dict) and value:  # an empty table stays {} (a pruning that cut nothing), not null
         return "".join(f"\n    {_flow(k)}: {_flow(v)}" for k, v in value.items())
     return f" {_flow(value)}"
 

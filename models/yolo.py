@@ -36,6 +36,7 @@ from models.yaml_config import (
     load_model_yaml,
     model_symbols,
     resolve_arg,
+    scaled_repeats,
 )
 from utils.common.torch_utils import initialize_weights, model_summary
 
@@ -89,7 +90,7 @@ def parse_model(cfg: dict, ch: list[int]) -> tuple[nn.Sequential, list[int]]:
             sources = _check_from(i, f, where)
             c_in = [channels[j] for j in sources] if i else [ch[0]]
             args = _resolve_args(raw_args, symbols, where, i)
-            depth = max(round(n * ctx.depth_multiple), 1) if n > 1 else n
+            depth = scaled_repeats(n, ctx.depth_multiple)
             try:  # a constructor only turns the row's numbers into parameters: its errors are the row's
                 ctor_args, n_outer = spec.bind(c_in, args, ctx, depth)
                 module = _build_layer(spec, ctor_args, n_outer)

@@ -106,6 +106,7 @@ def bad(tmp_path_factory) -> SimpleNamespace:
         "nc0_model.yaml": _model_yaml(model, "nc: 80", "nc: 0"),
         "nohead.yaml": model.split("\nhead:")[0] + "\n",
         "syntax_model.yaml": _model_yaml(model, "backbone:", "backbone: [[-1, 1"),
+        "repeat_huge.yaml": _model_yaml(model, "[-1, 3, C3, [128]]", "[-1, 3000000, C3, [128]]"),
     }
     for name, text in models.items():
         (root / name).write_text(text, encoding="utf-8")
@@ -119,6 +120,8 @@ def bad(tmp_path_factory) -> SimpleNamespace:
     (root / "trunc.pt").write_bytes(raw[: len(raw) // 2])
     (root / "zero.pt").write_bytes(b"")
     (root / "text.pt").write_text("these are my notes, not weights\n")
+    (root / "random.pt").write_bytes(bytes(range(256)) * 64)  # bytes that are no pickle and no zip archive
+    shutil.copy(ROOT / "tests" / "fixtures" / "compat" / "qat.pt", root / "qat.pt")
     (root / "folder.pt").mkdir()
     import torch
 
@@ -218,6 +221,9 @@ CASES = [
     ("train", "--cfg {r}/repeat_neg.yaml", "repeat_neg.yaml: layer 2 (C3): repeat count"),
     ("train", "--cfg {r}/nohead.yaml", "nohead.yaml: missing 'head'"),
     ("train", "--cfg {r}/syntax_model.yaml", "syntax_model.yaml' is not valid YAML"),
+    ("train", "--cfg {r}/repeat_huge.yaml", "repeat_huge.yaml: layer 2 (C3): repeat count n 3000000"),
+    ("train", "--imgsz 20000", "--imgsz 20000: at most 8192 pixels"),
+    ("train", "--weights {r}/random.pt", "random.pt: not a readable PyTorch checkpoint"),
     ("train", "--data {r}/missing.yaml", "missing.yaml"),
     ("train", "--data {r}/nc0.yaml", "nc0.yaml: 'nc' is 0"),
     ("train", "--data {r}/ncsix.yaml", "ncsix.yaml: 'nc' must be the number of classes"),
@@ -273,6 +279,8 @@ CASES = [
     ("detect", "--weights {r}/det6.pt --line-thickness 0", "--line-thickness 0"),
     ("detect", "--weights {r}/det6.pt --classes -1", "--classes -1"),
     ("detect", "--weights {r}/det6.pt --imgsz -1", "--imgsz -1"),
+    ("detect", "--weights {r}/det6.pt --imgsz 20000", "--imgsz 20000: at most 8192 pixels"),
+    ("detect", "--weights {r}/random.pt", "random.pt: not a readable PyTorch checkpoint"),
     ("detect", "--weights {r}/det6.pt --data {r}/missing.yaml", "missing.yaml"),
     ("detect", "--weights {r}/det6.pt --visualize --augment", "--visualize"),
     ("detect", "--weights {r}/text.pt", "text.pt: not a readable PyTorch checkpoint"),
@@ -298,6 +306,10 @@ CASES = [
     ("export", "--weights {r}/det6.pt --imgsz 64 64 64", "--imgsz 64 64 64"),
     ("export", "--weights {r}/det6.pt --batch-size 0", "--batch-size 0"),
     ("export", "--weights {r}/det6.pt --opset 3", "--opset 3"),
+    ("export", "--weights {r}/det6.pt --include onnx --opset 7", "--opset 7"),
+    ("export", "--weights {r}/det6.pt --include onnx --opset 99", "--opset 99"),
+    ("export", "--weights {r}/det6.pt --imgsz 20000", "--imgsz 20000: at most 8192 pixels"),
+    ("export", "--weights {r}/random.pt --no-compare", "random.pt: not a readable PyTorch checkpoint"),
     ("export", "--weights {r}/det6.pt --calib-images 0", "--calib-images 0"),
     ("export", "--weights {r}/det6.pt --conf-thres 3", "--conf-thres 3"),
     ("export", "--weights {r}/det6.pt --max-det 0", "--max-det 0"),
@@ -312,9 +324,21 @@ CASES = [
     ("model", "--cfg {r}/depth0.yaml", "depth0.yaml: depth_multiple"),
     ("model", "--cfg {r}/repeat_neg.yaml", "layer 2"),
     ("model", "--cfg {r}/nc0_model.yaml", "nc0_model.yaml: nc (number of classes)"),
+    ("model", "--cfg {r}/repeat_huge.yaml", "exceeds 100"),
     ("model", "--cfg yolov5n.yaml --nc 0", "--nc 0"),
     ("model", "--cfg yolov5n.yaml --imgsz 0", "--imgsz 0"),
     ("model", "--cfg yolov5n.yaml --peak-gflops -5", "--peak-gflops -5"),
+    # prune_slim.py / prune_eagleeye.py: the checkpoint checked against the data as val.py checks it, QAT refused
+    ("slim", "--weights {r}/det6.pt --data {r}/three.yaml --path {r}/pruned.yaml --global-percent 0.3",
+     "det6.pt predicts 6 classes but"),
+    ("eagleeye", "--weights {r}/det6.pt --data {r}/three.yaml --path {r}/pruned.yaml --remain-ratio 0.5",
+     "det6.pt predicts 6 classes but"),
+    ("slim", "--weights {r}/qat.pt --data {r}/data_ok.yaml --path {r}/pruned.yaml --global-percent 0.3",
+     "qat.pt is a quantization-aware-trained checkpoint"),
+    ("eagleeye", "--weights {r}/qat.pt --data {r}/data_ok.yaml --path {r}/pruned.yaml --remain-ratio 0.5",
+     "qat.pt is a quantization-aware-trained checkpoint"),
+    ("slim", "--weights {r}/det6.pt --data {r}/data_ok.yaml --path {r}/pruned.yaml --global-percent 0.3 "
+     "--imgsz 20000", "--imgsz 20000"),
     # python -m utils.train.autoanchor / utils.data.*
     ("autoanchor", "--data {r}/nc0.yaml", "nc0.yaml"),
     ("autoanchor", "--data {r}/data_ok.yaml --n 0", "--n 0"),
@@ -358,6 +382,7 @@ def _check_one_error_line(rc: int, out: str, err: str, culprit: str) -> None:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert culprit in lines[0], (culprit, lines[0])
+    assert "weights_only=False" not in lines[0], "never advise loading an untrusted file unsafely"
 
 
 @pytest.mark.parametrize(("script", "template", "culprit"), CASES, ids=[f"{s}: {t}" for s, t, _ in CASES])
@@ -389,6 +414,26 @@ def test_val_split_without_labels_warns_once_and_trains(bad, tmp_path, caplog):
     assert warnings == [f"val: WARNING no labels in {root / 'labels' / 'val'} for the 12 images (no label file "
                         "found): they count as images without objects, so P, R and mAP are 0"]
     assert (tmp_path / "runs" / "exp" / "weights" / "last.pt").is_file()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is visible: engines can be built here")
+def test_engine_export_without_a_gpu_is_one_error_line(bad, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    rc = run_cli(export.main, ["--weights", str(bad.root / "det6.pt"), "--include", "onnx", "engine",
+                               "--imgsz", "64", "--output-dir", str(out_dir)])
+    out, err = capsys.readouterr()
+    _check_one_error_line(rc, out, err, "--include engine: TensorRT needs an NVIDIA GPU")
+    assert not out_dir.exists(), "checked before anything was written"
+
+
+def test_failed_int8_export_leaves_nothing_behind(bad, tmp_path, capsys):
+    """An empty calibration split is refused before the float ONNX is written, so a rerun needs no --exist-ok."""
+    out_dir = tmp_path / "out"
+    rc = run_cli(export.main, ["--weights", str(bad.root / "det6.pt"), "--include", "onnx", "--int8", "--imgsz", "64",
+                               "--data", str(bad.root / "noimages.yaml"), "--output-dir", str(out_dir)])
+    out, err = capsys.readouterr()
+    _check_one_error_line(rc, out, err, "noimages.yaml")
+    assert not out_dir.exists(), list(out_dir.rglob("*"))
 
 
 def test_traceback_env_shows_the_traceback(bad, monkeypatch):

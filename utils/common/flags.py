@@ -72,9 +72,22 @@ def existing_weights(value: str | Path) -> None:
         raise MissingFileError(f"--weights: {missing_weights_message(Path(value))}")
 
 
+# The largest --imgsz any script takes: 6.4x the 1280 pixels the largest YOLOv5 models (P6) train and run at.
+# Above it the activations alone outgrow any machine (at 20000 pixels the 3-channel input is 4.8 GB, yolov5n's
+# first 16-channel feature map 6.4 GB) and a run ends when memory does, minutes later; such images are tiled.
+MAX_IMGSZ = 8192
+IMGSZ_HELP = f"1 to {MAX_IMGSZ} pixels, rounded up to a multiple of the model's stride"
+
+
 def image_sizes(flag: str, sizes: int | Sequence[int]) -> None:
+    """Every size in [1, MAX_IMGSZ] (see ``MAX_IMGSZ`` for why there is a ceiling)."""
     for size in [sizes] if isinstance(sizes, int) else sizes:
         at_least(flag, size, 1, " pixel (it is rounded up to a multiple of the model's stride)")
+        if size > MAX_IMGSZ:
+            raise FlagError(f"{flag} {size}: at most {MAX_IMGSZ} pixels (6.4x the 1280 the largest YOLOv5 models "
+                            f"run at; at {size} the input image alone takes {3 * 4 * size * size / 1e9:.1f} GB and "
+                            "the feature maps several times that): cut large images into tiles or pass a smaller "
+                            f"{flag}")
 
 
 # ---------------------------------------------------------------------------------------------- per script

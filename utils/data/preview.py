@@ -16,7 +16,7 @@ import torch
 
 from utils.common.cli import UserArgumentParser, run_cli
 from utils.common.errors import FlagError
-from utils.common.flags import at_least
+from utils.common.flags import IMGSZ_HELP, at_least, image_sizes
 from utils.data.config import load_data_config
 from utils.data.detect import DEFAULT_HYP, DetectionDataset, load_hyp
 
@@ -73,13 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True)
     parser.add_argument("--hyp", default=str(DEFAULT_HYP))
     parser.add_argument("--n", type=int, default=16)
-    parser.add_argument("--imgsz", type=int, default=640)
+    parser.add_argument("--imgsz", type=int, default=640, help=f"sample size ({IMGSZ_HELP})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split", default="train")
     parser.add_argument("--out", default="preview.png")
     args = parser.parse_args(argv)
     at_least("--n", args.n, 1)
-    at_least("--imgsz", args.imgsz, 1)
+    image_sizes("--imgsz", args.imgsz)
     print(write_preview(args.data, args.out, args.hyp, args.n, args.imgsz, args.seed, args.split))
     return 0
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from utils.common.cli import UserArgumentParser, run_cli
-from utils.common.flags import at_least
+from utils.common.flags import IMGSZ_HELP, image_sizes
 from utils.data.config import SPLIT_KEYS, load_data_config
 from utils.data.scan import list_image_files, scan_dataset
 
@@ -122,10 +122,11 @@ def print_report(report: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = UserArgumentParser(description="Data-set statistics and leakage check")
     parser.add_argument("--data", required=True, help="data YAML")
-    parser.add_argument("--imgsz", type=int, default=640, help="training size (long side) for box sizes")
+    parser.add_argument("--imgsz", type=int, default=640,
+                        help=f"training size (long side) for box sizes ({IMGSZ_HELP})")
     parser.add_argument("--cache-dir", help="where scan caches go (default: beside the labels, or the user cache)")
     args = parser.parse_args(argv)
-    at_least("--imgsz", args.imgsz, 1)
+    image_sizes("--imgsz", args.imgsz)
     print_report(dataset_report(args.data, args.imgsz, args.cache_dir))
     return 0
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,8 +205,9 @@ def check_options(options: ExportOptions, device: torch.device) -> None:
     elif options.qat_placement != "tensorrt":
         LOGGER.warning("--qat-placement %s applies to quantization-aware-trained checkpoints only; %s is not one, "
                        "so it changes nothing", options.qat_placement, options.weights)
-    for fmt in REGISTRY.plan(options.include, qat and options.qat_placement == "tensorrt"):
-        fmt.check_export()
+    trained_qdq = qat and options.qat_placement == "tensorrt"
+    for fmt in REGISTRY.plan(options.include, trained_qdq):
+        fmt.check_export(options, trained_qdq)
 
 
 def _check_half(included: list[ExportFormat], device: torch.device) -> None:
@@ -281,13 +283,45 @@ def export_model(options: ExportOptions) -> dict[str, Path]:
     if getattr(model, "quantization", None) and not trained_qdq:
         model = _qat_weights_for_cpu_runtimes(model)
     paths = artifact_paths(Path(options.weights), options.output_dir)
-    (Path(options.output_dir) if options.output_dir else Path(options.weights).parent).mkdir(parents=True,
-                                                                                             exist_ok=True)
     job = ExportJob(prepare_for_export(model), torch.zeros(options.batch_size, 3, *options.imgsz), names, options,
                     device, paths, REGISTRY, export_task(model, options.data, options.imgsz))
-    for fmt in REGISTRY.plan(options.include, trained_qdq):
-        job.done.update((fmt.export_qat if trained_qdq else fmt.export)(job))
+    if options.int8 and not trained_qdq:
+        job.check_calibration()
+    planned = planned_outputs(options, trained_qdq)
+    earlier = {path for path in planned if path.exists()}
+    folder = Path(options.output_dir) if options.output_dir else Path(options.weights).parent
+    created = _missing_folders(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        for fmt in REGISTRY.plan(options.include, trained_qdq):
+            job.done.update((fmt.export_qat if trained_qdq else fmt.export)(job))
+    except BaseException:  # re-raised as it is, after removing what this run wrote
+        _remove_partial([path for path in planned if path not in earlier], created)
+        raise
     return job.done
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet, deepest first (what ``mkdir(parents=True)`` creates)."""
+    missing = []
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        missing.append(path)
+    return missing
+
+
+def _remove_partial(outputs: list[Path], created: list[Path]) -> None:
+    """A failed export leaves nothing of its own behind: the artifacts and sidecars it wrote (never one that existed
+    before the run) and the folders it made, where they are empty again."""
+    for path in outputs:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink()
+    for folder in created:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def _qat_weights_for_cpu_runtimes(model: nn.Module) -> nn.Module:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from models.registry import task_of
+from utils.common.errors import FlagError, MissingFileError
 from utils.export.common import (
     ExportMetadata,
     ImageTransform,
@@ -88,6 +89,23 @@ class ExportJob:
     def prepare_image(self, file: str | Path, imgsz: tuple[int, int]) -> torch.Tensor:
         """One image as the model's task validates it (letterboxed without --data: the embedded detection sample)."""
         return self.task.calibration_image(file, imgsz) if self.task else letterbox_tensor(file, imgsz)
+
+    def check_calibration(self) -> None:
+        """--int8 (post-training): the calibration set must hold at least one batch of the artifacts it calibrates
+        (one image with a free batch axis, else --batch-size), checked before anything is written; a set that
+        runs dry would leave the float artifacts of the run behind and a calibrator's bare "no data" error."""
+        options = self.options
+        try:
+            count = len(self.calibration_files())
+        except MissingFileError as exc:  # an empty or missing train split: say what the images were for
+            raise FlagError(f"--int8 --data {options.data}: INT8 calibration reads the train split, and {exc}; point "
+                            "'train' at images like those the model will see") from None
+        batch = 1 if "batch" in options.dynamic_axes() else options.batch_size
+        if count < batch:
+            raise FlagError(f"--int8: the calibration set holds {count} image(s) (the first --calib-images "
+                            f"{options.calib_images} of the train split of {options.data}), less than one batch of "
+                            f"--batch-size {batch}; add training images, raise --calib-images, lower --batch-size or "
+                            "export with --dynamic-batch")
 
     def calibration(self) -> tuple[list[Path], list[int]]:
         """The calibration images and the ``--int8-keep`` most sensitive layers, measured once per run and shared

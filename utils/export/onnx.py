@@ -23,6 +23,7 @@ import torch
 import torchvision
 from torch import nn
 
+from utils.common.errors import FlagError
 from utils.export.backend import Backend
 from utils.export.common import ExportMetadata, embed_metadata, read_metadata, write_metadata
 from utils.export.spec import ExportFormat, Requirement
@@ -30,11 +31,49 @@ from utils.export.spec import ExportFormat, Requirement
 if TYPE_CHECKING:
     import onnx
 
+    from utils.export import ExportOptions
     from utils.export.job import ExportJob
 
 LOGGER = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
+# The opsets export.py accepts, measured with torch 2.14's TorchScript-based exporter (dynamo=False) on yolov5n:
+# below 9 it cannot write YOLOv5's nearest Upsample; --nms needs 11 (the detection table's ScatterND: opset 9
+# refuses, opset 10 crashed the exporter with a floating-point exception); ONNX Runtime's INT8 copy needs 13 (its
+# per-channel QuantizeLinear has an axis only from 13). Some zoo blocks need more (unflatten: 13): the exporter's
+# refusal names the operator (see export_onnx). The highest is what the installed torch's exporter supports.
+MIN_OPSET = 9
+MIN_OPSET_NMS = 11
+MIN_OPSET_INT8 = 13
+
+
+def highest_opset() -> int:
+    """The highest opset the installed torch's TorchScript-based exporter supports (20 in torch 2.5-2.14); torch
+    itself only warns above it and fails past its own table, after the model is loaded."""
+    from torch.onnx import _constants
+
+    return int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", DEFAULT_OPSET))
+
+
+def check_opset(opset: int) -> None:
+    """``--opset`` within what the exporter writes (a FlagError naming the range otherwise)."""
+    if not MIN_OPSET <= opset <= highest_opset():
+        raise FlagError(f"--opset {opset}: the ONNX exporter of torch {torch.__version__} writes opsets "
+                        f"{MIN_OPSET} to {highest_opset()}; pass one of them (default {DEFAULT_OPSET})")
+
+
+def check_flags(options: ExportOptions, requested: bool, trained_qdq: bool) -> None:
+    """The opset and the features that need a higher one, before anything is loaded (a QAT checkpoint's trained
+    QDQ graph has its own opset, see utils/export/qdq.py)."""
+    if trained_qdq:
+        return
+    check_opset(options.opset)
+    needs = [(MIN_OPSET_NMS, "--nms (NMS inside the graph)", options.nms),
+             (MIN_OPSET_INT8, "--int8 (ONNX Runtime's per-channel INT8 copy)", options.int8 and requested)]
+    for lowest, feature, asked in needs:
+        if asked and options.opset < lowest:
+            raise FlagError(f"--opset {options.opset}: {feature} needs opset {lowest} or higher; pass --opset "
+                            f"{lowest} or higher (default {DEFAULT_OPSET}) or drop {feature.split()[0]}")
 
 
 @dataclass(frozen=True)
@@ -135,8 +174,15 @@ def export_onnx(model: nn.Module, images: torch.Tensor, file: str | Path, metada
     module = EndToEndDetector(model, len(metadata.names), nms) if nms is not None else model
     output_names = ["detections", "num_dets"] if nms is not None else ["output0"]
     axes = _dynamic_axes(output_names, dynamic, detector_boxes=nms is None and metadata.task == "detect")
-    torch.onnx.export(module, (images,), str(file), dynamo=False, opset_version=opset, input_names=["images"],
-                      output_names=output_names, dynamic_axes=axes or None, do_constant_folding=True)
+    try:
+        torch.onnx.export(module, (images,), str(file), dynamo=False, opset_version=opset, input_names=["images"],
+                          output_names=output_names, dynamic_axes=axes or None, do_constant_folding=True)
+    except torch.onnx.errors.OnnxExporterError as exc:
+        if opset >= DEFAULT_OPSET:  # at the default or above, an operator the exporter refuses is a bug of ours
+            raise
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0].split("[Caused by")[0].strip()[:200]
+        raise FlagError(f"--opset {opset}: this model cannot be written at opset {opset} ({reason}); pass a higher "
+                        f"--opset, e.g. the default {DEFAULT_OPSET}") from exc
     graph = onnx.load(str(file))
     onnx.checker.check_model(graph)
     if simplify:
@@ -244,6 +290,6 @@ class ONNXRuntimeBackend(Backend):
 FORMAT = ExportFormat(
     name="onnx", title="ONNX", suffix=".onnx", backend=ONNXRuntimeBackend, export=export, export_qat=export_qat,
     half_devices=("cuda",), int8="ONNX Runtime static QDQ", int8_suffix="_int8.onnx", opset=True, nms=True,
-    devices=("cpu", "cuda"), runtime="onnxruntime",
+    devices=("cpu", "cuda"), runtime="onnxruntime", check_flags=check_flags,
     export_requires=(Requirement("onnx", "pip install onnx"),),
     run_requires=(Requirement("onnxruntime", "pip install onnxruntime (or onnxruntime-gpu)"),))

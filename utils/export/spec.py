@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from utils.common.errors import UserError
 
 if TYPE_CHECKING:
+    from utils.export import ExportOptions
     from utils.export.backend import Backend
     from utils.export.job import ExportJob
 
@@ -25,6 +26,9 @@ ALL_AXES = ("batch", "height", "width")
 
 # An exporter writes its artifact(s) for one export job and returns artifact key -> path (see ExportJob).
 Exporter = Callable[["ExportJob"], dict[str, Path]]
+# Checks of flags only one format has rules for, run before anything is loaded or written:
+# (options, whether --include names the format, whether a QAT checkpoint exports its trained QDQ graph).
+FlagCheck = Callable[["ExportOptions", bool, bool], None]
 
 
 class MissingPackageError(UserError, RuntimeError):
@@ -36,7 +40,7 @@ class Requirement:
     """A package a format needs, checked before any work starts.
 
     ``probe`` replaces the plain "is it installed" check where more is needed (TensorRT: a visible GPU too);
-    it raises with its own message.
+    it raises :class:`MissingPackageError` with its own message, which is prefixed with what needed it.
     """
 
     module: str
@@ -50,7 +54,10 @@ class Requirement:
     def check(self, purpose: str) -> None:
         """Raise (before anything is written) when ``purpose`` cannot be done here."""
         if self.probe is not None:
-            self.probe()
+            try:
+                self.probe()
+            except MissingPackageError as exc:  # name what it was needed for
+                raise MissingPackageError(f"{purpose}: {exc}") from None
         elif not self.available():
             raise MissingPackageError(f"{purpose} needs the '{self.module}' package, which is not installed: "
                                       f"{self.hint}")
@@ -69,7 +76,8 @@ class ExportFormat:
     ``int8`` says how ``--int8`` quantizes (None: refused); ``int8_suffix`` makes
     the INT8 artifact a copy beside the float one (``x_int8.onnx``) instead of the artifact itself.
     ``runtime`` is the name a sidecar's measured ``cpu_runtime`` uses for this backend; ``also_runs`` lists
-    suffixes of other formats' files the backend runs too (OpenVINO runs ``.onnx``).
+    suffixes of other formats' files the backend runs too (OpenVINO runs ``.onnx``). ``check_flags`` refuses
+    flag values only this format has rules for (the ONNX exporter's opsets), before any work.
     """
 
     name: str
@@ -92,6 +100,7 @@ class ExportFormat:
     also_runs: tuple[str, ...] = ()
     export_requires: tuple[Requirement, ...] = ()
     run_requires: tuple[Requirement, ...] = ()
+    check_flags: FlagCheck | None = None
 
     def __post_init__(self) -> None:
         if not self.runtime:
@@ -145,9 +154,12 @@ class ExportFormat:
         """Whether this backend runs the file ``path`` (its own or one in ``also_runs``) on ``device_type``."""
         return device_type in self.devices and not path.is_dir() and path.suffix in (self.suffix, *self.also_runs)
 
-    def check_export(self) -> None:
+    def check_export(self, options: ExportOptions | None = None, trained_qdq: bool = False) -> None:
+        """Raise before any work when this format cannot be exported here or with ``options``."""
         for requirement in self.export_requires:
             requirement.check(f"--include {self.name}")
+        if options is not None and self.check_flags is not None:
+            self.check_flags(options, self.name in options.include, trained_qdq)
 
     def check_run(self, artifact: Path) -> None:
         for requirement in self.run_requires:

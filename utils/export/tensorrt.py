@@ -2,8 +2,9 @@
 
 Engines are tied to the GPU model and TensorRT version they are built with, so they must be built on the
 deployment device (for Jetson: copy the ONNX over and run ``to_trt.sh`` there). Without a CUDA GPU or the
-``tensorrt`` package this module raises :class:`RuntimeError` saying so; it never falls back silently. The
-engine is built from the run's ONNX export (a QAT checkpoint's: its trained QDQ graph, no calibration).
+``tensorrt`` package this module raises :class:`~utils.export.spec.MissingPackageError` saying so (one
+``error:`` line from the scripts); it never falls back silently. The engine is built from the run's ONNX export
+(a QAT checkpoint's: its trained QDQ graph, no calibration).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from utils.common.errors import FlagError
 from utils.export.backend import Backend
 from utils.export.common import ImageTransform, letterbox_tensor, read_metadata, write_metadata
 from utils.export.onnx import FORMAT as ONNX
-from utils.export.spec import ExportFormat, Requirement
+from utils.export.spec import ExportFormat, MissingPackageError, Requirement
 
 if TYPE_CHECKING:
     from utils.export.job import ExportJob
@@ -62,13 +64,14 @@ def default_profile(imgsz: tuple[int, int], batch_size: int) -> ShapeProfile:
 
 
 def import_tensorrt() -> Any:
-    """The ``tensorrt`` module, or a RuntimeError telling the user to build on the device."""
+    """The ``tensorrt`` module, or a :class:`MissingPackageError` (a user error, also a RuntimeError) telling the
+    user to build on the device: no GPU or no TensorRT here is the machine's limit, not a bug."""
     if not torch.cuda.is_available():
-        raise RuntimeError(f"TensorRT needs an NVIDIA GPU and none is visible here; {BUILD_ON_DEVICE_HINT}")
+        raise MissingPackageError(f"TensorRT needs an NVIDIA GPU and none is visible here; {BUILD_ON_DEVICE_HINT}")
     try:
         import tensorrt
-    except ImportError as exc:
-        raise RuntimeError(f"the 'tensorrt' Python package is not installed; {BUILD_ON_DEVICE_HINT}") from exc
+    except ImportError:
+        raise MissingPackageError(f"the 'tensorrt' Python package is not installed; {BUILD_ON_DEVICE_HINT}") from None
     return tensorrt
 
 
@@ -210,6 +213,11 @@ def _build(job: ExportJob, onnx_file: Path, calibrate: bool) -> Path:
         profile = ShapeProfile(min=options.min_shape or default.min, opt=options.opt_shape or default.opt,
                                max=options.max_shape or default.max)
     calibration = job.calibration_files() if options.int8 and calibrate else []
+    batch = profile.opt[0] if profile else options.batch_size  # the calibrator's batch
+    if calibration and len(calibration) < batch:  # the ONNX is written by now: export_model removes it again
+        raise FlagError(f"--int8: the calibration set holds {len(calibration)} image(s), less than one batch of the "
+                        f"engine's optimisation profile ({batch}); add training images, raise --calib-images or "
+                        "lower --opt-shape")
     int8 = options.int8 or not calibrate  # a QDQ ONNX builds as INT8 from its own scales
     return build_engine(onnx_file, job.paths[FORMAT.name], options.half, int8, options.workspace, profile,
                         calibration, transform=job.prepare_image)

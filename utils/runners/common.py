@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from utils.common.errors import FlagError
-from utils.common.flags import at_least, existing_weights, fraction, image_sizes
+from utils.common.flags import IMGSZ_HELP, at_least, existing_weights, fraction, image_sizes
 from utils.common.paths import REPO_ROOT, check_set_aside, check_writable_folder, increment_path, set_aside_earlier_run
 from utils.tasks import ModelInfo, model_info
 
@@ -17,7 +17,7 @@ from utils.tasks import ModelInfo, model_info
 def add_inference_args(parser: argparse.ArgumentParser, run_kind: str) -> None:
     """Flags val.py and detect.py share: weights, size, device, precision, label files, output folder."""
     parser.add_argument("--weights", required=True, help="model weights (.pt, .torchscript, .onnx, folder, .engine)")
-    parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="inference size (pixels)")
+    parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help=f"inference size ({IMGSZ_HELP})")
     parser.add_argument("--device", default="", help="cuda device, i.e. 0 or cpu")
     parser.add_argument("--half", action="store_true", help="FP16 inference (CUDA)")
     parser.add_argument("--augment", action="store_true", help="test-time augmentation (flips and scales; .pt only)")

@@ -14,7 +14,7 @@ from utils.common.flags import at_least, existing_path, existing_weights, fracti
 from utils.common.paths import REPO_ROOT
 from utils.export import ExportOptions, export_model, load_for_export, prepare_for_export
 from utils.export.job import comparison_images, export_task
-from utils.export.onnx import EndToEndDetector
+from utils.export.onnx import EndToEndDetector, check_opset
 from utils.export.registry import load_backend
 
 SAMPLE_IMAGES = REPO_ROOT / "data" / "neu-det-sample" / "images" / "val"
@@ -27,7 +27,7 @@ def check_export_args(args: argparse.Namespace) -> None:
         raise FlagError(f"--imgsz {' '.join(map(str, args.imgsz))}: give one size or height and width")
     image_sizes("--imgsz", args.imgsz)
     at_least("--batch-size", args.batch_size, 1)
-    at_least("--opset", args.opset, 7, " (ONNX opsets below 7 cannot express the model)")
+    check_opset(args.opset)
     at_least("--calib-images", args.calib_images, 1)
     positive("--workspace", args.workspace, " GB")
     fraction("--conf-thres", args.conf_thres)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from utils.common.errors import UserError
+from utils.common.flags import image_sizes
 from utils.common.torch_utils import recalibrate_batchnorm
 from utils.compress.prune import eagleeye, slim
 from utils.compress.prune.analysis import analyse_channels
@@ -65,8 +66,8 @@ def check_options(opts: PruneOptions) -> None:
     for flag, path in (("--weights", opts.weights), ("--data", opts.data)):
         if not Path(path).is_file():
             raise UserError(f"{flag} {path}: file not found")
-    checks = [("--imgsz", opts.imgsz > 0, "a positive number of pixels"),
-              ("--batch-size", opts.batch_size > 0, "at least 1"),
+    image_sizes("--imgsz", opts.imgsz)
+    checks = [("--batch-size", opts.batch_size > 0, "at least 1"),
               ("--workers", opts.workers >= 0, "0 or more"),
               ("--round", opts.multiple >= 1, "1 (no rounding) or more, e.g. 8"),
               ("--min-keep", 0 < opts.min_keep <= 1, "a share in (0, 1], e.g. 0.1")]
@@ -81,8 +82,14 @@ def _attr(flag: str) -> str:
 
 
 def load_trained(weights: str) -> tuple[nn.Module, dict[str, Any]]:
-    from utils.weights.checkpoint import load_checkpoint
+    """The float model to prune and its checkpoint's metadata; a QAT checkpoint is refused before it is built."""
+    from utils.weights.checkpoint import checkpoint_quantization, load_checkpoint
 
+    if checkpoint_quantization(weights):
+        raise UserError(f"--weights {weights} is a quantization-aware-trained checkpoint: its fake-quantized, "
+                        "BatchNorm-folded graph has no channels to prune. Prune the float checkpoint the QAT run "
+                        "started from (its --weights), then quantization-aware-train the pruned model: python "
+                        "train.py --cfg pruned.yaml --weights pruned.pt --data ... --qat")
     loaded = load_checkpoint(weights)
     model = loaded.model.float().eval()
     if not hasattr(model, "model"):

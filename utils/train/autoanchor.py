@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from utils.common.cli import UserArgumentParser, run_cli
 from utils.common.errors import DataConfigError
-from utils.common.flags import at_least, positive
+from utils.common.flags import IMGSZ_HELP, at_least, image_sizes, positive
 
 if TYPE_CHECKING:
     from utils.data.detect import DetectionDataset
@@ -109,12 +109,12 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = UserArgumentParser(description="Cluster anchors for a data set (k-means + genetic)")
     parser.add_argument("--data", required=True)
-    parser.add_argument("--imgsz", type=int, default=640)
+    parser.add_argument("--imgsz", type=int, default=640, help=f"training size ({IMGSZ_HELP})")
     parser.add_argument("--n", type=int, default=9, help="number of anchors (levels x anchors per level)")
     parser.add_argument("--thr", type=float, default=4.0, help="anchor_t")
     parser.add_argument("--generations", type=int, default=1000)
     args = parser.parse_args(argv)
-    at_least("--imgsz", args.imgsz, 1)
+    image_sizes("--imgsz", args.imgsz)
     at_least("--n", args.n, 1)
     positive("--thr", args.thr)
     at_least("--generations", args.generations, 0)

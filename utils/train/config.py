@@ -13,7 +13,7 @@ import yaml
 
 from utils.common.cli import UserArgumentParser
 from utils.common.errors import FlagError, UserError
-from utils.common.flags import at_least, existing_weights, fraction, image_sizes, positive
+from utils.common.flags import IMGSZ_HELP, at_least, existing_weights, fraction, image_sizes, positive
 from utils.common.paths import find_file
 from utils.common.user_files import load_user_yaml
 
@@ -119,7 +119,7 @@ class TrainConfig:
     hyp_override: list[str] = _flag(None, "override hyp values: --hyp-override lr0=0.005 mosaic=0", nargs="*")
     epochs: int = _flag(100, "total training epochs")
     batch_size: int = _flag(16, "total batch size for all devices, -1 for AutoBatch", aliases=("--batch",))
-    imgsz: int = _flag(640, "train/val image size (pixels)", aliases=("--img", "--img-size"))
+    imgsz: int = _flag(640, f"train/val image size ({IMGSZ_HELP})", aliases=("--img", "--img-size"))
     nc: int = _flag(None, "override the model YAML's number of classes (default: from the data YAML)")
     depth_multiple: float = _flag(None, "override the model YAML's depth_multiple")
     width_multiple: float = _flag(None, "override the model YAML's width_multiple")

@@ -16,6 +16,7 @@ import datetime
 import logging
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -95,13 +96,38 @@ def _torch_load_safely(path: Path) -> Any:
         with torch.serialization.safe_globals(allow_list):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        refused = _refused_globals(path, _allowed_names(allow_list))
-        culprit = f"it names {', '.join(refused)}" if refused else f"the unpickler stopped: {exc}"
+        allowed = _allowed_names(allow_list)
+        refused = _refused_globals(path, allowed) or _globals_named(exc, allowed)
+        if not refused:  # not a pickle of objects at all (random bytes, another format)
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (the unpickler stopped: "
+                                  f"{torch_reason(exc)}); it may be truncated (an interrupted copy or save) or "
+                                  "another kind of file") from None
         raise CheckpointError(
-            f"{path}: refused to unpickle: {culprit}, outside the allow-list. Only YOLOv5 models (v7.0 classes "
-            f"saved by a clone of ultralytics/yolov5 or by the PyPI 'yolov5' package), torch.nn layers and "
-            f"yolo-kit checkpoints load; nothing else is unpickled (weights_only=True)"
+            f"{path}: refused to unpickle: it names {', '.join(refused)}, outside the allow-list. Only YOLOv5 models "
+            f"(v7.0 classes saved by a clone of ultralytics/yolov5 or by the PyPI 'yolov5' package), torch.nn "
+            f"layers and yolo-kit checkpoints load; nothing else is unpickled (weights_only=True)"
         ) from None
+
+
+# torch's advice around its own reason: load with weights_only=False, or allow-list the class "if you trust it".
+# For a file of unknown origin both are the arbitrary-code-execution risk the safe loader exists to avoid.
+_TORCH_ADVICE = re.compile(r"weights_only|arbitrary code|trusted source|if you trust|safe_globals|file an issue|"
+                           r"documentation of torch\.load|load failed", re.IGNORECASE)
+
+
+def torch_reason(exc: BaseException, limit: int = 160) -> str:
+    """torch's own reason for not loading a file, without the advice torch wraps it in (see ``_TORCH_ADVICE``):
+    a message of ours must never suggest ``weights_only=False``."""
+    text = str(exc).rsplit("WeightsUnpickler error:", 1)[-1]
+    sentences = (part.strip() for part in re.split(r"(?<=[.!?])\s+|\n+", text))
+    kept = [sentence for sentence in sentences if sentence and not _TORCH_ADVICE.search(sentence)]
+    return kept[0].rstrip(".")[:limit] if kept else type(exc).__name__
+
+
+def _globals_named(exc: BaseException, allowed: set[str]) -> list[str]:
+    """The globals torch's message names as refused (a legacy, non-zip pickle cannot be scanned beforehand)."""
+    found = (name.rstrip(".,;") for name in re.findall(r"GLOBAL (\S+)", str(exc)))
+    return sorted({name for name in found if name not in allowed})
 
 
 def _refused_globals(path: Path, allowed: set[str]) -> list[str]:
@@ -135,7 +161,7 @@ def read_checkpoint(path: str | Path) -> Any:
     except UserError:  # already says what is wrong (e.g. a refused class in the pickle)
         raise
     except _NOT_A_CHECKPOINT as exc:
-        reason = (str(exc).splitlines() or [""])[0][:120] or type(exc).__name__
+        reason = torch_reason(exc, limit=120)
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason}); it may be truncated (an "
                               f"interrupted copy or save) or another kind of file") from exc
 
