@@ -416,6 +416,18 @@ def test_val_split_without_labels_warns_once_and_trains(bad, tmp_path, caplog):
     assert (tmp_path / "runs" / "exp" / "weights" / "last.pt").is_file()
 
 
+def test_data_without_a_val_split_says_so_once_and_trains(bad, tmp_path, caplog):
+    (tmp_path / "noval.yaml").write_text(f"path: {bad.data}\ntrain: images/train\nnames: {NAMES}\n")
+    argv = ["--data", str(tmp_path / "noval.yaml"), "--cfg", "yolov5n.yaml", "--imgsz", "64", "--epochs", "1",
+            "--max-batches", "1", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--noplots",
+            "--project", str(tmp_path / "runs")]
+    with caplog.at_level(logging.INFO):
+        assert run_cli(train.main, argv) == 0
+    warnings = [r.getMessage() for r in caplog.records if "validation split" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{tmp_path / 'noval.yaml'} has no validation split"), warnings
+    assert (tmp_path / "runs" / "exp" / "weights" / "best.pt").is_file()
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is visible: engines can be built here")
 def test_engine_export_without_a_gpu_is_one_error_line(bad, tmp_path, capsys):
     out_dir = tmp_path / "out"

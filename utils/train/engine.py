@@ -137,6 +137,10 @@ class Trainer:
         if self.device.type == "cpu":
             set_inplace_activations(self.model, False)
         self.train_loader, self.val_loader = self.task.build_loaders(self.model)
+        if self.val_loader is None and self.is_main:
+            LOGGER.warning("%s has no validation split: training runs without validation (no P, R or mAP per epoch; "
+                           "best.pt is the epoch of the lowest training loss); add 'val: <images>' to score each "
+                           "epoch", cfg.data)
         self.callbacks.run("on_loaders_built", self)
         if self.world_size > 1:
             self.train_loader = distributed_loader(self.train_loader, self.world_size, self.rank, cfg.seed)
