@@ -7,12 +7,17 @@ adds) is ranked by its largest scale: it goes only if it is unimportant everywhe
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from utils.compress.prune.cost import CostModel
 from utils.compress.prune.groups import ChannelGroup, batchnorm_members, reduce_to_group
 from utils.compress.prune.plan import Plan, keep_count, plan_from_counts
+
+if TYPE_CHECKING:
+    from utils.compress.prune.latency import LatencyModel
 
 
 def group_scales(layers: nn.Module, groups: list[ChannelGroup]) -> list[torch.Tensor]:
@@ -39,16 +44,17 @@ def slimming_plan(scales: list[torch.Tensor], threshold: float, min_keep: float,
     return plan_from_counts(scales, slimming_counts(scales, threshold, min_keep, multiple))
 
 
-def budget_threshold(scales: list[torch.Tensor], cost: CostModel, remain_ratio: float, min_keep: float,
-                     multiple: int, steps: int = 40) -> float:
-    """The lowest global threshold whose plan keeps at most ``remain_ratio`` of the MACs (bisection over the
-    sorted scales); raises ``ValueError`` if even the most aggressive plan keeps more."""
+def budget_threshold(scales: list[torch.Tensor], cost: CostModel | LatencyModel, remain_ratio: float,
+                     min_keep: float, multiple: int, steps: int = 40) -> float:
+    """The lowest global threshold whose plan keeps at most ``remain_ratio`` of the MACs, or of the predicted
+    latency when ``cost`` is a latency model (bisection over the sorted scales); raises ``ValueError`` if even
+    the most aggressive plan keeps more."""
     values = torch.cat(scales).unique().sort().values
     ratio = lambda i: cost.ratio(slimming_counts(scales, float(values[i]), min_keep, multiple))  # noqa: E731
     last = len(values) - 1
     if ratio(last) > remain_ratio:
         raise ValueError(f"even cutting every channel to --min-keep {min_keep:g} keeps {ratio(last):.1%} of the "
-                         f"FLOPs, above the {remain_ratio:.1%} asked for; lower --min-keep or raise the ratio")
+                         f"{cost.quantity}, above the {remain_ratio:.1%} asked for; lower --min-keep or ask for less")
     low, high = 0, last  # ratio(high) <= remain_ratio
     for _ in range(steps):
         if high - low <= 1:
