@@ -1,5 +1,5 @@
-"""EagleEye: search random layer widths within a FLOPs budget, keep the candidate that scores best after
-adaptive BatchNorm, and write it as a pruned model.
+"""EagleEye: search random layer widths within a FLOPs or latency budget, keep the candidate that scores best
+after adaptive BatchNorm, and write it as a pruned model.
 
     python prune_eagleeye.py --weights best.pt --data data.yaml --remain-ratio 0.5 --max-iter 200 --path pruned.yaml
     python prune_eagleeye.py --weights best.pt --data data.yaml --speedup 1.5 --runtime openvino --path pruned.yaml

@@ -3,12 +3,14 @@
     python train.py --cfg yolov5s.yaml --data data.yaml --sparse 1e-4                  # sparse training first
     python prune_slim.py --weights best.pt --data data.yaml --global-percent 0.5 --path pruned.yaml
     python prune_slim.py --weights best.pt --data data.yaml --remain-ratio 0.5 --path pruned.yaml  # FLOPs budget
-    python prune_slim.py --weights best.pt --data data.yaml --speedup 1.5 --runtime onnxruntime --threads 2 \
-        --path pruned.yaml                                             # latency budget, measured on the runtime
+    python prune_slim.py --weights best.pt --data data.yaml --speedup 1.5 --runtime onnxruntime --path pruned.yaml
+                                                                   # latency budget, measured on the runtime
     python train.py --cfg pruned.yaml --weights pruned.pt --data data.yaml --teacher best.pt  # fine-tune
 
 Writes pruned.yaml (the model's rows plus a widths table) and pruned.pt, prints the layer table, the size
-before/after and the mAP before fine-tuning.
+before/after and the mAP before fine-tuning. Before cutting it prints the share of the BatchNorm-scale mass (sum
+of |gamma| over the prunable channels) the cut removes, and warns when that is more than 10 %: the model is not
+sparse enough for the budget (sparse-train it first, or ask for less).
 
 A latency budget (--latency-ms T or --speedup X, with --runtime) is batch-1 time at --imgsz with --threads
 threads on that runtime. The per-layer latency table it is predicted from is measured once per model, runtime,

@@ -65,3 +65,27 @@ def budget_threshold(scales: list[torch.Tensor], cost: CostModel | LatencyModel,
         else:
             low = middle
     return float(values[high]) if ratio(low) > remain_ratio else float(values[low])
+
+
+def removed_scale_mass(layers: nn.Module, groups: list[ChannelGroup], plan: Plan) -> tuple[float, float]:
+    """(sum of |gamma| the plan removes, sum of |gamma| over every prunable BatchNorm channel), each channel
+    counted once. After sparse training the channels slimming cuts hold almost none of the mass; a cut that
+    removes much of it removes channels the network still uses (how much it will lose before fine-tuning)."""
+    prunable: dict[str, torch.Tensor] = {}
+    removed: dict[str, torch.Tensor] = {}
+    for number, group in enumerate(groups):
+        dropped = torch.zeros(group.size, dtype=torch.bool)
+        if number in plan:
+            dropped[:] = True
+            dropped[plan[number].long()] = False
+        for member, bn in batchnorm_members(group, layers):
+            for masks in (prunable, removed):
+                masks.setdefault(member.path, torch.zeros(bn.num_features, dtype=torch.bool))
+            prunable[member.path][member.index] = True
+            removed[member.path][member.index[dropped[member.root]]] = True
+    total = cut = 0.0
+    for path, mask in prunable.items():
+        gamma = layers.get_submodule(path).weight.detach().abs().double()
+        total += float(gamma[mask].sum())
+        cut += float(gamma[removed[path]].sum())
+    return cut, total
