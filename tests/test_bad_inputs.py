@@ -20,6 +20,8 @@ import pytest
 
 import detect
 import export
+import prune_eagleeye
+import prune_slim
 import train
 import val
 from models import yolo as model_cli
@@ -36,7 +38,8 @@ NAMES = "[crazing, inclusion, patches, pitted_surface, rolled-in_scale, scratche
 
 SCRIPTS = {"train": train.main, "val": val.main, "detect": detect.main, "export": export.main,
            "model": model_cli.main, "autoanchor": autoanchor.main, "report": data_report.main,
-           "preview": data_preview.main, "convert": converters.main}
+           "preview": data_preview.main, "convert": converters.main, "prune_slim": prune_slim.main,
+           "prune_eagleeye": prune_eagleeye.main}
 WRITES_RUNS = {"train", "val", "detect"}  # scripts that take --project
 
 
@@ -257,6 +260,16 @@ CASES = [
     ("convert", "coco2yolo --json {r}/missing.json --out {r}/out", "missing.json"),
     ("convert", "split --images {d}/images/train --out {r}/out --fractions 0.5 0.7", "--fractions"),
     ("convert", "subset --data {r}/data_ok.yaml --out {r}/out --n 0", "--n 0"),
+    # latency budgets: --weights is text.pt (no checkpoint), so an error after loading would name it instead
+    ("prune_slim", "--latency-ms 10", "--latency-ms 10 needs --runtime (onnxruntime|openvino|openvino-int8"),
+    ("prune_eagleeye", "--speedup 1.5", "--speedup 1.5 needs --runtime"),
+    ("prune_slim", "--speedup 1.5 --runtime tensorrt", "--runtime tensorrt: unknown runtime; choose from"),
+    ("prune_slim", "--speedup 1 --runtime onnxruntime", "--speedup 1.0: expected a speed-up above 1"),
+    ("prune_eagleeye", "--latency-ms 0 --runtime openvino", "--latency-ms 0.0: expected milliseconds"),
+    ("prune_slim", "--speedup 2 --runtime onnxruntime --threads 0", "--threads 0: expected 1"),
+    ("prune_slim", "--speedup 2 --remain-ratio 0.5 --runtime onnxruntime", "not allowed with"),
+    ("prune_eagleeye", "--latency-ms 5 --speedup 2 --runtime openvino", "not allowed with"),
+    ("prune_eagleeye", "--runtime openvino", "one of the arguments --remain-ratio --latency-ms --speedup"),
 ]
 
 
@@ -270,6 +283,9 @@ def _argv(script: str, template: str, bad: SimpleNamespace, project: Path) -> li
         argv += ["--data", str(bad.root / "data_ok.yaml")]
     if script == "val" and "--data" not in argv:
         argv += ["--data", str(bad.root / "data_ok.yaml")]
+    if script.startswith("prune_"):
+        argv += ["--weights", str(bad.root / "text.pt"), "--data", str(bad.root / "data_ok.yaml"),
+                 "--path", str(project / "pruned.yaml")]
     return argv
 
 
