@@ -1,18 +1,21 @@
-"""EagleEye: search random layer widths within a FLOPs budget, keep the candidate that scores best after
-adaptive BatchNorm, and write it as a pruned model.
+"""EagleEye: search random layer widths within a FLOPs or latency budget, keep the candidate that scores best
+after adaptive BatchNorm, and write it as a pruned model.
 
     python prune_eagleeye.py --weights best.pt --data data.yaml --remain-ratio 0.5 --max-iter 200 --path pruned.yaml
+    python prune_eagleeye.py --weights best.pt --data data.yaml --speedup 1.5 --runtime openvino --path pruned.yaml
     python train.py --cfg pruned.yaml --weights pruned.pt --data data.yaml --teacher best.pt    # fine-tune
 
-Writes pruned.yaml, pruned.pt, pruned_candidates.csv (every candidate's widths, FLOPs share, score) and
-pruned_candidates.png (score against FLOPs).
+Writes pruned.yaml, pruned.pt, pruned_candidates.csv (every candidate's widths, FLOPs share, score; under a
+latency budget also its predicted latency) and pruned_candidates.png (score against the budgeted share).
+Latency budgets (--latency-ms, --speedup with --runtime) work as in prune_slim.py: --delta is then a share of
+the unpruned model's latency.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from prune_slim import add_common_args, options
+from prune_slim import add_common_args, add_latency_budgets, options
 from utils.common.cli import UserArgumentParser, run_cli
 from utils.compress.prune.eagleeye import SearchSettings
 from utils.runners.prune import run_prune_eagleeye
@@ -21,8 +24,11 @@ from utils.runners.prune import run_prune_eagleeye
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = UserArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
-    parser.add_argument("--remain-ratio", type=float, required=True, help="share of the FLOPs to keep (0-1)")
-    parser.add_argument("--delta", type=float, default=0.02, help="accepted FLOPs band: remain-ratio +- delta")
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--remain-ratio", type=float, help="share of the FLOPs to keep (0-1)")
+    add_latency_budgets(budget)
+    parser.add_argument("--delta", type=float, default=0.02,
+                        help="accepted band around the budget, as a share of the unpruned FLOPs (or latency)")
     parser.add_argument("--max-iter", type=int, default=200, help="candidates to score")
     parser.add_argument("--spread", type=float, default=0.25, help="per-layer keep ratios vary by +- this")
     parser.add_argument("--calib-batches", type=int, default=8, help="training batches for adaptive BN")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import platform
 import statistics
 import sys
 import tempfile
@@ -40,7 +39,7 @@ from utils.export.onnx import ONNXRuntimeBackend  # noqa: E402
 from utils.export.openvino import OpenVINOBackend  # noqa: E402
 from utils.export.quantize import quantize_onnx_int8  # noqa: E402
 from utils.export.registry import load_backend  # noqa: E402
-from utils.export.runtime import SETTLE_SECONDS  # noqa: E402
+from utils.export.runtime import SETTLE_SECONDS, cpu_model  # noqa: E402
 from utils.tasks import TaskOptions, build_task  # noqa: E402
 from utils.weights.checkpoint import load_checkpoint  # noqa: E402
 
@@ -57,16 +56,6 @@ PRECISION = {"pytorch": "fp32", "onnx": "fp32", "openvino": "fp32 (f32 hint)",
              "openvino-bf16": "fp32 IR, bf16 (default hint)", "ncnn": "fp32", **INT8}
 RUNTIME = {name: ("PyTorch eager" if name == "pytorch" else "NCNN" if name == "ncnn"
                   else "OpenVINO" if name.startswith("openvino") else "ONNX Runtime") for name in BACKENDS}
-
-
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo (platform.processor() is often empty on Linux)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def export_artifacts(weights: Path, data: Path, imgsz: int, work: Path, calib_images: int,

@@ -359,6 +359,16 @@ CASES = [
     ("convert", "voc2yolo --xml {r}/voc --out {r}/list.txt", "--out"),
     ("convert", "voc2yolo --xml {r}/empty --out {r}/out", "--xml"),
     ("convert", "subset --data {r}/data_ok.yaml --out {r}/out --n 0", "--n 0"),
+    # latency budgets: --weights is text.pt (no checkpoint), so an error after loading would name it instead
+    ("slim", "--latency-ms 10", "--latency-ms 10 needs --runtime (onnxruntime|openvino|openvino-int8"),
+    ("eagleeye", "--speedup 1.5", "--speedup 1.5 needs --runtime"),
+    ("slim", "--speedup 1.5 --runtime tensorrt", "--runtime tensorrt: unknown runtime; choose from"),
+    ("slim", "--speedup 1 --runtime onnxruntime", "--speedup 1.0: expected a speed-up above 1"),
+    ("eagleeye", "--latency-ms 0 --runtime openvino", "--latency-ms 0.0: expected milliseconds"),
+    ("slim", "--speedup 2 --runtime onnxruntime --threads 0", "--threads 0: expected 1"),
+    ("slim", "--speedup 2 --remain-ratio 0.5 --runtime onnxruntime", "not allowed with"),
+    ("eagleeye", "--latency-ms 5 --speedup 2 --runtime openvino", "not allowed with"),
+    ("eagleeye", "--runtime openvino", "one of the arguments --remain-ratio --latency-ms --speedup"),
 ]
 
 
@@ -373,6 +383,9 @@ def _argv(script: str, template: str, bad: SimpleNamespace, project: Path) -> li
         argv += ["--data", str(bad.root / "data_ok.yaml")]
     if script == "val" and "--data" not in argv:
         argv += ["--data", str(bad.root / "data_ok.yaml")]
+    if script in ("slim", "eagleeye") and "--weights" not in argv:
+        argv += ["--weights", str(bad.root / "text.pt"), "--data", str(bad.root / "data_ok.yaml"),
+                 "--path", str(project / "pruned.yaml")]
     return argv
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,8 +69,6 @@ def quantize_openvino_int8(folder: str | Path, calibration_files: Sequence[str |
     """
     import nncf
     import openvino as ov
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
-    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
     from utils.export.quantize import CalibrationReader
 
@@ -78,20 +76,10 @@ def quantize_openvino_int8(folder: str | Path, calibration_files: Sequence[str |
     metadata = read_metadata(folder)
     reader = CalibrationReader.for_artifact(calibration_files, metadata, imgsz, transform)
     xml = next(folder.glob("*.xml"))
-    ignored = nncf.IgnoredScope(patterns=[rf"^/model\.{int(i)}/.*" for i in keep_layers], validate=False)
     LOGGER.info("OpenVINO INT8 (NNCF): calibrating on %d images; layers %s kept in floating point",
                 len(calibration_files), list(keep_layers))
-    nncf_logger = logging.getLogger("nncf")
-    level = nncf_logger.level
-    nncf_logger.setLevel(logging.WARNING)  # it logs one INFO line per node left unquantized
-    try:
-        quantized = nncf.quantize(
-            ov.Core().read_model(str(xml)), nncf.Dataset(reader, lambda item: item["images"]),
-            subset_size=max(1, len(calibration_files) // reader.batch_size), ignored_scope=ignored,
-            advanced_parameters=AdvancedQuantizationParameters(
-                activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX))
-    finally:
-        nncf_logger.setLevel(level)
+    quantized = nncf_quantize(ov.Core().read_model(str(xml)), reader, len(calibration_files) // reader.batch_size,
+                              keep_layers, lambda item: item["images"])
     with tempfile.TemporaryDirectory(prefix="ov-int8-", dir=folder) as tmp:  # the FP32 .bin is memory-mapped
         ov.save_model(quantized, str(Path(tmp) / xml.name), compress_to_fp16=False)
         for suffix in (".xml", ".bin"):
@@ -100,6 +88,28 @@ def quantize_openvino_int8(folder: str | Path, calibration_files: Sequence[str |
                     fp32_layers=sorted(int(i) for i in keep_layers))
     write_metadata(folder, metadata)
     return folder
+
+
+def nncf_quantize(ov_model: Any, batches: Iterable[Any], count: int, keep_layers: Sequence[int] = (),
+                  transform: Callable[[Any], Any] | None = None) -> Any:
+    """``ov_model`` quantized by NNCF on the ``count`` items of ``batches`` (a re-iterable: NNCF walks it more
+    than once; ``transform`` turns an item into the input array), activation ranges min/max over all of them,
+    layers in ``keep_layers`` left in floating point. The one place export and the pruning tools' latency
+    measurement (``--runtime openvino-int8``) quantize, so both time the same INT8 graph."""
+    import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    ignored = nncf.IgnoredScope(patterns=[rf"^/model\.{int(i)}/.*" for i in keep_layers], validate=False)
+    nncf_logger = logging.getLogger("nncf")
+    level = nncf_logger.level
+    nncf_logger.setLevel(logging.WARNING)  # it logs one INFO line per node left unquantized
+    try:
+        return nncf.quantize(ov_model, nncf.Dataset(batches, transform), subset_size=max(1, count),
+                             ignored_scope=ignored, advanced_parameters=AdvancedQuantizationParameters(
+                                 activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX))
+    finally:
+        nncf_logger.setLevel(level)
 
 
 def export(job: ExportJob) -> dict[str, Path]:

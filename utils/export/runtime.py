@@ -15,6 +15,7 @@ runs the QAT graph (symmetric INT8 on conv inputs) with a score error of 0.25 wh
 from __future__ import annotations
 
 import logging
+import platform
 import statistics
 import time
 from collections.abc import Sequence
@@ -36,6 +37,17 @@ LOGGER = logging.getLogger(__name__)
 # 1.3-1.6x slower than after a 50 ms pause (docs/deploy.md). A deployed process runs one runtime, so the paused
 # timing is the one that predicts it.
 SETTLE_SECONDS = 0.05
+
+
+def cpu_model() -> str:
+    """CPU model name from /proc/cpuinfo (platform.processor() is often empty on Linux): what a timing is only
+    valid for."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
 
 
 def cpu_backends(onnx_file: Path, runners: Sequence[ExportFormat], threads: int | None = None) -> dict[str, Backend]:

@@ -3,20 +3,27 @@
 Both tools share the frame: load a trained checkpoint (safe loader), find its channel groups, pick a plan,
 cut the model, print a per-layer table and the size before/after, score the pruned model on the validation
 split (before fine-tuning), and write ``pruned.yaml`` + ``pruned.pt``. Only the plan differs.
+
+The budget is a share of the FLOPs (``--remain-ratio``; slimming also takes a share of channels,
+``--global-percent``) or a latency measured on a named runtime (``--runtime R`` with ``--latency-ms T`` or
+``--speedup X``, batch 1 at ``--imgsz`` and ``--threads``): the searches then budget the prediction of
+:mod:`utils.compress.prune.latency`, and the chosen model is exported, timed, and its predicted and measured
+latency reported (:attr:`PruneResult.latency`). With ``--runtime`` and no ``--round``, widths are rounded to
+the multiple that runtime was measured to run fastest.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from utils.common.errors import UserError
+from utils.common.errors import FlagError, UserError
 from utils.common.flags import image_sizes
 from utils.common.torch_utils import recalibrate_batchnorm
 from utils.compress.prune import eagleeye, slim
@@ -24,8 +31,19 @@ from utils.compress.prune.analysis import analyse_channels
 from utils.compress.prune.cost import CostModel
 from utils.compress.prune.groups import ChannelAnalysis, batchnorm_members
 from utils.compress.prune.io import check_writable, save_pruned
+from utils.compress.prune.latency import (
+    CALIBRATION_IMAGES,
+    TABLE_FILE,
+    LatencyModel,
+    LatencySettings,
+    TableCache,
+    latency_model,
+    measure_chosen,
+    measure_multiple,
+)
 from utils.compress.prune.plan import Plan
 from utils.compress.prune.report import format_layer_table, format_totals, model_size
+from utils.compress.prune.runtimes import RUNTIMES, Runtime
 from utils.compress.prune.surgery import prune_model
 from utils.compress.sparsity import SMALL_GAMMA
 from utils.tasks import Task, TaskOptions, build_task, model_info, task_of
@@ -33,6 +51,13 @@ from utils.tasks import Task, TaskOptions, build_task, model_info, task_of
 LOGGER = logging.getLogger(__name__)
 
 SPARSE_SHARE_WARNING = 0.05  # below this share of |gamma| < 0.01 a model was most likely not trained --sparse
+# a slimming cut removing more than this share of the prunable |gamma| mass cuts channels the network still uses.
+# After sparse training the cut channels' scales are below 0.01 against ~1 for kept ones, so cutting half of the
+# channels removes ~1 % of the mass; a dense model cut by a share p of its channels loses nearly p of it (its
+# scales are alike: the yolov5n fixture's lie in 0.98-1.00). 10 % leaves room for partly sparse models and is far
+# below the ~50 % of a dense 50 % cut (whose mAP before fine-tuning is ~0 in docs/prune.md's tables).
+MASS_SHARE_WARNING = 0.10
+DEFAULT_MULTIPLE = 8  # --round without --runtime (suits GPU and NPU kernels)
 
 
 @dataclass(frozen=True)
@@ -45,11 +70,21 @@ class PruneOptions:
     imgsz: int = 640
     batch_size: int = 32
     workers: int = 2
-    multiple: int = 8
+    multiple: int | None = None  # --round; None: 8, or the multiple --runtime was measured to run fastest
     min_keep: float = 0.1
     exist_ok: bool = False
     noval: bool = False
     seed: int = 0
+    runtime: str | None = None  # --runtime: where latency is measured (onnxruntime, openvino, openvino-int8)
+    threads: int = 2  # --threads the runtime runs with
+    latency_ms: float | None = None  # --latency-ms: the pruned model's batch-1 time on --runtime
+    speedup: float | None = None  # --speedup: the unpruned model's time over the pruned model's on --runtime
+
+    def latency_budget(self) -> str | None:
+        """The latency flag given, as messages name it (None under a FLOPs or channel budget)."""
+        if self.latency_ms is not None:
+            return f"--latency-ms {self.latency_ms:g}"
+        return f"--speedup {self.speedup:g}" if self.speedup is not None else None
 
 
 @dataclass
@@ -59,6 +94,23 @@ class PruneResult:
     before: dict[str, Any] = field(default_factory=dict)  # parameters, gflops, metrics
     after: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    # with --runtime: runtime, threads, imgsz, multiple, asked_ms, predicted_ms, measured_ms, unpruned_ms,
+    # measured_speedup, gap_predicted and gap_asked (measured / predicted or asked - 1)
+    latency: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Budget:
+    """What a run budgets, resolved once the model is loaded: the model the search asks (``ratio(counts)``), the
+    share to keep, how messages name it, and the latency model and runtime when ``--runtime`` is given."""
+
+    model: CostModel | LatencyModel
+    ratio: float | None
+    flag: str
+    multiple: int
+    latency: LatencyModel | None = None
+    runtime: Runtime | None = None
+    samples: list | None = None
 
 
 def check_options(opts: PruneOptions) -> None:
@@ -69,12 +121,37 @@ def check_options(opts: PruneOptions) -> None:
     image_sizes("--imgsz", opts.imgsz)
     checks = [("--batch-size", opts.batch_size > 0, "at least 1"),
               ("--workers", opts.workers >= 0, "0 or more"),
-              ("--round", opts.multiple >= 1, "1 (no rounding) or more, e.g. 8"),
-              ("--min-keep", 0 < opts.min_keep <= 1, "a share in (0, 1], e.g. 0.1")]
+              ("--round", opts.multiple is None or opts.multiple >= 1, "1 (no rounding) or more, e.g. 8"),
+              ("--min-keep", 0 < opts.min_keep <= 1, "a share in (0, 1], e.g. 0.1"),
+              ("--threads", opts.threads >= 1, "1 or more"),
+              ("--latency-ms", opts.latency_ms is None or opts.latency_ms > 0, "milliseconds above 0, e.g. 15"),
+              ("--speedup", opts.speedup is None or opts.speedup > 1, "a speed-up above 1, e.g. 1.5")]
     for flag, ok, expected in checks:
         if not ok:
             raise UserError(f"{flag} {getattr(opts, _attr(flag))}: expected {expected}")
+    check_runtime(opts)
     check_writable(opts.path, opts.exist_ok)
+
+
+def check_runtime(opts: PruneOptions) -> None:
+    """A latency budget names one latency and the runtime it is measured on, which must be installed."""
+    if opts.latency_ms is not None and opts.speedup is not None:
+        raise FlagError("--latency-ms and --speedup are two budgets: give one")
+    budget = opts.latency_budget()
+    if budget and not opts.runtime:
+        raise FlagError(f"{budget} needs --runtime ({'|'.join(RUNTIMES.names())}): the runtime the latency is "
+                        "measured on")
+    if opts.runtime:
+        RUNTIMES.create(opts.runtime, opts.threads).check()
+
+
+def check_one_budget(given: dict[str, float | None]) -> None:
+    """Exactly one of the budget flags ``given`` (flag -> value, None when absent)."""
+    named = [flag for flag, value in given.items() if value is not None]
+    if len(named) != 1:
+        choices = ", ".join(given)
+        raise FlagError(f"give one budget, not {' and '.join(named)}: one of {choices}" if named
+                        else f"give a budget: one of {choices}")
 
 
 def _attr(flag: str) -> str:
@@ -122,43 +199,65 @@ def sparse_share(model: nn.Module, analysis: ChannelAnalysis) -> float:
 
 
 def run_prune_slim(opts: PruneOptions, global_percent: float | None, remain_ratio: float | None) -> PruneResult:
-    """Network Slimming to one global |gamma| threshold (given as a share of channels, or found for a budget)."""
+    """Network Slimming to one global |gamma| threshold (given as a share of channels, or found for a FLOPs or
+    latency budget)."""
     check_options(opts)
-    if (global_percent is None) == (remain_ratio is None):
-        raise UserError("give one of --global-percent P (share of channels to cut) or --remain-ratio R (FLOPs to keep)")
+    check_one_budget({"--global-percent": global_percent, "--remain-ratio": remain_ratio,
+                      "--latency-ms": opts.latency_ms, "--speedup": opts.speedup})
     for flag, value in (("--global-percent", global_percent), ("--remain-ratio", remain_ratio)):
         if value is not None and not 0 < value < 1:
             raise UserError(f"{flag} {value}: expected a share strictly between 0 and 1")
     model, meta = load_trained(opts.weights)
     task = prune_task(model, meta, opts)
     analysis = analyse(model)
-    share = sparse_share(model, analysis)
-    if share < SPARSE_SHARE_WARNING and not meta.get("sparse"):
-        LOGGER.warning("warning: only %.1f%% of the prunable BatchNorm scales are below 0.01: %s looks trained "
-                       "without --sparse, and slimming without sparse training is weak (expect a larger drop "
-                       "before fine-tuning); train with `train.py --sparse 1e-4` first", 100 * share, opts.weights)
+    budget = resolve_budget(opts, model, analysis, task, remain_ratio)
     scales = slim.group_scales(model.model, analysis.groups)
     if global_percent is not None:
         threshold = slim.percent_threshold(scales, global_percent)
     else:
-        cost = CostModel(model, analysis.groups, opts.imgsz)
         try:
-            threshold = slim.budget_threshold(scales, cost, remain_ratio, opts.min_keep, opts.multiple)
+            threshold = slim.budget_threshold(scales, budget.model, budget.ratio, opts.min_keep, budget.multiple)
         except ValueError as exc:
-            raise UserError(f"--remain-ratio {remain_ratio}: {exc}") from None
-    plan = slim.slimming_plan(scales, threshold, opts.min_keep, opts.multiple)
-    LOGGER.info("global |gamma| threshold %.4g; %.1f%% of prunable BatchNorm scales below 0.01", threshold,
-                100 * share)
+            raise UserError(f"{budget.flag}: {exc}") from None
+    plan = slim.slimming_plan(scales, threshold, opts.min_keep, budget.multiple)
+    report_scale_mass(model, analysis, plan, threshold, opts.weights, bool(meta.get("sparse")))
     note = {"method": "slim", "source": opts.weights, "threshold": round(threshold, 6),
-            **({"global_percent": global_percent} if global_percent is not None else {"remain_ratio": remain_ratio})}
-    return _finish(model, meta, analysis, plan, opts, note, task)
+            **({"global_percent": global_percent} if global_percent is not None else {}),
+            **budget_note(opts, remain_ratio)}
+    return _finish(model, meta, analysis, plan, opts, note, task, budget=budget)
+
+
+def report_scale_mass(model: nn.Module, analysis: ChannelAnalysis, plan: Plan, threshold: float, weights: str,
+                      trained_sparse: bool) -> float:
+    """Before cutting: say how much of the prunable BatchNorm-scale mass (sum of |gamma|) the cut removes, and
+    warn in one line when it is more than :data:`MASS_SHARE_WARNING` (the model is not sparse enough for the
+    budget; when also under :data:`SPARSE_SHARE_WARNING` of its scales are small and its checkpoint does not say
+    ``sparse``, it looks trained without ``--sparse``). Returns the share removed."""
+    share = sparse_share(model, analysis)
+    cut, total = slim.removed_scale_mass(model.model, analysis.groups, plan)
+    removed = cut / total if total > 0 else 0.0
+    LOGGER.info("global |gamma| threshold %.4g; %.1f%% of prunable BatchNorm scales below 0.01; the cut removes "
+                "%.2f%% of their mass (sum of |gamma|: %.4g of %.4g)", threshold, 100 * share, 100 * removed, cut,
+                total)
+    if removed > MASS_SHARE_WARNING:
+        why = (f"only {share:.1%} of its prunable scales are below 0.01: it looks trained without --sparse; train "
+               "with `train.py --sparse 1e-4` first" if share < SPARSE_SHARE_WARNING and not trained_sparse
+               else f"{share:.1%} of its prunable scales are below 0.01; sparse-train longer or ask for less")
+        LOGGER.warning("warning: the cut removes %.1f%% of the BatchNorm-scale mass (more than %.0f%%): %s is not "
+                       "sparse enough for this budget (%s); expect a large drop before fine-tuning", 100 * removed,
+                       100 * MASS_SHARE_WARNING, weights, why)
+    return removed
 
 
 def run_prune_eagleeye(opts: PruneOptions, settings: eagleeye.SearchSettings, calibration_batches: int,
-                 score_images: int) -> PruneResult:
-    """EagleEye search; writes ``<path stem>_candidates.csv`` and ``_candidates.png`` beside the YAML."""
+                       score_images: int) -> PruneResult:
+    """EagleEye search; writes ``<path stem>_candidates.csv`` and ``_candidates.png`` beside the YAML.
+    ``settings.remain_ratio`` is the FLOPs budget (None under a latency budget); ``settings.multiple`` None
+    takes the default of :func:`resolve_budget`."""
     check_options(opts)
-    if not 0 < settings.remain_ratio < 1:
+    check_one_budget({"--remain-ratio": settings.remain_ratio, "--latency-ms": opts.latency_ms,
+                      "--speedup": opts.speedup})
+    if settings.remain_ratio is not None and not 0 < settings.remain_ratio < 1:
         raise UserError(f"--remain-ratio {settings.remain_ratio}: expected a share of FLOPs strictly between 0 and 1")
     if not 0 < settings.delta < 1:
         raise UserError(f"--delta {settings.delta}: expected a tolerance in (0, 1), e.g. 0.02")
@@ -167,40 +266,92 @@ def run_prune_eagleeye(opts: PruneOptions, settings: eagleeye.SearchSettings, ca
     model, meta = load_trained(opts.weights)
     task = prune_task(model, meta, opts)
     analysis = analyse(model)
-    cost = CostModel(model, analysis.groups, opts.imgsz)
+    budget = resolve_budget(opts, model, analysis, task, settings.remain_ratio)
+    settings = replace(settings, remain_ratio=budget.ratio, multiple=budget.multiple, budget_flag=budget.flag)
     try:
-        eagleeye.check_budget(cost, [g.size for g in analysis.groups], settings)
+        eagleeye.check_budget(budget.model, [g.size for g in analysis.groups], settings)
     except eagleeye.BudgetError as exc:
         raise UserError(str(exc)) from None
     calibration = task.calibration_batches(calibration_batches)
     sample = task.sample_batches(score_images)
     try:
-        candidates = eagleeye.search(model, analysis.groups, cost, calibration,
+        candidates = eagleeye.search(model, analysis.groups, budget.model, calibration,
                                      lambda candidate: task.score(candidate, sample), settings)
     except eagleeye.BudgetError as exc:
         raise UserError(str(exc)) from None
     best, plan = eagleeye.best_plan(model, analysis.groups, candidates)
-    csv_path = write_candidates(candidates, Path(opts.path))
-    LOGGER.info("best candidate %d: FLOPs %.3f of the original, score %.4f (of %d); all in %s", best.number,
-                best.flops_ratio, best.score, len(candidates), csv_path)
-    note = {"method": "eagleeye", "source": opts.weights, "remain_ratio": settings.remain_ratio,
+    latency_full = budget.model.full if isinstance(budget.model, LatencyModel) else None
+    csv_path = write_candidates(candidates, Path(opts.path), latency_full)
+    LOGGER.info("best candidate %d: FLOPs %.3f of the original%s, score %.4f (of %d); all in %s", best.number,
+                best.flops_ratio, f", predicted latency {best.budget_ratio:.3f}" if latency_full else "",
+                best.score, len(candidates), csv_path)
+    note = {"method": "eagleeye", "source": opts.weights, **budget_note(opts, settings.remain_ratio),
             "delta": settings.delta, "candidates": len(candidates), "best_candidate": best.number}
-    result = _finish(model, meta, analysis, plan, opts, note, task, calibration)
+    result = _finish(model, meta, analysis, plan, opts, note, task, calibration, budget)
     result.extra = {"candidates_csv": csv_path, "best": best,
                     "seconds_per_candidate": sorted(c.seconds for c in candidates)[len(candidates) // 2]}
     return result
 
 
+def budget_note(opts: PruneOptions, remain_ratio: float | None) -> dict[str, Any]:
+    """The budget as the pruned YAML records it."""
+    if opts.latency_budget() is None:
+        return {"remain_ratio": remain_ratio} if remain_ratio is not None else {}
+    given = {"latency_ms": opts.latency_ms} if opts.latency_ms is not None else {"speedup": opts.speedup}
+    return {**given, "runtime": opts.runtime, "threads": opts.threads}
+
+
+def resolve_budget(opts: PruneOptions, model: nn.Module, analysis: ChannelAnalysis, task: Task,
+                   remain_ratio: float | None) -> Budget:
+    """The budget the search asks: FLOPs (``remain_ratio``), or with ``--runtime`` the latency model (its table
+    measured or read from ``latency_tables.json`` beside ``--path``) and the measured width multiple."""
+    cost = CostModel(model, analysis.groups, opts.imgsz)
+    if not opts.runtime:
+        return Budget(cost, remain_ratio, f"--remain-ratio {remain_ratio:g}" if remain_ratio else "",
+                      opts.multiple or DEFAULT_MULTIPLE)
+    runtime = RUNTIMES.create(opts.runtime, opts.threads)
+    cache = TableCache(Path(opts.path).parent / TABLE_FILE)
+    if opts.multiple is None:
+        multiple = measure_multiple(model, analysis.groups, runtime, opts.imgsz, cache)
+    else:
+        multiple = opts.multiple
+        LOGGER.info("widths rounded to --round %d (given; without it the multiple %s runs fastest is measured)",
+                    multiple, runtime.name)
+    samples = calibration_samples(task, opts.imgsz) if runtime.calibrated else None
+    settings = LatencySettings(runtime.name, opts.imgsz, opts.threads, opts.min_keep, multiple)
+    latency = latency_model(model, cost, analysis.groups, runtime, settings, cache, samples)
+    flag = opts.latency_budget()
+    if flag is None:
+        return Budget(cost, remain_ratio, f"--remain-ratio {remain_ratio:g}" if remain_ratio else "", multiple,
+                      latency, runtime, samples)
+    ratio = opts.latency_ms / latency.full if opts.latency_ms is not None else 1 / opts.speedup
+    where = f"on {runtime.name} ({opts.threads} threads, {opts.imgsz} px, batch 1)"
+    if ratio >= 1:
+        raise UserError(f"{flag}: the unpruned model already runs in {latency.full:.2f} ms {where}; ask for less")
+    LOGGER.info("latency budget %s: %.2f ms, %.1f%% of the unpruned model's %.2f ms %s", flag, ratio * latency.full,
+                100 * ratio, latency.full, where)
+    return Budget(latency, ratio, flag, multiple, latency, runtime, samples)
+
+
+def calibration_samples(task: Task, imgsz: int) -> list:
+    """A few training images prepared as the task validates them: an INT8 runtime's calibration (as export)."""
+    files = task.calibration_files("train")[:CALIBRATION_IMAGES]
+    return [task.calibration_image(f, (imgsz, imgsz))[None].numpy() for f in files]
+
+
 def _finish(model: nn.Module, meta: dict[str, Any], analysis: ChannelAnalysis, plan: Plan, opts: PruneOptions,
-            note: dict[str, Any], task: Task, calibration: list[torch.Tensor] | None = None) -> PruneResult:
-    """Cut, report, score and save (shared tail of both tools); ``calibration`` batches re-estimate the pruned
-    model's BatchNorm statistics (EagleEye: fine-tuning starts from the network that was scored)."""
+            note: dict[str, Any], task: Task, calibration: list[torch.Tensor] | None = None,
+            budget: Budget | None = None) -> PruneResult:
+    """Cut, report, time (with ``--runtime``), score and save (shared tail of both tools); ``calibration``
+    batches re-estimate the pruned model's BatchNorm statistics (EagleEye: fine-tuning starts from the network
+    that was scored)."""
     pruned = prune_model(model, analysis.groups, plan, note=note)
     if calibration:
         recalibrate_batchnorm(pruned, calibration)
     before, after = model_size(model, opts.imgsz), model_size(pruned, opts.imgsz)
     LOGGER.info("\n%s", format_layer_table(model, pruned, analysis.kept_whole))
     LOGGER.info("%s", format_totals(before, after, opts.imgsz))
+    latency = measured_latency(model, pruned, plan, opts, budget) if budget and budget.runtime else {}
     result_before = {"parameters": before.parameters, "gflops": before.gflops}
     result_after = {"parameters": after.parameters, "gflops": after.gflops}
     if not opts.noval:
@@ -212,38 +363,67 @@ def _finish(model: nn.Module, meta: dict[str, Any], analysis: ChannelAnalysis, p
               f"({after.gflops / max(before.gflops, 1e-9):.1%} of the GFLOPs at {opts.imgsz})\n"
               "Written by yolo-kit; fine-tune with: python train.py --cfg THIS.yaml --weights THIS.pt --data ...")
     names = list(meta.get("names") or getattr(model, "names", []))
-    yaml_path, weights_path = save_pruned(pruned, opts.path, header, names=names, pruned=note,
-                                          **({"imgsz": opts.imgsz}))
+    extra = {"latency": latency} if latency else {}
+    yaml_path, weights_path = save_pruned(pruned, opts.path, header, names=names, pruned=note, imgsz=opts.imgsz,
+                                          **extra)
     LOGGER.info("saved %s and %s", yaml_path, weights_path)
-    return PruneResult(yaml_path, weights_path, result_before, result_after)
+    return PruneResult(yaml_path, weights_path, result_before, result_after, latency=latency)
 
 
-def write_candidates(candidates: list[eagleeye.Candidate], yaml_path: Path) -> Path:
-    """Every candidate (number, FLOPs share, score, seconds, keep ratio per group) as CSV, plus the score plot."""
+def measured_latency(model: nn.Module, pruned: nn.Module, plan: Plan, opts: PruneOptions,
+                     budget: Budget) -> dict[str, Any]:
+    """Export the unpruned and the pruned model for the runtime, time them in the same rounds, and compare
+    with the prediction and the ask."""
+    counts = {group: len(kept) for group, kept in plan.items()}
+    predicted = budget.latency.ms(counts)
+    unpruned, measured = measure_chosen(model, pruned, budget.runtime, opts.imgsz, budget.samples)
+    asked = budget.ratio * budget.latency.full if budget.model is budget.latency else None
+    report = {"runtime": budget.runtime.name, "threads": opts.threads, "imgsz": opts.imgsz,
+              "multiple": budget.multiple, "budget": budget.flag or None, "asked_ms": asked,
+              "predicted_ms": predicted, "measured_ms": measured, "unpruned_ms": unpruned,
+              "table_unpruned_ms": budget.latency.full, "measured_speedup": unpruned / measured,
+              "gap_predicted": measured / predicted - 1, "gap_asked": measured / asked - 1 if asked else None}
+    ask = f"asked {asked:.2f} ms ({budget.flag}), " if asked else ""
+    versus = f", {report['gap_asked']:+.1%} from the ask" if asked else ""
+    LOGGER.info("latency on %s (%d threads, %d px, batch 1): %spredicted %.2f ms, measured %.2f ms (%+.1f%% from "
+                "the prediction%s); the unpruned model measured %.2f ms in the same rounds: %.2fx",
+                budget.runtime.name, opts.threads, opts.imgsz, ask, predicted, measured,
+                100 * report["gap_predicted"], versus, unpruned, report["measured_speedup"])
+    return report
+
+
+def write_candidates(candidates: list[eagleeye.Candidate], yaml_path: Path, latency_full: float | None = None
+                     ) -> Path:
+    """Every candidate (number, FLOPs share, score, seconds, keep ratio per group; under a latency budget also its
+    predicted latency share and ms) as CSV, plus the score plot."""
     csv_path = yaml_path.with_name(f"{yaml_path.stem}_candidates.csv")
     groups = len(candidates[0].ratios) if candidates else 0
+    latency = ["latency_ratio", "predicted_ms"] if latency_full else []
     with csv_path.open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["candidate", "flops_ratio", "score", "seconds", *(f"group{i}" for i in range(groups))])
+        writer.writerow(["candidate", "flops_ratio", "score", "seconds", *latency,
+                         *(f"group{i}" for i in range(groups))])
         for c in candidates:
-            writer.writerow([c.number, f"{c.flops_ratio:.5f}", f"{c.score:.6f}", f"{c.seconds:.3f}",
+            predicted = [f"{c.budget_ratio:.5f}", f"{c.budget_ratio * latency_full:.3f}"] if latency_full else []
+            writer.writerow([c.number, f"{c.flops_ratio:.5f}", f"{c.score:.6f}", f"{c.seconds:.3f}", *predicted,
                              *(f"{r:.4f}" for r in c.ratios)])
-    plot_candidates(candidates, csv_path.with_suffix(".png"))
+    plot_candidates(candidates, csv_path.with_suffix(".png"), "latency" if latency_full else "FLOPs")
     return csv_path
 
 
-def plot_candidates(candidates: list[eagleeye.Candidate], path: Path) -> None:
-    """Score against FLOPs share, the best candidate marked."""
+def plot_candidates(candidates: list[eagleeye.Candidate], path: Path, quantity: str = "FLOPs") -> None:
+    """Score against the budgeted share (FLOPs or predicted latency), the best candidate marked."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(6, 4), dpi=120)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    axes.scatter([c.flops_ratio for c in candidates], [c.score for c in candidates], s=12, alpha=0.7)
+    share = (lambda c: c.flops_ratio) if quantity == "FLOPs" else (lambda c: c.budget_ratio)
+    axes.scatter([share(c) for c in candidates], [c.score for c in candidates], s=12, alpha=0.7)
     best = max(candidates, key=lambda c: c.score)
-    axes.scatter([best.flops_ratio], [best.score], s=60, marker="*", color="tab:red", label="best")
-    axes.set_xlabel("FLOPs kept (share of the original)")
+    axes.scatter([share(best)], [best.score], s=60, marker="*", color="tab:red", label="best")
+    axes.set_xlabel(f"{'FLOPs kept' if quantity == 'FLOPs' else 'predicted latency'} (share of the original)")
     axes.set_ylabel("score after adaptive BN")
     axes.set_title(f"EagleEye: {len(candidates)} candidates")
     axes.legend()

@@ -8,7 +8,8 @@ their cost is a product of widths, so one forward pass that records each layer's
     linear:    out x in x tokens
 
 The ratio of two such counts is what ``--remain-ratio`` budgets; the printed GFLOPs come from thop on the real
-pruned model.
+pruned model. The per-layer split (:meth:`CostModel.layer_macs`) is what the latency model
+(:mod:`utils.compress.prune.latency`) interpolates each layer's measured time against.
 """
 
 from __future__ import annotations
@@ -37,7 +38,13 @@ class _Leaf:
 
 
 class CostModel:
-    """MACs of ``model`` at ``imgsz`` as a function of how many channels each group keeps."""
+    """MACs of ``model`` at ``imgsz`` as a function of how many channels each group keeps.
+
+    Both searches budget ``ratio(counts)``; :class:`utils.compress.prune.latency.LatencyModel` offers the same
+    interface for a measured latency, so either can be handed to them. ``quantity`` names what is budgeted in
+    messages."""
+
+    quantity = "FLOPs"
 
     def __init__(self, model: nn.Module, groups: list[ChannelGroup], imgsz: int):
         self.groups = groups
@@ -49,6 +56,23 @@ class CostModel:
 
     def macs(self, keep_counts: Mapping[int, int]) -> float:
         """Total conv + linear MACs when group ``i`` keeps ``keep_counts[i]`` channels (others stay whole)."""
+        removed = self._removed(keep_counts)
+        return sum(leaf.macs(removed.get((path, "out"), 0), removed.get((path, "in"), 0))
+                   for path, leaf in self.leaves.items())
+
+    def layer_macs(self, keep_counts: Mapping[int, int]) -> dict[int, float]:
+        """MACs per layer of the model's layer list (the YAML rows) under the same plan; layers without a conv or
+        linear layer are absent."""
+        removed = self._removed(keep_counts)
+        layers: dict[int, float] = {}
+        for path, leaf in self.leaves.items():
+            layer = int(path.split(".", 1)[0])
+            layers[layer] = layers.get(layer, 0.0) + leaf.macs(removed.get((path, "out"), 0),
+                                                               removed.get((path, "in"), 0))
+        return layers
+
+    def _removed(self, keep_counts: Mapping[int, int]) -> dict[tuple[str, str], int]:
+        """(leaf path, axis) -> positions the plan removes there."""
         removed: dict[tuple[str, str], int] = {}
         for number, kept in keep_counts.items():
             dropped = self.groups[number].size - kept
@@ -56,11 +80,14 @@ class CostModel:
                 continue
             for path, axis, per_channel in self.cuts[number]:
                 removed[(path, axis)] = removed.get((path, axis), 0) + dropped * per_channel
-        return sum(leaf.macs(removed.get((path, "out"), 0), removed.get((path, "in"), 0))
-                   for path, leaf in self.leaves.items())
+        return removed
 
     def ratio(self, keep_counts: Mapping[int, int]) -> float:
         return self.macs(keep_counts) / self.full
+
+    def flops_ratio(self, keep_counts: Mapping[int, int]) -> float:
+        """The FLOPs share (here the budgeted ratio itself), reported next to a latency budget's ratio."""
+        return self.ratio(keep_counts)
 
 
 def _profile(model: nn.Module, imgsz: int) -> dict[str, _Leaf]:

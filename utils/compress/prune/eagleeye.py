@@ -4,6 +4,8 @@ each candidate's BatchNorm statistics re-estimated (adaptive BN) and scored on a
 A candidate's layer-wise keep ratios are drawn around the uniform ratio that meets the budget (found by
 bisection on the cost model), so that most draws land within ``remain_ratio +- delta`` and the search spends
 its time scoring rather than rejecting; draws outside the band are rejected before any model is built.
+The budget is whatever ``cost`` measures: FLOPs (:class:`~utils.compress.prune.cost.CostModel`) or a runtime's
+predicted latency (:class:`~utils.compress.prune.latency.LatencyModel`), both through ``cost.ratio(counts)``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,19 +27,28 @@ from utils.compress.prune.groups import ChannelGroup, reduce_to_group
 from utils.compress.prune.plan import Plan, keep_count, plan_from_counts
 from utils.compress.prune.surgery import prune_model
 
+if TYPE_CHECKING:
+    from utils.compress.prune.latency import LatencyModel
+
+    Budget = CostModel | LatencyModel
+
 LOGGER = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class SearchSettings:
-    remain_ratio: float  # FLOPs (conv + linear MACs) to keep, as a share of the original's
+    remain_ratio: float | None  # FLOPs (conv + linear MACs) or latency to keep, as a share of the original's
     delta: float  # accepted band: remain_ratio +- delta
     max_iter: int  # candidates to score
     min_keep: float = 0.1  # no group keeps less than this share of its channels
-    multiple: int = 8  # widths rounded up to a multiple of this
+    multiple: int | None = 8  # widths rounded up to a multiple of this (None: the pruning tool's default)
     spread: float = 0.25  # per-group keep ratios are drawn from centre +- spread
     seed: int = 0
     max_draws: int = 20000  # draws allowed in all before the budget is declared unreachable
+    budget_flag: str = ""  # how messages name the budget (default: --remain-ratio R)
+
+    def budget_name(self) -> str:
+        return self.budget_flag or f"--remain-ratio {self.remain_ratio:g}"
 
 
 @dataclass
@@ -47,6 +59,7 @@ class Candidate:
     score: float
     seconds: float
     counts: dict[int, int] = field(repr=False, default_factory=dict)
+    budget_ratio: float | None = None  # the budgeted share (the FLOPs share under a FLOPs budget)
 
 
 def filter_norms(layers: nn.Module, groups: list[ChannelGroup]) -> list[torch.Tensor]:
@@ -66,7 +79,7 @@ class BudgetError(ValueError):
     """No plan within the band exists (or none was drawn); the message says what to change."""
 
 
-def uniform_centre(cost: CostModel, sizes: list[int], settings: SearchSettings) -> float:
+def uniform_centre(cost: Budget, sizes: list[int], settings: SearchSettings) -> float:
     """The keep ratio that, applied to every group, meets the budget (bisection; the cost grows with it)."""
     low, high = 0.0, 1.0
     for _ in range(30):
@@ -82,14 +95,14 @@ def _uniform_counts(sizes: list[int], ratio: float, settings: SearchSettings) ->
     return {i: keep_count(ratio * size, size, settings.min_keep, settings.multiple) for i, size in enumerate(sizes)}
 
 
-def check_budget(cost: CostModel, sizes: list[int], settings: SearchSettings) -> None:
+def check_budget(cost: Budget, sizes: list[int], settings: SearchSettings) -> None:
     """Fail early when even the narrowest plan keeps more than the band allows."""
     narrowest = cost.ratio(_uniform_counts(sizes, 0.0, settings))
     if narrowest > settings.remain_ratio + settings.delta:
         raise BudgetError(
-            f"--remain-ratio {settings.remain_ratio:g} +- {settings.delta:g} cannot be met: cutting every prunable "
+            f"{settings.budget_name()} +- {settings.delta:g} cannot be met: cutting every prunable "
             f"group to --min-keep {settings.min_keep:g} (widths rounded to {settings.multiple}) still keeps "
-            f"{narrowest:.1%} of the FLOPs; raise --remain-ratio or --delta, or lower --min-keep/--round")
+            f"{narrowest:.1%} of the {cost.quantity}; ask for less, widen --delta, or lower --min-keep/--round")
 
 
 def draw_counts(rng: random.Random, sizes: list[int], centre: float, settings: SearchSettings) -> dict[int, int]:
@@ -100,7 +113,7 @@ def draw_counts(rng: random.Random, sizes: list[int], centre: float, settings: S
             for i, size in enumerate(sizes)}
 
 
-def search(model: nn.Module, groups: list[ChannelGroup], cost: CostModel, calibration: list[torch.Tensor],
+def search(model: nn.Module, groups: list[ChannelGroup], cost: Budget, calibration: list[torch.Tensor],
            score: Callable[[nn.Module], float], settings: SearchSettings) -> list[Candidate]:
     """Score ``settings.max_iter`` candidates; returns them all (the caller keeps the best and writes the CSV)."""
     sizes = [g.size for g in groups]
@@ -117,16 +130,18 @@ def search(model: nn.Module, groups: list[ChannelGroup], cost: CostModel, calibr
         ratio = cost.ratio(counts)
         if abs(ratio - settings.remain_ratio) > settings.delta:
             if draws >= settings.max_draws and not candidates:
-                raise BudgetError(f"no candidate within --remain-ratio {settings.remain_ratio:g} +- "
-                                  f"{settings.delta:g} in {draws} draws; widen --delta")
+                raise BudgetError(f"no candidate within {settings.budget_name()} +- {settings.delta:g} "
+                                  f"({cost.quantity}) in {draws} draws; widen --delta")
             continue
         start = time.perf_counter()
         value = score_plan(model, groups, plan_from_counts(norms, counts), calibration, score)
         seconds = time.perf_counter() - start
-        candidates.append(Candidate(len(candidates), [counts[i] / sizes[i] for i in range(len(sizes))], ratio,
-                                    value, seconds, counts))
+        flops = cost.flops_ratio(counts)
+        candidates.append(Candidate(len(candidates), [counts[i] / sizes[i] for i in range(len(sizes))], flops,
+                                    value, seconds, counts, ratio))
         best = max(c.score for c in candidates)
-        bar.set_postfix_str(f"FLOPs {ratio:.3f} score {value:.4f} best {best:.4f} {seconds:.1f} s/candidate")
+        shown = f"FLOPs {flops:.3f}" + (f" {cost.quantity} {ratio:.3f}" if cost.quantity != "FLOPs" else "")
+        bar.set_postfix_str(f"{shown} score {value:.4f} best {best:.4f} {seconds:.1f} s/candidate")
         bar.update()
     bar.close()
     LOGGER.info("EagleEye: %d candidates from %d draws, %.2f s per candidate (median)", len(candidates), draws,

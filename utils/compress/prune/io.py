@@ -52,13 +52,14 @@ def save_pruned(model: nn.Module, path: str | Path, header: str, **meta: Any) ->
         pixels = (head.anchors * head.stride.view(-1, 1, 1)).view(head.nl, -1)
         cfg["anchors"] = [[round(float(v), 3) for v in level] for level in pixels]
     text = dump_model_yaml(cfg, header)
-    _write_text_atomic(yaml_path, text)
+    write_text_atomic(yaml_path, text)
     model.yaml = cfg
     save_checkpoint(model, weights_path, **meta)
     return yaml_path, weights_path
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file in the same folder and ``os.replace``: a crash leaves the old file or none."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:

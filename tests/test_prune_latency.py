@@ -1,0 +1,412 @@
+"""Latency as the pruning budget (issue 33 point 1): a fake runtime with known per-layer costs gives the expected
+plans (slimming's threshold, EagleEye's band), the per-layer table is cached, reused and invalidated, the width
+multiple is measured, a missing runtime package is one error line (the flags' checks are rows of
+tests/test_bad_inputs.py); on ONNX Runtime the profile maps every conv layer and the prediction meets the
+measurement at the profiled points. And slimming's BatchNorm-scale mass report and warning (point 2b). No test
+times anything: real timings only flow through, the fake's are exact."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import functools
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import prune_eagleeye
+import prune_slim
+from models.yolo import build_model
+from utils.common.cli import run_cli
+from utils.common.errors import UserError
+from utils.compress.prune import eagleeye, slim
+from utils.compress.prune import latency as latency_module
+from utils.compress.prune import runtimes as runtimes_module
+from utils.compress.prune.analysis import analyse_channels
+from utils.compress.prune.cost import CostModel
+from utils.compress.prune.groups import batchnorm_members
+from utils.compress.prune.latency import (
+    PROBE_WIDTHS,
+    TABLE_FILE,
+    LatencySettings,
+    TableCache,
+    latency_model,
+    measure_multiple,
+    round_up,
+)
+from utils.compress.prune.plan import plan_from_counts
+from utils.compress.prune.runtimes import RUNTIMES, Runtime, registered_runtime
+from utils.compress.prune.surgery import prune_model
+from utils.export.common import prepare_for_export
+from utils.export.spec import Requirement
+from utils.runners.prune import MASS_SHARE_WARNING, PruneOptions, report_scale_mass, run_prune_eagleeye, run_prune_slim
+from utils.weights.checkpoint import load_checkpoint, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = str(ROOT / "data" / "neu-det-sample.yaml")
+IMGSZ = 64
+SCALE_LEVELS = 6  # BatchNorm scales take this many values, so every slimming threshold can be tried
+
+
+# ------------------------------------------------------------------------------------------- the fake runtime
+def conv_macs(model: nn.Module, imgsz: int = IMGSZ) -> dict[int, float]:
+    """MACs of each layer's convolutions, counted by hooks on the model itself (independent of CostModel)."""
+    totals: dict[int, float] = {}
+    hooks = []
+    for index, layer in enumerate(model.model):
+        for module in layer.modules():
+            if isinstance(module, nn.Conv2d):
+                def hook(conv, inputs, output, index=index):
+                    per_output = conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
+                    totals[index] = totals.get(index, 0.0) + float(output.numel() * per_output)
+                hooks.append(module.register_forward_hook(hook))
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, imgsz, imgsz))
+    for h in hooks:
+        h.remove()
+    return totals
+
+
+def per_mac(layer: int) -> float:
+    """The fake's known cost of one MAC in ``layer`` (ms): layers differ by 5x, so time is not FLOPs."""
+    return (1 + 4 * (layer % 3 == 0)) * 1e-6
+
+
+FREE_LAYER_MS = 0.05  # a layer without convolutions (Concat, Upsample)
+UNMAPPED_MS = 0.1  # a node named after no layer
+CALL_MS = 0.2  # per-call overhead no profile shows
+
+
+def fake_ms(model: nn.Module) -> float:
+    """The fake runtime's latency of a (prepared or not) model: the ground truth the tests check plans against."""
+    macs = conv_macs(model)
+    return (sum(per_mac(i) * m for i, m in macs.items()) + FREE_LAYER_MS * (len(model.model) - len(macs))
+            + UNMAPPED_MS + CALL_MS)
+
+
+def fake_runtime(step: int = 16, name: str = "fake") -> type[Runtime]:
+    """A runtime class whose model latency is :func:`fake_ms` and whose conv probes cost one unit per ``step``
+    output channels begun; ``profiled`` lists each profile call (a fresh class per test: no shared state)."""
+
+    class Fake(Runtime):
+        profiled: list[int] = []
+
+        def version(self) -> str:
+            return "fake 1.0"
+
+        def open(self, model, example, folder, samples=None):
+            return model
+
+        def profile(self, handle, runs):
+            type(self).profiled.append(1)
+            macs = conv_macs(handle)
+            nodes = {f"/model.{i}/conv/Conv": per_mac(i) * macs[i] if i in macs else FREE_LAYER_MS
+                     for i in range(len(handle.model))}
+            return {**nodes, "ReorderOutput": UNMAPPED_MS}
+
+        def latency(self, handles, runs):
+            return [fake_ms(h) if hasattr(h, "yaml") else 0.5 + math.ceil(h[0].out_channels / step)
+                    for h in handles]
+
+    Fake.name = name
+    return Fake
+
+
+# ------------------------------------------------------------------------------------------- the model
+# yolov5n's rows down to two levels (P3, P4): the same blocks (Conv, C3, SPPF, Upsample, Concat, Detect) in 16
+# layers instead of 25, so that cutting and exporting it in the tests costs half as much
+TINY = {
+    "nc": 6, "depth_multiple": 0.33, "width_multiple": 0.25,
+    "anchors": [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119]],
+    "backbone": [[-1, 1, "Conv", [64, 6, 2, 2]], [-1, 1, "Conv", [128, 3, 2]], [-1, 3, "C3", [128]],
+                 [-1, 1, "Conv", [256, 3, 2]], [-1, 6, "C3", [256]], [-1, 1, "Conv", [512, 3, 2]],
+                 [-1, 3, "C3", [512]], [-1, 1, "SPPF", [512, 5]]],
+    "head": [[-1, 1, "Conv", [256, 1, 1]], [-1, 1, "nn.Upsample", ["None", 2, "nearest"]], [[-1, 4], 1, "Concat", [1]],
+             [-1, 3, "C3", [256, False]], [-1, 1, "Conv", [256, 3, 2]], [[-1, 8], 1, "Concat", [1]],
+             [-1, 3, "C3", [512, False]], [[11, 14], 1, "Detect", ["nc", "anchors"]]],
+}
+
+
+def quantised_model() -> nn.Module:
+    """:data:`TINY` whose BatchNorm scales take :data:`SCALE_LEVELS` values (seeded): dense, not sparse."""
+    torch.manual_seed(0)
+    model = build_model(copy.deepcopy(TINY))
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            levels = torch.randint(1, SCALE_LEVELS + 1, (module.num_features,), generator=generator)
+            module.weight.data = levels.float() / SCALE_LEVELS
+    return model.eval()
+
+
+@functools.cache
+def analysed_model():
+    model = quantised_model()
+    return model, analyse_channels(model, IMGSZ)
+
+
+def fake_table(folder: Path, runtime: Runtime, multiple: int = 8):
+    model, analysis = analysed_model()
+    cost = CostModel(model, analysis.groups, IMGSZ)
+    settings = LatencySettings(runtime.name, IMGSZ, runtime.threads, 0.1, multiple)
+    return latency_model(model, cost, analysis.groups, runtime, settings, TableCache(folder / TABLE_FILE))
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory) -> SimpleNamespace:
+    """One table measured on a fake runtime (profiled 4 times), shared by the tests that read it."""
+    runtime_class = fake_runtime()
+    folder = tmp_path_factory.mktemp("table")
+    return SimpleNamespace(runtime_class=runtime_class, folder=folder, latency=fake_table(folder, runtime_class(2)))
+
+
+def pruned_with(counts: dict[int, int]) -> nn.Module:
+    model, analysis = analysed_model()
+    order = [torch.arange(g.size, 0, -1).float() for g in analysis.groups]
+    return prune_model(model, analysis.groups, plan_from_counts(order, counts), record=False)
+
+
+def bn_mass(model: nn.Module) -> float:
+    """Sum of |gamma| over every BatchNorm of ``model`` (every one is prunable in :data:`TINY`)."""
+    return sum(float(m.weight.detach().abs().double().sum()) for m in model.modules()
+               if isinstance(m, nn.BatchNorm2d))
+
+
+# ------------------------------------------------------------------------------------------- the plans
+def test_latency_model_predicts_the_fake_runtime_exactly(measured):
+    """Per-layer costs linear in MACs, constant layers and overheads: interpolation must reproduce them for any
+    plan, not just the profiled widths (and the FLOPs share must not: the layers' costs differ)."""
+    model, analysis = analysed_model()
+    latency = measured.latency
+    assert latency.full == pytest.approx(fake_ms(model), rel=1e-9)
+    generator = torch.Generator().manual_seed(3)
+    differs = 0
+    for _ in range(3):
+        counts = {i: int(torch.randint(1, g.size + 1, (1,), generator=generator)) for i, g in
+                  enumerate(analysis.groups)}
+        truth = fake_ms(pruned_with(counts))
+        assert latency.ms(counts) == pytest.approx(truth, rel=1e-9)
+        differs += abs(latency.ratio(counts) - latency.flops_ratio(counts)) > 0.01
+    assert differs  # the budget is not the FLOPs share in disguise
+
+
+def test_slimming_to_a_latency_budget_finds_the_expected_threshold(measured):
+    """The expected threshold by exhaustion: every distinct scale tried, each plan cut for real and its fake
+    latency computed; the lowest threshold within the budget is the answer."""
+    model, analysis = analysed_model()
+    latency = measured.latency
+    scales = slim.group_scales(model.model, analysis.groups)
+    asked_ms = 0.6 * latency.full
+    thresholds = sorted({float(v) for s in scales for v in s})
+    assert len(thresholds) <= SCALE_LEVELS
+    truth = {t: fake_ms(pruned_with(slim.slimming_counts(scales, t, 0.1, 8))) for t in thresholds}
+    expected = min(t for t in thresholds if truth[t] <= asked_ms)
+    assert any(truth[t] > asked_ms for t in thresholds)  # the budget binds
+
+    found = slim.budget_threshold(scales, latency, asked_ms / latency.full, 0.1, 8)
+    assert found == expected
+    counts = slim.slimming_counts(scales, found, 0.1, 8)
+    assert latency.ms(counts) == pytest.approx(truth[expected], rel=1e-9) and truth[expected] <= asked_ms
+
+
+def test_eagleeye_candidates_lie_in_the_latency_band(measured):
+    """Every candidate's fake latency (cut for real) is within --delta of the asked share; its FLOPs share,
+    recorded beside, is another number."""
+    model, analysis = analysed_model()
+    latency = measured.latency
+    settings = eagleeye.SearchSettings(remain_ratio=0.7, delta=0.02, max_iter=2, multiple=8,
+                                       budget_flag="--speedup 1.43")
+    calibration = [torch.rand(2, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(0))]
+    candidates = eagleeye.search(model, analysis.groups, latency, calibration, lambda candidate: 0.0, settings)
+    assert len(candidates) == 2
+    for candidate in candidates:
+        measured_share = fake_ms(pruned_with(candidate.counts)) / fake_ms(model)
+        assert abs(measured_share - 0.7) <= 0.02
+        assert candidate.budget_ratio == pytest.approx(measured_share, rel=1e-9)
+        assert candidate.flops_ratio == pytest.approx(latency.cost.ratio(candidate.counts))
+
+
+# ------------------------------------------------------------------------------------------- the cache
+def test_table_is_cached_reused_and_invalidated(measured, caplog):
+    runtime_class, folder = measured.runtime_class, measured.folder
+    assert len(runtime_class.profiled) == len(measured.latency.points) == 4  # 100/75/50/25 %, profiled once
+    stored = json.loads((folder / TABLE_FILE).read_text())["entries"]
+    assert [e["kind"] for e in stored] == ["table"]
+    assert stored[0]["key"]["runtime"] == "fake" and stored[0]["key"]["threads"] == 2
+    assert stored[0]["key"]["imgsz"] == IMGSZ and stored[0]["key"]["version"] == "fake 1.0"
+
+    again = fake_table(folder, runtime_class(2))
+    assert len(runtime_class.profiled) == 4  # read, not measured
+    assert [p.ms for p in again.points] == [p.ms for p in measured.latency.points]
+
+    with caplog.at_level(logging.INFO):
+        fake_table(folder, runtime_class(3))
+    assert len(runtime_class.profiled) == 8
+    assert "threads 2 (now 3): measuring again" in caplog.text
+    assert len(json.loads((folder / TABLE_FILE).read_text())["entries"]) == 2  # the older table is kept
+
+
+def test_width_multiple_follows_the_runtimes_steps(tmp_path, caplog):
+    model, analysis = analysed_model()
+    cache = TableCache(tmp_path / TABLE_FILE)
+    with caplog.at_level(logging.INFO):
+        assert measure_multiple(model, analysis.groups, fake_runtime(step=16)(2), IMGSZ, cache) == 16
+    assert "width multiple on fake: 16" in caplog.text and "16: 1.000" in caplog.text  # what was measured is logged
+    stored = [e for e in json.loads((tmp_path / TABLE_FILE).read_text())["entries"] if e["kind"] == "multiple"]
+    assert sorted(int(w) for w in stored[0]["ms"]) == sorted(PROBE_WIDTHS)
+    assert all(round_up(w, m) in PROBE_WIDTHS for w in PROBE_WIDTHS for m in (1, 4, 8, 16, 32))
+    other = fake_runtime(step=8, name="fake8")
+    assert measure_multiple(model, analysis.groups, other(2), IMGSZ, cache) == 8
+
+
+# ------------------------------------------------------------------------------------------- the tools
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("latency") / "quantised.pt"
+    save_checkpoint(quantised_model(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tool_runtime() -> type[Runtime]:
+    """The fake runtime the tool tests share (its table, measured by the first, is read by the others)."""
+    return fake_runtime()
+
+
+def mass_share_logged(text: str) -> float:
+    found = re.findall(r"the cut removes ([0-9.]+)% of their mass", text)
+    assert len(found) == 1, text
+    return float(found[0]) / 100
+
+
+def test_slim_tool_prunes_to_a_speedup_then_a_flops_budget_reads_the_table(checkpoint, tool_runtime, tmp_path,
+                                                                           caplog):
+    """End to end: --speedup on the fake runtime, --round measured (16), the prediction met exactly by the
+    fake's measurement of the saved model, the budget recorded. Then --remain-ratio 0.5 with --runtime and
+    --round 16 beside it: the FLOPs budget stays, the latency is reported, the table is read, not measured; and
+    this dense model cut to 50 % of its FLOPs gets the mass warning, its printed share the one computed here."""
+    options = PruneOptions(weights=str(checkpoint), data=SAMPLE, path=str(tmp_path / "a.yaml"), imgsz=IMGSZ,
+                           workers=0, noval=True, runtime="fake", speedup=1.4)
+    with registered_runtime(tool_runtime):
+        result = run_prune_slim(options, None, None)
+        latency = result.latency
+        assert latency["multiple"] == 16 and latency["budget"] == "--speedup 1.4"
+        assert latency["asked_ms"] == pytest.approx(latency["unpruned_ms"] / 1.4)
+        assert latency["measured_ms"] <= latency["asked_ms"] and latency["measured_speedup"] >= 1.4
+        assert latency["gap_predicted"] == pytest.approx(0, abs=1e-9)
+        profiled = len(tool_runtime.profiled)
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            flops = run_prune_slim(PruneOptions(**{**options.__dict__, "path": str(tmp_path / "f.yaml"),
+                                                   "speedup": None, "multiple": 16}), None, 0.5)
+        assert len(tool_runtime.profiled) == profiled  # the table beside --path was reused
+    assert flops.latency["asked_ms"] is None and flops.latency["gap_predicted"] == pytest.approx(0, abs=1e-9)
+    assert flops.latency["multiple"] == 16 and flops.latency["budget"] == "--remain-ratio 0.5"
+
+    saved = load_checkpoint(result.weights_path)
+    assert saved.meta["pruned"]["speedup"] == 1.4 and saved.meta["pruned"]["runtime"] == "fake"
+    assert saved.meta["latency"]["measured_ms"] == pytest.approx(fake_ms(saved.model))
+    for module in saved.model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            assert module.num_features % 16 == 0
+
+    original = bn_mass(load_checkpoint(checkpoint).model)
+    expected = (original - bn_mass(load_checkpoint(flops.weights_path).model)) / original
+    assert expected > MASS_SHARE_WARNING
+    assert mass_share_logged(caplog.text) == pytest.approx(expected, abs=6e-5)  # printed with 2 decimals (in %)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "not sparse enough for this budget" in warnings[0]
+    assert "looks trained without --sparse" in warnings[0] and "\n" not in warnings[0]
+
+
+def test_no_mass_warning_when_the_cut_channels_are_near_zero(caplog):
+    """A model whose channels to cut have gammas of 1e-4 (half of each group, in every BatchNorm of it): a
+    50 % cut removes almost none of the mass and is not warned about; the share is the one computed here."""
+    model, analysis = analysed_model()
+    sparse = copy.deepcopy(model)
+    for group in analysis.groups:
+        for member, bn in batchnorm_members(group, sparse.model):
+            small = member.root % 2 == 1
+            bn.weight.data[member.index[small]] = 1e-4
+            bn.weight.data[member.index[~small]] = 1.0
+    scales = slim.group_scales(sparse.model, analysis.groups)
+    plan = slim.slimming_plan(scales, slim.percent_threshold(scales, 0.5), 0.1, 8)
+    with caplog.at_level(logging.INFO):
+        share = report_scale_mass(sparse, analysis, plan, 0.5, "sparse.pt", trained_sparse=True)
+    original = bn_mass(sparse)
+    expected = (original - bn_mass(prune_model(sparse, analysis.groups, plan, record=False))) / original
+    assert share == pytest.approx(expected, rel=1e-9) and 0 < expected < 1e-3
+    assert mass_share_logged(caplog.text) == pytest.approx(expected, abs=6e-5)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert sum(len(kept) for kept in plan.values()) < sum(g.size for g in analysis.groups) * 0.75  # a real cut
+
+
+def test_eagleeye_tool_writes_predicted_latency(checkpoint, tool_runtime, tmp_path):
+    path = tmp_path / "ee.yaml"
+    with registered_runtime(tool_runtime):
+        code = run_cli(prune_eagleeye.main, [
+            "--weights", str(checkpoint), "--data", SAMPLE, "--imgsz", str(IMGSZ), "--runtime", "fake",
+            "--latency-ms", str(0.75 * fake_ms(quantised_model())), "--round", "16", "--delta", "0.03",
+            "--max-iter", "2", "--calib-batches", "1", "--batch-size", "4", "--score-images", "4", "--workers", "0",
+            "--noval", "--path", str(path)])
+    assert code == 0
+    rows = list(csv.DictReader(path.with_name("ee_candidates.csv").open()))
+    assert len(rows) == 2 and all(abs(float(r["latency_ratio"]) - 0.75) <= 0.03 for r in rows)
+
+
+# ------------------------------------------------------------------------------------------- the flags
+# (the flags' domain checks are rows of tests/test_bad_inputs.py's table)
+def test_missing_runtime_package_is_one_line_before_loading(tmp_path, capsys):
+    """The weights file is not a checkpoint: a check that came after loading would fail differently."""
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"not a checkpoint")
+    missing = fake_runtime(name="missing")
+    missing.requires = (Requirement("no_such_package_for_latency", "pip install it"),)
+    with registered_runtime(missing):
+        code = run_cli(prune_slim.main, ["--weights", str(weights), "--data", SAMPLE, "--speedup", "2",
+                                         "--runtime", "missing", "--path", str(tmp_path / "p.yaml")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: --runtime missing needs the 'no_such_package_for_latency'") and \
+        err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pt"]
+
+
+def test_library_callers_get_the_same_checks(tmp_path):
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"")
+    both = PruneOptions(weights=str(weights), data=SAMPLE, path=str(tmp_path / "p.yaml"), runtime="onnxruntime",
+                        latency_ms=5, speedup=2)
+    with pytest.raises(UserError, match="--latency-ms and --speedup are two budgets"):
+        run_prune_slim(both, None, None)
+    none = PruneOptions(weights=str(weights), data=SAMPLE, path=str(tmp_path / "p.yaml"))
+    with pytest.raises(UserError, match="give a budget: one of --remain-ratio, --latency-ms, --speedup"):
+        run_prune_eagleeye(none, eagleeye.SearchSettings(remain_ratio=None, delta=0.02, max_iter=1), 1, 1)
+    assert "fake" not in RUNTIMES.names()
+
+
+# ------------------------------------------------------------------------------------------- a real runtime
+def test_onnxruntime_profile_maps_every_conv_layer(tmp_path, monkeypatch):
+    """ONNX Runtime's session profile, node names mapped to the YAML layers: every layer holding a convolution
+    has a time at every point, and the prediction at the profiled widths is the measured total. (Two widths,
+    few runs, no pause: this checks the mapping, it times nothing.)"""
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(latency_module, "UNIFORM_WIDTHS", (1.0, 0.5))
+    monkeypatch.setattr(latency_module, "PROFILE_RUNS", 2)
+    monkeypatch.setattr(latency_module, "TIMING_RUNS", 1)
+    monkeypatch.setattr(runtimes_module, "SETTLE_SECONDS", 0.0)
+    model, _ = analysed_model()
+    latency = fake_table(tmp_path, RUNTIMES.create("onnxruntime", 1))
+    conv_layers = set(conv_macs(prepare_for_export(model)))
+    assert conv_layers and len(latency.points) == 2
+    for point in latency.points:
+        assert conv_layers <= set(point.layers), conv_layers - set(point.layers)
+        assert latency.ms(point.counts) == pytest.approx(point.ms, rel=1e-9)
+        assert point.ms > 0 and sum(point.layers.values()) > 0
