@@ -3,6 +3,7 @@ that make every BatchNorm of a model matter."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,25 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """README's test command runs two pytest-xdist workers on CI's two cores; each computes with one thread, and
+    so do the processes its tests start (two workers with two threads each on two cores slow each other far
+    more than twice)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
+@pytest.fixture
+def reference_threads():
+    """Two compute threads for the length of a test whose reference outputs were written with two (a float sum
+    split over another number of threads is added in another order, and differs in its last bits)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
 
 
 def shared_path(*parts: str) -> Path:

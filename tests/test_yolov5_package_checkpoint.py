@@ -34,7 +34,7 @@ def test_the_fixture_names_the_package_paths(pip_weights):
     assert not [name for name in found if name.startswith("models.")]
 
 
-def test_outputs_equal_the_package_outputs(pip_weights, expected):
+def test_outputs_equal_the_package_outputs(pip_weights, expected, reference_threads):
     loaded = load_checkpoint(pip_weights)
     with torch.no_grad():
         pred, raw = loaded.model(expected["images"].float() / 255)
