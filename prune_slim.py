@@ -14,28 +14,7 @@ from __future__ import annotations
 import argparse
 
 from utils.common.cli import UserArgumentParser, run_cli
-from utils.runners.prune import PruneOptions, run_prune_slim
-
-
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """Flags prune_slim.py and prune_eagleeye.py share."""
-    parser.add_argument("--weights", required=True, help="trained checkpoint (.pt)")
-    parser.add_argument("--data", required=True, help="data-set YAML (validation before fine-tuning)")
-    parser.add_argument("--path", required=True, help="pruned model YAML to write; the checkpoint goes beside it (.pt)")
-    parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="image size for FLOPs and val")
-    parser.add_argument("--batch-size", "--batch", type=int, default=32, help="validation batch size")
-    parser.add_argument("--workers", type=int, default=2, help="dataloader workers")
-    parser.add_argument("--round", type=int, default=8, help="round kept widths up to a multiple of this (1: none)")
-    parser.add_argument("--min-keep", type=float, default=0.1, help="keep at least this share of each group")
-    parser.add_argument("--noval", action="store_true", help="skip the validation of the pruned model")
-    parser.add_argument("--exist-ok", action="store_true", help="replace an existing pruned.yaml / pruned.pt")
-    parser.add_argument("--seed", type=int, default=0, help="seed (calibration batches, EagleEye draws)")
-
-
-def options(args: argparse.Namespace) -> PruneOptions:
-    return PruneOptions(weights=args.weights, data=args.data, path=args.path, imgsz=args.imgsz,
-                        batch_size=args.batch_size, workers=args.workers, multiple=args.round,
-                        min_keep=args.min_keep, exist_ok=args.exist_ok, noval=args.noval, seed=args.seed)
+from utils.runners.prune import add_common_args, options, run_prune_slim
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
