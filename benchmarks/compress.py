@@ -447,14 +447,17 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)  # PyTorch rows time with the runtimes' thread count
     if args.smoke:
-        for settings in smoke_settings(args.work, methods=tuple(args.methods)):
-            run_chain(settings)
-        return 0
-    fields = {f.name for f in dataclasses.fields(ChainSettings)}
-    values = {k: v for k, v in vars(args).items() if k in fields}
-    run_chain(ChainSettings(**{**values, "methods": tuple(args.methods)}))
+        chains = smoke_settings(args.work, methods=tuple(args.methods))
+    else:
+        fields = {f.name for f in dataclasses.fields(ChainSettings)}
+        values = {k: v for k, v in vars(args).items() if k in fields}
+        chains = [ChainSettings(**{**values, "methods": tuple(args.methods)})]
+    for settings in chains:
+        check_settings(settings)
+    torch.set_num_threads(chains[0].threads)  # PyTorch rows time with the runtimes' thread count
+    for settings in chains:
+        run_chain(settings)
     return 0
 
 
