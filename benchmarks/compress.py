@@ -158,6 +158,15 @@ def call_train(argv: list[str]) -> None:
     run_train(parse_train_args(argv))
 
 
+def call_export(argv: list[str]) -> None:
+    """export.py's work without its report: that report loads the checkpoint a second time to count parameters,
+    and rebuilding a QAT checkpoint takes seconds (the table has the counts)."""
+    import export
+    from utils.export import export_model
+
+    export_model(export.options_from_args(export.parse_args(argv)))
+
+
 def stage_base(s: ChainSettings) -> tuple[Path, str]:
     """The unpruned model: ``--weights`` as given, or trained from ``--cfg`` (smoke)."""
     if s.weights:
@@ -220,7 +229,6 @@ def stage_qat(s: ChainSettings, label: str, weights: Path) -> tuple[Path, str]:
 
 def stage_int8(s: ChainSettings, label: str, qat: Path) -> tuple[dict[str, Path], str]:
     """The QAT weights re-quantized for the CPU runtimes: ONNX Runtime QDQ INT8 and OpenVINO (NNCF) INT8."""
-    import export
     from utils.export import artifact_paths
 
     folder = s.work / "export" / label
@@ -228,19 +236,18 @@ def stage_int8(s: ChainSettings, label: str, qat: Path) -> tuple[dict[str, Path]
     argv = ["--weights", str(qat), "--include", "onnx", "openvino", "--int8", "--qat-placement", "cpu", "--data",
             s.data, "--calib-images", str(s.calib_images), "--imgsz", str(s.imgsz), "--output-dir", str(folder),
             "--exist-ok", "--no-compare"]
-    _, command = run_stage(s, f"{label}-int8", paths["openvino"], "export.py", argv, export.main)
+    _, command = run_stage(s, f"{label}-int8", paths["openvino"], "export.py", argv, call_export)
     return {"onnxruntime": paths["onnx_int8"], "openvino": paths["openvino"]}, command
 
 
 def stage_float_onnx(s: ChainSettings, base: Path) -> tuple[Path, str]:
     """The unpruned model as FP32 ONNX: the deployed baseline every INT8 row's latency compares with."""
-    import export
     from utils.export import artifact_paths
 
     folder = s.work / "export" / "unpruned-fp32"
     argv = ["--weights", str(base), "--include", "onnx", "--imgsz", str(s.imgsz), "--output-dir", str(folder),
             "--exist-ok", "--no-compare"]
-    return run_stage(s, "unpruned-fp32", artifact_paths(base, folder)["onnx"], "export.py", argv, export.main)
+    return run_stage(s, "unpruned-fp32", artifact_paths(base, folder)["onnx"], "export.py", argv, call_export)
 
 
 def build_rows(s: ChainSettings) -> list[Row]:
