@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 
-from prune_slim import add_common_args, add_latency_budgets, options
 from utils.common.cli import UserArgumentParser, run_cli
 from utils.compress.prune.eagleeye import SearchSettings
-from utils.runners.prune import run_prune_eagleeye
+from utils.runners.prune import add_common_args, add_latency_budgets, options, run_prune_eagleeye
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

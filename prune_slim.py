@@ -24,46 +24,7 @@ from __future__ import annotations
 import argparse
 
 from utils.common.cli import UserArgumentParser, run_cli
-from utils.common.flags import IMGSZ_HELP
-from utils.compress.prune.runtimes import RUNTIMES
-from utils.runners.prune import PruneOptions, run_prune_slim
-
-
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """Flags prune_slim.py and prune_eagleeye.py share."""
-    parser.add_argument("--weights", required=True, help="trained checkpoint (.pt)")
-    parser.add_argument("--data", required=True, help="data-set YAML (validation before fine-tuning)")
-    parser.add_argument("--path", required=True, help="pruned model YAML to write; the checkpoint goes beside it (.pt)")
-    parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=640,
-                        help=f"image size for FLOPs, latency and val ({IMGSZ_HELP})")
-    parser.add_argument("--batch-size", "--batch", type=int, default=32, help="validation batch size")
-    parser.add_argument("--workers", type=int, default=2, help="dataloader workers")
-    parser.add_argument("--round", type=int, default=None,
-                        help="round kept widths up to a multiple of this (1: none; default 8, or with --runtime "
-                             "the multiple that runtime was measured to run fastest)")
-    parser.add_argument("--min-keep", type=float, default=0.1, help="keep at least this share of each group")
-    parser.add_argument("--noval", action="store_true", help="skip the validation of the pruned model")
-    parser.add_argument("--exist-ok", action="store_true", help="replace an existing pruned.yaml / pruned.pt")
-    parser.add_argument("--seed", type=int, default=0, help="seed (calibration batches, EagleEye draws)")
-    parser.add_argument("--runtime", help=f"measure latency on this runtime ({', '.join(RUNTIMES.names())}): "
-                                          "needed by --latency-ms/--speedup; with a FLOPs budget it reports the "
-                                          "predicted and measured latency")
-    parser.add_argument("--threads", type=int, default=2, help="threads the runtime runs with (latency budgets)")
-
-
-def add_latency_budgets(budget: argparse._MutuallyExclusiveGroup) -> None:
-    """The latency budgets, in each tool's group of mutually exclusive budgets."""
-    budget.add_argument("--latency-ms", type=float,
-                        help="batch-1 latency to reach on --runtime at --imgsz, in ms (measured, not FLOPs)")
-    budget.add_argument("--speedup", type=float, help="speed-up over the unpruned model to reach on --runtime")
-
-
-def options(args: argparse.Namespace) -> PruneOptions:
-    return PruneOptions(weights=args.weights, data=args.data, path=args.path, imgsz=args.imgsz,
-                        batch_size=args.batch_size, workers=args.workers, multiple=args.round,
-                        min_keep=args.min_keep, exist_ok=args.exist_ok, noval=args.noval, seed=args.seed,
-                        runtime=args.runtime, threads=args.threads, latency_ms=args.latency_ms,
-                        speedup=args.speedup)
+from utils.runners.prune import add_common_args, add_latency_budgets, options, run_prune_slim
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

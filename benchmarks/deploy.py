@@ -20,7 +20,6 @@ import logging
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import torch  # noqa: E402
 
 from utils.common.boxes import non_max_suppression  # noqa: E402
 from utils.common.cli import run_cli  # noqa: E402
+from utils.common.timing import cpu_model, interleaved_rounds, timed_ms  # noqa: E402
 from utils.export import ExportOptions, export_model, prepare_for_export, sensitive_layers  # noqa: E402
 from utils.export.backend import Backend  # noqa: E402
 from utils.export.common import letterbox_tensor  # noqa: E402
@@ -39,7 +39,6 @@ from utils.export.onnx import ONNXRuntimeBackend  # noqa: E402
 from utils.export.openvino import OpenVINOBackend  # noqa: E402
 from utils.export.quantize import quantize_onnx_int8  # noqa: E402
 from utils.export.registry import load_backend  # noqa: E402
-from utils.export.runtime import SETTLE_SECONDS, cpu_model  # noqa: E402
 from utils.tasks import TaskOptions, build_task  # noqa: E402
 from utils.weights.checkpoint import load_checkpoint  # noqa: E402
 
@@ -107,30 +106,23 @@ def open_backend(name: str, artifact: Path, threads: int) -> Backend:
     return load_backend(artifact, threads=threads)
 
 
-def timed(fn: Callable, *args):
-    start = time.perf_counter()
-    result = fn(*args)
-    return result, (time.perf_counter() - start) * 1e3
-
-
 def measure_latency(backends: dict[str, Backend], files: list[Path], imgsz: int, batch: int,
                     runs: int) -> dict[str, dict[str, float]]:
-    """Median ms per batch of each stage and backend over ``runs`` rounds (after one warm-up round); each round
-    runs every backend once on the same images, so a busy or quiet moment of a shared machine hits all alike,
-    with a short pause after each (``SETTLE_SECONDS``) so no runtime pays for the one before it."""
-    stages = {name: {"pre": [], "infer": [], "nms": []} for name in backends}
-    for run in range(runs + 1):
-        chunk = [files[(run * batch + i) % len(files)] for i in range(batch)]
-        for name, backend in backends.items():
-            images, pre_ms = timed(lambda c: torch.stack([letterbox_tensor(f, (imgsz, imgsz)) for f in c]), chunk)
-            output, infer_ms = timed(backend, images)
-            _, nms_ms = timed(non_max_suppression, output, 0.25, 0.45)
-            time.sleep(SETTLE_SECONDS)  # let ONNX Runtime's spinning threads park before the next runtime
-            if run:  # the first round is a warm-up
-                for stage, value in zip(("pre", "infer", "nms"), (pre_ms, infer_ms, nms_ms)):
-                    stages[name][stage].append(value)
+    """Median ms per batch of each stage and backend over ``runs`` interleaved rounds
+    (:func:`utils.common.timing.interleaved_rounds`); each round runs every backend once on the same images."""
+
+    def job(backend: Backend) -> Callable[[int], dict[str, float]]:
+        def one_round(number: int) -> dict[str, float]:
+            chunk = [files[(number * batch + i) % len(files)] for i in range(batch)]
+            images, pre_ms = timed_ms(lambda c: torch.stack([letterbox_tensor(f, (imgsz, imgsz)) for f in c]), chunk)
+            output, infer_ms = timed_ms(backend, images)
+            _, nms_ms = timed_ms(non_max_suppression, output, 0.25, 0.45)
+            return {"pre": pre_ms, "infer": infer_ms, "nms": nms_ms}
+        return one_round
+
+    samples = interleaved_rounds({name: job(backend) for name, backend in backends.items()}, runs)
     return {name: {stage: statistics.median(v) for stage, v in values.items()} | {"infer_min": min(values["infer"])}
-            for name, values in stages.items()}
+            for name, values in samples.items()}
 
 
 def measure_map(backend: Backend, data: Path, imgsz: int, batch: int) -> dict[str, float] | None:

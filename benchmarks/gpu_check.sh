@@ -2,11 +2,14 @@
 # GPU check, for the day an NVIDIA GPU is lent (no network needed; everything from requirements-gpu.txt):
 #   1. TensorRT engines of the fixture: FP32 and FP16 (to_trt.sh when trtexec exists, else the Python
 #      builder), INT8 calibrated PTQ (Python builder) and INT8 from a QAT QDQ ONNX (no calibrator);
+#      with --stacked RUN (a benchmarks/compress.py run folder on the same --data): FP16 and INT8 engines of the
+#      stacked model (--method's pruned + distilled checkpoint -> FP16; its QAT checkpoint -> INT8 from QDQ);
 #   2. val.py on each engine and on the .pt (CUDA): one table of mAP and batch-1 / batch-8 latency;
 #   3. 2 epochs of yolov5n on NEU-DET on CUDA with AMP, printing images/s.
 # Fails fast (exit 3, one line saying what is missing) when there is no NVIDIA GPU, CUDA torch or TensorRT.
 #
 #   bash benchmarks/gpu_check.sh [--weights FIXTURE.pt] [--data NEU-DET.yaml] [--out DIR] [--imgsz 640]
+#                                [--stacked runs/compress --method peer]
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,6 +17,8 @@ weights="$root/../shared/fixtures/yolov5n-neu-det-v7.pt"
 data="$root/../shared/datasets/neu-det/neu-det.yaml"
 out="$root/runs/gpu_check"
 imgsz=640
+stacked=""
+method="peer"
 python="${PYTHON:-python}"
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -21,7 +26,10 @@ while [[ $# -gt 0 ]]; do
         --data) data="$2"; shift 2 ;;
         --out) out="$2"; shift 2 ;;
         --imgsz) imgsz="$2"; shift 2 ;;
-        *) echo "gpu_check.sh: unknown option $1 (options: --weights --data --out --imgsz)" >&2; exit 2 ;;
+        --stacked) stacked="$2"; shift 2 ;;
+        --method) method="$2"; shift 2 ;;
+        *) echo "gpu_check.sh: unknown option $1 (options: --weights --data --out --imgsz --stacked --method)" >&2
+           exit 2 ;;
     esac
 done
 
@@ -43,6 +51,11 @@ except ImportError:
 PY
 [[ -f "$weights" ]] || fail "weights $weights not found (--weights)"
 [[ -f "$data" ]] || fail "data YAML $data not found (--data)"
+stacked_kd="$stacked/train/$method-kd/weights/best.pt"
+stacked_qat="$stacked/train/$method-qat/weights/best.pt"
+if [[ -n "$stacked" ]]; then
+    [[ -f "$stacked_kd" && -f "$stacked_qat" ]] || fail "--stacked $stacked: no $method-kd and $method-qat checkpoints under train/ (run benchmarks/compress.py --work $stacked first, or pick --method slim|eagleeye|peer)"
+fi
 
 mkdir -p "$out"
 start=$(date +%s)
@@ -77,10 +90,23 @@ mv "$out/ptq/fixture.engine" "$out/int8-ptq.engine"; mv "$out/ptq/fixture.engine
     --opt-shape 8x3x${imgsz}x${imgsz} --max-shape 8x3x${imgsz}x${imgsz} --device 0 --output-dir "$out/qat-export" --no-compare
 mv "$out/qat-export/best.engine" "$out/int8-qat.engine"; mv "$out/qat-export/best.engine.json" "$out/int8-qat.engine.json"
 
+# stacked model (benchmarks/compress.py): pruned + distilled -> FP16 engine; + QAT -> INT8 engine from its QDQ graph
+engines=("$out/fixture.pt" "$out/fp32.engine" "$out/fp16.engine" "$out/int8-ptq.engine" "$out/int8-qat.engine")
+if [[ -n "$stacked" ]]; then
+    cp "$stacked_kd" "$out/stacked.pt"; cp "$stacked_qat" "$out/stacked-qat.pt"
+    "$python" "$root/export.py" --weights "$out/stacked.pt" --include engine --half --imgsz "$imgsz" --dynamic \
+        --opt-shape 8x3x${imgsz}x${imgsz} --max-shape 8x3x${imgsz}x${imgsz} --device 0 --output-dir "$out/stacked-fp16" --no-compare
+    mv "$out/stacked-fp16/stacked.engine" "$out/stacked-fp16.engine"; mv "$out/stacked-fp16/stacked.engine.json" "$out/stacked-fp16.engine.json"
+    "$python" "$root/export.py" --weights "$out/stacked-qat.pt" --include engine --int8 --imgsz "$imgsz" --dynamic \
+        --opt-shape 8x3x${imgsz}x${imgsz} --max-shape 8x3x${imgsz}x${imgsz} --device 0 --output-dir "$out/stacked-int8" --no-compare
+    mv "$out/stacked-int8/stacked-qat.engine" "$out/stacked-int8.engine"; mv "$out/stacked-int8/stacked-qat.engine.json" "$out/stacked-int8.engine.json"
+    engines+=("$out/stacked.pt" "$out/stacked-fp16.engine" "$out/stacked-int8.engine")
+else
+    echo "gpu_check: no --stacked run folder: stacked-model rows skipped"
+fi
+
 # --- 2. mAP (val.py) and latency of each artifact -----------------------------------------------------------
-"$python" "$root/benchmarks/gpu_table.py" --data "$data" --imgsz "$imgsz" --device 0 \
-    "$out/fixture.pt" "$out/fp32.engine" "$out/fp16.engine" "$out/int8-ptq.engine" "$out/int8-qat.engine" \
-    | tee "$out/table.md"
+"$python" "$root/benchmarks/gpu_table.py" --data "$data" --imgsz "$imgsz" --device 0 "${engines[@]}" | tee "$out/table.md"
 
 # --- 3. training speed: 2 epochs of yolov5n, CUDA AMP --------------------------------------------------------
 train_start=$(date +%s.%N)

@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     if "measure" in args.stages:
         numbers = stage_measure(args, work, sparse)
         print(table(numbers, args.latency_sizes))
-        from utils.export.runtime import cpu_model
+        from utils.common.timing import cpu_model
 
         print(f"(median of {args.runs} interleaved rounds, batch 1, {args.threads} threads, {cpu_model()}; "
               f"speed-up x against the unpruned model in the same rounds)")

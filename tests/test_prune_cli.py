@@ -17,6 +17,7 @@ import prune_eagleeye
 import prune_slim
 import train
 import val
+from benchmarks import prune_tp
 from utils.common.cli import run_cli
 from utils.compress.prune.analysis import analyse_channels
 from utils.compress.prune.cost import CostModel
@@ -128,6 +129,12 @@ def _digest(folder: Path) -> str:
     (prune_slim, ["--global-percent", "0"], "--global-percent 0.0: expected a share"),
     (prune_slim, ["--remain-ratio", "0.05", "--min-keep", "0.9"], "--remain-ratio 0.05"),
     (prune_slim, ["--global-percent", "0.3", "--round", "0"], "--round 0"),
+    (prune_tp, ["--remain-ratio", "1.5"], "--remain-ratio 1.5: expected a share"),
+    (prune_tp, ["--remain-ratio", "0.5", "--steps", "0"], "--steps 0"),
+    (prune_tp, ["--latency-ms", "0"], "--latency-ms 0.0: expected a positive number"),
+    (prune_tp, ["--remain-ratio", "0.5", "--delta", "1"], "--delta 1.0"),
+    (prune_tp, ["--remain-ratio", "0.02", "--min-keep", "0.9", "--steps", "1"], "--remain-ratio 0.02: at the largest"),
+    (prune_tp, [], "one of the arguments --remain-ratio --latency-ms is required"),
 ])
 def test_bad_flags_end_in_one_line(sparse_run, tmp_path, capsys, tool, args, message):
     data_before = _digest(ROOT / "data" / "neu-det-sample")

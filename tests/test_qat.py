@@ -357,3 +357,21 @@ def test_gpu_check_fails_fast_without_a_gpu(tmp_path):
     assert "no NVIDIA GPU" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert time.perf_counter() - start < 10
     assert not (tmp_path / "gpu").exists()  # nothing was started
+
+
+def test_gpu_check_with_cuda_hidden_fails_fast_in_one_line(tmp_path):
+    """A driver answers but torch sees no CUDA device (CUDA_VISIBLE_DEVICES hidden): exit status 3, one line naming
+    what is missing, before any input (here a --stacked run folder that does not exist) is looked at."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'GPU 0: stand-in (UUID: GPU-0)'\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin", "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--out", str(tmp_path / "gpu"),
+                             "--stacked", str(tmp_path / "no-run")], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.strip() == ("gpu_check.sh: torch sees no CUDA device (a CPU-only torch build?); install a "
+                                     "CUDA build of torch")
+    assert not (tmp_path / "gpu").exists()

@@ -15,15 +15,14 @@ runs the QAT graph (symmetric INT8 on conv inputs) with a score error of 0.25 wh
 from __future__ import annotations
 
 import logging
-import platform
-import statistics
-import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from utils.common.timing import median_call_ms
 from utils.export.common import read_metadata, write_metadata
 
 if TYPE_CHECKING:
@@ -31,23 +30,6 @@ if TYPE_CHECKING:
     from utils.export.spec import ExportFormat
 
 LOGGER = logging.getLogger(__name__)
-
-# Pause after each timed call when runtimes alternate: ONNX Runtime's worker threads spin-wait after a run (its
-# default), taking the cores from whatever runs next; on 2 cores OpenVINO timed right after ONNX Runtime ran
-# 1.3-1.6x slower than after a 50 ms pause (docs/deploy.md). A deployed process runs one runtime, so the paused
-# timing is the one that predicts it.
-SETTLE_SECONDS = 0.05
-
-
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo (platform.processor() is often empty on Linux): what a timing is only
-    valid for."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def cpu_backends(onnx_file: Path, runners: Sequence[ExportFormat], threads: int | None = None) -> dict[str, Backend]:
@@ -65,15 +47,8 @@ def time_cpu_runtimes(onnx_file: str | Path, runners: Sequence[ExportFormat], ru
     height, width = metadata["imgsz"]
     images = torch.zeros((int(metadata.get("batch") or 1), 3, height, width))
     backends = cpu_backends(onnx_file, runners, threads)
-    times: dict[str, list[float]] = {name: [] for name in backends}
-    for run in range(runs + 1):
-        for name, backend in backends.items():
-            start = time.perf_counter()
-            backend(images)
-            if run:  # the first call of each is a warm-up
-                times[name].append((time.perf_counter() - start) * 1e3)
-            time.sleep(SETTLE_SECONDS)
-    return {name: round(statistics.median(values), 2) for name, values in times.items()}
+    timings = median_call_ms({name: partial(backend, images) for name, backend in backends.items()}, runs)
+    return {name: round(values["median"], 2) for name, values in timings.items()}
 
 
 def score_errors(onnx_file: str | Path, runners: Sequence[ExportFormat], images, reference) -> dict[str, float]:

@@ -89,7 +89,7 @@ def trace_channels(model: nn.Module, imgsz: int = 64) -> ChannelAnalysis:
             p.requires_grad_(True)
         with _stubbed(model, _outermost(constraints.whole), example):
             graph = tp.DependencyGraph().build_dependency(
-                model, example_inputs=example, forward_fn=_forward_with_raw_heads, output_transform=flatten_outputs,
+                model, example_inputs=example, forward_fn=forward_with_raw_heads, output_transform=flatten_outputs,
                 verbose=False, ignored_params=declared_scalar_params(layers))
             names = {module: path for path, module in layers.named_modules()}
         analysis = ChannelAnalysis(groups=[])
@@ -104,7 +104,7 @@ def trace_channels(model: nn.Module, imgsz: int = 64) -> ChannelAnalysis:
     return analysis
 
 
-def _forward_with_raw_heads(model: nn.Module, example: torch.Tensor) -> Any:
+def forward_with_raw_heads(model: nn.Module, example: torch.Tensor) -> Any:
     """The traced forward pass (Torch-Pruning has just put the model in eval mode): the heads
     (``coupling="head"``) return their raw predictions, as in training.
 

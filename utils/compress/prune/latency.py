@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from models.channels import is_depthwise
+from utils.common.timing import cpu_model
 from utils.compress.prune.cost import CostModel
 from utils.compress.prune.groups import ChannelGroup
 from utils.compress.prune.io import write_text_atomic
@@ -62,7 +63,6 @@ from utils.compress.prune.plan import keep_count, plan_from_counts
 from utils.compress.prune.runtimes import Runtime
 from utils.compress.prune.surgery import prune_model
 from utils.export.common import prepare_for_export
-from utils.export.runtime import cpu_model
 
 LOGGER = logging.getLogger(__name__)
 

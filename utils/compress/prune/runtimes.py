@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from utils.common.errors import FlagError
+from utils.common.timing import SETTLE_SECONDS
 from utils.export.onnx import DEFAULT_OPSET
-from utils.export.runtime import SETTLE_SECONDS
 from utils.export.spec import Requirement
 
 LOGGER = logging.getLogger(__name__)
