@@ -84,6 +84,7 @@ class ChainSettings:
     calib_images: int = 300
     threads: int = 2
     runs: int = 30  # interleaved latency rounds
+    control: bool = True  # the unpruned model through the same kd, QAT and INT8 stages (off only to test mechanics)
 
 
 @dataclass(frozen=True)
@@ -256,7 +257,7 @@ def build_rows(s: ChainSettings) -> list[Row]:
     onnx_file, onnx_command = stage_float_onnx(s, base)
     rows = [Row("unpruned", "unpruned", base, base, base_command),
             Row("unpruned", "unpruned FP32 ONNX", onnx_file, base, onnx_command)]
-    starts = {CONTROL: (base, base_command)}
+    starts = {CONTROL: (base, base_command)} if s.control else {}
     for method in s.methods:
         starts[method] = stage_prune(s, method, base)
         rows.append(Row(method, "pruned", starts[method][0], starts[method][0], starts[method][1]))
