@@ -24,7 +24,13 @@ from __future__ import annotations
 import argparse
 
 from utils.common.cli import UserArgumentParser, run_cli
-from utils.runners.prune import add_common_args, add_latency_budgets, options, run_prune_slim
+from utils.runners.prune import (
+    SLIM_CALIBRATION_BATCHES,
+    add_common_args,
+    add_latency_budgets,
+    options,
+    run_prune_slim,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,12 +40,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     budget.add_argument("--global-percent", type=float, help="share of all prunable channels to cut (0-1)")
     budget.add_argument("--remain-ratio", type=float, help="share of the FLOPs to keep (0-1); the threshold is found")
     add_latency_budgets(budget)
+    parser.add_argument("--calib-batches", type=int, default=SLIM_CALIBRATION_BATCHES,
+                        help="augmented training batches that re-estimate the cut model's BatchNorm statistics "
+                             "(0: keep the trained ones)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    run_prune_slim(options(args), args.global_percent, args.remain_ratio)
+    run_prune_slim(options(args), args.global_percent, args.remain_ratio, args.calib_batches)
     return 0
 
 

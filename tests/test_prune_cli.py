@@ -60,6 +60,19 @@ def test_slim_prunes_to_the_budget_and_fine_tunes_with_a_teacher(sparse_run, tmp
             assert module.num_features % 8 == 0
     assert cost.full > 0
 
+    # the same cut with --calib-batches 0 keeps the trained BatchNorm statistics: identical weights, and the
+    # default run's re-estimated statistics differ from them
+    plain_path = tmp_path / "plain.yaml"
+    assert run_cli(prune_slim.main, ["--weights", str(sparse_run), "--data", SAMPLE, "--imgsz", IMG, "--remain-ratio",
+                                     "0.6", "--path", str(plain_path), "--workers", "0", "--noval",
+                                     "--calib-batches", "0"]) == 0
+    plain = load_checkpoint(plain_path.with_suffix(".pt")).model.state_dict()
+    calibrated = pruned.state_dict()
+    assert all(torch.equal(plain[k], v) for k, v in calibrated.items() if not k.endswith(("running_mean", "running_var",
+                                                                                          "num_batches_tracked")))
+    stats = [k for k in calibrated if k.endswith("running_mean")]
+    assert all(not torch.equal(plain[k], calibrated[k]) for k in stats)
+
     # fine-tune: --cfg pruned.yaml --weights pruned.pt, distilled from the unpruned model
     project = tmp_path / "runs"
     code = run_cli(train.main, ["--cfg", str(path), "--weights", str(path.with_suffix(".pt")), "--data", SAMPLE,
@@ -129,6 +142,7 @@ def _digest(folder: Path) -> str:
     (prune_slim, ["--global-percent", "0"], "--global-percent 0.0: expected a share"),
     (prune_slim, ["--remain-ratio", "0.05", "--min-keep", "0.9"], "--remain-ratio 0.05"),
     (prune_slim, ["--global-percent", "0.3", "--round", "0"], "--round 0"),
+    (prune_slim, ["--global-percent", "0.3", "--calib-batches", "-1"], "--calib-batches -1"),
     (prune_tp, ["--remain-ratio", "1.5"], "--remain-ratio 1.5: expected a share"),
     (prune_tp, ["--remain-ratio", "0.5", "--steps", "0"], "--steps 0"),
     (prune_tp, ["--latency-ms", "0"], "--latency-ms 0.0: expected a positive number"),
