@@ -29,7 +29,8 @@ if str(ROOT) not in sys.path:
 
 from utils.common.cli import UserArgumentParser, run_cli  # noqa: E402
 from utils.compress.prune.peer import IMPORTANCES, PeerSettings  # noqa: E402
-from utils.runners.prune import LatencyTarget, add_common_args, options, run_prune_tp  # noqa: E402
+from utils.runners.prune import add_common_args, options  # noqa: E402
+from utils.runners.prune_peer import LatencyTarget, run_prune_tp  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

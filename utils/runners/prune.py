@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +32,7 @@ from utils.common.torch_utils import recalibrate_batchnorm
 from utils.compress.prune import eagleeye, slim
 from utils.compress.prune.analysis import analyse_channels
 from utils.compress.prune.cost import CostModel
-from utils.compress.prune.groups import ChannelAnalysis, batchnorm_members, declared_constraints
+from utils.compress.prune.groups import ChannelAnalysis, batchnorm_members
 from utils.compress.prune.io import check_writable, save_pruned
 from utils.compress.prune.latency import (
     CALIBRATION_IMAGES,
@@ -46,7 +44,6 @@ from utils.compress.prune.latency import (
     measure_chosen,
     measure_multiple,
 )
-from utils.compress.prune.peer import IMPORTANCES, PeerBudgetError, PeerSettings, flops_share, search_ratio
 from utils.compress.prune.plan import Plan
 from utils.compress.prune.report import format_layer_table, format_totals, model_size
 from utils.compress.prune.runtimes import RUNTIMES, Runtime
@@ -391,94 +388,6 @@ def calibration_samples(task: Task, imgsz: int) -> list:
     return [task.calibration_image(f, (imgsz, imgsz))[None].numpy() for f in files]
 
 
-@dataclass(frozen=True)
-class LatencyTarget:
-    """A latency budget for the Torch-Pruning peer: batch-1 ONNX Runtime milliseconds at ``imgsz``."""
-
-    ms: float
-    imgsz: int
-    threads: int = 2
-    runs: int = 10
-
-
-def run_prune_tp(opts: PruneOptions, settings: PeerSettings, remain_ratio: float | None,
-                 latency: LatencyTarget | None = None) -> PruneResult:
-    """Torch-Pruning's own pruner (:mod:`utils.compress.prune.peer`) to a FLOPs share or a measured latency; the
-    channel ratio is bisected until the pruned model measures within ``settings.tolerance`` of the budget
-    (FLOPs: that share; latency: that fraction of the milliseconds)."""
-    check_options(opts)
-    check_peer_options(settings, remain_ratio, latency)
-    model, meta = load_trained(opts.weights)
-    task = prune_task(model, meta, opts)
-    settings = replace(settings, max_ratio=1 - opts.min_keep, round_to=opts.multiple or 1)
-    if remain_ratio is not None:
-        measure, target, flag = flops_share(model, opts.imgsz), remain_ratio, f"--remain-ratio {remain_ratio}"
-    else:
-        measure, target, flag = onnx_latency(latency), latency.ms, f"--latency-ms {latency.ms}"
-        settings = replace(settings, tolerance=settings.tolerance * latency.ms)
-    try:
-        found = search_ratio(model, settings, measure, target)
-    except PeerBudgetError as exc:
-        raise UserError(f"{flag}: {exc}; give a larger budget (or a smaller --min-keep, or a larger --delta)") from None
-    LOGGER.info("Torch-Pruning (%s importance, %d steps): channel ratio %.4f measures %.4g (target %.4g, %d trials)",
-                settings.importance, settings.steps, found.ratio, found.value, target, found.trials)
-    budget = {"remain_ratio": remain_ratio} if remain_ratio is not None else {
-        "latency_ms": latency.ms, "latency_imgsz": latency.imgsz, "measured_ms": round(found.value, 3)}
-    note = {**found.model.yaml["pruned"], "source": opts.weights, **budget}
-    note.pop("widths")
-    found.model.yaml["pruned"].update(note)
-    return _report_and_save(model, meta, found.model, head_kept_whole(model), opts, note, task)
-
-
-def check_peer_options(settings: PeerSettings, remain_ratio: float | None, latency: LatencyTarget | None) -> None:
-    """benchmarks/prune_tp.py's own flags, checked before anything loads."""
-    if (remain_ratio is None) == (latency is None):
-        raise UserError("give one of --remain-ratio R (FLOPs to keep) or --latency-ms MS (ONNX Runtime batch-1 "
-                        "latency to reach)")
-    if remain_ratio is not None and not 0 < remain_ratio < 1:
-        raise UserError(f"--remain-ratio {remain_ratio}: expected a share of FLOPs strictly between 0 and 1")
-    if latency is not None:
-        for flag, value in (("--latency-ms", latency.ms), ("--latency-imgsz", latency.imgsz),
-                            ("--threads", latency.threads), ("--runs", latency.runs)):
-            if not value > 0:
-                raise UserError(f"{flag} {value}: expected a positive number")
-    if settings.importance not in IMPORTANCES:
-        raise UserError(f"--importance {settings.importance}: expected one of {', '.join(IMPORTANCES)}")
-    if settings.steps < 1:
-        raise UserError(f"--steps {settings.steps}: expected at least 1 pruning step")
-    if not 0 < settings.tolerance < 1:
-        raise UserError(f"--delta {settings.tolerance}: expected a tolerance in (0, 1), e.g. 0.02")
-
-
-def head_kept_whole(model: nn.Module) -> dict[int, set[str]]:
-    """Layer -> why the peer left it whole (the registry's fixed head outputs and kept-whole blocks), for the
-    layer table."""
-    constraints = declared_constraints(model.model)
-    kept: dict[int, set[str]] = {}
-    for path in constraints.fixed_outputs | constraints.whole:
-        kept.setdefault(int(path.split(".", 1)[0]), set()).add(constraints.reasons[path])
-    return kept
-
-
-def onnx_latency(target: LatencyTarget) -> Callable[[nn.Module], float]:
-    """The measurement of a latency budget: median batch-1 ms of a candidate exported to ONNX (as export.py
-    --simplify writes it) and run by ONNX Runtime with ``target.threads`` threads on one image."""
-    from utils.common.timing import median_call_ms
-    from utils.export import ExportOptions, export_model
-    from utils.export.onnx import ONNXRuntimeBackend
-    from utils.weights.checkpoint import save_checkpoint
-
-    def measure(model: nn.Module) -> float:
-        with tempfile.TemporaryDirectory(prefix="prune-tp-") as tmp:
-            weights = save_checkpoint(model, f"{tmp}/candidate.pt")
-            artifacts = export_model(ExportOptions(weights=weights, include=("onnx",), simplify=True,
-                                                   imgsz=(target.imgsz, target.imgsz), output_dir=weights.parent))
-            backend = ONNXRuntimeBackend(artifacts["onnx"], threads=target.threads)
-            images = torch.zeros(1, model.yaml.get("ch", 3), target.imgsz, target.imgsz)
-            return median_call_ms({"candidate": partial(backend, images)}, target.runs)["candidate"]["median"]
-    return measure
-
-
 def _finish(model: nn.Module, meta: dict[str, Any], analysis: ChannelAnalysis, plan: Plan, opts: PruneOptions,
             note: dict[str, Any], task: Task, calibration: list[torch.Tensor] | None = None,
             budget: Budget | None = None) -> PruneResult:
@@ -488,12 +397,12 @@ def _finish(model: nn.Module, meta: dict[str, Any], analysis: ChannelAnalysis, p
     pruned = prune_model(model, analysis.groups, plan, note=note)
     if calibration:
         recalibrate_batchnorm(pruned, calibration)
-    return _report_and_save(model, meta, pruned, analysis.kept_whole, opts, note, task,
+    return report_and_save(model, meta, pruned, analysis.kept_whole, opts, note, task,
                             lambda: measured_latency(model, pruned, plan, opts, budget) if budget and budget.runtime
                             else {})
 
 
-def _report_and_save(model: nn.Module, meta: dict[str, Any], pruned: nn.Module, kept_whole: dict[int, set[str]],
+def report_and_save(model: nn.Module, meta: dict[str, Any], pruned: nn.Module, kept_whole: dict[int, set[str]],
                      opts: PruneOptions, note: dict[str, Any], task: Task,
                      time_latency: Callable[[], dict[str, Any]] = dict) -> PruneResult:
     """Layer table, sizes, the measured latency (``time_latency``, after the tables), the pruned model's score
