@@ -6,9 +6,9 @@ format registered with utils.export.register_format.
     python export.py --weights yolov5n.pt --include onnx --nms          # NMS inside the ONNX graph
     python export.py --weights yolov5n.pt --include onnx --int8 --data data/neu-det-sample.yaml
 
-Unlike YOLOv5, a failed export is an error (non-zero exit), not a log line, and an existing artifact is not
-overwritten without --exist-ok. After exporting, the outputs of every artifact are compared with PyTorch on
-real images and the max absolute difference is printed.
+Unlike YOLOv5, a failed export is an error (non-zero exit), not a log line, and an existing artifact is never
+overwritten: refused, or with --exist-ok set aside into previous/ beside it. After exporting, the outputs of
+every artifact are compared with PyTorch on real images and the max absolute difference is printed.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "TorchScript), e.g. for engines built with trtexec for one input size")
     parser.add_argument("--dynamic-hw", action="store_true", help="deprecated alias of --dynamic")
     parser.add_argument("--exist-ok", action="store_true",
-                        help="replace artifacts that already exist (default: refuse and leave them as they are)")
+                        help="set artifacts that already exist aside into previous/ (default: refuse, leaving them "
+                             "as they are)")
     parser.add_argument("--simplify", action="store_true", help="simplify the ONNX graph with onnxslim")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                         help=f"ONNX opset: {MIN_OPSET} to {highest_opset()} with this torch; --nms needs "

@@ -185,7 +185,7 @@ def test_existing_artifact_is_refused_and_left_as_it_was(tmp_path, include, rela
     weights.write_bytes(b"never loaded")
     existing = _existing(tmp_path, relative)
     before = _snapshot(tmp_path)
-    with pytest.raises(UserError, match=rf"{re.escape(str(existing))} already exists; pass --exist-ok to replace it"):
+    with pytest.raises(UserError, match=rf"{re.escape(str(existing))} already exists; pass --exist-ok to set it aside"):
         export.main(["--weights", str(weights), "--include", *include, "--imgsz", "64"])
     assert _snapshot(tmp_path) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["w.pt", existing.name])
@@ -231,14 +231,17 @@ def test_qat_placement_on_a_plain_checkpoint_says_it_changes_nothing(tmp_path, c
 
 
 @needs_fixture
-def test_exist_ok_replaces_and_the_cli_refuses_in_one_line(tmp_path):
+def test_exist_ok_sets_the_earlier_export_aside_and_the_cli_refuses_in_one_line(tmp_path, caplog):
     stale = _existing(tmp_path, "yolov5n-neu-det-v7.onnx")
     command = [sys.executable, str(ROOT / "export.py"), "--weights", str(FIXTURE), "--include", "onnx", "--imgsz",
                "256", "--no-compare", "--output-dir", str(tmp_path)]
     refused = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert refused.returncode == 2
-    assert refused.stderr.strip().splitlines() == [f"error: {stale} already exists; pass --exist-ok to replace it, "
-                                                   "or --output-dir DIR to export elsewhere"]
-    assert export.main([*command[2:], "--exist-ok"]) == 0
+    assert refused.stderr.strip().splitlines() == [f"error: {stale} already exists; pass --exist-ok to set it aside "
+                                                   "(into previous/), or --output-dir DIR to export elsewhere"]
+    with caplog.at_level("WARNING"):
+        assert export.main([*command[2:], "--exist-ok"]) == 0
     assert load_backend(stale).dynamic_batch is False  # a real export now, with its sidecar
-    assert stale.read_bytes() != b"an earlier export, not to be touched\n"
+    kept = tmp_path / "previous" / stale.name  # the earlier file, whole, where the one log line says
+    assert kept.read_bytes() == b"an earlier export, not to be touched\n"
+    assert f"moved to {tmp_path / 'previous'}" in caplog.text

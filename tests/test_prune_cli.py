@@ -161,13 +161,20 @@ def test_bad_flags_end_in_one_line(sparse_run, tmp_path, capsys, tool, args, mes
     assert _digest(ROOT / "data" / "neu-det-sample") == data_before
 
 
-def test_existing_result_is_not_replaced(sparse_run, tmp_path, capsys):
+def test_existing_result_is_never_replaced(sparse_run, tmp_path, capsys):
     target = tmp_path / "p.yaml"
     target.write_text("# mine\n")
     code = run_cli(prune_slim.main, ["--weights", str(sparse_run), "--data", SAMPLE, "--global-percent", "0.3",
                                      "--path", str(target)])
     assert code == 2 and "already exists; pass --exist-ok" in capsys.readouterr().err
     assert target.read_text() == "# mine\n"
+    # --exist-ok sets it aside (into previous/ beside it), whole, and writes the new pair
+    code = run_cli(prune_slim.main, ["--weights", str(sparse_run), "--data", SAMPLE, "--imgsz", IMG, "--global-percent",
+                                     "0.3", "--path", str(target), "--workers", "0", "--noval", "--calib-batches", "0",
+                                     "--exist-ok"])
+    assert code == 0
+    assert (tmp_path / "previous" / "p.yaml").read_text() == "# mine\n"
+    assert "pruned:" in target.read_text() and target.with_suffix(".pt").is_file()
 
 
 def test_slimming_a_model_not_trained_sparse_warns(tmp_path, caplog):

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from utils.common.errors import MissingFileError, UnreadableFileError, UnwritableFolderError
@@ -134,6 +135,24 @@ def set_aside_earlier_run(save_dir: str | Path) -> Path | None:
         path.rename(target / path.name)
     LOGGER.warning("--exist-ok: %s held an earlier run; its %d files and folders were moved to %s so that this run "
                    "neither mixes with nor overwrites them", save_dir, len(entries), target)
+    return target
+
+
+def set_aside_earlier_files(files: Iterable[Path], folder: str | Path) -> Path | None:
+    """The named artifacts of an earlier run (export.py's files beside the weights, a pruning tool's pruned.yaml /
+    .pt) that exist, moved into ``folder/previous`` (then ``previous2`` ...): what ``--exist-ok`` means for a
+    script whose output is files, not a run folder. Logs one line saying where; returns that folder (None when
+    none existed); :func:`restore_earlier_run` puts them back after a failed run."""
+    existing = [Path(path) for path in files if Path(path).exists()]
+    if not existing:
+        return None
+    target = increment_path(Path(folder) / "previous")
+    target.mkdir(parents=True)
+    for path in existing:
+        path.rename(target / path.name)
+    LOGGER.warning("--exist-ok: the earlier %s %s moved to %s, so that this run neither overwrites nor mixes with "
+                   "them", "file was" if len(existing) == 1 else f"{len(existing)} files were",
+                   ", ".join(p.name for p in existing), target)
     return target
 
 

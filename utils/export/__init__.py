@@ -12,7 +12,6 @@ before anything is loaded or written, so a refused export leaves every file as i
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +21,8 @@ import torch
 from torch import nn
 
 from models.registry import task_of
-from utils.common.errors import UnwritableFolderError, UserError
-from utils.common.paths import check_writable_folder
+from utils.common.errors import UserError
+from utils.common.paths import check_writable_folder, restore_earlier_run, set_aside_earlier_files
 from utils.export.backend import Backend
 from utils.export.common import (
     ExportMetadata,
@@ -149,14 +148,8 @@ def check_overwrite(options: ExportOptions, trained_qdq: bool = False) -> None:
     existing = [str(path) for path in planned_outputs(options, trained_qdq) if path.exists()]
     if existing and not options.exist_ok:
         raise ExportOptionError(f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; pass "
-                                f"--exist-ok to replace {'it' if len(existing) == 1 else 'them'}, or --output-dir "
-                                "DIR to export elsewhere")
-    locked = [path for path in existing if not os.access(path, os.W_OK)]
-    if locked:
-        raise UnwritableFolderError(f"--exist-ok: {', '.join(locked)} cannot be replaced (not writable by this user); "
-                                    "fix the permissions, or pass --output-dir DIR to export elsewhere")
-    for path in existing:
-        LOGGER.warning("replacing %s (--exist-ok)", path)
+                                f"--exist-ok to set {'it' if len(existing) == 1 else 'them'} aside (into previous/), "
+                                "or --output-dir DIR to export elsewhere")
 
 
 def check_output_folder(options: ExportOptions) -> Path:
@@ -288,15 +281,17 @@ def export_model(options: ExportOptions) -> dict[str, Path]:
     if options.int8 and not trained_qdq:
         job.check_calibration()
     planned = planned_outputs(options, trained_qdq)
-    earlier = {path for path in planned if path.exists()}
     folder = Path(options.output_dir) if options.output_dir else Path(options.weights).parent
     created = _missing_folders(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    earlier = set_aside_earlier_files(planned, folder)  # --exist-ok (without it, check_overwrite refused them)
     try:
         for fmt in REGISTRY.plan(options.include, trained_qdq):
             job.done.update((fmt.export_qat if trained_qdq else fmt.export)(job))
-    except BaseException:  # re-raised as it is, after removing what this run wrote
-        _remove_partial([path for path in planned if path not in earlier], created)
+    except BaseException:  # re-raised as it is, after removing what this run wrote and putting back what it moved
+        _remove_partial(planned, created)
+        if earlier:
+            restore_earlier_run(folder, earlier)
         raise
     return job.done
 

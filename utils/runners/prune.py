@@ -33,7 +33,7 @@ from utils.compress.prune import eagleeye, slim
 from utils.compress.prune.analysis import analyse_channels
 from utils.compress.prune.cost import CostModel
 from utils.compress.prune.groups import ChannelAnalysis, batchnorm_members
-from utils.compress.prune.io import check_writable, save_pruned
+from utils.compress.prune.io import check_writable, save_pruned, set_aside_earlier_result
 from utils.compress.prune.latency import (
     CALIBRATION_IMAGES,
     TABLE_FILE,
@@ -131,7 +131,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                              "the multiple that runtime was measured to run fastest)")
     parser.add_argument("--min-keep", type=float, default=0.1, help="keep at least this share of each group")
     parser.add_argument("--noval", action="store_true", help="skip the validation of the pruned model")
-    parser.add_argument("--exist-ok", action="store_true", help="replace an existing pruned.yaml / pruned.pt")
+    parser.add_argument("--exist-ok", action="store_true",
+                        help="set an earlier pruned.yaml / .pt (and candidates files) aside into previous/ beside them")
     parser.add_argument("--seed", type=int, default=0, help="seed (calibration batches, EagleEye draws)")
     parser.add_argument("--runtime", help=f"measure latency on this runtime ({', '.join(RUNTIMES.names())}): "
                                           "needed by --latency-ms/--speedup; with a FLOPs budget it reports the "
@@ -273,6 +274,7 @@ def run_prune_slim(opts: PruneOptions, global_percent: float | None, remain_rati
             **({"global_percent": global_percent} if global_percent is not None else {}),
             **budget_note(opts, remain_ratio)}
     calibration = task.calibration_batches(calibration_batches) if calibration_batches else None
+    set_aside_earlier_result(opts.path, opts.exist_ok)
     return _finish(model, meta, analysis, plan, opts, note, task, calibration, budget)
 
 
@@ -330,6 +332,7 @@ def run_prune_eagleeye(opts: PruneOptions, settings: eagleeye.SearchSettings, ca
         raise UserError(str(exc)) from None
     best, plan = eagleeye.best_plan(model, analysis.groups, candidates)
     latency_full = budget.model.full if isinstance(budget.model, LatencyModel) else None
+    set_aside_earlier_result(opts.path, opts.exist_ok)
     csv_path = write_candidates(candidates, Path(opts.path), latency_full)
     LOGGER.info("best candidate %d: FLOPs %.3f of the original%s, score %.4f (of %d); all in %s", best.number,
                 best.flops_ratio, f", predicted latency {best.budget_ratio:.3f}" if latency_full else "",

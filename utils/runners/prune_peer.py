@@ -15,6 +15,7 @@ from torch import nn
 
 from utils.common.errors import UserError
 from utils.compress.prune.groups import declared_constraints
+from utils.compress.prune.io import set_aside_earlier_result
 from utils.compress.prune.peer import IMPORTANCES, PeerBudgetError, PeerSettings, flops_share, search_ratio
 from utils.runners.prune import PruneOptions, PruneResult, check_options, load_trained, prune_task, report_and_save
 
@@ -57,6 +58,7 @@ def run_prune_tp(opts: PruneOptions, settings: PeerSettings, remain_ratio: float
     note = {**found.model.yaml["pruned"], "source": opts.weights, **budget}
     note.pop("widths")
     found.model.yaml["pruned"].update(note)
+    set_aside_earlier_result(opts.path, opts.exist_ok)
     return report_and_save(model, meta, found.model, head_kept_whole(model), opts, note, task)
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from models.registry import task_of
 from models.yaml_config import dump_model_yaml
 from utils.common.errors import UserError
-from utils.common.paths import check_writable_folder
+from utils.common.paths import check_writable_folder, set_aside_earlier_files
 from utils.weights.checkpoint import save_checkpoint
 
 
@@ -29,13 +29,29 @@ def pruned_paths(path: str | Path) -> tuple[Path, Path]:
     return yaml_path, yaml_path.with_suffix(".pt")
 
 
+def result_files(path: str | Path) -> list[Path]:
+    """Every file a pruning run writes for ``--path`` (``latency_tables.json`` is a cache shared by runs, not
+    one of them): what ``--exist-ok`` sets aside."""
+    yaml_path, weights_path = pruned_paths(path)
+    candidates = yaml_path.with_name(f"{yaml_path.stem}_candidates.csv")
+    return [yaml_path, weights_path, candidates, candidates.with_suffix(".png")]
+
+
+def set_aside_earlier_result(path: str | Path, exist_ok: bool) -> None:
+    """With ``--exist-ok``, an earlier result for ``--path`` goes into ``previous/`` beside it before this run
+    writes its first file (without it, :func:`check_writable` refused the run)."""
+    if exist_ok:
+        set_aside_earlier_files(result_files(path), Path(path).parent)
+
+
 def check_writable(path: str | Path, exist_ok: bool) -> tuple[Path, Path]:
     """Refuse to replace an earlier result unless asked, and a folder we cannot write in (checked before any work
     starts: pruning and validation take minutes, and their result would be lost at the first write)."""
     yaml_path, weights_path = pruned_paths(path)
     for target in (yaml_path, weights_path):
         if target.exists() and not exist_ok:
-            raise UserError(f"{target} already exists; pass --exist-ok to replace it or choose another --path")
+            raise UserError(f"{target} already exists; pass --exist-ok to set it aside (into previous/) or choose "
+                            "another --path")
     if not yaml_path.parent.exists():
         raise UserError(f"--path {path}: folder {yaml_path.parent} does not exist; create it first")
     check_writable_folder(yaml_path.parent, "--path", path, "choose a --path in a folder you can write to")
