@@ -85,6 +85,7 @@ class ChainSettings:
     threads: int = 2
     runs: int = 30  # interleaved latency rounds
     control: bool = True  # the unpruned model through the same kd, QAT and INT8 stages (off only to test mechanics)
+    quantize: bool = True  # the QAT and INT8 stages (off only to test the mechanics before them)
 
 
 @dataclass(frozen=True)
@@ -264,6 +265,8 @@ def build_rows(s: ChainSettings) -> list[Row]:
     for label, (weights, _) in starts.items():
         kd, kd_command = stage_kd(s, label, weights, base)
         rows.append(Row(label, "pruned + kd" if label != CONTROL else "control: kd", kd, kd, kd_command))
+        if not s.quantize:
+            continue
         qat, _ = stage_qat(s, label, kd)
         files, command = stage_int8(s, label, qat)
         prefix = "pruned + kd + QAT" if label != CONTROL else "control: kd + QAT"
