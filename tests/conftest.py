@@ -109,3 +109,12 @@ def spread_weights(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                                           (module.weight, 0.5, 1.5), (module.bias, -0.2, 0.2)):
                     tensor.copy_(torch.rand(tensor.shape, generator=generator) * (high - low) + low)
     return model
+
+
+def flat_tensors(output) -> list[torch.Tensor]:
+    """Every tensor a layer or model returns, in order (lists, tuples; a multi-head dict in heads order)."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        output = list(output.values())
+    return [t for item in output for t in flat_tensors(item)]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import flat_tensors
 from torch import nn
 
 from models.channels import widths_table
@@ -25,15 +26,6 @@ MODELS = ROOT / "models"
 ALL_YAMLS = sorted(str(p.relative_to(MODELS)) for p in [*MODELS.glob("*.yaml"), *MODELS.glob("*/*.yaml")])
 LARGE = ("yolov5m", "yolov5l", "yolov5x")  # built at depth 0.33 / width 0.25: same operators, a fraction of the size
 IMGSZ = 64
-
-
-def outputs(result) -> list[torch.Tensor]:
-    """Every tensor a model returns (Detect: decoded + raw maps; multi-head classifiers: a dict of logits)."""
-    if isinstance(result, torch.Tensor):
-        return [result]
-    if isinstance(result, dict):
-        result = list(result.values())
-    return [t for item in result for t in outputs(item)]
 
 
 def randomise_batchnorm(model: nn.Module, seed: int = 0) -> None:
@@ -87,12 +79,12 @@ def test_pruning_removes_exactly_the_zeroed_channels(name):
             bn.bias.data[positions] = 0
     x = images(dtype=torch.float64)
     with torch.no_grad():
-        reference = outputs(model(x))
+        reference = flat_tensors(model(x))
         pruned = prune_model(model, analysis.groups, keep)
-        result = outputs(pruned(x))
+        result = flat_tensors(pruned(x))
         rebuilt = build_model(pruned.yaml).double().eval()
         rebuilt.load_state_dict(pruned.state_dict())
-        again = outputs(rebuilt(x))
+        again = flat_tensors(rebuilt(x))
     assert count(pruned) < count(model)
     for ref, out, out2 in zip(reference, result, again, strict=True):
         assert ref.shape == out.shape
@@ -132,7 +124,7 @@ def test_random_pruning_keeps_declared_channels_reloads_and_exports(name, tmp_pa
     loaded = load_checkpoint(checkpoint).model.eval()
     x = images(batch=1, channels=pruned.yaml.get("ch", 3))
     with torch.no_grad():
-        assert all(torch.equal(a, b) for a, b in zip(outputs(pruned(x)), outputs(loaded(x))))
+        assert all(torch.equal(a, b) for a, b in zip(flat_tensors(pruned(x)), flat_tensors(loaded(x))))
     _exports_and_matches(checkpoint, tmp_path)
 
 
@@ -145,7 +137,7 @@ def test_pruned_model_trains_one_step(name):
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     x = images(batch=2, channels=model.yaml.get("ch", 3))
-    loss = sum(t.float().square().mean() for t in outputs(model(x)))
+    loss = sum(t.float().square().mean() for t in flat_tensors(model(x)))
     assert torch.isfinite(loss)
     loss.backward()
     for key, p in model.named_parameters():
@@ -168,7 +160,7 @@ def _exports_and_matches(checkpoint: Path, tmp_path: Path) -> None:
         reference = model(x)
     reference = reference[0] if isinstance(reference, tuple) else reference
     result = load_backend(artifacts["onnx"])(x)
-    for ref, out in zip(outputs(reference), outputs(result), strict=True):
+    for ref, out in zip(flat_tensors(reference), flat_tensors(result), strict=True):
         torch.testing.assert_close(out, ref, atol=2e-3, rtol=1e-3)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import flat_tensors
 from torch import nn
 
 import models  # noqa: F401  (registers every block the project ships)
@@ -67,15 +68,6 @@ def declared_out(spec: ModuleSpec, example: Example) -> tuple[list[int], int]:
     return c_in, spec.out_channels(c_in, ctor_args)
 
 
-def tensors(output) -> list[torch.Tensor]:
-    """Every tensor a layer or model returns (lists, tuples, a multi-head dict in heads order)."""
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, dict):
-        output = list(output.values())
-    return [t for item in output for t in tensors(item)]
-
-
 def run_block(model: BaseModel, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], object]:
     """(the block's inputs, its outputs, the model's output) of one forward pass."""
     seen = {}
@@ -84,7 +76,7 @@ def run_block(model: BaseModel, x: torch.Tensor) -> tuple[list[torch.Tensor], li
         result = model(x)
     finally:
         hook.remove()
-    return tensors(seen["i"]), tensors(seen["o"]), result
+    return flat_tensors(seen["i"]), flat_tensors(seen["o"]), result
 
 
 # ------------------------------------------------------------------------------------------ the contract
@@ -99,7 +91,7 @@ def check_example(spec: ModuleSpec, example: Example, tmp_path: Path) -> list[nn
     x = torch.rand(2, 3, IMGSZ, IMGSZ)
     inputs, outputs, result = run_block(model, x)
 
-    sum(t.float().square().mean() for t in tensors(result)).backward()
+    sum(t.float().square().mean() for t in flat_tensors(result)).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), f"{spec.name}: {name} gets no (finite) gradient"
 
@@ -140,7 +132,7 @@ def check_onnx(model: nn.Module, x: torch.Tensor, path: Path) -> None:
     import onnxruntime
 
     with torch.no_grad():
-        expected = tensors(model(x))
+        expected = flat_tensors(model(x))
         torch.onnx.export(model, (x,), str(path), opset_version=17, dynamo=False, input_names=["images"])
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {"images": x.numpy()})
