@@ -8,9 +8,8 @@ import logging
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import partial
+from pathlib import Path
 
-import torch
 from torch import nn
 
 from utils.common.errors import UserError
@@ -93,19 +92,17 @@ def head_kept_whole(model: nn.Module) -> dict[int, set[str]]:
 
 
 def onnx_latency(target: LatencyTarget) -> Callable[[nn.Module], float]:
-    """The measurement of a latency budget: median batch-1 ms of a candidate exported to ONNX (as export.py
-    --simplify writes it) and run by ONNX Runtime with ``target.threads`` threads on one image."""
-    from utils.common.timing import median_call_ms
-    from utils.export import ExportOptions, export_model
-    from utils.export.onnx import ONNXRuntimeBackend
-    from utils.weights.checkpoint import save_checkpoint
+    """The measurement of a latency budget: median batch-1 ms of a candidate on ONNX Runtime with
+    ``target.threads`` threads, measured as the latency budgets of our tools measure it (the ``onnxruntime`` runtime
+    of :mod:`utils.compress.prune.runtimes`), so that the peer and our tools meet at the same latency."""
+    from utils.compress.prune.latency import example_input
+    from utils.compress.prune.runtimes import RUNTIMES
+    from utils.export.common import prepare_for_export
+
+    runtime = RUNTIMES.create("onnxruntime", target.threads)
 
     def measure(model: nn.Module) -> float:
         with tempfile.TemporaryDirectory(prefix="prune-tp-") as tmp:
-            weights = save_checkpoint(model, f"{tmp}/candidate.pt")
-            artifacts = export_model(ExportOptions(weights=weights, include=("onnx",), simplify=True,
-                                                   imgsz=(target.imgsz, target.imgsz), output_dir=weights.parent))
-            backend = ONNXRuntimeBackend(artifacts["onnx"], threads=target.threads)
-            images = torch.zeros(1, model.yaml.get("ch", 3), target.imgsz, target.imgsz)
-            return median_call_ms({"candidate": partial(backend, images)}, target.runs)["candidate"]["median"]
+            handle = runtime.open(prepare_for_export(model), example_input(model, target.imgsz), Path(tmp))
+            return runtime.latency([handle], target.runs)[0]
     return measure

@@ -19,7 +19,6 @@ import json
 import logging
 import statistics
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 
 from utils.common.errors import FlagError
-from utils.common.timing import SETTLE_SECONDS
+from utils.common.timing import SETTLE_SECONDS, median_call_ms
 from utils.export.onnx import DEFAULT_OPSET
 from utils.export.spec import Requirement
 
@@ -75,16 +74,8 @@ class Runtime:
 
     def latency(self, handles: Sequence[Any], runs: int) -> list[float]:
         """Median ms per batch-1 call of each handle, timed in ``runs`` interleaved rounds after a warm-up."""
-        times: list[list[float]] = [[] for _ in handles]
-        for round_number in range(runs + 1):
-            for index, handle in enumerate(handles):
-                start = time.perf_counter()
-                handle()
-                elapsed = (time.perf_counter() - start) * 1e3
-                time.sleep(SETTLE_SECONDS)
-                if round_number:
-                    times[index].append(elapsed)
-        return [statistics.median(values) for values in times]
+        timed = median_call_ms({str(index): handle for index, handle in enumerate(handles)}, runs, SETTLE_SECONDS)
+        return [timed[str(index)]["median"] for index in range(len(handles))]
 
 
 def export_graph(model: nn.Module, example: torch.Tensor, file: Path) -> Path:
