@@ -8,7 +8,8 @@ The chain, for every pruning method (``--methods``: slim, eagleeye, peer = Torch
 benchmarks/prune_tp.py) at ``--ratio`` of the FLOPs, and for the control (the unpruned model through the same
 recipe, same epochs and teacher):
 
-1. ``prune``     prune_slim.py (on the unpruned model fine-tuned with train.py --sparse) / prune_eagleeye.py /
+1. ``prune``     prune_slim.py (on the unpruned model fine-tuned with train.py --sparse --sparse-remain RATIO) /
+                 prune_eagleeye.py /
                  benchmarks/prune_tp.py (on the unpruned model)
 2. ``kd``        train.py --cfg pruned.yaml --weights pruned.pt --teacher unpruned.pt (distilled fine-tune)
 3. ``qat``       train.py --qat --weights kd.pt (INT8 fake-quantized fine-tune)
@@ -179,10 +180,12 @@ def stage_base(s: ChainSettings) -> tuple[Path, str]:
 
 
 def stage_sparse(s: ChainSettings, base: Path) -> tuple[Path, str]:
-    """Network Slimming's input: the unpruned model fine-tuned with train.py --sparse (its last.pt: best.pt is
-    picked by the metric, usually an early, barely sparse epoch)."""
+    """Network Slimming's input: the unpruned model fine-tuned with train.py --sparse aimed at the chain's cut
+    (--sparse-remain: only the channels a cut to ``ratio`` would remove are penalised); its last.pt, since best.pt
+    is picked by the metric, usually an early, barely sparse epoch."""
     last = s.work / "train" / "sparse" / "weights" / "last.pt"
-    argv = train_argv(s, "sparse", s.epochs, FINETUNE_HYP, "--weights", str(base), "--sparse", str(s.sparse))
+    argv = train_argv(s, "sparse", s.epochs, FINETUNE_HYP, "--weights", str(base), "--sparse", str(s.sparse),
+                      "--sparse-remain", str(s.ratio))
     return run_stage(s, "sparse", last, "train.py", argv, call_train)
 
 

@@ -4,6 +4,7 @@ and bn_gamma.png."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 from pathlib import Path
@@ -15,9 +16,12 @@ from torch import nn
 import train
 from models.yolo import ClassificationModel, DetectionModel
 from utils.common.cli import run_cli
+from utils.compress.prune.analysis import analyse_channels
 from utils.compress.sparsity import (
     SHARE_COLUMN,
+    SlimmingTarget,
     add_l1_subgradient,
+    prunable_batchnorm_paths,
     prunable_batchnorms,
     small_gamma_share,
     sparsity_strength,
@@ -124,10 +128,18 @@ def _rows(run: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def test_sparse_run_switches_gammas_off_and_logs_them(tmp_path):
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory) -> tuple[Path, Path, FirstStepGrads]:
+    """The start checkpoint and a run from it without --sparse (what both sparse runs are compared with)."""
+    tmp_path = tmp_path_factory.mktemp("plain")
+    start = _start_checkpoint(tmp_path / "start.pt")
+    return (start, *_run(tmp_path, start, "plain", 0.0, noplots=True))
+
+
+def test_sparse_run_switches_gammas_off_and_logs_them(tmp_path, plain_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    start = _start_checkpoint(tmp_path / "start.pt")
+    start, plain, plain_probe = plain_run
     student = load_checkpoint(start).model
     prunable = {id(bn.weight) for bn in prunable_batchnorms(student)}
     gamma_names = [name for name, p in student.named_parameters() if id(p) in prunable]
@@ -141,7 +153,6 @@ def test_sparse_run_switches_gammas_off_and_logs_them(tmp_path):
     initial_share = share(start)
     assert initial_share == pytest.approx(small_gamma_share(student))
     strength = 0.25
-    plain, plain_probe = _run(tmp_path, start, "plain", 0.0, noplots=True)
     sparse, sparse_probe = _run(tmp_path, start, "sparse", strength)
 
     # The first optimizer step of both runs sees the same task gradients (same seed, same start): --sparse adds
@@ -182,9 +193,62 @@ def test_sparse_run_switches_gammas_off_and_logs_them(tmp_path):
     assert not (plain / "bn_gamma.png").exists()
 
 
+def test_sparse_remain_aims_the_penalty_at_what_prune_slim_cuts(tmp_path, plain_run):
+    import prune_slim
+
+    start, plain, plain_probe = plain_run
+    model = load_checkpoint(start).model
+    analysis = analyse_channels(model)
+    paths = prunable_batchnorm_paths(model, analysis)
+    masks = dict(zip(paths, SlimmingTarget(model, analysis, 0.5, 64).masks(model, paths), strict=True))
+    aimed = sum(int(m.sum()) for m in masks.values())
+    assert 0 < aimed < sum(m.numel() for m in masks.values())
+    fresh = copy.deepcopy(model)  # every gamma 1, as built from scratch: no ranking, nothing aimed at yet
+    for bn in prunable_batchnorms(fresh, paths):
+        torch.nn.init.ones_(bn.weight)
+    target = SlimmingTarget(fresh, analysis, 0.5, 64)
+    assert all(not mask.any() for mask in target.masks(fresh, paths))
+    with pytest.raises(ValueError, match=r"even cutting every channel to --min-keep 0\.1 keeps"):
+        SlimmingTarget(model, analysis, 0.01, 64)
+
+    # the aimed channels are exactly those prune_slim.py --remain-ratio 0.5 removes from the same model (every
+    # start gamma is a distinct random value, so the pruned model's gammas say which channels it kept)
+    pruned_yaml = tmp_path / "slim50.yaml"
+    assert prune_slim.main(["--weights", str(start), "--data", str(SAMPLE), "--imgsz", "64", "--remain-ratio", "0.5",
+                            "--calib-batches", "0", "--noval", "--path", str(pruned_yaml)]) == 0
+    pruned = load_checkpoint(pruned_yaml.with_suffix(".pt")).model.model
+    for path, mask in masks.items():
+        gamma = model.model.get_submodule(path).weight.detach()
+        kept = set(pruned.get_submodule(path).weight.detach().tolist())
+        assert set(gamma[mask == 0].tolist()) == kept, path
+
+    # the L1 term reaches only the aimed gammas; 6 steps switch most of them off and leave the others as a plain
+    # run leaves them
+    strength = 0.25
+    run, probe = _run(tmp_path, start, "aimed", strength, sparse_remain=0.5, noplots=True)
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    gamma_names = {name_of[id(model.model.get_submodule(path).weight)]: path for path in paths}
+    for name, grad in probe.grads.items():
+        expected = plain_probe.grads[name]
+        if name in gamma_names:
+            expected = expected + strength * torch.sign(probe.weights[name]) * masks[gamma_names[name]]
+        torch.testing.assert_close(grad, expected, rtol=0, atol=1e-6, msg=name)
+
+    def small(checkpoint: Path, aimed_channels: bool) -> float:
+        state = torch.load(checkpoint, weights_only=True)["state_dict"]
+        values = torch.cat([state[name][(masks[path] == 1) == aimed_channels] for name, path in gamma_names.items()])
+        return float((values.abs() < 0.01).float().mean())
+
+    for aimed_channels, least, most in ((True, 0.4, 1.0), (False, -0.03, 0.03)):
+        change = small(run / "weights" / "last.pt", aimed_channels) - small(plain / "weights" / "last.pt",
+                                                                            aimed_channels)
+        assert least < change <= most, (aimed_channels, change)
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (["--sparse=-1e-4"], "--sparse -0.0001: the L1 strength on BatchNorm gammas must be >= 0"),
     (["--sparse", "nan"], "--sparse nan"),
+    (["--sparse", "1e-3", "--sparse-remain", "1"], "--sparse-remain 1.0: expected the FLOPs share"),
 ])
 def test_bad_sparse_flag_is_one_line_error(tmp_path, capsys, flags, message):
     argv = ["--cfg", "yolov5n.yaml", "--data", str(SAMPLE), "--device", "cpu", "--project", str(tmp_path), *flags]

@@ -44,7 +44,7 @@ from utils.compress.prune.latency import (
     measure_chosen,
     measure_multiple,
 )
-from utils.compress.prune.plan import Plan
+from utils.compress.prune.plan import DEFAULT_MULTIPLE, MIN_KEEP, Plan
 from utils.compress.prune.report import format_layer_table, format_totals, model_size
 from utils.compress.prune.runtimes import RUNTIMES, Runtime
 from utils.compress.prune.surgery import prune_model
@@ -60,7 +60,6 @@ SPARSE_SHARE_WARNING = 0.05  # below this share of |gamma| < 0.01 a model was mo
 # scales are alike: the yolov5n fixture's lie in 0.98-1.00). 10 % leaves room for partly sparse models and is far
 # below the ~50 % of a dense 50 % cut (whose mAP before fine-tuning is ~0 in docs/prune.md's tables).
 MASS_SHARE_WARNING = 0.10
-DEFAULT_MULTIPLE = 8  # --round without --runtime (suits GPU and NPU kernels)
 SLIM_CALIBRATION_BATCHES = 8  # prune_slim.py --calib-batches: adaptive BN after the cut, as EagleEye's candidates
 
 
@@ -75,7 +74,7 @@ class PruneOptions:
     batch_size: int = 32
     workers: int = 2
     multiple: int | None = None  # --round; None: 8, or the multiple --runtime was measured to run fastest
-    min_keep: float = 0.1
+    min_keep: float = MIN_KEEP
     exist_ok: bool = False
     noval: bool = False
     seed: int = 0

@@ -170,6 +170,9 @@ class TrainConfig:
                                "BatchNorm weights each optimizer step (e.g. 1e-4; 0 = off), before prune_slim.py")
     sparse_decay: str = _flag("none", "lower --sparse over training to 10%% of S (linear or cosine in the epoch)",
                               choices=["none", "linear", "cos"])
+    sparse_remain: float = _flag(0.0, "with --sparse: penalise only the channels that prune_slim.py --remain-ratio R "
+                                      "would cut from the model now (re-ranked every epoch), so the channels it "
+                                      "keeps train freely (e.g. 0.5; 0 = every prunable gamma)")
     teacher: str = _flag("", "knowledge distillation from this trained model (.pt, e.g. the unpruned parent of a "
                              "pruned student): same classes, and for detectors the same strides and anchors")
     distill_weight: float = _flag(1.0, "weight of the --teacher distillation loss (1 = the task loss's scale)")

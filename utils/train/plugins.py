@@ -32,7 +32,8 @@ def plugins_for(cfg: TrainConfig) -> list[Any]:
     if cfg.sparse:
         from utils.compress.sparsity import SparseTraining
 
-        plugins.append(SparseTraining(cfg.sparse, cfg.sparse_decay, plots=not cfg.noplots))
+        plugins.append(SparseTraining(cfg.sparse, cfg.sparse_decay, plots=not cfg.noplots, remain=cfg.sparse_remain,
+                                      imgsz=cfg.imgsz))
     if cfg.teacher:
         from utils.compress.distill import TeacherDistillation
 

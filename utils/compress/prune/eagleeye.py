@@ -24,7 +24,7 @@ from tqdm import tqdm
 from utils.common.torch_utils import recalibrate_batchnorm
 from utils.compress.prune.cost import CostModel
 from utils.compress.prune.groups import ChannelGroup, reduce_to_group
-from utils.compress.prune.plan import Plan, keep_count, plan_from_counts
+from utils.compress.prune.plan import MIN_KEEP, Plan, keep_count, plan_from_counts
 from utils.compress.prune.surgery import prune_model
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ class SearchSettings:
     remain_ratio: float | None  # FLOPs (conv + linear MACs) or latency to keep, as a share of the original's
     delta: float  # accepted band: remain_ratio +- delta
     max_iter: int  # candidates to score
-    min_keep: float = 0.1  # no group keeps less than this share of its channels
+    min_keep: float = MIN_KEEP  # no group keeps less than this share of its channels
     multiple: int | None = 8  # widths rounded up to a multiple of this (None: the pruning tool's default)
     spread: float = 0.25  # per-group keep ratios are drawn from centre +- spread
     seed: int = 0

@@ -59,7 +59,7 @@ from utils.common.timing import cpu_model
 from utils.compress.prune.cost import CostModel
 from utils.compress.prune.groups import ChannelGroup
 from utils.compress.prune.io import write_text_atomic
-from utils.compress.prune.plan import keep_count, plan_from_counts
+from utils.compress.prune.plan import MIN_KEEP, keep_count, plan_from_counts
 from utils.compress.prune.runtimes import Runtime
 from utils.compress.prune.surgery import prune_model
 from utils.export.common import prepare_for_export
@@ -88,7 +88,7 @@ class LatencySettings:
     runtime: str
     imgsz: int
     threads: int
-    min_keep: float = 0.1
+    min_keep: float = MIN_KEEP
     multiple: int = 8
 
 

@@ -8,6 +8,9 @@ import torch
 
 Plan = dict[int, torch.Tensor]  # group number -> kept group channels (sorted); absent groups stay whole
 
+MIN_KEEP = 0.1  # --min-keep: no group keeps less than this share of its channels
+DEFAULT_MULTIPLE = 8  # --round without --runtime: kept widths rounded up to this (suits GPU and NPU kernels)
+
 
 def keep_count(wanted: float, size: int, min_keep: float, multiple: int) -> int:
     """Channels a group keeps: ``wanted``, but at least ``min_keep`` of the group (and one channel), rounded up

@@ -67,10 +67,10 @@ def budget_threshold(scales: list[torch.Tensor], cost: CostModel | LatencyModel,
     return float(values[high]) if ratio(low) > remain_ratio else float(values[low])
 
 
-def removed_scale_mass(layers: nn.Module, groups: list[ChannelGroup], plan: Plan) -> tuple[float, float]:
-    """(sum of |gamma| the plan removes, sum of |gamma| over every prunable BatchNorm channel), each channel
-    counted once. After sparse training the channels slimming cuts hold almost none of the mass; a cut that
-    removes much of it removes channels the network still uses (how much it will lose before fine-tuning)."""
+def removed_channels(layers: nn.Module, groups: list[ChannelGroup], plan: Plan
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per BatchNorm path (below the layer list): (its prunable channels, those of them the plan removes), as
+    boolean masks over the BatchNorm's channels."""
     prunable: dict[str, torch.Tensor] = {}
     removed: dict[str, torch.Tensor] = {}
     for number, group in enumerate(groups):
@@ -83,9 +83,17 @@ def removed_scale_mass(layers: nn.Module, groups: list[ChannelGroup], plan: Plan
                 masks.setdefault(member.path, torch.zeros(bn.num_features, dtype=torch.bool))
             prunable[member.path][member.index] = True
             removed[member.path][member.index[dropped[member.root]]] = True
+    return prunable, removed
+
+
+def removed_scale_mass(layers: nn.Module, groups: list[ChannelGroup], plan: Plan) -> tuple[float, float]:
+    """(sum of |gamma| the plan removes, sum of |gamma| over every prunable BatchNorm channel), each channel
+    counted once. After sparse training the channels slimming cuts hold almost none of the mass; a cut that
+    removes much of it removes channels the network still uses (how much it will lose before fine-tuning)."""
+    prunable, removed = removed_channels(layers, groups, plan)
     total = cut = 0.0
     for path, mask in prunable.items():
-        gamma = layers.get_submodule(path).weight.detach().abs().double()
+        gamma = layers.get_submodule(path).weight.detach().abs().double().cpu()
         total += float(gamma[mask].sum())
         cut += float(gamma[removed[path]].sum())
     return cut, total
