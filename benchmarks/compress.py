@@ -16,7 +16,10 @@ recipe, same epochs and teacher):
 4. ``int8``      export.py --include onnx openvino --int8 --qat-placement cpu (ONNX Runtime and OpenVINO INT8)
 
 Every artifact (checkpoints and exported files) is scored by val.py on the artifact itself and timed at batch 1
-and ``--imgsz`` in interleaved rounds (utils/common/timing.py), every row in the same rounds. The table (stage,
+and ``--imgsz`` (or ``--latency-imgsz``: exported rows are exported again at that size) in interleaved rounds
+(utils/common/timing.py), every row in the same rounds. The unpruned model is also exported as FP32 ONNX and
+OpenVINO IR, the IR timed in float32 and in OpenVINO's CPU default (bfloat16 on AMX CPUs): the baselines of the
+speed targets. The table (stage,
 params, GFLOPs, the task's metrics, file size, latency, runtime, the command behind the row) is printed and
 written as ``table.md`` and ``table.csv`` in the run folder. Each stage resumes: it is skipped when its artifact
 and its record (``stages/<name>.json``) exist, so an interrupted run continues where it stopped.
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import hashlib
 import json
 import logging
 import shlex
@@ -73,6 +77,7 @@ class ChainSettings:
     base_epochs: int = 100
     epochs: int = 30  # each fine-tuning stage (kd, qat)
     imgsz: int = 640  # training, validation, export and latency
+    latency_imgsz: int = 0  # 0: time at ``imgsz``; else every exported row is exported again at this size to time it
     batch_size: int = 16
     workers: int = 2
     max_batches: int = 0  # train.py --max-batches (smoke: 1)
@@ -85,6 +90,10 @@ class ChainSettings:
     calib_images: int = 300
     threads: int = 2
     runs: int = 30  # interleaved latency rounds
+
+    @property
+    def latency_size(self) -> int:
+        return self.latency_imgsz or self.imgsz
     control: bool = True  # the unpruned model through the same kd, QAT and INT8 stages (off only to test mechanics)
     quantize: bool = True  # the QAT and INT8 stages (off only to test the mechanics before them)
 
@@ -98,6 +107,7 @@ class Row:
     artifact: Path
     source: Path
     command: str
+    export_argv: tuple[str, ...] = ()  # export.py's flags that wrote ``artifact`` (re-run at --latency-imgsz)
 
 
 def check_settings(s: ChainSettings) -> None:
@@ -111,6 +121,8 @@ def check_settings(s: ChainSettings) -> None:
     unknown = sorted(set(s.methods) - set(METHODS))
     if unknown or not s.methods:
         raise FlagError(f"--methods {' '.join(s.methods)}: expected some of {', '.join(METHODS)}")
+    if s.latency_imgsz < 0:
+        raise FlagError(f"--latency-imgsz {s.latency_imgsz}: expected 0 (time at --imgsz) or an image size")
     for flag, value in (("--epochs", s.epochs), ("--base-epochs", s.base_epochs), ("--imgsz", s.imgsz),
                         ("--batch-size", s.batch_size), ("--max-iter", s.max_iter), ("--threads", s.threads),
                         ("--runs", s.runs), ("--calib-images", s.calib_images)):
@@ -232,7 +244,7 @@ def stage_qat(s: ChainSettings, label: str, weights: Path) -> tuple[Path, str]:
     return run_stage(s, f"{label}-qat", best, "train.py", argv, call_train)
 
 
-def stage_int8(s: ChainSettings, label: str, qat: Path) -> tuple[dict[str, Path], str]:
+def stage_int8(s: ChainSettings, label: str, qat: Path) -> tuple[dict[str, Path], str, list[str]]:
     """The QAT weights re-quantized for the CPU runtimes: ONNX Runtime QDQ INT8 and OpenVINO (NNCF) INT8."""
     from utils.export import artifact_paths
 
@@ -242,25 +254,31 @@ def stage_int8(s: ChainSettings, label: str, qat: Path) -> tuple[dict[str, Path]
             s.data, "--calib-images", str(s.calib_images), "--imgsz", str(s.imgsz), "--output-dir", str(folder),
             "--exist-ok", "--no-compare"]
     _, command = run_stage(s, f"{label}-int8", paths["openvino"], "export.py", argv, call_export)
-    return {"onnxruntime": paths["onnx_int8"], "openvino": paths["openvino"]}, command
+    return {"onnxruntime": paths["onnx_int8"], "openvino": paths["openvino"]}, command, argv
 
 
-def stage_float_onnx(s: ChainSettings, base: Path) -> tuple[Path, str]:
-    """The unpruned model as FP32 ONNX: the deployed baseline every INT8 row's latency compares with."""
+def stage_float_exports(s: ChainSettings, base: Path) -> list[Row]:
+    """The unpruned model as FP32 ONNX and OpenVINO IR: the deployed baselines every INT8 row's latency compares
+    with. The IR is timed twice: in float32 and in OpenVINO's CPU default (bfloat16 on AMX / AVX512-BF16 CPUs,
+    the fastest non-INT8 path there)."""
     from utils.export import artifact_paths
 
-    folder = s.work / "export" / "unpruned-fp32"
-    argv = ["--weights", str(base), "--include", "onnx", "--imgsz", str(s.imgsz), "--output-dir", str(folder),
-            "--exist-ok", "--no-compare"]
-    return run_stage(s, "unpruned-fp32", artifact_paths(base, folder)["onnx"], "export.py", argv, call_export)
+    rows = []
+    for fmt, key, name, stages in (("onnx", "onnx", "unpruned-fp32", ("unpruned FP32 ONNX",)),
+                                   ("openvino", "openvino", "unpruned-openvino",
+                                    ("unpruned OpenVINO f32", "unpruned OpenVINO bf16 (CPU default)"))):
+        folder = s.work / "export" / name
+        argv = ["--weights", str(base), "--include", fmt, "--imgsz", str(s.imgsz), "--output-dir", str(folder),
+                "--exist-ok", "--no-compare"]
+        artifact, command = run_stage(s, name, artifact_paths(base, folder)[key], "export.py", argv, call_export)
+        rows += [Row("unpruned", stage, artifact, base, command, tuple(argv)) for stage in stages]
+    return rows
 
 
 def build_rows(s: ChainSettings) -> list[Row]:
     """Run (or resume) every stage; the rows in table order."""
     base, base_command = stage_base(s)
-    onnx_file, onnx_command = stage_float_onnx(s, base)
-    rows = [Row("unpruned", "unpruned", base, base, base_command),
-            Row("unpruned", "unpruned FP32 ONNX", onnx_file, base, onnx_command)]
+    rows = [Row("unpruned", "unpruned", base, base, base_command), *stage_float_exports(s, base)]
     starts = {CONTROL: (base, base_command)} if s.control else {}
     for method in s.methods:
         starts[method] = stage_prune(s, method, base)
@@ -271,9 +289,10 @@ def build_rows(s: ChainSettings) -> list[Row]:
         if not s.quantize:
             continue
         qat, _ = stage_qat(s, label, kd)
-        files, command = stage_int8(s, label, qat)
+        files, command, argv = stage_int8(s, label, qat)
         prefix = "pruned + kd + QAT" if label != CONTROL else "control: kd + QAT"
-        rows += [Row(label, f"{prefix} INT8 {runtime}", path, kd, command) for runtime, path in files.items()]
+        rows += [Row(label, f"{prefix} INT8 {runtime}", path, kd, command, tuple(argv))
+                 for runtime, path in files.items()]
     return rows
 
 
@@ -286,7 +305,7 @@ def score(s: ChainSettings, row: Row, number: int) -> dict[str, Any]:
     from utils.runners.val import ValOptions, run_val
     from utils.weights.checkpoint import load_checkpoint
 
-    record = s.work / "results" / f"{number:02d}.json"
+    record = s.work / "results" / f"{_slug(row.artifact)}.json"  # by artifact: rows that share a file share it
     if record.is_file() and json.loads(record.read_text()).get("artifact") == str(row.artifact):
         return json.loads(record.read_text())
     args = val.parse_args(["--weights", str(row.artifact), "--data", s.data, "--imgsz", str(s.imgsz), "--batch-size",
@@ -303,8 +322,31 @@ def score(s: ChainSettings, row: Row, number: int) -> dict[str, Any]:
     return result
 
 
+def _slug(path: Path) -> str:
+    return hashlib.sha1(str(path).encode()).hexdigest()[:16]
+
+
+def row_key(row: Row) -> str:
+    return f"{row.stage} | {row.artifact}"
+
+
+def latency_artifact(s: ChainSettings, row: Row) -> Path:
+    """The file timed for ``row``: its artifact, or with ``--latency-imgsz`` (exported rows only; checkpoints run
+    at any size) the same export.py command again at that size, into ``<folder>-<size>px`` (resumable)."""
+    if not row.export_argv or s.latency_size == s.imgsz:
+        return row.artifact
+    argv = list(row.export_argv)
+    folder = Path(argv[argv.index("--output-dir") + 1])
+    resized = folder.with_name(f"{folder.name}-{s.latency_size}px")
+    argv[argv.index("--imgsz") + 1] = str(s.latency_size)
+    argv[argv.index("--output-dir") + 1] = str(resized)
+    target = resized / row.artifact.relative_to(folder)
+    return run_stage(s, resized.name, target, "export.py", argv, call_export)[0]
+
+
 def latencies(s: ChainSettings, rows: list[Row]) -> dict[str, float]:
-    """Median batch-1 milliseconds of every artifact, all in the same interleaved rounds (``latency.json``)."""
+    """Median batch-1 milliseconds of every row at ``latency_size``, all in the same interleaved rounds
+    (``latency.json``)."""
     import torch
 
     from benchmarks.deploy import open_backend
@@ -313,25 +355,32 @@ def latencies(s: ChainSettings, rows: list[Row]) -> dict[str, float]:
     from utils.weights.checkpoint import load_checkpoint
 
     record = s.work / "latency.json"
-    keys = [str(row.artifact) for row in rows]
+    keys = [row_key(row) for row in rows]
     if record.is_file():
         known = json.loads(record.read_text())
-        if known.get("runs") == s.runs and all(k in known["ms"] for k in keys):
+        if (known.get("runs"), known.get("imgsz")) == (s.runs, s.latency_size) and all(k in known["ms"] for k in keys):
             return known["ms"]
-    images = sample_images(SAMPLE_VAL, (s.imgsz, s.imgsz), 1)
+    images = sample_images(SAMPLE_VAL, (s.latency_size, s.latency_size), 1)
     calls: dict[str, Callable[[], Any]] = {}
     for row, key in zip(rows, keys, strict=True):
         if row.artifact.suffix == ".pt":
             model = load_checkpoint(row.artifact, fuse=True).model.float().eval()
             calls[key] = _no_grad(model, images)
         else:
-            runtime = "openvino" if "openvino" in row.stage else "onnx"
-            calls[key] = _no_grad(open_backend(runtime, row.artifact, s.threads), images)
+            backend = open_backend(runtime_name(row), latency_artifact(s, row), s.threads)
+            calls[key] = _no_grad(backend, images)
     with torch.inference_mode():
         timed = median_call_ms(calls, s.runs)
     ms = {key: values["median"] for key, values in timed.items()}
-    record.write_text(json.dumps({"runs": s.runs, "threads": s.threads, "ms": ms}, indent=1))
+    record.write_text(json.dumps({"runs": s.runs, "threads": s.threads, "imgsz": s.latency_size, "ms": ms}, indent=1))
     return ms
+
+
+def runtime_name(row: Row) -> str:
+    """benchmarks/deploy.py's name of the runtime that times an exported row."""
+    if "openvino" not in row.stage.lower():
+        return "onnx"
+    return "openvino-bf16" if "bf16" in row.stage else "openvino"
 
 
 def _no_grad(model: Callable[[Any], Any], images: Any) -> Callable[[], Any]:
@@ -350,7 +399,7 @@ def metric_columns(results: list[dict[str, Any]]) -> tuple[tuple[str, str], ...]
 def runtime_of(row: Row) -> str:
     if row.artifact.suffix == ".pt":
         return "PyTorch"
-    return "OpenVINO" if "openvino" in row.stage else "ONNX Runtime"
+    return "OpenVINO" if "openvino" in row.stage.lower() else "ONNX Runtime"
 
 
 def table_rows(s: ChainSettings, rows: list[Row], results: list[dict[str, Any]], ms: dict[str, float]
@@ -358,12 +407,12 @@ def table_rows(s: ChainSettings, rows: list[Row], results: list[dict[str, Any]],
     """Header and cells of the table (one line per artifact)."""
     columns = metric_columns(results)
     header = ["model", "stage", "params (M)", "GFLOPs", *(name for name, _ in columns), "size (MB)",
-              f"latency b1 {s.imgsz} (ms)", "runtime", "command"]
+              f"latency b1 {s.latency_size} (ms)", "runtime", "command"]
     lines = []
     for row, result in zip(rows, results, strict=True):
         metrics = [f"{result['metrics'].get(key, float('nan')):.4f}" for _, key in columns]
         lines.append([row.label, row.stage, f"{result['params'] / 1e6:.3f}", f"{result['gflops']:.3f}", *metrics,
-                      f"{result['bytes'] / 1e6:.2f}", f"{ms[str(row.artifact)]:.2f}", runtime_of(row),
+                      f"{result['bytes'] / 1e6:.2f}", f"{ms[row_key(row)]:.2f}", runtime_of(row),
                       row.command])
     return header, lines
 
@@ -377,7 +426,8 @@ def write_tables(s: ChainSettings, header: list[str], lines: list[list[str]]) ->
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(cell.replace("|", "\\|") for cell in line[:-1]) + f" | `{line[-1]}` |"
            for line in lines]
-    md.append(f"\nLatency: median of {s.runs} interleaved rounds, batch 1, {s.imgsz}x{s.imgsz}, {s.threads} threads, "
+    md.append(f"\nLatency: median of {s.runs} interleaved rounds, batch 1, {s.latency_size}x{s.latency_size} (exported "
+              f"again at that size where it differs from --imgsz {s.imgsz}), {s.threads} threads, "
               f"{cpu_model()}. Data: {s.data}.")
     text = "\n".join(md)
     (s.work / "table.md").write_text(text + "\n")
@@ -443,6 +493,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--base-epochs", type=int, default=default.base_epochs, help="training of --cfg")
     parser.add_argument("--epochs", type=int, default=default.epochs, help="epochs of each fine-tune (kd, QAT)")
     parser.add_argument("--imgsz", type=int, default=default.imgsz, help="train, val, export and latency size")
+    parser.add_argument("--latency-imgsz", type=int, default=default.latency_imgsz,
+                        help="time at this size instead (exported rows are exported again at it)")
     parser.add_argument("--batch-size", type=int, default=default.batch_size)
     parser.add_argument("--workers", type=int, default=default.workers)
     parser.add_argument("--device", default="", help="training device (train.py --device)")

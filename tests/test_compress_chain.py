@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 
+import onnx
 import pytest
 
 from benchmarks import compress
@@ -30,8 +31,9 @@ def test_smoke_chain_on_a_detector_and_a_two_head_classifier(tmp_path, monkeypat
         control_rows = [("unpruned", "control: kd"), ("unpruned", f"{control} onnxruntime"),
                         ("unpruned", f"{control} openvino")] if settings.control else []
         quantized = [(method, f"{prefix} onnxruntime"), (method, f"{prefix} openvino")] if settings.quantize else []
-        assert stages == [("unpruned", "unpruned"), ("unpruned", "unpruned FP32 ONNX"), (method, "pruned"),
-                          *control_rows, (method, "pruned + kd"), *quantized]
+        assert stages == [("unpruned", "unpruned"), ("unpruned", "unpruned FP32 ONNX"),
+                          ("unpruned", "unpruned OpenVINO f32"), ("unpruned", "unpruned OpenVINO bf16 (CPU default)"),
+                          (method, "pruned"), *control_rows, (method, "pruned + kd"), *quantized]
         by_stage = {stage: row for (_, stage), row in zip(stages, rows, strict=True)}
         full, pruned = by_stage["unpruned"]["result"], by_stage["pruned"]["result"]
         # the pruned model keeps about --ratio of the FLOPs (slim: at most; its widths round up to 8 channels)
@@ -56,6 +58,14 @@ def test_smoke_chain_on_a_detector_and_a_two_head_classifier(tmp_path, monkeypat
         assert len(written) == 1 + len(rows) and written[0][-1] == "command"
         assert (settings.work / "table.md").read_text().count("\n| ") == len(rows)  # the header opens the file
     assert "mAP@.5:.95" in tables[0][0] and "defect top-1" in tables[1][0] and "extent top-1" in tables[1][0]
+
+    # --latency-imgsz: an exported row is timed from the same export run again at that size
+    resized = dataclasses.replace(chains[0], latency_imgsz=96)
+    onnx_row = next(r for r in compress.build_rows(resized) if r.stage == "unpruned FP32 ONNX")
+    timed = compress.latency_artifact(resized, onnx_row)
+    assert timed != onnx_row.artifact and timed.parent.name == "unpruned-fp32-96px"
+    shape = onnx.load(str(timed)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in shape] == [1, 3, 96, 96]
 
     # resume: every stage, score and timing is on disk, so nothing runs again
     monkeypatch.setattr(compress, "run_stage", _resume_only(compress.run_stage))
