@@ -233,6 +233,8 @@ def test_ddp_two_cpu_processes(tmp_path):
     run = tmp_path / "ddp"
     cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29517", *_train_cmd(run)[1:]]
     cmd[cmd.index("--epochs") + 1] = "1"
+    cmd += ["--sparse", "0.01", "--sparse-remain", "0.5"]  # rank 0 ranks its EMA and broadcasts what it aims at
     result = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run / "weights" / "last.pt").exists() and len(_results(run)) == 1
+    assert "--sparse-remain 0.5: L1 on 0 of" in result.stdout + result.stderr  # from scratch: nothing ranked yet

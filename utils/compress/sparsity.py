@@ -194,7 +194,8 @@ class SparseTraining:
         if self.target is not None:
             from utils.common.torch_utils import de_parallel
 
-            self.aim(trainer.ema.ema if trainer.ema is not None else de_parallel(trainer.model))
+            self.aim(trainer.ema.ema if trainer.ema is not None else de_parallel(trainer.model),
+                     share=trainer.world_size > 1)
 
     def on_before_optimizer_step(self, trainer: Any) -> None:
         self.apply(trainer.epoch, trainer.epochs)
@@ -226,12 +227,18 @@ class SparseTraining:
             except ValueError as exc:
                 raise UserError(f"--sparse-remain {self.remain:g}: {exc}") from None
 
-    def aim(self, model: nn.Module) -> None:
-        """Re-rank ``model``'s gammas (the EMA, the model that is saved and later cut) and aim this epoch's L1
-        term at the channels a cut to ``remain`` would remove now."""
+    def aim(self, model: nn.Module, share: bool = False) -> None:
+        """Re-rank ``model``'s gammas (the EMA: the model that is saved and later cut) and aim this epoch's L1
+        term at the channels a cut to ``remain`` would remove now. Under DDP (``share``) only rank 0 holds an EMA:
+        its masks are broadcast, so that every rank adds the same term to the same (all-reduced) gradients."""
         assert self.target is not None
         masks = self.target.masks(model, self.paths)
         self.masks = [mask.to(gamma.device, gamma.dtype) for mask, gamma in zip(masks, self.gammas, strict=True)]
+        if share:
+            import torch.distributed as dist
+
+            for mask in self.masks:
+                dist.broadcast(mask, 0)
         aimed = int(sum(float(mask.sum()) for mask in masks))
         LOGGER.info("--sparse-remain %g: L1 on %d of %d prunable channels this epoch", self.remain, aimed,
                      sum(mask.numel() for mask in masks))
