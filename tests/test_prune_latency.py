@@ -26,6 +26,7 @@ import prune_slim
 from models.yolo import build_model
 from utils.common.cli import run_cli
 from utils.common.errors import UserError
+from utils.common.torch_utils import count_parameters
 from utils.compress.prune import eagleeye, slim
 from utils.compress.prune import latency as latency_module
 from utils.compress.prune import runtimes as runtimes_module
@@ -410,3 +411,26 @@ def test_onnxruntime_profile_maps_every_conv_layer(tmp_path, monkeypatch):
         assert conv_layers <= set(point.layers), conv_layers - set(point.layers)
         assert latency.ms(point.counts) == pytest.approx(point.ms, rel=1e-9)
         assert point.ms > 0 and sum(point.layers.values()) > 0
+
+
+def test_latency_benchmark_times_checkpoints_side_by_side(checkpoint, tmp_path, capsys):
+    """benchmarks/latency.py on the fake runtime: each checkpoint's ms is the runtime's, the speed-up is relative
+    to the first checkpoint; a missing file is one line before anything loads."""
+    from benchmarks import latency as bench
+
+    model, analysis = analysed_model()
+    order = [torch.arange(g.size, 0, -1).float() for g in analysis.groups]
+    counts = {number: group.size // 2 for number, group in enumerate(analysis.groups)}
+    half = prune_model(model, analysis.groups, plan_from_counts(order, counts))  # records its widths: reloadable
+    pruned = save_checkpoint(half, tmp_path / "half.pt")
+    with registered_runtime(fake_runtime(name="fake-bench")):
+        assert bench.main(["--weights", str(checkpoint), str(pruned), "--imgsz", str(IMGSZ), "--runtime",
+                           "fake-bench", "--runs", "1"]) == 0
+        assert run_cli(bench.main, ["--weights", str(checkpoint), str(tmp_path / "none.pt"), "--runtime",
+                                    "fake-bench"]) == 2
+    out, err = capsys.readouterr()
+    full_ms, half_ms = fake_ms(model), fake_ms(half)
+    assert f"| {pruned} | {count_parameters(half) / 1e6:.3f} |" in out
+    assert f"{half_ms:.2f} ({full_ms / half_ms:.2f}x) |" in out and f"{full_ms:.2f} (1.00x) |" in out
+    assert full_ms / half_ms > 1.5
+    assert err == f"error: --weights {tmp_path / 'none.pt'}: file not found\n"
