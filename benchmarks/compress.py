@@ -11,8 +11,8 @@ recipe, same epochs and teacher):
 1. ``prune``     prune_slim.py (on the unpruned model fine-tuned with train.py --sparse --sparse-remain RATIO) /
                  prune_eagleeye.py /
                  benchmarks/prune_tp.py (on the unpruned model)
-2. ``kd``        train.py --cfg pruned.yaml --weights pruned.pt --teacher unpruned.pt (distilled fine-tune)
-3. ``qat``       train.py --qat --weights kd.pt (INT8 fake-quantized fine-tune)
+2. ``kd``        train.py --cfg pruned.yaml --weights pruned.pt --teacher unpruned.pt (distilled fine-tune, --epochs)
+3. ``qat``       train.py --qat --weights kd.pt (INT8 fake-quantized fine-tune, --qat-epochs: 1 by default)
 4. ``int8``      export.py --include onnx openvino --int8 --qat-placement cpu (ONNX Runtime and OpenVINO INT8)
 
 Every artifact (checkpoints and exported files) is scored by val.py on the artifact itself and timed at batch 1
@@ -75,7 +75,8 @@ class ChainSettings:
     weights: str = ""  # the trained unpruned checkpoint; '' = train one from ``cfg`` for ``base_epochs``
     cfg: str = "yolov5n.yaml"
     base_epochs: int = 100
-    epochs: int = 30  # each fine-tuning stage (kd, qat)
+    epochs: int = 30  # the sparse and distilled fine-tunes
+    qat_epochs: int = 1  # QAT fine-tune (one epoch is docs/deploy.md's measured recipe)
     imgsz: int = 640  # training, validation, export and latency
     latency_imgsz: int = 0  # 0: time at ``imgsz``; else every exported row is exported again at this size to time it
     batch_size: int = 16
@@ -123,7 +124,8 @@ def check_settings(s: ChainSettings) -> None:
         raise FlagError(f"--methods {' '.join(s.methods)}: expected some of {', '.join(METHODS)}")
     if s.latency_imgsz < 0:
         raise FlagError(f"--latency-imgsz {s.latency_imgsz}: expected 0 (time at --imgsz) or an image size")
-    for flag, value in (("--epochs", s.epochs), ("--base-epochs", s.base_epochs), ("--imgsz", s.imgsz),
+    for flag, value in (("--epochs", s.epochs), ("--qat-epochs", s.qat_epochs), ("--base-epochs", s.base_epochs),
+                        ("--imgsz", s.imgsz),
                         ("--batch-size", s.batch_size), ("--max-iter", s.max_iter), ("--threads", s.threads),
                         ("--runs", s.runs), ("--calib-images", s.calib_images)):
         if value < 1:
@@ -240,7 +242,7 @@ def stage_kd(s: ChainSettings, label: str, weights: Path, base: Path) -> tuple[P
 
 def stage_qat(s: ChainSettings, label: str, weights: Path) -> tuple[Path, str]:
     best = s.work / "train" / f"{label}-qat" / "weights" / "best.pt"
-    argv = train_argv(s, f"{label}-qat", s.epochs, QAT_HYP, "--qat", "--weights", str(weights))
+    argv = train_argv(s, f"{label}-qat", s.qat_epochs, QAT_HYP, "--qat", "--weights", str(weights))
     return run_stage(s, f"{label}-qat", best, "train.py", argv, call_train)
 
 
@@ -491,7 +493,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cfg", default=default.cfg, help="model YAML when --weights is not given")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "compress", help="run folder (resumed)")
     parser.add_argument("--base-epochs", type=int, default=default.base_epochs, help="training of --cfg")
-    parser.add_argument("--epochs", type=int, default=default.epochs, help="epochs of each fine-tune (kd, QAT)")
+    parser.add_argument("--epochs", type=int, default=default.epochs, help="epochs of the sparse and kd fine-tunes")
+    parser.add_argument("--qat-epochs", type=int, default=default.qat_epochs, help="epochs of the QAT fine-tune")
     parser.add_argument("--imgsz", type=int, default=default.imgsz, help="train, val, export and latency size")
     parser.add_argument("--latency-imgsz", type=int, default=default.latency_imgsz,
                         help="time at this size instead (exported rows are exported again at it)")
