@@ -3,10 +3,15 @@
     python benchmarks/compress.py --weights runs/train/yolov5s/weights/best.pt \
         --data ../shared/datasets/neu-det/neu-det.yaml --work runs/compress --imgsz 640 --epochs 30
     python benchmarks/compress.py --smoke --work runs/compress-smoke   # the whole chain in minutes, tiny sizes
+    python benchmarks/compress.py ... --speedup 1.5 --runtime openvino-int8 --latency-imgsz 640  # latency budget
 
 The chain, for every pruning method (``--methods``: slim, eagleeye, peer = Torch-Pruning's own pruner,
 benchmarks/prune_tp.py) at ``--ratio`` of the FLOPs, and for the control (the unpruned model through the same
-recipe, same epochs and teacher):
+recipe, same epochs and teacher). With ``--speedup X --runtime R`` the budget is measured latency instead: slim
+and EagleEye prune to X times the unpruned model's batch-1 speed on R at the latency size (their latency tables,
+``--latency-imgsz``), and the peer to the latency our first method's pruned model measured there (the same
+measured latency); these rows are labelled ``<method> xX R`` and their tables are ``table-xX-R.md/.csv``, so a
+FLOPs run and a latency run share one folder (and its unpruned, sparse and control stages):
 
 1. ``prune``     prune_slim.py (on the unpruned model fine-tuned with train.py --sparse --sparse-remain RATIO) /
                  prune_eagleeye.py /
@@ -19,10 +24,10 @@ Every artifact (checkpoints and exported files) is scored by val.py on the artif
 and ``--imgsz`` (or ``--latency-imgsz``: exported rows are exported again at that size) in interleaved rounds
 (utils/common/timing.py), the rows of each runtime in the same rounds. The unpruned model is also exported as FP32
 ONNX and OpenVINO IR, the IR timed in float32 and in OpenVINO's CPU default (bfloat16 on AMX CPUs): the baselines
-of the speed targets. The table (stage,
-params, GFLOPs, the task's metrics, file size, latency, runtime, the command behind the row) is printed and
-written as ``table.md`` and ``table.csv`` in the run folder. Each stage resumes: it is skipped when its artifact
-and its record (``stages/<name>.json``) exist, so an interrupted run continues where it stopped.
+of the speed targets. The table (stage, params, GFLOPs, the task's metrics, file size, latency, runtime, the
+command behind the row) is printed and written as ``table.md`` and ``table.csv`` (a latency budget's:
+``table-xX-R``) in the run folder. Each stage resumes: it is skipped when its artifact and its record
+(``stages/<name>.json``) exist, so an interrupted run continues where it stopped.
 
 ``--smoke`` runs the chain at --imgsz 64, one batch of one epoch per training stage, on the embedded sample
 (data/neu-det-sample.yaml, yolov5n) and then on a two-head classifier (models/cls/yolov5n-mcls-s.yaml) over a
@@ -91,10 +96,21 @@ class ChainSettings:
     calib_images: int = 300
     threads: int = 2
     runs: int = 30  # interleaved latency rounds
+    speedup: float = 0.0  # 0: prune to ``ratio`` of the FLOPs; else to this speed-up on ``runtime`` (latency budget)
+    runtime: str = ""  # the runtime a latency budget is measured on (utils/compress/prune/runtimes.py)
 
     @property
     def latency_size(self) -> int:
         return self.latency_imgsz or self.imgsz
+
+    @property
+    def budget_tag(self) -> str:
+        """What names a latency budget's rows and tables ('' under the FLOPs budget)."""
+        return f"x{self.speedup:g}-{self.runtime}" if self.speedup else ""
+
+    def label(self, method: str) -> str:
+        """A pruning method's row label and stage-name stem: ``slim``, or ``slim x1.5 openvino-int8``."""
+        return f"{method} x{self.speedup:g} {self.runtime}" if self.speedup else method
     control: bool = True  # the unpruned model through the same kd, QAT and INT8 stages (off only to test mechanics)
     quantize: bool = True  # the QAT and INT8 stages (off only to test the mechanics before them)
 
@@ -122,6 +138,8 @@ def check_settings(s: ChainSettings) -> None:
     unknown = sorted(set(s.methods) - set(METHODS))
     if unknown or not s.methods:
         raise FlagError(f"--methods {' '.join(s.methods)}: expected some of {', '.join(METHODS)}")
+    if s.speedup:
+        check_latency_budget(s)
     if s.latency_imgsz < 0:
         raise FlagError(f"--latency-imgsz {s.latency_imgsz}: expected 0 (time at --imgsz) or an image size")
     for flag, value in (("--epochs", s.epochs), ("--qat-epochs", s.qat_epochs), ("--base-epochs", s.base_epochs),
@@ -130,6 +148,21 @@ def check_settings(s: ChainSettings) -> None:
                         ("--runs", s.runs), ("--calib-images", s.calib_images)):
         if value < 1:
             raise FlagError(f"{flag} {value}: expected at least 1")
+
+
+def check_latency_budget(s: ChainSettings) -> None:
+    """--speedup needs a runtime that is installed and a method of ours whose measured latency the peer aims at."""
+    from utils.compress.prune.runtimes import RUNTIMES
+
+    if not s.speedup > 1:
+        raise FlagError(f"--speedup {s.speedup}: expected a speed-up above 1, e.g. 1.5")
+    if not s.runtime:
+        raise FlagError(f"--speedup {s.speedup:g} needs --runtime ({'|'.join(RUNTIMES.names())}): where the "
+                        "latency is measured")
+    RUNTIMES.create(s.runtime, s.threads).check()
+    if "peer" in s.methods and set(s.methods) <= {"peer"}:
+        raise FlagError("--speedup with --methods peer alone: the peer prunes to the latency our first method's "
+                        "model measured; add slim or eagleeye")
 
 
 def python_command(script: str, argv: Sequence[str]) -> str:
@@ -203,31 +236,53 @@ def stage_sparse(s: ChainSettings, base: Path) -> tuple[Path, str]:
     return run_stage(s, "sparse", last, "train.py", argv, call_train)
 
 
-def stage_prune(s: ChainSettings, method: str, base: Path) -> tuple[Path, str]:
-    """One pruning method at ``s.ratio`` of the FLOPs (validation left to the scoring stage); slim prunes the
-    sparse-trained model, the others the unpruned one."""
+def stage_prune(s: ChainSettings, method: str, base: Path, peer_ms: float | None = None) -> tuple[Path, str]:
+    """One pruning method at the chain's budget (validation left to the scoring stage); slim prunes the
+    sparse-trained model, the others the unpruned one. Under a latency budget the peer aims at ``peer_ms``."""
     if method == "slim":
         base = stage_sparse(s, base)[0]
-    path = s.work / "pruned" / f"{method}.yaml"
+    name = stem(s.label(method))
+    path = s.work / "pruned" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    argv = ["--weights", str(base), "--data", s.data, "--imgsz", str(s.imgsz), "--remain-ratio", str(s.ratio),
+    argv = ["--weights", str(base), "--data", s.data, "--imgsz", str(s.imgsz), *budget_argv(s, method, peer_ms),
             "--path", str(path), "--workers", str(s.workers), "--batch-size", str(s.batch_size), "--noval",
             "--exist-ok"]
     if method == "slim":
         import prune_slim
 
-        return run_stage(s, f"prune-{method}", path.with_suffix(".pt"), "prune_slim.py", argv, prune_slim.main)
+        return run_stage(s, f"prune-{name}", path.with_suffix(".pt"), "prune_slim.py", argv, prune_slim.main)
     if method == "eagleeye":
         import prune_eagleeye
 
         argv += ["--max-iter", str(s.max_iter), "--delta", str(s.delta), "--calib-batches", "1",
                  "--score-images", str(4 * s.batch_size)]
-        return run_stage(s, f"prune-{method}", path.with_suffix(".pt"), "prune_eagleeye.py", argv,
+        return run_stage(s, f"prune-{name}", path.with_suffix(".pt"), "prune_eagleeye.py", argv,
                          prune_eagleeye.main)
     from benchmarks import prune_tp
 
     argv += ["--delta", str(s.delta)]
-    return run_stage(s, f"prune-{method}", path.with_suffix(".pt"), "benchmarks/prune_tp.py", argv, prune_tp.main)
+    return run_stage(s, f"prune-{name}", path.with_suffix(".pt"), "benchmarks/prune_tp.py", argv, prune_tp.main)
+
+
+def budget_argv(s: ChainSettings, method: str, peer_ms: float | None) -> list[str]:
+    """The pruning tool's budget flags: --remain-ratio, or the latency budget on the chain's runtime, size and
+    threads (our tools: --speedup; the peer: --latency-ms of our first method's measured model)."""
+    if not s.speedup:
+        return ["--remain-ratio", str(s.ratio)]
+    budget = ["--latency-ms", f"{peer_ms:.3f}"] if method == "peer" else ["--speedup", str(s.speedup)]
+    return [*budget, "--runtime", s.runtime, "--threads", str(s.threads), "--latency-imgsz", str(s.latency_size)]
+
+
+def measured_ms(pruned: Path) -> float:
+    """The batch-1 latency a pruning tool measured for its chosen model under a latency budget."""
+    from utils.weights.checkpoint import load_checkpoint
+
+    return float(load_checkpoint(pruned).meta["latency"]["measured_ms"])
+
+
+def stem(label: str) -> str:
+    """A row label as a file and stage name (``slim x1.5 openvino-int8`` -> ``slim-x1.5-openvino-int8``)."""
+    return label.replace(" ", "-")
 
 
 def stage_kd(s: ChainSettings, label: str, weights: Path, base: Path) -> tuple[Path, str]:
@@ -235,27 +290,28 @@ def stage_kd(s: ChainSettings, label: str, weights: Path, base: Path) -> tuple[P
     extra = ["--weights", str(weights), "--teacher", str(base)]
     if weights.suffix == ".pt" and weights.with_suffix(".yaml").is_file():
         extra += ["--cfg", str(weights.with_suffix(".yaml"))]
-    best = s.work / "train" / f"{label}-kd" / "weights" / "best.pt"
-    return run_stage(s, f"{label}-kd", best, "train.py", train_argv(s, f"{label}-kd", s.epochs, FINETUNE_HYP,
-                                                                     *extra), call_train)
+    name = f"{stem(label)}-kd"
+    best = s.work / "train" / name / "weights" / "best.pt"
+    return run_stage(s, name, best, "train.py", train_argv(s, name, s.epochs, FINETUNE_HYP, *extra), call_train)
 
 
 def stage_qat(s: ChainSettings, label: str, weights: Path) -> tuple[Path, str]:
-    best = s.work / "train" / f"{label}-qat" / "weights" / "best.pt"
-    argv = train_argv(s, f"{label}-qat", s.qat_epochs, QAT_HYP, "--qat", "--weights", str(weights))
-    return run_stage(s, f"{label}-qat", best, "train.py", argv, call_train)
+    name = f"{stem(label)}-qat"
+    best = s.work / "train" / name / "weights" / "best.pt"
+    argv = train_argv(s, name, s.qat_epochs, QAT_HYP, "--qat", "--weights", str(weights))
+    return run_stage(s, name, best, "train.py", argv, call_train)
 
 
 def stage_int8(s: ChainSettings, label: str, qat: Path) -> tuple[dict[str, Path], str, list[str]]:
     """The QAT weights re-quantized for the CPU runtimes: ONNX Runtime QDQ INT8 and OpenVINO (NNCF) INT8."""
     from utils.export import artifact_paths
 
-    folder = s.work / "export" / label
+    folder = s.work / "export" / stem(label)
     paths = artifact_paths(qat, folder)
     argv = ["--weights", str(qat), "--include", "onnx", "openvino", "--int8", "--qat-placement", "cpu", "--data",
             s.data, "--calib-images", str(s.calib_images), "--imgsz", str(s.imgsz), "--output-dir", str(folder),
             "--exist-ok", "--no-compare"]
-    _, command = run_stage(s, f"{label}-int8", paths["openvino"], "export.py", argv, call_export)
+    _, command = run_stage(s, f"{stem(label)}-int8", paths["openvino"], "export.py", argv, call_export)
     return {"onnxruntime": paths["onnx_int8"], "openvino": paths["openvino"]}, command, argv
 
 
@@ -282,9 +338,12 @@ def build_rows(s: ChainSettings) -> list[Row]:
     base, base_command = stage_base(s)
     rows = [Row("unpruned", "unpruned", base, base, base_command), *stage_float_exports(s, base)]
     starts = {CONTROL: (base, base_command)} if s.control else {}
-    for method in s.methods:
-        starts[method] = stage_prune(s, method, base)
-        rows.append(Row(method, "pruned", starts[method][0], starts[method][0], starts[method][1]))
+    ours = [m for m in s.methods if m != "peer"]
+    for method in [*ours, *(["peer"] if "peer" in s.methods else [])]:  # the peer after ours: it may aim at them
+        peer_ms = measured_ms(starts[s.label(ours[0])][0]) if s.speedup and method == "peer" else None
+        label = s.label(method)
+        starts[label] = stage_prune(s, method, base, peer_ms)
+        rows.append(Row(label, "pruned", starts[label][0], starts[label][0], starts[label][1]))
     for label, (weights, _) in starts.items():
         kd, kd_command = stage_kd(s, label, weights, base)
         rows.append(Row(label, "pruned + kd" if label != CONTROL else "control: kd", kd, kd, kd_command))
@@ -351,7 +410,7 @@ def latencies(s: ChainSettings, rows: list[Row]) -> dict[str, float]:
     (PyTorch, ONNX Runtime, OpenVINO) are timed in the same interleaved rounds, one runtime after the other, and
     each runtime's models are released before the next opens: twenty sessions alive at once, each with its own
     worker threads, slowed every call on two cores (up to 3.4x on PyTorch rows, 1.6x on OpenVINO rows)."""
-    record = s.work / "latency.json"
+    record = s.work / f"latency{tagged(s)}.json"
     keys = [row_key(row) for row in rows]
     if record.is_file():
         known = json.loads(record.read_text())
@@ -435,17 +494,29 @@ def write_tables(s: ChainSettings, header: list[str], lines: list[list[str]]) ->
     """``table.csv`` and ``table.md`` in the run folder; returns the Markdown."""
     from utils.common.timing import cpu_model
 
-    with (s.work / "table.csv").open("w", newline="") as fh:
+    with (s.work / f"table{tagged(s)}.csv").open("w", newline="") as fh:
         csv.writer(fh).writerows([header, *lines])
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(cell.replace("|", "\\|") for cell in line[:-1]) + f" | `{line[-1]}` |"
            for line in lines]
     md.append(f"\nLatency: median of {s.runs} interleaved rounds, batch 1, {s.latency_size}x{s.latency_size} (exported "
               f"again at that size where it differs from --imgsz {s.imgsz}), {s.threads} threads, "
-              f"{cpu_model()}. Data: {s.data}.")
+              f"{cpu_model()}. Data: {s.data}. Budget: {budget_text(s)}.")
     text = "\n".join(md)
-    (s.work / "table.md").write_text(text + "\n")
+    (s.work / f"table{tagged(s)}.md").write_text(text + "\n")
     return text
+
+
+def budget_text(s: ChainSettings) -> str:
+    if not s.speedup:
+        return f"{s.ratio:g} of the unpruned model's FLOPs"
+    return (f"{s.speedup:g}x the unpruned model's batch-1 speed on {s.runtime} at {s.latency_size} px, {s.threads} "
+            "threads (the peer: the latency our first method's pruned model measured there)")
+
+
+def tagged(s: ChainSettings) -> str:
+    """The suffix of a latency run's table and timing files (``-x1.5-openvino-int8``; '' for the FLOPs run)."""
+    return f"-{s.budget_tag}" if s.budget_tag else ""
 
 
 def run_chain(s: ChainSettings) -> list[dict[str, Any]]:
@@ -513,7 +584,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=default.batch_size)
     parser.add_argument("--workers", type=int, default=default.workers)
     parser.add_argument("--device", default="", help="training device (train.py --device)")
-    parser.add_argument("--ratio", type=float, default=default.ratio, help="FLOPs kept by every pruning method")
+    parser.add_argument("--ratio", type=float, default=default.ratio,
+                        help="FLOPs kept by every pruning method (with --speedup: the sparse stage's aim only)")
+    parser.add_argument("--speedup", type=float, default=default.speedup,
+                        help="prune to this batch-1 speed-up on --runtime at the latency size instead of --ratio")
+    parser.add_argument("--runtime", default=default.runtime,
+                        help="runtime of --speedup: onnxruntime, openvino or openvino-int8")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), help="pruning methods (slim eagleeye peer)")
     parser.add_argument("--sparse", type=float, default=default.sparse, help="train.py --sparse before slim")
     parser.add_argument("--max-iter", type=int, default=default.max_iter, help="EagleEye candidates")

@@ -8,11 +8,13 @@ compared with: the peer row of benchmarks/compress.py.
     python benchmarks/prune_tp.py --weights best.pt --data data.yaml --importance l1 --steps 5 --remain-ratio 0.5 \
         --path tp.yaml
     python benchmarks/prune_tp.py ... --latency-ms 40 --latency-imgsz 640 --threads 2   # ONNX Runtime batch-1 budget
+    python benchmarks/prune_tp.py ... --latency-ms 30 --runtime openvino-int8            # on another runtime
     python train.py --cfg tp.yaml --weights tp.pt --data data.yaml --teacher best.pt   # fine-tune
 
 Writes tp.yaml (the model's rows plus a widths table) and tp.pt, prints the layer table, the size before/after
 and the score before fine-tuning, like prune_slim.py. The FLOPs share lands within --delta of --remain-ratio
-(latency: within --delta of --latency-ms, as a share of it); each trial of the search prunes a fresh copy.
+(latency: within --delta of --latency-ms, as a share of it, measured on --runtime, ONNX Runtime by default, as our
+tools measure their latency budgets); each trial of the search prunes a fresh copy.
 Unlike prune_slim.py and prune_eagleeye.py, --round defaults to 1 (the library's examples do not round widths).
 """
 
@@ -47,8 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="accepted band: remain-ratio +- delta, or latency-ms x (1 +- delta)")
     budget = parser.add_mutually_exclusive_group(required=True)
     budget.add_argument("--remain-ratio", type=float, help="share of the FLOPs to keep (0-1)")
-    budget.add_argument("--latency-ms", type=float, help="batch-1 ONNX Runtime latency to reach, measured here")
-    parser.add_argument("--latency-imgsz", type=int, help="image size of the latency budget (default --imgsz)")
+    budget.add_argument("--latency-ms", type=float,
+                        help="batch-1 latency to reach on --runtime (default onnxruntime) at --latency-imgsz")
     parser.add_argument("--runs", type=int, default=10, help="timed calls per latency measurement (median)")
     return parser.parse_args(argv)
 
@@ -59,9 +61,10 @@ def main(argv: list[str] | None = None) -> int:
                             tolerance=args.delta)
     latency = None
     if args.latency_ms is not None:
-        latency = LatencyTarget(args.latency_ms, args.latency_imgsz or args.imgsz, args.threads, args.runs)
-    # the peer times its own latency budget (ONNX Runtime, LatencyTarget), not through --runtime's latency table
-    run_prune_tp(replace(options(args), latency_ms=None), settings, args.remain_ratio, latency)
+        latency = LatencyTarget(args.latency_ms, args.latency_imgsz or args.imgsz, args.threads, args.runs,
+                                args.runtime or "onnxruntime")
+    # the peer times each candidate of its own search (LatencyTarget), with no latency table of --runtime
+    run_prune_tp(replace(options(args), latency_ms=None, runtime=None), settings, args.remain_ratio, latency)
     return 0
 
 

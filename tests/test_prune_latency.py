@@ -12,7 +12,6 @@ import csv
 import functools
 import json
 import logging
-import math
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,6 +23,7 @@ from torch import nn
 import prune_eagleeye
 import prune_slim
 from models.yolo import build_model
+from tests.fake_runtimes import conv_macs, fake_ms, fake_runtime
 from utils.common.cli import run_cli
 from utils.common.errors import UserError
 from utils.common.torch_utils import count_parameters
@@ -54,70 +54,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = str(ROOT / "data" / "neu-det-sample.yaml")
 IMGSZ = 64
 SCALE_LEVELS = 6  # BatchNorm scales take this many values, so every slimming threshold can be tried
-
-
-# ------------------------------------------------------------------------------------------- the fake runtime
-def conv_macs(model: nn.Module, imgsz: int = IMGSZ) -> dict[int, float]:
-    """MACs of each layer's convolutions, counted by hooks on the model itself (independent of CostModel)."""
-    totals: dict[int, float] = {}
-    hooks = []
-    for index, layer in enumerate(model.model):
-        for module in layer.modules():
-            if isinstance(module, nn.Conv2d):
-                def hook(conv, inputs, output, index=index):
-                    per_output = conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
-                    totals[index] = totals.get(index, 0.0) + float(output.numel() * per_output)
-                hooks.append(module.register_forward_hook(hook))
-    with torch.no_grad():
-        model.eval()(torch.zeros(1, 3, imgsz, imgsz))
-    for h in hooks:
-        h.remove()
-    return totals
-
-
-def per_mac(layer: int) -> float:
-    """The fake's known cost of one MAC in ``layer`` (ms): layers differ by 5x, so time is not FLOPs."""
-    return (1 + 4 * (layer % 3 == 0)) * 1e-6
-
-
-FREE_LAYER_MS = 0.05  # a layer without convolutions (Concat, Upsample)
-UNMAPPED_MS = 0.1  # a node named after no layer
-CALL_MS = 0.2  # per-call overhead no profile shows
-
-
-def fake_ms(model: nn.Module) -> float:
-    """The fake runtime's latency of a (prepared or not) model: the ground truth the tests check plans against."""
-    macs = conv_macs(model)
-    return (sum(per_mac(i) * m for i, m in macs.items()) + FREE_LAYER_MS * (len(model.model) - len(macs))
-            + UNMAPPED_MS + CALL_MS)
-
-
-def fake_runtime(step: int = 16, name: str = "fake") -> type[Runtime]:
-    """A runtime class whose model latency is :func:`fake_ms` and whose conv probes cost one unit per ``step``
-    output channels begun; ``profiled`` lists each profile call (a fresh class per test: no shared state)."""
-
-    class Fake(Runtime):
-        profiled: list[int] = []
-
-        def version(self) -> str:
-            return "fake 1.0"
-
-        def open(self, model, example, folder, samples=None):
-            return model
-
-        def profile(self, handle, runs):
-            type(self).profiled.append(1)
-            macs = conv_macs(handle)
-            nodes = {f"/model.{i}/conv/Conv": per_mac(i) * macs[i] if i in macs else FREE_LAYER_MS
-                     for i in range(len(handle.model))}
-            return {**nodes, "ReorderOutput": UNMAPPED_MS}
-
-        def latency(self, handles, runs):
-            return [fake_ms(h) if hasattr(h, "yaml") else 0.5 + math.ceil(h[0].out_channels / step)
-                    for h in handles]
-
-    Fake.name = name
-    return Fake
 
 
 # ------------------------------------------------------------------------------------------- the model
@@ -349,17 +285,45 @@ def test_no_mass_warning_when_the_cut_channels_are_near_zero(caplog):
     assert sum(len(kept) for kept in plan.values()) < sum(g.size for g in analysis.groups) * 0.75  # a real cut
 
 
-def test_eagleeye_tool_writes_predicted_latency(checkpoint, tool_runtime, tmp_path):
+def test_eagleeye_tool_writes_predicted_latency_measured_at_the_deployed_size(checkpoint, tool_runtime, tmp_path):
+    """--latency-imgsz: the model trains and is scored at --imgsz, but every model the runtime opens (the table's
+    widths, the chosen and the unpruned model) runs at the deployed size, and the table is keyed by it."""
     path = tmp_path / "ee.yaml"
+    opened = len(tool_runtime.opened)
     with registered_runtime(tool_runtime):
         code = run_cli(prune_eagleeye.main, [
             "--weights", str(checkpoint), "--data", SAMPLE, "--imgsz", str(IMGSZ), "--runtime", "fake",
+            "--latency-imgsz", str(2 * IMGSZ),
             "--latency-ms", str(0.75 * fake_ms(quantised_model())), "--round", "16", "--delta", "0.03",
             "--max-iter", "2", "--calib-batches", "1", "--batch-size", "4", "--score-images", "4", "--workers", "0",
             "--noval", "--path", str(path)])
     assert code == 0
     rows = list(csv.DictReader(path.with_name("ee_candidates.csv").open()))
     assert len(rows) == 2 and all(abs(float(r["latency_ratio"]) - 0.75) <= 0.03 for r in rows)
+    assert len(tool_runtime.opened) - opened >= 6 and set(tool_runtime.opened[opened:]) == {2 * IMGSZ}
+    tables = json.loads(path.with_name(TABLE_FILE).read_text())["entries"]
+    assert [e["key"]["imgsz"] for e in tables] == [2 * IMGSZ]
+    saved = load_checkpoint(path.with_suffix(".pt"))
+    assert saved.meta["latency"]["imgsz"] == 2 * IMGSZ and saved.meta["imgsz"] == IMGSZ
+
+
+def test_peer_reaches_a_latency_measured_on_the_named_runtime(checkpoint, tool_runtime, tmp_path):
+    """benchmarks/prune_tp.py --latency-ms T --runtime R: Torch-Pruning's search times its candidates on the runtime
+    our tools' budgets use (the fake, whose latency is known), so the peer and our tools meet at the same measured
+    latency: the saved model's latency lands within --delta of T, and the pruned YAML records where it was timed."""
+    from benchmarks import prune_tp
+
+    target = 0.6 * fake_ms(quantised_model())
+    path = tmp_path / "tp.yaml"
+    with registered_runtime(tool_runtime):
+        code = run_cli(prune_tp.main, ["--weights", str(checkpoint), "--data", SAMPLE, "--imgsz", str(IMGSZ),
+                                       "--runtime", "fake", "--latency-ms", str(target), "--delta", "0.05",
+                                       "--workers", "0", "--batch-size", "4", "--noval", "--path", str(path)])
+    assert code == 0
+    saved = load_checkpoint(path.with_suffix(".pt"))
+    assert abs(fake_ms(saved.model) / target - 1) <= 0.05
+    assert saved.meta["pruned"]["runtime"] == "fake"
+    assert saved.meta["pruned"]["measured_ms"] == pytest.approx(fake_ms(saved.model), abs=1e-3)
 
 
 # ------------------------------------------------------------------------------------------- the flags

@@ -1,5 +1,5 @@
-"""End-to-end training on the embedded NEU-DET sample: loss falls in the default (mixed) precision and in float32,
-validation stays float32, best.pt validates, `python train.py` alone trains, resume after SIGKILL is exact, DDP
+"""End-to-end training on the embedded NEU-DET sample: loss falls in the default (mixed) precision, --fp32 trains in
+float32, validation stays float32, best.pt validates, `python train.py` alone trains, resume after SIGKILL is exact, DDP
 with two CPU processes runs."""
 
 from __future__ import annotations
@@ -140,13 +140,13 @@ def test_default_training_loss_falls_in_mixed_precision_and_validates_in_float32
     assert metrics["n_images"] == 12 and 0.0 <= metrics["mAP50-95"] <= metrics["mAP50"] <= 1.0
 
 
-def test_fp32_training_runs_in_float32_and_loss_falls(tmp_path):
-    """--fp32 (alias --no-amp) opts out of mixed precision: every convolution runs in float32, and the smoke
-    recipe's losses fall as with the default."""
-    cfg = _config(tmp_path, "fp32", epochs=15, fp32=True, noplots=True, hyp_override=SMOKE_HYP)
+def test_fp32_training_runs_in_float32(tmp_path):
+    """--fp32 (alias --no-amp) opts out of mixed precision: every convolution runs in float32, in training and
+    validation. Two batches show it: the flag changes only the autocast dtype, and that the recipe's losses fall is
+    shown once, by the default run above."""
+    cfg = _config(tmp_path, "fp32", epochs=1, max_batches=2, fp32=True, noplots=True, hyp_override=SMOKE_HYP)
     probe = _train_probed(cfg)
     assert probe.conv_out == probe.loss_inputs == probe.weights == probe.val_conv_out == {torch.float32}
-    _assert_losses_fall(_results(tmp_path / "fp32"))
     assert yaml.safe_load((tmp_path / "fp32" / "opt.yaml").read_text())["precision"] == "fp32"
 
 

@@ -82,6 +82,12 @@ class PruneOptions:
     threads: int = 2  # --threads the runtime runs with
     latency_ms: float | None = None  # --latency-ms: the pruned model's batch-1 time on --runtime
     speedup: float | None = None  # --speedup: the unpruned model's time over the pruned model's on --runtime
+    latency_imgsz: int | None = None  # --latency-imgsz: the deployed image size latency is measured at (None: imgsz)
+
+    @property
+    def latency_size(self) -> int:
+        """Where latency is measured: the deployed size, which may differ from the size the model trains at."""
+        return self.latency_imgsz or self.imgsz
 
     def latency_budget(self) -> str | None:
         """The latency flag given, as messages name it (None under a FLOPs or channel budget)."""
@@ -137,12 +143,16 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                                           "needed by --latency-ms/--speedup; with a FLOPs budget it reports the "
                                           "predicted and measured latency")
     parser.add_argument("--threads", type=int, default=2, help="threads the runtime runs with (latency budgets)")
+    parser.add_argument("--latency-imgsz", type=int, default=None,
+                        help="image size latency is measured at, when the model is deployed at another size than "
+                             "--imgsz (trained and validated at 256, run at 640; default --imgsz)")
 
 
 def add_latency_budgets(budget: argparse._MutuallyExclusiveGroup) -> None:
     """The latency budgets, in each tool's group of mutually exclusive budgets."""
     budget.add_argument("--latency-ms", type=float,
-                        help="batch-1 latency to reach on --runtime at --imgsz, in ms (measured, not FLOPs)")
+                        help="batch-1 latency to reach on --runtime at --latency-imgsz (default --imgsz), in ms "
+                             "(measured, not FLOPs)")
     budget.add_argument("--speedup", type=float, help="speed-up over the unpruned model to reach on --runtime")
 
 
@@ -152,7 +162,7 @@ def options(args: argparse.Namespace) -> PruneOptions:
                         batch_size=args.batch_size, workers=args.workers, multiple=args.round,
                         min_keep=args.min_keep, exist_ok=args.exist_ok, noval=args.noval, seed=args.seed,
                         runtime=args.runtime, threads=args.threads, latency_ms=getattr(args, "latency_ms", None),
-                        speedup=getattr(args, "speedup", None))
+                        speedup=getattr(args, "speedup", None), latency_imgsz=args.latency_imgsz)
 
 
 def check_options(opts: PruneOptions) -> None:
@@ -161,6 +171,8 @@ def check_options(opts: PruneOptions) -> None:
         if not Path(path).is_file():
             raise UserError(f"{flag} {path}: file not found")
     image_sizes("--imgsz", opts.imgsz)
+    if opts.latency_imgsz is not None:
+        image_sizes("--latency-imgsz", opts.latency_imgsz)
     checks = [("--batch-size", opts.batch_size > 0, "at least 1"),
               ("--workers", opts.workers >= 0, "0 or more"),
               ("--round", opts.multiple is None or opts.multiple >= 1, "1 (no rounding) or more, e.g. 8"),
@@ -363,20 +375,21 @@ def resolve_budget(opts: PruneOptions, model: nn.Module, analysis: ChannelAnalys
     runtime = RUNTIMES.create(opts.runtime, opts.threads)
     cache = TableCache(Path(opts.path).parent / TABLE_FILE)
     if opts.multiple is None:
-        multiple = measure_multiple(model, analysis.groups, runtime, opts.imgsz, cache)
+        multiple = measure_multiple(model, analysis.groups, runtime, opts.latency_size, cache)
     else:
         multiple = opts.multiple
         LOGGER.info("widths rounded to --round %d (given; without it the multiple %s runs fastest is measured)",
                     multiple, runtime.name)
-    samples = calibration_samples(task, opts.imgsz) if runtime.calibrated else None
-    settings = LatencySettings(runtime.name, opts.imgsz, opts.threads, opts.min_keep, multiple)
-    latency = latency_model(model, cost, analysis.groups, runtime, settings, cache, samples)
+    samples = calibration_samples(task, opts.latency_size) if runtime.calibrated else None
+    settings = LatencySettings(runtime.name, opts.latency_size, opts.threads, opts.min_keep, multiple)
+    latency_cost = cost if opts.latency_size == opts.imgsz else CostModel(model, analysis.groups, opts.latency_size)
+    latency = latency_model(model, latency_cost, analysis.groups, runtime, settings, cache, samples)
     flag = opts.latency_budget()
     if flag is None:
         return Budget(cost, remain_ratio, f"--remain-ratio {remain_ratio:g}" if remain_ratio else "", multiple,
                       latency, runtime, samples)
     ratio = opts.latency_ms / latency.full if opts.latency_ms is not None else 1 / opts.speedup
-    where = f"on {runtime.name} ({opts.threads} threads, {opts.imgsz} px, batch 1)"
+    where = f"on {runtime.name} ({opts.threads} threads, {opts.latency_size} px, batch 1)"
     if ratio >= 1:
         raise UserError(f"{flag}: the unpruned model already runs in {latency.full:.2f} ms {where}; ask for less")
     LOGGER.info("latency budget %s: %.2f ms, %.1f%% of the unpruned model's %.2f ms %s", flag, ratio * latency.full,
@@ -437,9 +450,9 @@ def measured_latency(model: nn.Module, pruned: nn.Module, plan: Plan, opts: Prun
     with the prediction and the ask."""
     counts = {group: len(kept) for group, kept in plan.items()}
     predicted = budget.latency.ms(counts)
-    unpruned, measured = measure_chosen(model, pruned, budget.runtime, opts.imgsz, budget.samples)
+    unpruned, measured = measure_chosen(model, pruned, budget.runtime, opts.latency_size, budget.samples)
     asked = budget.ratio * budget.latency.full if budget.model is budget.latency else None
-    report = {"runtime": budget.runtime.name, "threads": opts.threads, "imgsz": opts.imgsz,
+    report = {"runtime": budget.runtime.name, "threads": opts.threads, "imgsz": opts.latency_size,
               "multiple": budget.multiple, "budget": budget.flag or None, "asked_ms": asked,
               "predicted_ms": predicted, "measured_ms": measured, "unpruned_ms": unpruned,
               "table_unpruned_ms": budget.latency.full, "measured_speedup": unpruned / measured,
@@ -448,7 +461,7 @@ def measured_latency(model: nn.Module, pruned: nn.Module, plan: Plan, opts: Prun
     versus = f", {report['gap_asked']:+.1%} from the ask" if asked else ""
     LOGGER.info("latency on %s (%d threads, %d px, batch 1): %spredicted %.2f ms, measured %.2f ms (%+.1f%% from "
                 "the prediction%s); the unpruned model measured %.2f ms in the same rounds: %.2fx",
-                budget.runtime.name, opts.threads, opts.imgsz, ask, predicted, measured,
+                budget.runtime.name, opts.threads, opts.latency_size, ask, predicted, measured,
                 100 * report["gap_predicted"], versus, unpruned, report["measured_speedup"])
     return report
 

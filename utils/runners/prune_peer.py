@@ -16,19 +16,30 @@ from utils.common.errors import UserError
 from utils.compress.prune.groups import declared_constraints
 from utils.compress.prune.io import set_aside_earlier_result
 from utils.compress.prune.peer import IMPORTANCES, PeerBudgetError, PeerSettings, flops_share, search_ratio
-from utils.runners.prune import PruneOptions, PruneResult, check_options, load_trained, prune_task, report_and_save
+from utils.compress.prune.runtimes import RUNTIMES
+from utils.runners.prune import (
+    PruneOptions,
+    PruneResult,
+    calibration_samples,
+    check_options,
+    load_trained,
+    prune_task,
+    report_and_save,
+)
 
 LOGGER = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class LatencyTarget:
-    """A latency budget for the Torch-Pruning peer: batch-1 ONNX Runtime milliseconds at ``imgsz``."""
+    """A latency budget for the Torch-Pruning peer: batch-1 milliseconds on ``runtime`` (a name of
+    :data:`utils.compress.prune.runtimes.RUNTIMES`, as our tools' ``--runtime``) at ``imgsz``."""
 
     ms: float
     imgsz: int
     threads: int = 2
     runs: int = 10
+    runtime: str = "onnxruntime"
 
 
 def run_prune_tp(opts: PruneOptions, settings: PeerSettings, remain_ratio: float | None,
@@ -44,7 +55,8 @@ def run_prune_tp(opts: PruneOptions, settings: PeerSettings, remain_ratio: float
     if remain_ratio is not None:
         measure, target, flag = flops_share(model, opts.imgsz), remain_ratio, f"--remain-ratio {remain_ratio}"
     else:
-        measure, target, flag = onnx_latency(latency), latency.ms, f"--latency-ms {latency.ms}"
+        samples = calibration_samples(task, latency.imgsz) if RUNTIMES.create(latency.runtime, 1).calibrated else None
+        measure, target, flag = runtime_latency(latency, samples), latency.ms, f"--latency-ms {latency.ms}"
         settings = replace(settings, tolerance=settings.tolerance * latency.ms)
     try:
         found = search_ratio(model, settings, measure, target)
@@ -53,7 +65,8 @@ def run_prune_tp(opts: PruneOptions, settings: PeerSettings, remain_ratio: float
     LOGGER.info("Torch-Pruning (%s importance, %d steps): channel ratio %.4f measures %.4g (target %.4g, %d trials)",
                 settings.importance, settings.steps, found.ratio, found.value, target, found.trials)
     budget = {"remain_ratio": remain_ratio} if remain_ratio is not None else {
-        "latency_ms": latency.ms, "latency_imgsz": latency.imgsz, "measured_ms": round(found.value, 3)}
+        "latency_ms": latency.ms, "latency_imgsz": latency.imgsz, "runtime": latency.runtime,
+        "measured_ms": round(found.value, 3)}
     note = {**found.model.yaml["pruned"], "source": opts.weights, **budget}
     note.pop("widths")
     found.model.yaml["pruned"].update(note)
@@ -64,11 +77,12 @@ def run_prune_tp(opts: PruneOptions, settings: PeerSettings, remain_ratio: float
 def check_peer_options(settings: PeerSettings, remain_ratio: float | None, latency: LatencyTarget | None) -> None:
     """benchmarks/prune_tp.py's own flags, checked before anything loads."""
     if (remain_ratio is None) == (latency is None):
-        raise UserError("give one of --remain-ratio R (FLOPs to keep) or --latency-ms MS (ONNX Runtime batch-1 "
-                        "latency to reach)")
+        raise UserError("give one of --remain-ratio R (FLOPs to keep) or --latency-ms MS (batch-1 latency to "
+                        "reach on --runtime)")
     if remain_ratio is not None and not 0 < remain_ratio < 1:
         raise UserError(f"--remain-ratio {remain_ratio}: expected a share of FLOPs strictly between 0 and 1")
     if latency is not None:
+        RUNTIMES.create(latency.runtime, latency.threads).check()
         for flag, value in (("--latency-ms", latency.ms), ("--latency-imgsz", latency.imgsz),
                             ("--threads", latency.threads), ("--runs", latency.runs)):
             if not value > 0:
@@ -91,18 +105,18 @@ def head_kept_whole(model: nn.Module) -> dict[int, set[str]]:
     return kept
 
 
-def onnx_latency(target: LatencyTarget) -> Callable[[nn.Module], float]:
-    """The measurement of a latency budget: median batch-1 ms of a candidate on ONNX Runtime with
-    ``target.threads`` threads, measured as the latency budgets of our tools measure it (the ``onnxruntime`` runtime
-    of :mod:`utils.compress.prune.runtimes`), so that the peer and our tools meet at the same latency."""
+def runtime_latency(target: LatencyTarget, samples: list | None = None) -> Callable[[nn.Module], float]:
+    """The measurement of a latency budget: median batch-1 ms of a candidate on ``target.runtime`` with
+    ``target.threads`` threads, opened as the latency budgets of our tools open it (the same runtime of
+    :mod:`utils.compress.prune.runtimes`, an INT8 runtime calibrated on the same ``samples``), so that the peer and
+    our tools meet at the same latency."""
     from utils.compress.prune.latency import example_input
-    from utils.compress.prune.runtimes import RUNTIMES
     from utils.export.common import prepare_for_export
 
-    runtime = RUNTIMES.create("onnxruntime", target.threads)
+    runtime = RUNTIMES.create(target.runtime, target.threads)
 
     def measure(model: nn.Module) -> float:
         with tempfile.TemporaryDirectory(prefix="prune-tp-") as tmp:
-            handle = runtime.open(prepare_for_export(model), example_input(model, target.imgsz), Path(tmp))
+            handle = runtime.open(prepare_for_export(model), example_input(model, target.imgsz), Path(tmp), samples)
             return runtime.latency([handle], target.runs)[0]
     return measure
