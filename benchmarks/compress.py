@@ -9,9 +9,10 @@ The chain, for every pruning method (``--methods``: slim, eagleeye, peer = Torch
 benchmarks/prune_tp.py) at ``--ratio`` of the FLOPs, and for the control (the unpruned model through the same
 recipe, same epochs and teacher). With ``--speedup X --runtime R`` the budget is measured latency instead: slim
 and EagleEye prune to X times the unpruned model's batch-1 speed on R at the latency size (their latency tables,
-``--latency-imgsz``), and the peer to the latency our first method's pruned model measured there (the same
-measured latency); these rows are labelled ``<method> xX R`` and their tables are ``table-xX-R.md/.csv``, so a
-FLOPs run and a latency run share one folder (and its unpruned, sparse and control stages):
+``--latency-imgsz``), and the peer to the speed-up our first method's pruned model measured there (the same
+measured latency, as a speed-up over the unpruned model timed in the same rounds); these rows are labelled
+``<method> xX R`` and their tables are ``table-xX-R.md/.csv``, so a FLOPs run and a latency run share one folder
+(and its unpruned, sparse and control stages):
 
 1. ``prune``     prune_slim.py (on the unpruned model fine-tuned with train.py --sparse --sparse-remain RATIO) /
                  prune_eagleeye.py /
@@ -236,15 +237,15 @@ def stage_sparse(s: ChainSettings, base: Path) -> tuple[Path, str]:
     return run_stage(s, "sparse", last, "train.py", argv, call_train)
 
 
-def stage_prune(s: ChainSettings, method: str, base: Path, peer_ms: float | None = None) -> tuple[Path, str]:
+def stage_prune(s: ChainSettings, method: str, base: Path, peer_speedup: float | None = None) -> tuple[Path, str]:
     """One pruning method at the chain's budget (validation left to the scoring stage); slim prunes the
-    sparse-trained model, the others the unpruned one. Under a latency budget the peer aims at ``peer_ms``."""
+    sparse-trained model, the others the unpruned one. Under a latency budget the peer aims at ``peer_speedup``."""
     if method == "slim":
         base = stage_sparse(s, base)[0]
     name = stem(s.label(method))
     path = s.work / "pruned" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    argv = ["--weights", str(base), "--data", s.data, "--imgsz", str(s.imgsz), *budget_argv(s, method, peer_ms),
+    argv = ["--weights", str(base), "--data", s.data, "--imgsz", str(s.imgsz), *budget_argv(s, method, peer_speedup),
             "--path", str(path), "--workers", str(s.workers), "--batch-size", str(s.batch_size), "--noval",
             "--exist-ok"]
     if method == "slim":
@@ -264,20 +265,23 @@ def stage_prune(s: ChainSettings, method: str, base: Path, peer_ms: float | None
     return run_stage(s, f"prune-{name}", path.with_suffix(".pt"), "benchmarks/prune_tp.py", argv, prune_tp.main)
 
 
-def budget_argv(s: ChainSettings, method: str, peer_ms: float | None) -> list[str]:
+def budget_argv(s: ChainSettings, method: str, peer_speedup: float | None) -> list[str]:
     """The pruning tool's budget flags: --remain-ratio, or the latency budget on the chain's runtime, size and
-    threads (our tools: --speedup; the peer: --latency-ms of our first method's measured model)."""
+    threads (our tools: --speedup asked; the peer: the speed-up our first method's model measured, over the
+    unpruned model in the same rounds: milliseconds measured minutes apart drift on a shared machine)."""
     if not s.speedup:
         return ["--remain-ratio", str(s.ratio)]
-    budget = ["--latency-ms", f"{peer_ms:.3f}"] if method == "peer" else ["--speedup", str(s.speedup)]
+    speedup = f"{peer_speedup:.4f}" if method == "peer" else str(s.speedup)
+    budget = ["--speedup", speedup]
     return [*budget, "--runtime", s.runtime, "--threads", str(s.threads), "--latency-imgsz", str(s.latency_size)]
 
 
-def measured_ms(pruned: Path) -> float:
-    """The batch-1 latency a pruning tool measured for its chosen model under a latency budget."""
+def measured_speedup(pruned: Path) -> float:
+    """The speed-up over the unpruned model (timed in the same rounds) a pruning tool measured for its chosen
+    model under a latency budget."""
     from utils.weights.checkpoint import load_checkpoint
 
-    return float(load_checkpoint(pruned).meta["latency"]["measured_ms"])
+    return float(load_checkpoint(pruned).meta["latency"]["measured_speedup"])
 
 
 def stem(label: str) -> str:
@@ -340,9 +344,9 @@ def build_rows(s: ChainSettings) -> list[Row]:
     starts = {CONTROL: (base, base_command)} if s.control else {}
     ours = [m for m in s.methods if m != "peer"]
     for method in [*ours, *(["peer"] if "peer" in s.methods else [])]:  # the peer after ours: it may aim at them
-        peer_ms = measured_ms(starts[s.label(ours[0])][0]) if s.speedup and method == "peer" else None
+        peer_speedup = measured_speedup(starts[s.label(ours[0])][0]) if s.speedup and method == "peer" else None
         label = s.label(method)
-        starts[label] = stage_prune(s, method, base, peer_ms)
+        starts[label] = stage_prune(s, method, base, peer_speedup)
         rows.append(Row(label, "pruned", starts[label][0], starts[label][0], starts[label][1]))
     for label, (weights, _) in starts.items():
         kd, kd_command = stage_kd(s, label, weights, base)
@@ -511,7 +515,7 @@ def budget_text(s: ChainSettings) -> str:
     if not s.speedup:
         return f"{s.ratio:g} of the unpruned model's FLOPs"
     return (f"{s.speedup:g}x the unpruned model's batch-1 speed on {s.runtime} at {s.latency_size} px, {s.threads} "
-            "threads (the peer: the latency our first method's pruned model measured there)")
+            "threads (the peer: the speed-up our first method's pruned model measured there)")
 
 
 def tagged(s: ChainSettings) -> str:
@@ -593,6 +597,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), help="pruning methods (slim eagleeye peer)")
     parser.add_argument("--sparse", type=float, default=default.sparse, help="train.py --sparse before slim")
     parser.add_argument("--max-iter", type=int, default=default.max_iter, help="EagleEye candidates")
+    parser.add_argument("--delta", type=float, default=default.delta,
+                        help="EagleEye's and the peer's band around the budget (a share of it)")
     parser.add_argument("--calib-images", type=int, default=default.calib_images, help="INT8 calibration images")
     parser.add_argument("--threads", type=int, default=default.threads, help="runtime threads when timing")
     parser.add_argument("--runs", type=int, default=default.runs, help="interleaved latency rounds")

@@ -9,12 +9,14 @@ compared with: the peer row of benchmarks/compress.py.
         --path tp.yaml
     python benchmarks/prune_tp.py ... --latency-ms 40 --latency-imgsz 640 --threads 2   # ONNX Runtime batch-1 budget
     python benchmarks/prune_tp.py ... --latency-ms 30 --runtime openvino-int8            # on another runtime
+    python benchmarks/prune_tp.py ... --speedup 1.6 --runtime onnxruntime --latency-imgsz 640   # vs the unpruned
     python train.py --cfg tp.yaml --weights tp.pt --data data.yaml --teacher best.pt   # fine-tune
 
 Writes tp.yaml (the model's rows plus a widths table) and tp.pt, prints the layer table, the size before/after
 and the score before fine-tuning, like prune_slim.py. The FLOPs share lands within --delta of --remain-ratio
-(latency: within --delta of --latency-ms, as a share of it, measured on --runtime, ONNX Runtime by default, as our
-tools measure their latency budgets); each trial of the search prunes a fresh copy.
+(latency: within --delta of --latency-ms or of 1/--speedup, as a share of it, measured on --runtime, ONNX Runtime
+by default, as our tools measure their latency budgets; --speedup times each candidate in the same rounds as the
+unpruned model, as our tools report their measured speed-up); each trial of the search prunes a fresh copy.
 Unlike prune_slim.py and prune_eagleeye.py, --round defaults to 1 (the library's examples do not round widths).
 """
 
@@ -51,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     budget.add_argument("--remain-ratio", type=float, help="share of the FLOPs to keep (0-1)")
     budget.add_argument("--latency-ms", type=float,
                         help="batch-1 latency to reach on --runtime (default onnxruntime) at --latency-imgsz")
+    budget.add_argument("--speedup", type=float,
+                        help="speed-up over the unpruned model to reach on --runtime, each candidate timed in the "
+                             "same rounds as the unpruned model (robust to a shared machine's drift)")
     parser.add_argument("--runs", type=int, default=10, help="timed calls per latency measurement (median)")
     return parser.parse_args(argv)
 
@@ -60,11 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = PeerSettings(importance=args.importance, steps=args.steps, global_pruning=args.global_pruning,
                             tolerance=args.delta)
     latency = None
-    if args.latency_ms is not None:
-        latency = LatencyTarget(args.latency_ms, args.latency_imgsz or args.imgsz, args.threads, args.runs,
-                                args.runtime or "onnxruntime")
+    if args.latency_ms is not None or args.speedup is not None:
+        latency = LatencyTarget(args.latency_imgsz or args.imgsz, args.latency_ms, args.speedup, args.threads,
+                                args.runs, args.runtime or "onnxruntime")
     # the peer times each candidate of its own search (LatencyTarget), with no latency table of --runtime
-    run_prune_tp(replace(options(args), latency_ms=None, runtime=None), settings, args.remain_ratio, latency)
+    run_prune_tp(replace(options(args), latency_ms=None, speedup=None, runtime=None), settings, args.remain_ratio,
+                 latency)
     return 0
 
 

@@ -72,7 +72,7 @@ def test_smoke_chain_on_a_detector_and_a_two_head_classifier(tmp_path, monkeypat
     report = slim_model.meta["latency"]
     assert report["measured_speedup"] >= 1.5 and report["measured_ms"] == pytest.approx(fake_ms(slim_model.model))
     assert abs(fake_ms(peer_model.model) / report["measured_ms"] - 1) <= settings.delta
-    assert f"--latency-ms {report['measured_ms']:.3f} --runtime fake" in rows[5]["command"]
+    assert f"--speedup {report['measured_speedup']:.4f} --runtime fake" in rows[5]["command"]
     control, kd = rows[6], rows[7]
     assert control["result"]["params"] == rows[0]["result"]["params"]
     assert _recipe(control["command"]) == _recipe(kd["command"])  # same recipe, data and teacher

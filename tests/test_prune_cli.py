@@ -148,7 +148,8 @@ def _digest(folder: Path) -> str:
     (prune_tp, ["--latency-ms", "0"], "--latency-ms 0.0: expected a positive number"),
     (prune_tp, ["--remain-ratio", "0.5", "--delta", "1"], "--delta 1.0"),
     (prune_tp, ["--remain-ratio", "0.02", "--min-keep", "0.9", "--steps", "1"], "--remain-ratio 0.02: at the largest"),
-    (prune_tp, [], "one of the arguments --remain-ratio --latency-ms is required"),
+    (prune_tp, [], "one of the arguments --remain-ratio --latency-ms --speedup is required"),
+    (prune_tp, ["--speedup", "1"], "--speedup 1.0: expected a speed-up above 1"),
 ])
 def test_bad_flags_end_in_one_line(sparse_run, tmp_path, capsys, tool, args, message):
     data_before = _digest(ROOT / "data" / "neu-det-sample")

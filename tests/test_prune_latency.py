@@ -34,10 +34,12 @@ from utils.compress.prune.analysis import analyse_channels
 from utils.compress.prune.cost import CostModel
 from utils.compress.prune.groups import batchnorm_members
 from utils.compress.prune.latency import (
+    PROBE_REPEATS,
     PROBE_WIDTHS,
     TABLE_FILE,
     LatencySettings,
     TableCache,
+    choose_multiple,
     latency_model,
     measure_multiple,
     round_up,
@@ -201,6 +203,23 @@ def test_width_multiple_follows_the_runtimes_steps(tmp_path, caplog):
     assert all(round_up(w, m) in PROBE_WIDTHS for w in PROBE_WIDTHS for m in (1, 4, 8, 16, 32))
     other = fake_runtime(step=8, name="fake8")
     assert measure_multiple(model, analysis.groups, other(2), IMGSZ, cache) == 8
+
+
+def test_width_multiple_survives_a_burst_of_load(tmp_path):
+    """The probe widths are timed in PROBE_REPEATS independent sets and each keeps its fastest median: a set in
+    which a burst of load tripled every other width (alone, it would choose multiple 1) changes nothing."""
+    model, analysis = analysed_model()
+    bursty = fake_runtime(step=16, name="bursty")
+    steady, sets = bursty.latency, []
+
+    def latency(self, handles, runs):
+        values = steady(self, handles, runs)
+        sets.append(values if sets else [v * (3 if i % 2 else 1) for i, v in enumerate(values)])
+        return sets[-1]
+
+    bursty.latency = latency
+    assert measure_multiple(model, analysis.groups, bursty(2), IMGSZ, TableCache(tmp_path / TABLE_FILE)) == 16
+    assert len(sets) == PROBE_REPEATS and choose_multiple(dict(zip(PROBE_WIDTHS, sets[0], strict=True)))[0] == 1
 
 
 # ------------------------------------------------------------------------------------------- the tools

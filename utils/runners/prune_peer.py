@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -32,14 +33,26 @@ LOGGER = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LatencyTarget:
-    """A latency budget for the Torch-Pruning peer: batch-1 milliseconds on ``runtime`` (a name of
-    :data:`utils.compress.prune.runtimes.RUNTIMES`, as our tools' ``--runtime``) at ``imgsz``."""
+    """A latency budget for the Torch-Pruning peer on ``runtime`` (a name of
+    :data:`utils.compress.prune.runtimes.RUNTIMES`, as our tools' ``--runtime``) at ``imgsz``, batch 1: ``ms``
+    (each candidate timed alone), or ``speedup`` over the unpruned model, each candidate timed in the same rounds
+    as the unpruned model, so a shared machine's drift between candidates cancels (one of the two)."""
 
-    ms: float
     imgsz: int
+    ms: float | None = None
+    speedup: float | None = None
     threads: int = 2
     runs: int = 10
     runtime: str = "onnxruntime"
+
+    @property
+    def flag(self) -> str:
+        return f"--latency-ms {self.ms:g}" if self.ms is not None else f"--speedup {self.speedup:g}"
+
+    @property
+    def target(self) -> float:
+        """What the search's measure is compared with: milliseconds, or the share of the unpruned model's time."""
+        return self.ms if self.ms is not None else 1 / self.speedup
 
 
 def run_prune_tp(opts: PruneOptions, settings: PeerSettings, remain_ratio: float | None,
@@ -56,17 +69,21 @@ def run_prune_tp(opts: PruneOptions, settings: PeerSettings, remain_ratio: float
         measure, target, flag = flops_share(model, opts.imgsz), remain_ratio, f"--remain-ratio {remain_ratio}"
     else:
         samples = calibration_samples(task, latency.imgsz) if RUNTIMES.create(latency.runtime, 1).calibrated else None
-        measure, target, flag = runtime_latency(latency, samples), latency.ms, f"--latency-ms {latency.ms}"
-        settings = replace(settings, tolerance=settings.tolerance * latency.ms)
+        measure, target, flag = runtime_latency(latency, model, samples), latency.target, latency.flag
+        settings = replace(settings, tolerance=settings.tolerance * target)
     try:
         found = search_ratio(model, settings, measure, target)
     except PeerBudgetError as exc:
         raise UserError(f"{flag}: {exc}; give a larger budget (or a smaller --min-keep, or a larger --delta)") from None
     LOGGER.info("Torch-Pruning (%s importance, %d steps): channel ratio %.4f measures %.4g (target %.4g, %d trials)",
                 settings.importance, settings.steps, found.ratio, found.value, target, found.trials)
-    budget = {"remain_ratio": remain_ratio} if remain_ratio is not None else {
-        "latency_ms": latency.ms, "latency_imgsz": latency.imgsz, "runtime": latency.runtime,
-        "measured_ms": round(found.value, 3)}
+    if latency is None:
+        budget: dict[str, Any] = {"remain_ratio": remain_ratio}
+    else:
+        measured = {"measured_ms": round(found.value, 3)} if latency.ms is not None else {
+            "measured_speedup": round(1 / found.value, 4)}
+        budget = {"latency_ms": latency.ms, "speedup": latency.speedup, "latency_imgsz": latency.imgsz,
+                  "runtime": latency.runtime, **measured}
     note = {**found.model.yaml["pruned"], "source": opts.weights, **budget}
     note.pop("widths")
     found.model.yaml["pruned"].update(note)
@@ -77,15 +94,19 @@ def run_prune_tp(opts: PruneOptions, settings: PeerSettings, remain_ratio: float
 def check_peer_options(settings: PeerSettings, remain_ratio: float | None, latency: LatencyTarget | None) -> None:
     """benchmarks/prune_tp.py's own flags, checked before anything loads."""
     if (remain_ratio is None) == (latency is None):
-        raise UserError("give one of --remain-ratio R (FLOPs to keep) or --latency-ms MS (batch-1 latency to "
-                        "reach on --runtime)")
+        raise UserError("give one of --remain-ratio R (FLOPs to keep), --latency-ms MS or --speedup X (batch-1 "
+                        "latency on --runtime)")
     if remain_ratio is not None and not 0 < remain_ratio < 1:
         raise UserError(f"--remain-ratio {remain_ratio}: expected a share of FLOPs strictly between 0 and 1")
     if latency is not None:
         RUNTIMES.create(latency.runtime, latency.threads).check()
+        if (latency.ms is None) == (latency.speedup is None):
+            raise UserError("give one latency budget: --latency-ms MS or --speedup X")
+        if latency.speedup is not None and not latency.speedup > 1:
+            raise UserError(f"--speedup {latency.speedup}: expected a speed-up above 1, e.g. 1.5")
         for flag, value in (("--latency-ms", latency.ms), ("--latency-imgsz", latency.imgsz),
                             ("--threads", latency.threads), ("--runs", latency.runs)):
-            if not value > 0:
+            if value is not None and not value > 0:
                 raise UserError(f"{flag} {value}: expected a positive number")
     if settings.importance not in IMPORTANCES:
         raise UserError(f"--importance {settings.importance}: expected one of {', '.join(IMPORTANCES)}")
@@ -105,18 +126,25 @@ def head_kept_whole(model: nn.Module) -> dict[int, set[str]]:
     return kept
 
 
-def runtime_latency(target: LatencyTarget, samples: list | None = None) -> Callable[[nn.Module], float]:
-    """The measurement of a latency budget: median batch-1 ms of a candidate on ``target.runtime`` with
-    ``target.threads`` threads, opened as the latency budgets of our tools open it (the same runtime of
-    :mod:`utils.compress.prune.runtimes`, an INT8 runtime calibrated on the same ``samples``), so that the peer and
-    our tools meet at the same latency."""
+def runtime_latency(target: LatencyTarget, unpruned: nn.Module, samples: list | None = None
+                    ) -> Callable[[nn.Module], float]:
+    """The measurement of a latency budget on ``target.runtime`` with ``target.threads`` threads, models opened as
+    the latency budgets of our tools open them (the same runtime of :mod:`utils.compress.prune.runtimes`, an INT8
+    runtime calibrated on the same ``samples``), so that the peer and our tools meet at the same latency: a
+    candidate's median batch-1 ms, or (``target.speedup``) its median over the ``unpruned`` model's, both timed
+    in the same interleaved rounds."""
     from utils.compress.prune.latency import example_input
     from utils.export.common import prepare_for_export
 
     runtime = RUNTIMES.create(target.runtime, target.threads)
+    example = example_input(unpruned, target.imgsz)
 
     def measure(model: nn.Module) -> float:
         with tempfile.TemporaryDirectory(prefix="prune-tp-") as tmp:
-            handle = runtime.open(prepare_for_export(model), example_input(model, target.imgsz), Path(tmp), samples)
-            return runtime.latency([handle], target.runs)[0]
+            handle = runtime.open(prepare_for_export(model), example, Path(tmp), samples)
+            if target.ms is not None:
+                return runtime.latency([handle], target.runs)[0]
+            reference = runtime.open(prepare_for_export(unpruned), example, Path(tmp), samples)
+            candidate_ms, unpruned_ms = runtime.latency([handle, reference], target.runs)
+            return candidate_ms / unpruned_ms
     return measure
