@@ -41,7 +41,9 @@ def _results(run_dir: Path) -> list[dict[str, str]]:
 
 NO_AUGMENT = ["mosaic=0", "fliplr=0", "hsv_h=0", "hsv_s=0", "hsv_v=0", "translate=0", "scale=0"]
 # 36 images: a nominal batch of 8 (instead of 64) gives 5 optimizer steps per epoch, and with the augmentations
-# off every epoch sees the same images, so 75 steps are enough to see the losses fall.
+# off every epoch sees the same images, so 50 steps are enough to see the losses fall (on the fitted line: box 12 %,
+# cls 9 % in float32; 13 % and 10 % in bfloat16; 7 % asked).
+SMOKE_EPOCHS = 10
 SMOKE_HYP = ["warmup_epochs=0", "nbs=8", "lr0=0.02", *NO_AUGMENT]
 
 
@@ -102,7 +104,7 @@ def _train_probed(cfg: TrainConfig) -> DtypeProbe:
 def _assert_losses_fall(rows: list[dict[str, str]]) -> None:
     for part in ("box", "cls"):  # objectness targets are IoUs, which rise as boxes improve: its loss may rise
         losses = [float(row[f"train/{part}"]) for row in rows]
-        assert _fitted_drop(losses) > 0.07, (part, losses)  # ~15 % on this recipe
+        assert _fitted_drop(losses) > 0.07, (part, losses)
     assert float(rows[-1]["val/box"]) < float(rows[0]["val/box"]), "the validation box loss did not fall"
 
 
@@ -110,19 +112,19 @@ def test_default_training_loss_falls_in_mixed_precision_and_validates_in_float32
     """The default run (no precision flag): bfloat16 autocast on a CPU with native bfloat16 (float32 elsewhere),
     weights and EMA float32, the loss fed float32, validation in float32; the losses fall, the artifacts exist,
     the precision is recorded in opt.yaml and the checkpoints, and best.pt validates."""
-    cfg = _config(tmp_path, "smoke", epochs=15, hyp_override=SMOKE_HYP)
+    cfg = _config(tmp_path, "smoke", epochs=SMOKE_EPOCHS, hyp_override=SMOKE_HYP)
     probe = _train_probed(cfg)
     precision = default_precision()
     assert probe.conv_out == {torch.bfloat16 if precision == "bf16" else torch.float32}
     assert probe.loss_inputs == probe.weights == probe.val_conv_out == {torch.float32}
     run = tmp_path / "smoke"
     rows = _results(run)
-    assert len(rows) == 15
+    assert len(rows) == SMOKE_EPOCHS
     # learning rates as v7.0 logs them: the ones used during the epoch (linear schedule, lrf 0.01, one epoch
     # behind lf as in v7.0: epoch e trains at lf(e - 1), epoch 0 at lf(0))
     for row in (rows[0], rows[1], rows[-1]):
         used = max(int(row["epoch"]) - 1, 0)
-        assert float(row["lr/pg1"]) == pytest.approx(0.02 * ((1 - used / 15) * 0.99 + 0.01)), row
+        assert float(row["lr/pg1"]) == pytest.approx(0.02 * ((1 - used / SMOKE_EPOCHS) * 0.99 + 0.01)), row
     _assert_losses_fall(rows)
     for name in ("weights/best.pt", "weights/last.pt", "results.png", "labels.png", "train_batch0.jpg",
                  "confusion_matrix.png", "PR_curve.png", "val_batch0_pred.jpg", "hyp.yaml", "opt.yaml"):
