@@ -77,18 +77,21 @@ def run_prune_tp(opts: PruneOptions, settings: PeerSettings, remain_ratio: float
         raise UserError(f"{flag}: {exc}; give a larger budget (or a smaller --min-keep, or a larger --delta)") from None
     LOGGER.info("Torch-Pruning (%s importance, %d steps): channel ratio %.4f measures %.4g (target %.4g, %d trials)",
                 settings.importance, settings.steps, found.ratio, found.value, target, found.trials)
-    if latency is None:
-        budget: dict[str, Any] = {"remain_ratio": remain_ratio}
-    else:
-        measured = {"measured_ms": round(found.value, 3)} if latency.ms is not None else {
-            "measured_speedup": round(1 / found.value, 4)}
-        budget = {"latency_ms": latency.ms, "speedup": latency.speedup, "latency_imgsz": latency.imgsz,
-                  "runtime": latency.runtime, **measured}
-    note = {**found.model.yaml["pruned"], "source": opts.weights, **budget}
+    note = {**found.model.yaml["pruned"], "source": opts.weights, **budget_note(remain_ratio, latency, found.value)}
     note.pop("widths")
     found.model.yaml["pruned"].update(note)
     set_aside_earlier_result(opts.path, opts.exist_ok)
     return report_and_save(model, meta, found.model, head_kept_whole(model), opts, note, task)
+
+
+def budget_note(remain_ratio: float | None, latency: LatencyTarget | None, measured: float) -> dict[str, Any]:
+    """The budget and what the chosen model measured, as the pruned YAML records them."""
+    if latency is None:
+        return {"remain_ratio": remain_ratio}
+    result = {"measured_ms": round(measured, 3)} if latency.ms is not None else {
+        "measured_speedup": round(1 / measured, 4)}
+    return {"latency_ms": latency.ms, "speedup": latency.speedup, "latency_imgsz": latency.imgsz,
+            "runtime": latency.runtime, **result}
 
 
 def check_peer_options(settings: PeerSettings, remain_ratio: float | None, latency: LatencyTarget | None) -> None:
