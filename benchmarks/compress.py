@@ -99,21 +99,16 @@ class ChainSettings:
     runs: int = 30  # interleaved latency rounds
     speedup: float = 0.0  # 0: prune to ``ratio`` of the FLOPs; else to this speed-up on ``runtime`` (latency budget)
     runtime: str = ""  # the runtime a latency budget is measured on (utils/compress/prune/runtimes.py)
+    control: bool = True  # the unpruned model through the same kd, QAT and INT8 stages (off only to test mechanics)
+    quantize: bool = True  # the QAT and INT8 stages (off only to test the mechanics before them)
 
     @property
     def latency_size(self) -> int:
         return self.latency_imgsz or self.imgsz
 
-    @property
-    def budget_tag(self) -> str:
-        """What names a latency budget's rows and tables ('' under the FLOPs budget)."""
-        return f"x{self.speedup:g}-{self.runtime}" if self.speedup else ""
-
     def label(self, method: str) -> str:
         """A pruning method's row label and stage-name stem: ``slim``, or ``slim x1.5 openvino-int8``."""
         return f"{method} x{self.speedup:g} {self.runtime}" if self.speedup else method
-    control: bool = True  # the unpruned model through the same kd, QAT and INT8 stages (off only to test mechanics)
-    quantize: bool = True  # the QAT and INT8 stages (off only to test the mechanics before them)
 
 
 @dataclass(frozen=True)
@@ -161,7 +156,7 @@ def check_latency_budget(s: ChainSettings) -> None:
         raise FlagError(f"--speedup {s.speedup:g} needs --runtime ({'|'.join(RUNTIMES.names())}): where the "
                         "latency is measured")
     RUNTIMES.create(s.runtime, s.threads).check()
-    if "peer" in s.methods and set(s.methods) <= {"peer"}:
+    if set(s.methods) == {"peer"}:
         raise FlagError("--speedup with --methods peer alone: the peer prunes to the latency our first method's "
                         "model measured; add slim or eagleeye")
 
@@ -272,8 +267,8 @@ def budget_argv(s: ChainSettings, method: str, peer_speedup: float | None) -> li
     if not s.speedup:
         return ["--remain-ratio", str(s.ratio)]
     speedup = f"{peer_speedup:.4f}" if method == "peer" else str(s.speedup)
-    budget = ["--speedup", speedup]
-    return [*budget, "--runtime", s.runtime, "--threads", str(s.threads), "--latency-imgsz", str(s.latency_size)]
+    return ["--speedup", speedup, "--runtime", s.runtime, "--threads", str(s.threads), "--latency-imgsz",
+            str(s.latency_size)]
 
 
 def measured_speedup(pruned: Path) -> float:
@@ -520,7 +515,7 @@ def budget_text(s: ChainSettings) -> str:
 
 def tagged(s: ChainSettings) -> str:
     """The suffix of a latency run's table and timing files (``-x1.5-openvino-int8``; '' for the FLOPs run)."""
-    return f"-{s.budget_tag}" if s.budget_tag else ""
+    return f"-x{s.speedup:g}-{s.runtime}" if s.speedup else ""
 
 
 def run_chain(s: ChainSettings) -> list[dict[str, Any]]:

@@ -141,13 +141,16 @@ def runtime_latency(target: LatencyTarget, unpruned: nn.Module, samples: list | 
 
     runtime = RUNTIMES.create(target.runtime, target.threads)
     example = example_input(unpruned, target.imgsz)
+    reference = None  # the unpruned model, opened once for every candidate (the runtimes hold it in memory)
+    if target.speedup is not None:
+        with tempfile.TemporaryDirectory(prefix="prune-tp-") as tmp:
+            reference = runtime.open(prepare_for_export(unpruned), example, Path(tmp), samples)
 
     def measure(model: nn.Module) -> float:
         with tempfile.TemporaryDirectory(prefix="prune-tp-") as tmp:
             handle = runtime.open(prepare_for_export(model), example, Path(tmp), samples)
-            if target.ms is not None:
+            if reference is None:
                 return runtime.latency([handle], target.runs)[0]
-            reference = runtime.open(prepare_for_export(unpruned), example, Path(tmp), samples)
             candidate_ms, unpruned_ms = runtime.latency([handle, reference], target.runs)
             return candidate_ms / unpruned_ms
     return measure
