@@ -14,7 +14,8 @@ measured latency, as a speed-up over the unpruned model timed in the same rounds
 ``<method> xX R`` and their tables are ``table-xX-R.md/.csv``, so a FLOPs run and a latency run share one folder
 (and its unpruned, sparse and control stages):
 
-1. ``prune``     prune_slim.py (on the unpruned model fine-tuned with train.py --sparse --sparse-remain RATIO) /
+1. ``prune``     prune_slim.py (on the unpruned model fine-tuned with train.py --sparse --sparse-remain RATIO,
+                 or on ``--sparse-weights``: a model trained sparse from the start) /
                  prune_eagleeye.py /
                  benchmarks/prune_tp.py (on the unpruned model)
 2. ``kd``        train.py --cfg pruned.yaml --weights pruned.pt --teacher unpruned.pt (distilled fine-tune, --epochs)
@@ -92,6 +93,7 @@ class ChainSettings:
     ratio: float = 0.5  # FLOPs kept by every pruning method
     methods: tuple[str, ...] = METHODS
     sparse: float = 5e-4  # train.py --sparse of the model slim prunes
+    sparse_weights: str = ""  # slim's parent trained sparse from the start; '' = the sparse fine-tune stage
     max_iter: int = 200  # EagleEye candidates
     delta: float = 0.02  # EagleEye's and the peer's FLOPs band
     calib_images: int = 300
@@ -127,8 +129,9 @@ def check_settings(s: ChainSettings) -> None:
     """Every flag in its domain and every input present, before anything trains."""
     if not Path(s.data).is_file():
         raise FlagError(f"--data {s.data}: file not found")
-    if s.weights and not Path(s.weights).is_file():
-        raise FlagError(f"--weights {s.weights}: file not found")
+    for flag, path in (("--weights", s.weights), ("--sparse-weights", s.sparse_weights)):
+        if path and not Path(path).is_file():
+            raise FlagError(f"{flag} {path}: file not found")
     if not 0 < s.ratio < 1:
         raise FlagError(f"--ratio {s.ratio}: expected a share of FLOPs strictly between 0 and 1, e.g. 0.5")
     unknown = sorted(set(s.methods) - set(METHODS))
@@ -225,7 +228,11 @@ def stage_base(s: ChainSettings) -> tuple[Path, str]:
 def stage_sparse(s: ChainSettings, base: Path) -> tuple[Path, str]:
     """Network Slimming's input: the unpruned model fine-tuned with train.py --sparse aimed at the chain's cut
     (--sparse-remain: only the channels a cut to ``ratio`` would remove are penalised); its last.pt, since best.pt
-    is picked by the metric, usually an early, barely sparse epoch."""
+    is picked by the metric, usually an early, barely sparse epoch. Or ``--sparse-weights`` as given: the recipe
+    docs/prune.md measured to work (sparse from the start, as many epochs as the unpruned model had), whose cut
+    loses little before any fine-tune."""
+    if s.sparse_weights:
+        return Path(s.sparse_weights), "(given: --sparse-weights)"
     last = s.work / "train" / "sparse" / "weights" / "last.pt"
     argv = train_argv(s, "sparse", s.epochs, FINETUNE_HYP, "--weights", str(base), "--sparse", str(s.sparse),
                       "--sparse-remain", str(s.ratio))
@@ -588,9 +595,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--speedup", type=float, default=default.speedup,
                         help="prune to this batch-1 speed-up on --runtime at the latency size instead of --ratio")
     parser.add_argument("--runtime", default=default.runtime,
-                        help="runtime of --speedup: onnxruntime, openvino or openvino-int8")
+                        help="runtime of --speedup: onnxruntime, openvino, openvino-bf16 or openvino-int8")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), help="pruning methods (slim eagleeye peer)")
     parser.add_argument("--sparse", type=float, default=default.sparse, help="train.py --sparse before slim")
+    parser.add_argument("--sparse-weights", default="",
+                        help="slim's parent trained sparse from the start (train.py --sparse S --sparse-remain R, "
+                        "as many epochs as --weights), instead of the sparse fine-tune")
     parser.add_argument("--max-iter", type=int, default=default.max_iter, help="EagleEye candidates")
     parser.add_argument("--delta", type=float, default=default.delta,
                         help="EagleEye's and the peer's band around the budget (a share of it)")

@@ -360,7 +360,7 @@ CASES = [
     ("convert", "voc2yolo --xml {r}/empty --out {r}/out", "--xml"),
     ("convert", "subset --data {r}/data_ok.yaml --out {r}/out --n 0", "--n 0"),
     # latency budgets: --weights is text.pt (no checkpoint), so an error after loading would name it instead
-    ("slim", "--latency-ms 10", "--latency-ms 10 needs --runtime (onnxruntime|openvino|openvino-int8"),
+    ("slim", "--latency-ms 10", "--latency-ms 10 needs --runtime (onnxruntime|openvino|openvino-bf16|openvino-int8"),
     ("eagleeye", "--speedup 1.5", "--speedup 1.5 needs --runtime"),
     ("slim", "--speedup 1.5 --runtime tensorrt", "--runtime tensorrt: unknown runtime; choose from"),
     ("slim", "--speedup 1 --runtime onnxruntime", "--speedup 1.0: expected a speed-up above 1"),

@@ -112,10 +112,27 @@ def test_bad_settings_are_refused_before_anything_runs(tmp_path):
                             (dict(epochs=0), "--epochs 0"), (dict(data=str(tmp_path / "no.yaml")), "no.yaml"),
                             (dict(speedup=1.5), "--speedup 1.5 needs --runtime"),
                             (dict(speedup=0.5, runtime="openvino"), "--speedup 0.5: expected a speed-up above 1"),
-                            (dict(speedup=2, runtime="openvino", methods=("peer",)), "the peer prunes to the latency")):
+                            (dict(speedup=2, runtime="openvino", methods=("peer",)), "the peer prunes to the latency"),
+                            (dict(sparse_weights=str(tmp_path / "s.pt")),
+                             f"--sparse-weights {tmp_path / 's.pt'}: file not found")):
         with pytest.raises(compress.FlagError, match=message.replace(".", r"\.")):
             compress.run_chain(dataclasses.replace(settings, **change))
     assert not (tmp_path / "run").exists()
+
+
+def test_sparse_weights_replace_the_sparse_fine_tune(tmp_path, monkeypatch):
+    """--sparse-weights (a model trained sparse from the start) is what slimming prunes: no sparse stage runs, and
+    the prune stage's command names that file."""
+    sparse = tmp_path / "sparse.pt"
+    sparse.write_bytes(b"")
+    settings = compress.ChainSettings(data=str(compress.SAMPLE), work=tmp_path / "run", methods=("slim",),
+                                      sparse_weights=str(sparse))
+    calls = []
+    monkeypatch.setattr(compress, "run_stage", lambda s, name, artifact, script, argv, call: calls.append(
+        (name, argv)) or (artifact, ""))
+    compress.stage_prune(settings, "slim", tmp_path / "unpruned.pt")
+    assert [name for name, _ in calls] == ["prune-slim"]
+    assert calls[0][1][calls[0][1].index("--weights") + 1] == str(sparse)
 
 
 def test_compress_script_refuses_a_bad_flag_in_one_line(tmp_path, capsys):

@@ -12,6 +12,7 @@ import csv
 import functools
 import json
 import logging
+import math
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -377,28 +378,38 @@ def test_library_callers_get_the_same_checks(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- a real runtime
-def test_onnxruntime_profile_maps_every_conv_layer(tmp_path, monkeypatch):
-    """ONNX Runtime's session profile, node names mapped to the YAML layers: every layer holding a convolution
-    has a time at every point, and the prediction at the profiled widths is the measured total. (Two widths,
-    few runs, no pause: this checks the mapping, it times nothing.)"""
-    pytest.importorskip("onnxruntime")
+@pytest.mark.parametrize("name", ["onnxruntime", "openvino-bf16"])
+def test_runtime_profile_maps_every_conv_layer(name, tmp_path, monkeypatch):
+    """ONNX Runtime's session profile and OpenVINO's performance counters (in bfloat16, the baseline to beat on
+    CPUs with AMX), node names mapped to the YAML layers: every layer holding a convolution has a time at every
+    point, and the prediction at the profiled widths is the measured total. (Two widths, few runs, no pause:
+    this checks the mapping, it times nothing.)"""
+    runtime = RUNTIMES.create(name, 1)
+    try:
+        runtime.check()
+    except UserError as error:
+        pytest.skip(str(error))
     monkeypatch.setattr(latency_module, "UNIFORM_WIDTHS", (1.0, 0.5))
     monkeypatch.setattr(latency_module, "PROFILE_RUNS", 2)
     monkeypatch.setattr(latency_module, "TIMING_RUNS", 1)
     monkeypatch.setattr(runtimes_module, "SETTLE_SECONDS", 0.0)
     model, _ = analysed_model()
-    latency = fake_table(tmp_path, RUNTIMES.create("onnxruntime", 1))
+    latency = fake_table(tmp_path, runtime)
     conv_layers = set(conv_macs(prepare_for_export(model)))
     assert conv_layers and len(latency.points) == 2
     for point in latency.points:
         assert conv_layers <= set(point.layers), conv_layers - set(point.layers)
         assert latency.ms(point.counts) == pytest.approx(point.ms, rel=1e-9)
         assert point.ms > 0 and sum(point.layers.values()) > 0
+    if name == "openvino-bf16":
+        handle = runtime.open(prepare_for_export(model), latency_module.example_input(model, IMGSZ), tmp_path)
+        assert runtime._compile(handle.file, False).get_property("INFERENCE_PRECISION_HINT").to_string() == "bf16"
 
 
 def test_latency_benchmark_times_checkpoints_side_by_side(checkpoint, tmp_path, capsys):
     """benchmarks/latency.py on the fake runtime: each checkpoint's ms is the runtime's, the speed-up is relative
-    to the first checkpoint; a missing file is one line before anything loads."""
+    to the first checkpoint; ``--widths`` adds each checkpoint cut uniformly (every group keeps the share, rounded
+    up to 8 channels); a missing file or a reference runtime not timed is one line before anything loads."""
     from benchmarks import latency as bench
 
     model, analysis = analysed_model()
@@ -406,14 +417,23 @@ def test_latency_benchmark_times_checkpoints_side_by_side(checkpoint, tmp_path, 
     counts = {number: group.size // 2 for number, group in enumerate(analysis.groups)}
     half = prune_model(model, analysis.groups, plan_from_counts(order, counts))  # records its widths: reloadable
     pruned = save_checkpoint(half, tmp_path / "half.pt")
+    quarter_counts = {n: min(g.size, math.ceil(g.size / 4 / 8) * 8) for n, g in enumerate(analysis.groups)}
+    quarter = pruned_with(quarter_counts)
     with registered_runtime(fake_runtime(name="fake-bench")):
         assert bench.main(["--weights", str(checkpoint), str(pruned), "--imgsz", str(IMGSZ), "--runtime",
-                           "fake-bench", "--runs", "1"]) == 0
+                           "fake-bench", "--runs", "1", "--widths", "0.25", "--reference", "fake-bench"]) == 0
         assert run_cli(bench.main, ["--weights", str(checkpoint), str(tmp_path / "none.pt"), "--runtime",
                                     "fake-bench"]) == 2
+        assert run_cli(bench.main, ["--weights", str(checkpoint), "--runtime", "fake-bench", "--reference",
+                                    "openvino"]) == 2
+        assert run_cli(bench.main, ["--weights", str(checkpoint), "--runtime", "fake-bench", "--widths", "1.5"]) == 2
     out, err = capsys.readouterr()
-    full_ms, half_ms = fake_ms(model), fake_ms(half)
+    full_ms, half_ms, quarter_ms = fake_ms(model), fake_ms(half), fake_ms(quarter)
     assert f"| {pruned} | {count_parameters(half) / 1e6:.3f} |" in out
     assert f"{half_ms:.2f} ({full_ms / half_ms:.2f}x) |" in out and f"{full_ms:.2f} (1.00x) |" in out
-    assert full_ms / half_ms > 1.5
-    assert err == f"error: --weights {tmp_path / 'none.pt'}: file not found\n"
+    assert f"| {checkpoint} at 25% width | {count_parameters(quarter) / 1e6:.3f} |" in out
+    assert f"{quarter_ms:.2f} ({full_ms / quarter_ms:.2f}x) |" in out
+    assert full_ms / half_ms > 1.5 and half_ms > quarter_ms
+    assert err == (f"error: --weights {tmp_path / 'none.pt'}: file not found\n"
+                   "error: --reference openvino: not one of --runtime fake-bench\n"
+                   "error: --widths 1.5: expected a share of the channels between 0 and 1\n")

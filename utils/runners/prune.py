@@ -78,7 +78,7 @@ class PruneOptions:
     exist_ok: bool = False
     noval: bool = False
     seed: int = 0
-    runtime: str | None = None  # --runtime: where latency is measured (onnxruntime, openvino, openvino-int8)
+    runtime: str | None = None  # --runtime: where latency is measured (a name in RUNTIMES)
     threads: int = 2  # --threads the runtime runs with
     latency_ms: float | None = None  # --latency-ms: the pruned model's batch-1 time on --runtime
     speedup: float | None = None  # --speedup: the unpruned model's time over the pruned model's on --runtime
