@@ -79,19 +79,14 @@ def check_args(args: argparse.Namespace) -> None:
 
 def uniform_cuts(model: nn.Module, widths: list[float]) -> list[nn.Module]:
     """``model`` cut to each uniform width: every prunable group keeps that share of its channels (rounded as the
-    latency tables' points are); the channels kept are the first ones, which does not change the time."""
-    import torch
-
+    latency tables' points are)."""
     from utils.compress.prune.analysis import analyse_channels
-    from utils.compress.prune.latency import uniform_counts
-    from utils.compress.prune.plan import MIN_KEEP, plan_from_counts
-    from utils.compress.prune.surgery import prune_model
+    from utils.compress.prune.latency import cut_to_counts, uniform_counts
+    from utils.compress.prune.plan import MIN_KEEP
 
     groups = analyse_channels(model, verify=False).groups
-    order = [torch.arange(g.size, 0, -1).float() for g in groups]
-    return [prune_model(model, groups, plan_from_counts(order, uniform_counts([g.size for g in groups], width,
-                                                                              MIN_KEEP, CUT_MULTIPLE)), record=False)
-            for width in widths]
+    sizes = [g.size for g in groups]
+    return [cut_to_counts(model, groups, uniform_counts(sizes, width, MIN_KEEP, CUT_MULTIPLE)) for width in widths]
 
 
 def load_rows(weights: list[str], widths: list[float]) -> tuple[list[str], list[nn.Module]]:

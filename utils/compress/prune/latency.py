@@ -215,15 +215,18 @@ def example_input(model: nn.Module, imgsz: int) -> torch.Tensor:
     return torch.zeros(1, model.yaml.get("ch", 3), imgsz, imgsz)
 
 
+def cut_to_counts(model: nn.Module, groups: list[ChannelGroup], counts: Mapping[int, int]) -> nn.Module:
+    """``model`` with group i keeping its first ``counts[i]`` channels: a model to time (which channels are kept
+    does not change the time)."""
+    order = [torch.arange(g.size, 0, -1).float() for g in groups]
+    return prune_model(model, groups, plan_from_counts(order, dict(counts)), record=False)
+
+
 def open_plans(runtime: Runtime, model: nn.Module, groups: list[ChannelGroup], plans: Sequence[Mapping[int, int]],
                imgsz: int, folder: Path, samples: Sequence[np.ndarray] | None = None) -> list[Any]:
-    """Each plan's model (the first channels kept: which ones does not change the time) opened on ``runtime``."""
-    handles = []
-    for counts in plans:
-        order = [torch.arange(g.size, 0, -1).float() for g in groups]
-        pruned = prune_model(model, groups, plan_from_counts(order, dict(counts)), record=False)
-        handles.append(runtime.open(prepare_for_export(pruned), example_input(model, imgsz), folder, samples))
-    return handles
+    """Each plan's model (:func:`cut_to_counts`) opened on ``runtime``."""
+    return [runtime.open(prepare_for_export(cut_to_counts(model, groups, counts)), example_input(model, imgsz),
+                         folder, samples) for counts in plans]
 
 
 def measure_points(model: nn.Module, groups: list[ChannelGroup], runtime: Runtime, settings: LatencySettings,
