@@ -12,18 +12,25 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
 
 def profile(model: str, hint: str, imgsz: int, threads: int, runs: int) -> tuple[float, dict[str, float]]:
-    import openvino
+    from utils.export.openvino import openvino_core
 
     config = {"PERF_COUNT": True, "INFERENCE_NUM_THREADS": threads}
     if hint != "default":
         config["INFERENCE_PRECISION_HINT"] = hint
-    compiled = openvino.Core().compile_model(model, "CPU", config)
+    with openvino_core() as core:
+        compiled = core.compile_model(model, "CPU", config)
     request = compiled.create_infer_request()
     images = np.random.rand(1, 3, imgsz, imgsz).astype(np.float32)
     totals, by_kind = [], defaultdict(list)

@@ -529,10 +529,11 @@ def test_int8_quantized_onnx_runs(fixture_artifacts, fixture_images, fixture_ref
 
 def _conv_precisions(folder: Path) -> dict[str, str]:
     """Friendly name -> precision OpenVINO's CPU plugin runs each convolution in (from the compiled model)."""
-    import openvino
+    from utils.export.openvino import openvino_core
 
     xml = str(next(folder.glob("*.xml")))
-    compiled = openvino.Core().compile_model(xml, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    with openvino_core() as core:
+        compiled = core.compile_model(xml, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     precisions = {}
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from utils.common.signal_stack import install_own_signal_stack
 from utils.export.backend import Backend, single_file
 from utils.export.common import ExportMetadata, ImageTransform, letterbox_tensor, read_metadata, write_metadata
 from utils.export.onnx import DEFAULT_OPSET, export_onnx
@@ -36,6 +38,19 @@ if TYPE_CHECKING:
     from utils.export.job import ExportJob
 
 LOGGER = logging.getLogger(__name__)
+
+
+@contextmanager
+def openvino_core() -> Iterator[Any]:
+    """An ``openvino.Core`` for the block; on leaving it (however), this thread's alternate signal stack is the
+    process's own again, so that the CPU plugins the block created cannot leave an unmapped one behind when they are
+    destroyed (:mod:`utils.common.signal_stack`). Every OpenVINO compile of this project goes through here."""
+    import openvino
+
+    try:
+        yield openvino.Core()
+    finally:
+        install_own_signal_stack()
 
 
 def export_openvino(model: nn.Module, images: torch.Tensor, folder: str | Path, metadata: ExportMetadata,
@@ -78,8 +93,10 @@ def quantize_openvino_int8(folder: str | Path, calibration_files: Sequence[str |
     xml = next(folder.glob("*.xml"))
     LOGGER.info("OpenVINO INT8 (NNCF): calibrating on %d images; layers %s kept in floating point",
                 len(calibration_files), list(keep_layers))
-    quantized = nncf_quantize(ov.Core().read_model(str(xml)), reader, len(calibration_files) // reader.batch_size,
-                              keep_layers, lambda item: item["images"])
+    with openvino_core() as core:
+        ov_model = core.read_model(str(xml))
+    quantized = nncf_quantize(ov_model, reader, len(calibration_files) // reader.batch_size, keep_layers,
+                              lambda item: item["images"])
     with tempfile.TemporaryDirectory(prefix="ov-int8-", dir=folder) as tmp:  # the FP32 .bin is memory-mapped
         ov.save_model(quantized, str(Path(tmp) / xml.name), compress_to_fp16=False)
         for suffix in (".xml", ".bin"):
@@ -110,6 +127,7 @@ def nncf_quantize(ov_model: Any, batches: Iterable[Any], count: int, keep_layers
                                  activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX))
     finally:
         nncf_logger.setLevel(level)
+        install_own_signal_stack()  # NNCF compiles the model with its own Cores (see openvino_core)
 
 
 def export(job: ExportJob) -> dict[str, Path]:
@@ -148,15 +166,13 @@ class OpenVINOBackend(Backend):
 
     def __init__(self, weights: Path, device: str = "cpu", fp16: bool = False, threads: int | None = None,
                  cpu_default_precision: bool = False):
-        import openvino
-
         super().__init__(weights, read_metadata(weights), device, fp16)
         model_file = Path(weights) if Path(weights).is_file() else single_file(Path(weights), FORMAT.marker)
         config: dict[str, Any] = {} if cpu_default_precision else {"INFERENCE_PRECISION_HINT": "f16" if fp16 else "f32"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
-        core = openvino.Core()
-        self.compiled = core.compile_model(str(model_file), "CPU", config)
+        with openvino_core() as core:
+            self.compiled = core.compile_model(str(model_file), "CPU", config)
         self.request = self.compiled.create_infer_request()
 
     def _forward(self, images: torch.Tensor) -> list[torch.Tensor]:

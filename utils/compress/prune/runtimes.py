@@ -151,12 +151,13 @@ class OpenVINORuntime(Runtime):
         return openvino.convert_model(str(file))
 
     def _compile(self, ov_model: Any, profiling: bool) -> Any:
-        import openvino
+        from utils.export.openvino import openvino_core
 
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": self.precision, "INFERENCE_NUM_THREADS": self.threads}
         if profiling:
             config["PERF_COUNT"] = True
-        return openvino.Core().compile_model(ov_model, "CPU", config)
+        with openvino_core() as core:
+            return core.compile_model(ov_model, "CPU", config)
 
     def open(self, model: nn.Module, example: torch.Tensor, folder: Path,
              samples: Sequence[np.ndarray] | None = None) -> Any:
@@ -188,9 +189,11 @@ class OpenVINOBf16Runtime(OpenVINORuntime):
 
     def check(self) -> None:
         super().check()
-        import openvino
+        from utils.export.openvino import openvino_core
 
-        if "BF16" not in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        with openvino_core() as core:
+            capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        if "BF16" not in capabilities:
             raise FlagError(f"--runtime {self.name}: this CPU has no bfloat16 support (OpenVINO would run f32); "
                             "use --runtime openvino")
 
