@@ -28,6 +28,21 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(1)
 
 
+# The files that take longest on CI's two workers, longest first (from the durations `.ci/run` prints). pytest-xdist
+# hands out whole files (--dist loadfile) in collection order (--no-loadscope-reorder: its own order puts files with
+# many tests first, which left the one-test chain file for the end and one worker idle for a minute); starting the
+# long files first lets the short ones fill in, so both workers finish together.
+LONGEST_FILES = ("test_prune.py", "test_compress_chain.py", "test_qat.py", "test_sparse.py", "test_train_smoke.py",
+                 "test_export.py", "test_distill.py", "test_bad_inputs.py", "test_val_reference.py",
+                 "test_train_parts.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Long files first (:data:`LONGEST_FILES`), the rest in their usual order; tests within a file keep theirs."""
+    rank = {name: position for position, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))
+
+
 @pytest.fixture
 def reference_threads():
     """Two compute threads for the length of a test whose reference outputs were written with two (a float sum

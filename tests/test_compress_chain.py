@@ -13,6 +13,7 @@ import pytest
 
 from benchmarks import compress
 from tests.fake_runtimes import fake_ms, fake_runtime
+from tests.tiny_detector import tiny_yaml
 from utils.compress.prune.runtimes import registered_runtime
 from utils.weights.checkpoint import load_checkpoint
 
@@ -27,7 +28,7 @@ def test_smoke_chain_on_a_detector_and_a_two_head_classifier(tmp_path, monkeypat
     unpruned model through the same distilled fine-tune), stopping after that fine-tune (a two-head classifier's QAT
     checkpoint and INT8 export: tests/test_qat.py). The control's QAT and INT8 stages are the pruned model's code
     path with another label, so they run in neither."""
-    detector, classifier = compress.smoke_settings(tmp_path)
+    detector, classifier = compress.smoke_settings(tmp_path, cfg=str(tiny_yaml(tmp_path)))
     chains = [dataclasses.replace(detector, methods=("peer",), control=False),
               dataclasses.replace(classifier, methods=("peer", "slim"), quantize=False, speedup=1.5, runtime="fake")]
     with registered_runtime(fake_runtime()):

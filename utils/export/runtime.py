@@ -39,24 +39,21 @@ def cpu_backends(onnx_file: Path, runners: Sequence[ExportFormat], threads: int 
     return {fmt.runtime: fmt.backend(onnx_file, **extra) for fmt in runners if fmt.can_run()}
 
 
-def time_cpu_runtimes(onnx_file: str | Path, runners: Sequence[ExportFormat], runs: int = 7,
-                      threads: int | None = None) -> dict[str, float]:
-    """Median ms per call of each available runtime on zeros of the artifact's input shape, alternating."""
-    onnx_file = Path(onnx_file)
-    metadata = read_metadata(onnx_file)
+def time_cpu_runtimes(onnx_file: str | Path, backends: dict[str, Backend], runs: int = 7) -> dict[str, float]:
+    """Median ms per call of each open backend on zeros of the artifact's input shape, alternating."""
+    metadata = read_metadata(Path(onnx_file))
     height, width = metadata["imgsz"]
     images = torch.zeros((int(metadata.get("batch") or 1), 3, height, width))
-    backends = cpu_backends(onnx_file, runners, threads)
     timings = median_call_ms({name: partial(backend, images) for name, backend in backends.items()}, runs)
     return {name: round(values["median"], 2) for name, values in timings.items()}
 
 
-def score_errors(onnx_file: str | Path, runners: Sequence[ExportFormat], images, reference) -> dict[str, float]:
-    """Max |objectness x class score - reference| of each available runtime on ``images`` (a detector's decoded
+def score_errors(backends: dict[str, Backend], images, reference) -> dict[str, float]:
+    """Max |objectness x class score - reference| of each open backend on ``images`` (a detector's decoded
     output): a runtime that computes the INT8 graph differently from the model it came from shows up here."""
     expected = reference[..., 4:5] * reference[..., 5:]
     errors = {}
-    for name, backend in cpu_backends(Path(onnx_file), runners).items():
+    for name, backend in backends.items():
         output = backend(images)
         errors[name] = round(float((output[..., 4:5] * output[..., 5:] - expected).abs().max()), 4)
     return errors
@@ -76,11 +73,12 @@ def record_cpu_runtime(onnx_file: str | Path, runners: Sequence[ExportFormat], i
     With ``images`` and the source model's ``reference`` outputs (detectors), only runtimes that reproduce the
     model qualify (:func:`eligible_runtimes`); their errors go into the sidecar too.
     """
-    timings = time_cpu_runtimes(onnx_file, runners, runs, threads)
+    backends = cpu_backends(Path(onnx_file), runners, threads)  # opened (compiled) once for both checks
+    timings = time_cpu_runtimes(onnx_file, backends, runs)
     metadata = read_metadata(onnx_file)
     candidates = list(timings)
     if images is not None and reference is not None and metadata.get("task") == "detect":
-        errors = score_errors(onnx_file, runners, images, reference)
+        errors = score_errors(backends, images, reference)
         candidates = [name for name in eligible_runtimes(errors) if name in timings] or list(timings)[:1]
         metadata["cpu_runtime_score_error"] = errors
         if set(candidates) != set(timings):
