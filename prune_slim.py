@@ -16,7 +16,9 @@ A latency budget (--latency-ms T or --speedup X, with --runtime) is batch-1 time
 threads on that runtime. The per-layer latency table it is predicted from is measured once per model, runtime,
 image size and thread count (seconds to minutes) and kept in latency_tables.json beside --path for the next
 run; without --round, widths are rounded to the multiple the runtime was measured to run fastest. After
-cutting, the pruned model is exported and timed, and the predicted and measured latency are printed.
+cutting, the pruned model is exported and timed beside the unpruned one, and the predicted and measured latency
+are printed; when the cut lands more than 5 % from the ask, the table's error measured there aims the next cut
+(up to --latency-tries measurements), and the cut nearest the ask is kept.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import argparse
 
 from utils.common.cli import UserArgumentParser, run_cli
 from utils.runners.prune import (
+    LATENCY_TRIES,
     SLIM_CALIBRATION_BATCHES,
     add_common_args,
     add_latency_budgets,
@@ -40,6 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     budget.add_argument("--global-percent", type=float, help="share of all prunable channels to cut (0-1)")
     budget.add_argument("--remain-ratio", type=float, help="share of the FLOPs to keep (0-1); the threshold is found")
     add_latency_budgets(budget)
+    parser.add_argument("--latency-tries", type=int, default=LATENCY_TRIES,
+                        help="with --latency-ms / --speedup: measurements of the cut; one landing more than 5 %% "
+                             "from the ask is aimed again by the table's error measured there (1: measure the "
+                             "predicted cut only)")
     parser.add_argument("--calib-batches", type=int, default=SLIM_CALIBRATION_BATCHES,
                         help="augmented training batches that re-estimate the cut model's BatchNorm statistics "
                              "(0: keep the trained ones)")
@@ -48,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    run_prune_slim(options(args), args.global_percent, args.remain_ratio, args.calib_batches)
+    run_prune_slim(options(args), args.global_percent, args.remain_ratio, args.calib_batches,
+                   args.latency_tries)
     return 0
 
 

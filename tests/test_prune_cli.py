@@ -143,6 +143,7 @@ def _digest(folder: Path) -> str:
     (prune_slim, ["--remain-ratio", "0.05", "--min-keep", "0.9"], "--remain-ratio 0.05"),
     (prune_slim, ["--global-percent", "0.3", "--round", "0"], "--round 0"),
     (prune_slim, ["--global-percent", "0.3", "--calib-batches", "-1"], "--calib-batches -1"),
+    (prune_slim, ["--global-percent", "0.3", "--latency-tries", "0"], "--latency-tries 0: expected 1"),
     (prune_tp, ["--remain-ratio", "1.5"], "--remain-ratio 1.5: expected a share"),
     (prune_tp, ["--remain-ratio", "0.5", "--steps", "0"], "--steps 0"),
     (prune_tp, ["--latency-ms", "0"], "--latency-ms 0.0: expected a positive number"),
