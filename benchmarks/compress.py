@@ -103,6 +103,7 @@ class ChainSettings:
     runtime: str = ""  # the runtime a latency budget is measured on (utils/compress/prune/runtimes.py)
     control: bool = True  # the unpruned model through the same kd, QAT and INT8 stages (off only to test mechanics)
     quantize: bool = True  # the QAT and INT8 stages (off only to test the mechanics before them)
+    seed: int = 0  # train.py --seed of every training stage (another seed in another --work: the fine-tunes' spread)
 
     @property
     def latency_size(self) -> int:
@@ -194,7 +195,7 @@ def train_argv(s: ChainSettings, name: str, epochs: int, hyp: list[str], *extra:
         hyp = [*hyp, f"nbs={s.batch_size}"]
     argv = ["--data", s.data, "--imgsz", str(s.imgsz), "--batch-size", str(s.batch_size), "--epochs", str(epochs),
             "--workers", str(s.workers), "--noplots", "--noautoanchor", "--project", str(s.work / "train"),
-            "--name", name, "--exist-ok", "--hyp-override", *hyp, *extra]
+            "--name", name, "--exist-ok", "--seed", str(s.seed), "--hyp-override", *hyp, *extra]
     if s.max_batches:
         argv += ["--max-batches", str(s.max_batches)]
     return argv + (["--device", s.device] if s.device else [])
@@ -607,6 +608,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--calib-images", type=int, default=default.calib_images, help="INT8 calibration images")
     parser.add_argument("--threads", type=int, default=default.threads, help="runtime threads when timing")
     parser.add_argument("--runs", type=int, default=default.runs, help="interleaved latency rounds")
+    parser.add_argument("--seed", type=int, default=default.seed,
+                        help="train.py --seed of every training stage (run another seed in another --work)")
     parser.add_argument("--smoke", action="store_true", help="the whole chain on the sample + a two-head classifier")
     return parser.parse_args(argv)
 

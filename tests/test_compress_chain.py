@@ -77,6 +77,8 @@ def test_smoke_chain_on_a_detector_and_a_two_head_classifier(tmp_path, monkeypat
     control, kd = rows[6], rows[7]
     assert control["result"]["params"] == rows[0]["result"]["params"]
     assert _recipe(control["command"]) == _recipe(kd["command"])  # same recipe, data and teacher
+    reseeded = compress.train_argv(dataclasses.replace(settings, seed=3), "kd", 1, [])
+    assert "--seed 0" in kd["command"] and reseeded[reseeded.index("--seed") + 1] == "3"  # --seed: every stage
 
     # --latency-imgsz: an exported row is timed from the same export run again at that size
     resized = dataclasses.replace(chains[0], latency_imgsz=96)
