@@ -25,7 +25,6 @@ from torch import nn
 import prune_eagleeye
 import prune_slim
 from models.yolo import build_model
-from tests.conftest import spread_weights
 from tests.fake_runtimes import conv_macs, fake_ms, fake_runtime
 from tests.tiny_detector import TINY
 from utils.common.cli import run_cli
@@ -293,6 +292,8 @@ def test_slim_measures_again_where_the_table_is_off(tool_runtime, tmp_path, monk
         return unpruned, 1.3 * chosen
 
     monkeypatch.setattr(prune_runner, "measure_chosen", slower)
+    from conftest import spread_weights
+
     weights = save_checkpoint(spread_weights(build_model(copy.deepcopy(TINY))), tmp_path / "spread.pt")
     options = PruneOptions(weights=str(weights), data=SAMPLE, path=str(tmp_path / "once.yaml"), imgsz=IMGSZ,
                            workers=0, noval=True, runtime="fake", speedup=1.25, multiple=4)

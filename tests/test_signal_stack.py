@@ -18,7 +18,7 @@ CHILD = r'''
 import gc, signal, subprocess, sys, tempfile
 from pathlib import Path
 import openvino, torch
-from utils.common.signal_stack import current_signal_stack, install_own_signal_stack
+from utils.common.signal_stack import install_own_signal_stack, signal_stack_address
 from utils.compress.prune.runtimes import OpenVINORuntime
 
 def mapped(address):
@@ -32,7 +32,7 @@ def two_plugins_destroyed_in_creation_order(compile_one):
     first, second = compile_one(), compile_one()
     del first; gc.collect()
     del second; gc.collect()
-    return current_signal_stack()[0]
+    return signal_stack_address()
 
 model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)).eval()
 with tempfile.TemporaryDirectory() as tmp:

@@ -39,29 +39,28 @@ def _libc() -> ctypes.CDLL:
 
 
 @functools.cache
-def _own_stack() -> StackT:
-    """One stack for the process's lifetime (cached, never freed: a thread may keep it installed to the end)."""
+def _own_stack() -> tuple[ctypes.Array, StackT]:
+    """One stack for the process's lifetime and its descriptor (cached, never freed: a thread may keep it installed
+    to the end)."""
     size = max(STACK_BYTES, 4 * int(_libc().getauxval(AT_MINSIGSTKSZ)))
     memory = ctypes.create_string_buffer(size)
-    stack = StackT(ctypes.cast(memory, ctypes.c_void_p), 0, size)
-    stack.memory = memory  # keeps the buffer alive with the cached descriptor
-    return stack
+    return memory, StackT(ctypes.cast(memory, ctypes.c_void_p), 0, size)
 
 
-def current_signal_stack() -> tuple[int, int, int]:
-    """(address, flags, size) of the calling thread's alternate signal stack (Linux)."""
+def signal_stack_address() -> int:
+    """Where the calling thread's alternate signal stack starts (0: none; Linux)."""
     current = StackT()
     if _libc().sigaltstack(None, ctypes.byref(current)):
-        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-    return int(current.ss_sp or 0), current.ss_flags, current.ss_size
+        raise OSError(ctypes.get_errno(), f"sigaltstack: {os.strerror(ctypes.get_errno())}")
+    return int(current.ss_sp or 0)
 
 
 def install_own_signal_stack() -> None:
     """Make the process's own stack the calling thread's alternate signal stack (a no-op off Linux)."""
     if not sys.platform.startswith("linux"):
         return
-    own = _own_stack()
-    if current_signal_stack()[0] == own.ss_sp:
+    _, own = _own_stack()
+    if signal_stack_address() == own.ss_sp:
         return
     if _libc().sigaltstack(ctypes.byref(own), None):
         raise OSError(ctypes.get_errno(), f"sigaltstack: {os.strerror(ctypes.get_errno())}")

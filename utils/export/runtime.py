@@ -39,9 +39,9 @@ def cpu_backends(onnx_file: Path, runners: Sequence[ExportFormat], threads: int 
     return {fmt.runtime: fmt.backend(onnx_file, **extra) for fmt in runners if fmt.can_run()}
 
 
-def time_cpu_runtimes(onnx_file: str | Path, backends: dict[str, Backend], runs: int = 7) -> dict[str, float]:
-    """Median ms per call of each open backend on zeros of the artifact's input shape, alternating."""
-    metadata = read_metadata(Path(onnx_file))
+def time_cpu_runtimes(metadata: dict, backends: dict[str, Backend], runs: int = 7) -> dict[str, float]:
+    """Median ms per call of each open backend on zeros of the artifact's input shape (its sidecar ``metadata``),
+    alternating."""
     height, width = metadata["imgsz"]
     images = torch.zeros((int(metadata.get("batch") or 1), 3, height, width))
     timings = median_call_ms({name: partial(backend, images) for name, backend in backends.items()}, runs)
@@ -73,9 +73,9 @@ def record_cpu_runtime(onnx_file: str | Path, runners: Sequence[ExportFormat], i
     With ``images`` and the source model's ``reference`` outputs (detectors), only runtimes that reproduce the
     model qualify (:func:`eligible_runtimes`); their errors go into the sidecar too.
     """
-    backends = cpu_backends(Path(onnx_file), runners, threads)  # opened (compiled) once for both checks
-    timings = time_cpu_runtimes(onnx_file, backends, runs)
     metadata = read_metadata(onnx_file)
+    backends = cpu_backends(Path(onnx_file), runners, threads)  # opened (compiled) once for both checks
+    timings = time_cpu_runtimes(metadata, backends, runs)
     candidates = list(timings)
     if images is not None and reference is not None and metadata.get("task") == "detect":
         errors = score_errors(backends, images, reference)

@@ -347,20 +347,21 @@ def land_on_measured_latency(model: nn.Module, scales: list[torch.Tensor], analy
 def landing_error(report: dict[str, Any], opts: PruneOptions) -> float:
     """How far a measured cut is from the ask, as a share (positive: slower than asked). ``--speedup`` compares
     the speed-up over the unpruned model timed in the same rounds (a shared machine's drift between the table
-    and this measurement cancels); ``--latency-ms`` compares the measured milliseconds."""
+    and this measurement cancels); ``--latency-ms`` compares the measured milliseconds (the report's gap to the
+    ask)."""
     if opts.speedup is not None:
         return opts.speedup / report["measured_speedup"] - 1
-    return report["measured_ms"] / opts.latency_ms - 1
+    return report["gap_asked"]
 
 
 def table_factor(report: dict[str, Any], opts: PruneOptions) -> float:
     """The table's error at a measured cut, as a factor on its prediction: for ``--speedup`` on the share of the
     unpruned model's time (each side against its own unpruned time, drift cancels), for ``--latency-ms`` on the
-    milliseconds."""
+    milliseconds (the report's gap to the prediction)."""
     if opts.speedup is not None:
         measured_share = report["measured_ms"] / report["unpruned_ms"]
         return measured_share / (report["predicted_ms"] / report["table_unpruned_ms"])
-    return report["measured_ms"] / report["predicted_ms"]
+    return 1 + report["gap_predicted"]
 
 
 def report_scale_mass(model: nn.Module, analysis: ChannelAnalysis, plan: Plan, threshold: float, weights: str,
