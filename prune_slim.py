@@ -27,10 +27,10 @@ import argparse
 
 from utils.common.cli import UserArgumentParser, run_cli
 from utils.runners.prune import (
-    LATENCY_TRIES,
     SLIM_CALIBRATION_BATCHES,
     add_common_args,
     add_latency_budgets,
+    add_latency_tries,
     options,
     run_prune_slim,
 )
@@ -43,10 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     budget.add_argument("--global-percent", type=float, help="share of all prunable channels to cut (0-1)")
     budget.add_argument("--remain-ratio", type=float, help="share of the FLOPs to keep (0-1); the threshold is found")
     add_latency_budgets(budget)
-    parser.add_argument("--latency-tries", type=int, default=LATENCY_TRIES,
-                        help="with --latency-ms / --speedup: measurements of the cut; one landing more than 5 %% "
-                             "from the ask is aimed again by the table's error measured there (1: measure the "
-                             "predicted cut only)")
+    add_latency_tries(parser)
     parser.add_argument("--calib-batches", type=int, default=SLIM_CALIBRATION_BATCHES,
                         help="augmented training batches that re-estimate the cut model's BatchNorm statistics "
                              "(0: keep the trained ones)")

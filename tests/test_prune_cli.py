@@ -139,6 +139,7 @@ def _digest(folder: Path) -> str:
     (prune_eagleeye, ["--remain-ratio", "1.5"], "--remain-ratio 1.5: expected a share"),
     (prune_eagleeye, ["--remain-ratio", "0.5", "--delta", "0"], "--delta 0.0"),
     (prune_eagleeye, ["--remain-ratio", "0.05", "--delta", "0.01", "--min-keep", "0.9"], "cannot be met"),
+    (prune_eagleeye, ["--remain-ratio", "0.5", "--latency-tries", "0"], "--latency-tries 0: expected 1"),
     (prune_slim, ["--global-percent", "0"], "--global-percent 0.0: expected a share"),
     (prune_slim, ["--remain-ratio", "0.05", "--min-keep", "0.9"], "--remain-ratio 0.05"),
     (prune_slim, ["--global-percent", "0.3", "--round", "0"], "--round 0"),

@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import math
+import random
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -280,11 +281,10 @@ def test_slim_tool_prunes_to_a_speedup_then_a_flops_budget_reads_the_table(check
     assert "looks trained without --sparse" in warnings[0] and "\n" not in warnings[0]
 
 
-def test_slim_measures_again_where_the_table_is_off(tool_runtime, tmp_path, monkeypatch):
+@pytest.fixture
+def table_too_fast(tool_runtime, tmp_path, monkeypatch) -> PruneOptions:
     """A runtime whose cut models run 30 % slower than its per-layer table predicts (a cost no profile shows; here
-    the pruned side of every measurement is scaled): with --latency-tries 1 the predicted cut is kept, far from
-    --speedup's ask; by default the second cut is aimed at the ask over the table's error measured at the first
-    (exactly), lands within the tolerance, and is kept."""
+    the pruned side of every measurement is scaled), and --speedup 1.25 options on a spread-weights checkpoint."""
     measure = prune_runner.measure_chosen
 
     def slower(model, pruned, *args):
@@ -295,19 +295,72 @@ def test_slim_measures_again_where_the_table_is_off(tool_runtime, tmp_path, monk
     from conftest import spread_weights
 
     weights = save_checkpoint(spread_weights(build_model(copy.deepcopy(TINY))), tmp_path / "spread.pt")
-    options = PruneOptions(weights=str(weights), data=SAMPLE, path=str(tmp_path / "once.yaml"), imgsz=IMGSZ,
-                           workers=0, noval=True, runtime="fake", speedup=1.25, multiple=4)
-    with registered_runtime(tool_runtime):
-        once = run_prune_slim(options, None, None, latency_tries=1).latency
-        landed = run_prune_slim(replace(options, path=str(tmp_path / "landed.yaml")), None, None).latency
-    assert [t["landing_error"] for t in once["tries"]] == [once["landing_error"]]
-    assert once["landing_error"] > LANDING_TOLERANCE and once["table_factor"] == pytest.approx(1.3)
+    return PruneOptions(weights=str(weights), data=SAMPLE, path=str(tmp_path / "once.yaml"), imgsz=IMGSZ,
+                        workers=0, batch_size=4, noval=True, runtime="fake", speedup=1.25, multiple=4)
+
+
+def assert_landed_on_second_aim(landed: dict, first_try: dict) -> None:
+    """The second cut is aimed at the ask over the table's error measured at the first (exactly 1.3), lands within
+    the tolerance and is kept."""
     first, second = landed["tries"][:2]
-    assert first == once["tries"][0]
+    assert first == first_try
     assert second["aim"] == pytest.approx(1 / 1.25 / 1.3)
     assert abs(landed["landing_error"]) <= LANDING_TOLERANCE
     assert landed["landing_error"] == min((t["landing_error"] for t in landed["tries"]), key=abs)
     assert landed["measured_speedup"] == pytest.approx(1.25 / (1 + landed["landing_error"]))
+
+
+def test_slim_measures_again_where_the_table_is_off(tool_runtime, table_too_fast, tmp_path):
+    """With --latency-tries 1 the predicted cut is kept, far from --speedup's ask; by default the table is aimed
+    again and the second cut lands."""
+    with registered_runtime(tool_runtime):
+        once = run_prune_slim(table_too_fast, None, None, latency_tries=1).latency
+        landed = run_prune_slim(replace(table_too_fast, path=str(tmp_path / "landed.yaml")), None, None).latency
+    assert [t["landing_error"] for t in once["tries"]] == [once["landing_error"]]
+    assert once["landing_error"] > LANDING_TOLERANCE and once["table_factor"] == pytest.approx(1.3)
+    assert_landed_on_second_aim(landed, once["tries"][0])
+
+
+def test_eagleeye_scales_its_best_candidate_where_the_table_is_off(tool_runtime, table_too_fast, tmp_path):
+    """EagleEye's best candidate lands 30 % slow; rather than a second search, its widths are scaled by one
+    factor to the corrected aim: every group keeps at most the candidate's channels, the scaled plan is the
+    widest the table puts at or under the aim, and it lands."""
+    settings = eagleeye.SearchSettings(remain_ratio=None, delta=0.05, max_iter=2)
+    with registered_runtime(tool_runtime):
+        result = run_prune_eagleeye(table_too_fast, settings, calibration_batches=1, score_images=4)
+    landed, best = result.latency, result.extra["best"]
+    assert best.budget_ratio == pytest.approx(1 / 1.25, abs=0.05)
+    first = {**landed["tries"][0]}
+    assert first["landing_error"] == pytest.approx(1.25 * 1.3 * landed["tries"][0]["predicted_ms"]
+                                                   / landed["table_unpruned_ms"] - 1)
+    assert_landed_on_second_aim(landed, first)
+
+    saved = load_checkpoint(result.weights_path)
+    assert saved.meta["pruned"]["scaled_to"] == pytest.approx(landed["aim"], abs=1e-6)
+    assert landed["predicted_ms"] / landed["table_unpruned_ms"] <= landed["aim"] + 1e-9  # the table's view
+    model, _ = prune_runner.load_trained(table_too_fast.weights)
+    groups = prune_runner.analyse(model).groups
+    _, candidate_plan = eagleeye.best_plan(model, groups, [best])
+    candidate = prune_model(model, groups, candidate_plan, record=False)
+    assert count_parameters(saved.model) < count_parameters(candidate)
+
+
+def test_scaled_counts_fill_the_aim_from_a_candidates_widths():
+    """scaled_counts: a candidate's widths (multiples of 4) scaled down to a smaller share of the budget: at most
+    the aim, every group narrower than the candidate, and no group can take one more step of 4 without breaking
+    the aim (one common factor alone stops short here: widths 16, 32, 48, ... step up together)."""
+    model, analysis = analysed_model()
+    cost, sizes = CostModel(model, analysis.groups, IMGSZ), [g.size for g in analysis.groups]
+    settings = eagleeye.SearchSettings(remain_ratio=0.6, delta=0.05, max_iter=1, multiple=4)
+    counts = eagleeye.draw_counts(random.Random(0), sizes, 0.8, settings)
+    scaled = eagleeye.scaled_counts(counts, sizes, cost, 0.4, settings)
+    assert cost.ratio(scaled) <= 0.4 < cost.ratio(counts)
+    assert all(scaled[i] <= counts[i] and scaled[i] % 4 == 0 for i in scaled)
+    for i in scaled:
+        if scaled[i] < sizes[i]:
+            assert cost.ratio({**scaled, i: scaled[i] + 4}) > 0.4, i
+    with pytest.raises(eagleeye.BudgetError, match="--min-keep"):
+        eagleeye.scaled_counts(counts, sizes, cost, 0.001, settings)
 
 
 def test_no_mass_warning_when_the_cut_channels_are_near_zero(caplog):

@@ -44,7 +44,7 @@ from utils.compress.prune.latency import (
     measure_chosen,
     measure_multiple,
 )
-from utils.compress.prune.plan import DEFAULT_MULTIPLE, MIN_KEEP, Plan
+from utils.compress.prune.plan import DEFAULT_MULTIPLE, MIN_KEEP, Plan, plan_from_counts
 from utils.compress.prune.report import format_layer_table, format_totals, model_size
 from utils.compress.prune.runtimes import RUNTIMES, Runtime
 from utils.compress.prune.surgery import prune_model
@@ -61,7 +61,7 @@ SPARSE_SHARE_WARNING = 0.05  # below this share of |gamma| < 0.01 a model was mo
 # below the ~50 % of a dense 50 % cut (whose mAP before fine-tuning is ~0 in docs/prune.md's tables).
 MASS_SHARE_WARNING = 0.10
 SLIM_CALIBRATION_BATCHES = 8  # prune_slim.py --calib-batches: adaptive BN after the cut, as EagleEye's candidates
-# prune_slim.py --latency-tries: measurements of the chosen cut under a latency budget. The per-layer table predicted
+# --latency-tries (both tools): measurements of the chosen cut under a latency budget. The per-layer table predicted
 # slimmed yolov5s cuts at 640 7-13 % too fast (docs/prune.md), so a cut landing further than LANDING_TOLERANCE from
 # the ask is aimed again by the table's error measured at it; the measured cut nearest the ask is kept.
 LATENCY_TRIES = 3
@@ -159,6 +159,14 @@ def add_latency_budgets(budget: argparse._MutuallyExclusiveGroup) -> None:
                         help="batch-1 latency to reach on --runtime at --latency-imgsz (default --imgsz), in ms "
                              "(measured, not FLOPs)")
     budget.add_argument("--speedup", type=float, help="speed-up over the unpruned model to reach on --runtime")
+
+
+def add_latency_tries(parser: argparse.ArgumentParser) -> None:
+    """How often a latency budget's cut is measured (both tools; :func:`land_on_measured_latency`)."""
+    parser.add_argument("--latency-tries", type=int, default=LATENCY_TRIES,
+                        help="with --latency-ms / --speedup: measurements of the cut; one landing more than 5 %% "
+                             "from the ask is aimed again by the table's error measured there (1: measure the "
+                             "predicted cut only)")
 
 
 def options(args: argparse.Namespace) -> PruneOptions:
@@ -269,8 +277,7 @@ def run_prune_slim(opts: PruneOptions, global_percent: float | None, remain_rati
     check_options(opts)
     if calibration_batches < 0:
         raise UserError(f"--calib-batches {calibration_batches}: expected 0 (keep the trained statistics) or more")
-    if latency_tries < 1:
-        raise UserError(f"--latency-tries {latency_tries}: expected 1 (measure the predicted cut once) or more")
+    check_latency_tries(latency_tries)
     check_one_budget({"--global-percent": global_percent, "--remain-ratio": remain_ratio,
                       "--latency-ms": opts.latency_ms, "--speedup": opts.speedup})
     for flag, value in (("--global-percent", global_percent), ("--remain-ratio", remain_ratio)):
@@ -285,7 +292,9 @@ def run_prune_slim(opts: PruneOptions, global_percent: float | None, remain_rati
     if global_percent is not None:
         threshold = slim.percent_threshold(scales, global_percent)
     elif opts.latency_budget() is not None:
-        threshold, latency = land_on_measured_latency(model, scales, analysis, budget, opts, latency_tries)
+        aim, _, latency = land_on_measured_latency(model, analysis, budget, opts, latency_tries,
+                                                   _slimming_plan_for(scales, budget, opts))
+        threshold = _budget_threshold(scales, budget, aim, opts)
     else:
         threshold = _budget_threshold(scales, budget, budget.ratio, opts)
     plan = slim.slimming_plan(scales, threshold, opts.min_keep, budget.multiple)
@@ -305,43 +314,57 @@ def _budget_threshold(scales: list[torch.Tensor], budget: Budget, ratio: float, 
         raise UserError(f"{budget.flag}: {exc}") from None
 
 
-def land_on_measured_latency(model: nn.Module, scales: list[torch.Tensor], analysis: ChannelAnalysis, budget: Budget,
-                             opts: PruneOptions, tries: int) -> tuple[float, dict[str, Any]]:
-    """Slimming's threshold for a latency budget, checked on the runtime: cut where the table predicts the ask,
-    export and time the cut beside the unpruned model. While it lands further than :data:`LANDING_TOLERANCE`
-    from the ask, take the table's error at that cut (measured over predicted share of the unpruned latency) as
-    a factor, aim the table at ``ask / factor`` and measure again, up to ``tries`` measurements; a cut the table
-    predicts exactly (its distance from the ask is the width rounding's) is not measured again. Returns the
-    threshold of the measured cut nearest the ask and its latency report, every try in ``tries``."""
-    aim, landings, tried = budget.ratio, [], set()
-    threshold = _budget_threshold(scales, budget, aim, opts)
+def _slimming_plan_for(scales: list[torch.Tensor], budget: Budget, opts: PruneOptions) -> Callable[[float], Plan]:
+    """Slimming's plan for a latency aim: the global threshold the table puts at that aim."""
+    def plan_for(aim: float) -> Plan:
+        return slim.slimming_plan(scales, _budget_threshold(scales, budget, aim, opts), opts.min_keep,
+                                  budget.multiple)
+
+    return plan_for
+
+
+def land_on_measured_latency(model: nn.Module, analysis: ChannelAnalysis, budget: Budget, opts: PruneOptions,
+                             tries: int, plan_for: Callable[[float], Plan]) -> tuple[float, Plan, dict[str, Any]]:
+    """A latency budget's plan, checked on the runtime: ``plan_for`` the share of the unpruned latency the table
+    should predict (first the ask), export and time the cut beside the unpruned model. While it lands further
+    than :data:`LANDING_TOLERANCE` from the ask, take the table's error at that cut (measured over predicted
+    share of the unpruned latency) as a factor, aim the table at ``ask / factor`` and measure again, up to
+    ``tries`` measurements; a plan measured already (the table's error moves no channel: the distance is the
+    width rounding's) is not measured again. Returns the aim, plan and latency report of the measured cut
+    nearest the ask, every try in the report's ``tries``."""
+    aim, landings, tried = budget.ratio, [], []
+    plan = plan_for(aim)
     while True:
-        tried.add(threshold)
-        plan = slim.slimming_plan(scales, threshold, opts.min_keep, budget.multiple)
+        tried.append(plan_counts(plan))
         report = measured_latency(model, prune_model(model, analysis.groups, plan, record=False), plan, opts,
                                   budget)
         error, factor = landing_error(report, opts), table_factor(report, opts)
-        landings.append((abs(error), len(landings) + 1, threshold,
+        landings.append((abs(error), len(landings) + 1, aim, plan,
                          {**report, "aim": aim, "landing_error": error, "table_factor": factor}))
         if abs(error) <= LANDING_TOLERANCE or len(landings) == tries:
             break
         aim = budget.ratio / factor
         try:
-            threshold = _budget_threshold(scales, budget, aim, opts)
+            plan = plan_for(aim)
         except UserError:
             LOGGER.info("no cut keeps %.1f%% of the predicted latency; keeping the nearest measured one", 100 * aim)
             break
-        if threshold in tried:  # the table's error moves no channel: the distance is the width rounding's
+        if plan_counts(plan) in tried:
             break
         LOGGER.info("try %d landed %+.1f%% from the ask (more than %.0f%%); the table was %+.1f%% off at this cut: "
                     "aiming it at %.1f%% of the unpruned latency and measuring again", len(landings), 100 * error,
                     100 * LANDING_TOLERANCE, 100 * (factor - 1), 100 * aim)
-    _, chosen, threshold, report = min(landings, key=lambda landing: landing[:2])
-    report["tries"] = [{k: landing[3][k] for k in ("aim", "predicted_ms", "measured_ms", "unpruned_ms",
+    _, chosen, aim, plan, report = min(landings, key=lambda landing: landing[:2])
+    report["tries"] = [{k: landing[4][k] for k in ("aim", "predicted_ms", "measured_ms", "unpruned_ms",
                                                    "measured_speedup", "landing_error")} for landing in landings]
     if len(landings) > 1:
         LOGGER.info("kept try %d of %d: %+.1f%% from the ask", chosen, len(landings), 100 * report["landing_error"])
-    return threshold, report
+    return aim, plan, report
+
+
+def plan_counts(plan: Plan) -> dict[int, int]:
+    """Channels each group of ``plan`` keeps."""
+    return {group: len(kept) for group, kept in plan.items()}
 
 
 def landing_error(report: dict[str, Any], opts: PruneOptions) -> float:
@@ -387,11 +410,15 @@ def report_scale_mass(model: nn.Module, analysis: ChannelAnalysis, plan: Plan, t
 
 
 def run_prune_eagleeye(opts: PruneOptions, settings: eagleeye.SearchSettings, calibration_batches: int,
-                       score_images: int) -> PruneResult:
+                       score_images: int, latency_tries: int = LATENCY_TRIES) -> PruneResult:
     """EagleEye search; writes ``<path stem>_candidates.csv`` and ``_candidates.png`` beside the YAML.
     ``settings.remain_ratio`` is the FLOPs budget (None under a latency budget); ``settings.multiple`` None
-    takes the default of :func:`resolve_budget`."""
+    takes the default of :func:`resolve_budget`. Under a latency budget the best candidate is measured, and
+    where it lands more than :data:`LANDING_TOLERANCE` from the ask its widths are scaled to the table's
+    corrected aim and measured again, up to ``latency_tries`` measurements (no second search: scaling keeps
+    the layer proportions the search chose)."""
     check_options(opts)
+    check_latency_tries(latency_tries)
     check_one_budget({"--remain-ratio": settings.remain_ratio, "--latency-ms": opts.latency_ms,
                       "--speedup": opts.speedup})
     if settings.remain_ratio is not None and not 0 < settings.remain_ratio < 1:
@@ -425,10 +452,42 @@ def run_prune_eagleeye(opts: PruneOptions, settings: eagleeye.SearchSettings, ca
                 best.score, len(candidates), csv_path)
     note = {"method": "eagleeye", "source": opts.weights, **budget_note(opts, settings.remain_ratio),
             "delta": settings.delta, "candidates": len(candidates), "best_candidate": best.number}
-    result = _finish(model, meta, analysis, plan, opts, note, task, calibration, budget)
+    latency = None
+    if opts.latency_budget() is not None:
+        plan_for = _scaled_candidate(model, analysis, budget, settings, best, plan)
+        aim, plan, latency = land_on_measured_latency(model, analysis, budget, opts, latency_tries, plan_for)
+        if aim != budget.ratio:
+            note["scaled_to"] = round(aim, 6)
+            LOGGER.info("kept candidate %d's widths scaled to %.1f%% of the unpruned latency (predicted)",
+                        best.number, 100 * aim)
+    result = _finish(model, meta, analysis, plan, opts, note, task, calibration, budget, latency)
     result.extra = {"candidates_csv": csv_path, "best": best,
                     "seconds_per_candidate": sorted(c.seconds for c in candidates)[len(candidates) // 2]}
     return result
+
+
+def _scaled_candidate(model: nn.Module, analysis: ChannelAnalysis, budget: Budget,
+                      settings: eagleeye.SearchSettings, best: eagleeye.Candidate,
+                      best_plan: Plan) -> Callable[[float], Plan]:
+    """EagleEye's plan for a latency aim: the best candidate at the ask, its widths scaled at any other aim."""
+    norms = eagleeye.filter_norms(model.model, analysis.groups)
+    sizes = [group.size for group in analysis.groups]
+
+    def plan_for(aim: float) -> Plan:
+        if aim == budget.ratio:
+            return best_plan
+        try:
+            counts = eagleeye.scaled_counts(best.counts, sizes, budget.model, aim, settings)
+        except eagleeye.BudgetError as exc:
+            raise UserError(f"{budget.flag}: {exc}") from None
+        return plan_from_counts(norms, counts)
+
+    return plan_for
+
+
+def check_latency_tries(tries: int) -> None:
+    if tries < 1:
+        raise UserError(f"--latency-tries {tries}: expected 1 (measure the predicted cut once) or more")
 
 
 def budget_note(opts: PruneOptions, remain_ratio: float | None) -> dict[str, Any]:
@@ -526,8 +585,7 @@ def measured_latency(model: nn.Module, pruned: nn.Module, plan: Plan, opts: Prun
                      budget: Budget) -> dict[str, Any]:
     """Export the unpruned and the pruned model for the runtime, time them in the same rounds, and compare
     with the prediction and the ask."""
-    counts = {group: len(kept) for group, kept in plan.items()}
-    predicted = budget.latency.ms(counts)
+    predicted = budget.latency.ms(plan_counts(plan))
     unpruned, measured = measure_chosen(model, pruned, budget.runtime, opts.latency_size, budget.samples)
     asked = budget.ratio * budget.latency.full if budget.model is budget.latency else None
     report = {"runtime": budget.runtime.name, "threads": opts.threads, "imgsz": opts.latency_size,

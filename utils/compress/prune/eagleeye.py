@@ -105,6 +105,40 @@ def check_budget(cost: Budget, sizes: list[int], settings: SearchSettings) -> No
             f"{narrowest:.1%} of the {cost.quantity}; ask for less, widen --delta, or lower --min-keep/--round")
 
 
+def scaled_counts(counts: dict[int, int], sizes: list[int], cost: Budget, aim: float,
+                  settings: SearchSettings) -> dict[int, int]:
+    """A candidate's widths carried to another budget without a new search (a latency budget aimed again after
+    the table was measured to be off; :func:`utils.runners.prune.land_on_measured_latency`): every group's width
+    scaled by the largest common factor whose share of the budget is at most ``aim``, then widened one rounding
+    step at a time, the group cut most (against the candidate) first, while the share stays at most ``aim``.
+    The second step matters because widths are rounded: groups whose widths share a factor with the multiple
+    step up together, so one factor alone can stop a tenth of the budget short."""
+    step = settings.multiple or 1
+
+    def scaled(factor: float) -> dict[int, int]:
+        return {i: keep_count(factor * counts[i], sizes[i], settings.min_keep, step) for i in counts}
+
+    if cost.ratio(scaled(0.0)) > aim:
+        raise BudgetError(f"no width keeps {aim:.1%} of the {cost.quantity} or less (every group at --min-keep "
+                          f"{settings.min_keep:g})")
+    low, high = 0.0, max(size / counts[i] for i, size in enumerate(sizes))
+    for _ in range(40):
+        middle = (low + high) / 2
+        if cost.ratio(scaled(middle)) > aim:
+            high = middle
+        else:
+            low = middle
+    widths = scaled(low)
+    while True:
+        for i in sorted(widths, key=lambda i: widths[i] / counts[i]):
+            wider = {**widths, i: min(widths[i] + step, sizes[i])}
+            if wider[i] > widths[i] and cost.ratio(wider) <= aim:
+                widths = wider
+                break
+        else:
+            return widths
+
+
 def draw_counts(rng: random.Random, sizes: list[int], centre: float, settings: SearchSettings) -> dict[int, int]:
     """One random plan: each group's keep ratio uniform in ``centre +- spread`` (clipped to [min_keep, 1])."""
     low = max(settings.min_keep, centre - settings.spread)
