@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import logging
 import math
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from utils.compress.sparsity import (
     SHARE_COLUMN,
     SlimmingTarget,
     add_l1_subgradient,
+    check_sparse_flags,
     prunable_batchnorm_paths,
     prunable_batchnorms,
     small_gamma_share,
@@ -256,3 +258,27 @@ def test_bad_sparse_flag_is_one_line_error(tmp_path, capsys, flags, message):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert not list(tmp_path.iterdir()), "nothing may be created before the flags are checked"
+
+
+def test_adaptive_optimizers_take_the_l1_step_whatever_its_strength(caplog):
+    """Why train.py warns on --sparse with Adam/AdamW: a gamma the task leaves alone (zero task gradient) moves by
+    S * lr per SGD step, but by ~lr per Adam step for any S, so S cannot make gammas reach 0 sooner. The warning
+    is one line for Adam and AdamW and absent for SGD."""
+    def moved(optimizer_class, strength: float, steps: int = 10, lr: float = 0.01) -> float:
+        gamma = nn.Parameter(torch.ones(4, dtype=torch.float64))
+        optimizer = optimizer_class([gamma], lr=lr)
+        for _ in range(steps):
+            gamma.grad = torch.zeros_like(gamma)
+            add_l1_subgradient([gamma], strength)
+            optimizer.step()
+        return float(1 - gamma.detach().mean())
+
+    for strength in (1e-4, 1.0):
+        assert moved(torch.optim.SGD, strength) == pytest.approx(10 * 0.01 * strength, rel=1e-5)
+        assert moved(torch.optim.Adam, strength) == pytest.approx(10 * 0.01, rel=1e-3)
+
+    for optimizer, warned in (("Adam", True), ("AdamW", True), ("SGD", False)):
+        caplog.clear()
+        check_sparse_flags(TrainConfig(cfg="yolov5n.yaml", data=str(SAMPLE), sparse=1e-3, optimizer=optimizer))
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == warned and all(f"--optimizer {optimizer}" in w and "\n" not in w for w in warnings)
