@@ -322,9 +322,9 @@ def test_slim_measures_again_where_the_table_is_off(tool_runtime, table_too_fast
 
 
 def test_eagleeye_scales_its_best_candidate_where_the_table_is_off(tool_runtime, table_too_fast, tmp_path):
-    """EagleEye's best candidate lands 30 % slow; rather than a second search, its widths are scaled by one
-    factor to the corrected aim: every group keeps at most the candidate's channels, the scaled plan is the
-    widest the table puts at or under the aim, and it lands."""
+    """EagleEye's best candidate lands 30 % slow; rather than a second search, its widths are scaled to the
+    corrected aim (test_scaled_counts_fill_the_aim_from_a_candidates_widths checks how): the table puts the kept
+    plan at or under that aim, the model is smaller than the candidate, the YAML records the aim, and it lands."""
     settings = eagleeye.SearchSettings(remain_ratio=None, delta=0.05, max_iter=2)
     with registered_runtime(tool_runtime):
         result = run_prune_eagleeye(table_too_fast, settings, calibration_batches=1, score_images=4)
