@@ -44,7 +44,7 @@ from utils.compress.prune.latency import (
     measure_chosen,
     measure_multiple,
 )
-from utils.compress.prune.plan import DEFAULT_MULTIPLE, MIN_KEEP, Plan, plan_from_counts
+from utils.compress.prune.plan import DEFAULT_MULTIPLE, MIN_KEEP, Plan, plan_counts, plan_from_counts
 from utils.compress.prune.report import format_layer_table, format_totals, model_size
 from utils.compress.prune.runtimes import RUNTIMES, Runtime
 from utils.compress.prune.surgery import prune_model
@@ -360,11 +360,6 @@ def land_on_measured_latency(model: nn.Module, analysis: ChannelAnalysis, budget
     if len(landings) > 1:
         LOGGER.info("kept try %d of %d: %+.1f%% from the ask", chosen, len(landings), 100 * report["landing_error"])
     return aim, plan, report
-
-
-def plan_counts(plan: Plan) -> dict[int, int]:
-    """Channels each group of ``plan`` keeps."""
-    return {group: len(kept) for group, kept in plan.items()}
 
 
 def landing_error(report: dict[str, Any], opts: PruneOptions) -> float:

@@ -32,3 +32,8 @@ def plan_from_counts(scores: list[torch.Tensor], counts: dict[int, int]) -> Plan
     """Keep the best-scored channels of each group that loses any."""
     return {number: keep_top(scores[number], count) for number, count in counts.items()
             if count < len(scores[number])}
+
+
+def plan_counts(plan: Plan) -> dict[int, int]:
+    """Channels each group of ``plan`` keeps (groups it leaves whole are absent, as in the plan)."""
+    return {group: len(kept) for group, kept in plan.items()}
